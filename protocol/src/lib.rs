@@ -1,0 +1,22 @@
+//! cairn-protocol: the formats and pure logic of cairn, with no IO, no clock and no OS
+//! randomness. Everything that touches the world lives in cairn-node; the simulator in
+//! cairn-sim drives this same code.
+//!
+//! The modules follow the data path of a backup: `chunk` cuts an image into pieces and names
+//! them, `seal` compresses and encrypts each piece, `manifest` records the ordered list of
+//! pieces as a tree of sealed nodes, and `snapshot` is the small record that points at a
+//! manifest root.
+
+pub mod chunk;
+pub mod codec;
+pub mod ids;
+pub mod keys;
+pub mod manifest;
+pub mod seal;
+pub mod snapshot;
+
+pub use chunk::{ChunkerParams, CHUNKER_DEFAULT};
+pub use ids::{ChunkId, SnapshotId};
+pub use keys::VaultKey;
+pub use manifest::Extent;
+pub use snapshot::{ImageName, SnapshotRecord};
