@@ -1,1 +1,5 @@
-fn main() {}
+//! The `cairn` command.
+
+fn main() -> std::process::ExitCode {
+    cairn_node::cli::main()
+}

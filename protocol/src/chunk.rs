@@ -16,8 +16,11 @@ pub struct ChunkerParams {
 }
 
 /// Chosen by measurement on the benchmark image series: see docs/chunking.md.
-pub const CHUNKER_DEFAULT: ChunkerParams =
-    ChunkerParams { min_bytes: 128 << 10, avg_bytes: 512 << 10, max_bytes: 2 << 20 };
+pub const CHUNKER_DEFAULT: ChunkerParams = ChunkerParams {
+    min_bytes: 128 << 10,
+    avg_bytes: 512 << 10,
+    max_bytes: 2 << 20,
+};
 
 /// Largest chunk any supported parameter set can produce: the bound on a sealed chunk's
 /// plaintext that `seal::open` enforces.
@@ -78,7 +81,9 @@ mod tests {
         let mut state = 7u64;
         let data: Vec<u8> = (0..5_000_000)
             .map(|_| {
-                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 (state >> 33) as u8
             })
             .collect();

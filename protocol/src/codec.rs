@@ -11,11 +11,19 @@ pub enum DecodeError {
     #[error("{n_bytes} unexpected trailing bytes")]
     TrailingBytes { n_bytes: usize },
     #[error("unsupported {what} format version {version} (this build reads up to {supported})")]
-    UnsupportedVersion { what: &'static str, version: u8, supported: u8 },
+    UnsupportedVersion {
+        what: &'static str,
+        version: u8,
+        supported: u8,
+    },
     #[error("invalid {what}: {why}")]
     Invalid { what: &'static str, why: String },
     #[error("{what} count {count} exceeds the limit of {max}")]
-    TooMany { what: &'static str, count: u64, max: u64 },
+    TooMany {
+        what: &'static str,
+        count: u64,
+        max: u64,
+    },
 }
 
 /// Appends values to a byte vector.
@@ -26,7 +34,9 @@ pub struct Writer {
 
 impl Writer {
     pub fn with_capacity(n_bytes: usize) -> Writer {
-        Writer { bytes: Vec::with_capacity(n_bytes) }
+        Writer {
+            bytes: Vec::with_capacity(n_bytes),
+        }
     }
     pub fn u8(&mut self, value: u8) {
         self.bytes.push(value);
@@ -74,7 +84,9 @@ impl<'a> Reader<'a> {
     }
     pub fn take(&mut self, n_bytes: usize) -> Result<&'a [u8], DecodeError> {
         if self.bytes.len() < n_bytes {
-            return Err(DecodeError::Truncated { needed: n_bytes - self.bytes.len() });
+            return Err(DecodeError::Truncated {
+                needed: n_bytes - self.bytes.len(),
+            });
         }
         let (head, tail) = self.bytes.split_at(n_bytes);
         self.bytes = tail;
@@ -105,7 +117,11 @@ impl<'a> Reader<'a> {
     pub fn version(&mut self, what: &'static str, supported: u8) -> Result<u8, DecodeError> {
         let version = self.u8()?;
         if version == 0 || version > supported {
-            return Err(DecodeError::UnsupportedVersion { what, version, supported });
+            return Err(DecodeError::UnsupportedVersion {
+                what,
+                version,
+                supported,
+            });
         }
         Ok(version)
     }
@@ -114,7 +130,9 @@ impl<'a> Reader<'a> {
         if self.bytes.is_empty() {
             Ok(())
         } else {
-            Err(DecodeError::TrailingBytes { n_bytes: self.bytes.len() })
+            Err(DecodeError::TrailingBytes {
+                n_bytes: self.bytes.len(),
+            })
         }
     }
 }
@@ -158,7 +176,11 @@ mod tests {
         let mut r = Reader::new(&[9]);
         assert!(matches!(
             r.version("test", 1),
-            Err(DecodeError::UnsupportedVersion { version: 9, supported: 1, .. })
+            Err(DecodeError::UnsupportedVersion {
+                version: 9,
+                supported: 1,
+                ..
+            })
         ));
     }
 }

@@ -9,18 +9,13 @@ use crate::codec::DecodeError;
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ChunkId(pub [u8; 32]);
 
-/// A snapshot of an image: 8 bytes of creation time (ms, big-endian, so ids sort by time)
-/// then 8 random bytes supplied by the caller.
+/// A snapshot of an image: 16 random bytes supplied by the caller. Listings order snapshots
+/// by their record's time, so the id carries no time and its first characters are as
+/// distinctive as any.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct SnapshotId(pub [u8; 16]);
 
 impl SnapshotId {
-    pub fn new(time_unix_ms: u64, random: [u8; 8]) -> SnapshotId {
-        let mut bytes = [0u8; 16];
-        bytes[..8].copy_from_slice(&time_unix_ms.to_be_bytes());
-        bytes[8..].copy_from_slice(&random);
-        SnapshotId(bytes)
-    }
     /// The first 8 hex characters: what listings show and what people type.
     pub fn short(&self) -> String {
         hex(&self.0[..4])
@@ -48,10 +43,13 @@ pub fn parse_hex<const N: usize>(what: &'static str, text: &str) -> Result<[u8; 
     let mut out = [0u8; N];
     for (i, pair) in text.chunks_exact(2).enumerate() {
         let digit = |c: u8| -> Result<u8, DecodeError> {
-            char::from(c).to_digit(16).map(|d| d as u8).ok_or(DecodeError::Invalid {
-                what,
-                why: format!("{:?} is not a hex digit", char::from(c)),
-            })
+            char::from(c)
+                .to_digit(16)
+                .map(|d| d as u8)
+                .ok_or(DecodeError::Invalid {
+                    what,
+                    why: format!("{:?} is not a hex digit", char::from(c)),
+                })
         };
         out[i] = digit(pair[0])? << 4 | digit(pair[1])?;
     }
@@ -96,11 +94,10 @@ mod tests {
     }
 
     #[test]
-    fn snapshot_ids_sort_by_time() {
-        let early = SnapshotId::new(1_000, [0xff; 8]);
-        let late = SnapshotId::new(2_000, [0; 8]);
-        assert!(early < late);
-        assert_eq!(early.short(), "00000000");
+    fn short_ids_are_the_first_eight_hex_characters() {
+        let id = SnapshotId([0xab; 16]);
+        assert_eq!(id.short(), "abababab");
+        assert!(id.to_string().starts_with(&id.short()));
     }
 
     #[test]

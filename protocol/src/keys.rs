@@ -27,7 +27,10 @@ impl VaultKey {
     pub fn derive(&self) -> VaultKeys {
         let id_key = blake3::derive_key(CONTEXT_CHUNK_ID, &self.0);
         let seal_key = blake3::derive_key(CONTEXT_SEAL, &self.0);
-        VaultKeys { id_key, cipher: XChaCha20Poly1305::new(&seal_key.into()) }
+        VaultKeys {
+            id_key,
+            cipher: XChaCha20Poly1305::new(&seal_key.into()),
+        }
     }
 }
 

@@ -72,7 +72,10 @@ impl Node {
             Node::Leaf(extents) => extents.len(),
             Node::Branch(children) => children.len(),
         };
-        assert!(n_entries <= NODE_ENTRIES_MAX as usize, "builder bounds node size");
+        assert!(
+            n_entries <= NODE_ENTRIES_MAX as usize,
+            "builder bounds node size"
+        );
         let mut w = Writer::with_capacity(6 + n_entries * 41);
         w.u8(MANIFEST_VERSION);
         match self {
@@ -124,8 +127,13 @@ impl Node {
                 let mut extents = Vec::with_capacity(n_entries as usize);
                 for _ in 0..n_entries {
                     extents.push(match r.u8()? {
-                        EXTENT_DATA => Extent::Data { id: ChunkId(r.array()?), len_bytes: r.u32()? },
-                        EXTENT_ZERO => Extent::Zero { len_bytes: r.u64()? },
+                        EXTENT_DATA => Extent::Data {
+                            id: ChunkId(r.array()?),
+                            len_bytes: r.u32()?,
+                        },
+                        EXTENT_ZERO => Extent::Zero {
+                            len_bytes: r.u64()?,
+                        },
                         tag => {
                             return Err(DecodeError::Invalid {
                                 what: "manifest extent",
@@ -139,15 +147,24 @@ impl Node {
             KIND_BRANCH => {
                 let mut children = Vec::with_capacity(n_entries as usize);
                 for _ in 0..n_entries {
-                    children.push(BranchEntry { id: ChunkId(r.array()?), span_bytes: r.u64()? });
+                    children.push(BranchEntry {
+                        id: ChunkId(r.array()?),
+                        span_bytes: r.u64()?,
+                    });
                 }
                 if children.is_empty() {
-                    return Err(DecodeError::Invalid { what: "manifest branch", why: "no children".into() });
+                    return Err(DecodeError::Invalid {
+                        what: "manifest branch",
+                        why: "no children".into(),
+                    });
                 }
                 Node::Branch(children)
             }
             kind => {
-                return Err(DecodeError::Invalid { what: "manifest node", why: format!("unknown kind {kind}") })
+                return Err(DecodeError::Invalid {
+                    what: "manifest node",
+                    why: format!("unknown kind {kind}"),
+                })
             }
         };
         r.finish()?;
@@ -157,7 +174,8 @@ impl Node {
 
 fn ends_node(id: &ChunkId, n_entries: usize) -> bool {
     n_entries >= NODE_ENTRIES_MAX as usize
-        || (n_entries >= NODE_ENTRIES_MIN && u16::from_le_bytes([id.0[0], id.0[1]]) & NODE_BOUNDARY_MASK == 0)
+        || (n_entries >= NODE_ENTRIES_MIN
+            && u16::from_le_bytes([id.0[0], id.0[1]]) & NODE_BOUNDARY_MASK == 0)
 }
 
 /// The root of a stored manifest: what a snapshot record points at.
@@ -186,12 +204,18 @@ impl ManifestBuilder {
         self.size_bytes
     }
 
-    pub fn push<E>(&mut self, extent: Extent, store: &mut impl FnMut(Vec<u8>) -> Result<ChunkId, E>) -> Result<(), E> {
+    pub fn push<E>(
+        &mut self,
+        extent: Extent,
+        store: &mut impl FnMut(Vec<u8>) -> Result<ChunkId, E>,
+    ) -> Result<(), E> {
         if extent.len_bytes() == 0 {
             return Ok(());
         }
         self.size_bytes += extent.len_bytes();
-        if let (Extent::Zero { len_bytes }, Some(Extent::Zero { len_bytes: last })) = (extent, self.leaf.last_mut()) {
+        if let (Extent::Zero { len_bytes }, Some(Extent::Zero { len_bytes: last })) =
+            (extent, self.leaf.last_mut())
+        {
             *last += len_bytes;
             return Ok(());
         }
@@ -206,7 +230,10 @@ impl ManifestBuilder {
         Ok(())
     }
 
-    fn emit_leaf<E>(&mut self, store: &mut impl FnMut(Vec<u8>) -> Result<ChunkId, E>) -> Result<(), E> {
+    fn emit_leaf<E>(
+        &mut self,
+        store: &mut impl FnMut(Vec<u8>) -> Result<ChunkId, E>,
+    ) -> Result<(), E> {
         let extents = std::mem::take(&mut self.leaf);
         let span_bytes = extents.iter().map(Extent::len_bytes).sum();
         let id = store(Node::Leaf(extents).encode())?;
@@ -230,7 +257,11 @@ impl ManifestBuilder {
         Ok(())
     }
 
-    fn emit_branch<E>(&mut self, level: usize, store: &mut impl FnMut(Vec<u8>) -> Result<ChunkId, E>) -> Result<(), E> {
+    fn emit_branch<E>(
+        &mut self,
+        level: usize,
+        store: &mut impl FnMut(Vec<u8>) -> Result<ChunkId, E>,
+    ) -> Result<(), E> {
         let children = std::mem::take(&mut self.branches[level]);
         let span_bytes = children.iter().map(|c| c.span_bytes).sum();
         let id = store(Node::Branch(children).encode())?;
@@ -238,7 +269,10 @@ impl ManifestBuilder {
     }
 
     /// Stores the remaining open nodes and returns the root.
-    pub fn finish<E>(mut self, store: &mut impl FnMut(Vec<u8>) -> Result<ChunkId, E>) -> Result<ManifestRoot, E> {
+    pub fn finish<E>(
+        mut self,
+        store: &mut impl FnMut(Vec<u8>) -> Result<ChunkId, E>,
+    ) -> Result<ManifestRoot, E> {
         if !self.leaf.is_empty() || self.branches.is_empty() {
             self.emit_leaf(store)?;
         }
@@ -248,7 +282,10 @@ impl ManifestBuilder {
             if is_top && self.branches[level].len() == 1 {
                 let root = self.branches[level][0];
                 assert_eq!(root.span_bytes, self.size_bytes);
-                return Ok(ManifestRoot { id: root.id, size_bytes: self.size_bytes });
+                return Ok(ManifestRoot {
+                    id: root.id,
+                    size_bytes: self.size_bytes,
+                });
             }
             if !self.branches[level].is_empty() {
                 self.emit_branch(level, store)?;
@@ -267,12 +304,22 @@ pub enum ManifestError<E> {
     #[error("manifest is deeper than {TREE_DEPTH_MAX} levels")]
     TooDeep,
     #[error("manifest node {id} covers {actual} bytes but its parent says {expected}")]
-    SpanMismatch { id: ChunkId, expected: u64, actual: u64 },
+    SpanMismatch {
+        id: ChunkId,
+        expected: u64,
+        actual: u64,
+    },
 }
 
 enum Frame {
-    Leaf { extents: Vec<Extent>, next: usize },
-    Branch { children: Vec<BranchEntry>, next: usize },
+    Leaf {
+        extents: Vec<Extent>,
+        next: usize,
+    },
+    Branch {
+        children: Vec<BranchEntry>,
+        next: usize,
+    },
 }
 
 /// Walks a manifest tree in image order, loading nodes through a callback as it goes, so
@@ -287,7 +334,12 @@ pub struct ManifestWalk {
 
 impl ManifestWalk {
     pub fn new(root: ManifestRoot) -> ManifestWalk {
-        ManifestWalk { pending_root: Some(root.id), stack: Vec::new(), offset: 0, size_bytes: root.size_bytes }
+        ManifestWalk {
+            pending_root: Some(root.id),
+            stack: Vec::new(),
+            offset: 0,
+            size_bytes: root.size_bytes,
+        }
     }
 
     /// The image offset of the next extent.
@@ -324,7 +376,11 @@ impl ManifestWalk {
                 }
                 _ => {
                     if self.offset != *end {
-                        return Err(ManifestError::SpanMismatch { id: *id, expected: *end, actual: self.offset });
+                        return Err(ManifestError::SpanMismatch {
+                            id: *id,
+                            expected: *end,
+                            actual: self.offset,
+                        });
                     }
                     self.stack.pop();
                 }
@@ -342,10 +398,11 @@ impl ManifestWalk {
             return Err(ManifestError::TooDeep);
         }
         let bytes = load(&id).map_err(|source| ManifestError::Load { id, source })?;
-        let frame = match Node::decode(&bytes).map_err(|source| ManifestError::Decode { id, source })? {
-            Node::Leaf(extents) => Frame::Leaf { extents, next: 0 },
-            Node::Branch(children) => Frame::Branch { children, next: 0 },
-        };
+        let frame =
+            match Node::decode(&bytes).map_err(|source| ManifestError::Decode { id, source })? {
+                Node::Leaf(extents) => Frame::Leaf { extents, next: 0 },
+                Node::Branch(children) => Frame::Branch { children, next: 0 },
+            };
         self.stack.push((frame, id, end));
         Ok(())
     }
@@ -386,7 +443,10 @@ mod tests {
 
     fn extent_strategy() -> impl Strategy<Value = Extent> {
         prop_oneof![
-            (any::<u64>(), 1u32..1 << 21).prop_map(|(n, len_bytes)| Extent::Data { id: id_of(&n.to_le_bytes()), len_bytes }),
+            (any::<u64>(), 1u32..1 << 21).prop_map(|(n, len_bytes)| Extent::Data {
+                id: id_of(&n.to_le_bytes()),
+                len_bytes
+            }),
             (1u64..1 << 40).prop_map(|len_bytes| Extent::Zero { len_bytes }),
         ]
     }
@@ -396,7 +456,9 @@ mod tests {
         let mut out: Vec<Extent> = Vec::new();
         for &extent in extents {
             match (extent, out.last_mut()) {
-                (Extent::Zero { len_bytes }, Some(Extent::Zero { len_bytes: last })) => *last += len_bytes,
+                (Extent::Zero { len_bytes }, Some(Extent::Zero { len_bytes: last })) => {
+                    *last += len_bytes
+                }
                 _ => out.push(extent),
             }
         }
@@ -434,20 +496,36 @@ mod tests {
     #[test]
     fn large_manifests_form_a_tree_and_share_unchanged_nodes() {
         let extents: Vec<Extent> = (0..50_000u64)
-            .map(|n| Extent::Data { id: id_of(&n.to_le_bytes()), len_bytes: 4096 })
+            .map(|n| Extent::Data {
+                id: id_of(&n.to_le_bytes()),
+                len_bytes: 4096,
+            })
             .collect();
         let mut nodes_a = BTreeMap::new();
         let root_a = build(&extents, &mut nodes_a);
-        assert!(nodes_a.len() > 40, "50k extents need many nodes, got {}", nodes_a.len());
-        assert!(matches!(Node::decode(&nodes_a[&root_a.id]).unwrap(), Node::Branch(_)));
+        assert!(
+            nodes_a.len() > 40,
+            "50k extents need many nodes, got {}",
+            nodes_a.len()
+        );
+        assert!(matches!(
+            Node::decode(&nodes_a[&root_a.id]).unwrap(),
+            Node::Branch(_)
+        ));
         assert_eq!(walk(root_a, &nodes_a).len(), extents.len());
 
         // Change one extent in the middle: only the nodes on its path are new.
         let mut changed = extents.clone();
-        changed[25_000] = Extent::Data { id: id_of(b"changed"), len_bytes: 4096 };
+        changed[25_000] = Extent::Data {
+            id: id_of(b"changed"),
+            len_bytes: 4096,
+        };
         let mut nodes_b = BTreeMap::new();
         build(&changed, &mut nodes_b);
-        let n_new = nodes_b.keys().filter(|id| !nodes_a.contains_key(id)).count();
+        let n_new = nodes_b
+            .keys()
+            .filter(|id| !nodes_a.contains_key(id))
+            .count();
         assert!(n_new <= 4, "{n_new} new nodes for one changed extent");
     }
 
@@ -465,12 +543,22 @@ mod tests {
         let leaf = Node::Leaf(vec![Extent::Zero { len_bytes: 10 }]).encode();
         let leaf_id = id_of(&leaf);
         nodes.insert(leaf_id, leaf);
-        let branch = Node::Branch(vec![BranchEntry { id: leaf_id, span_bytes: 11 }]).encode();
+        let branch = Node::Branch(vec![BranchEntry {
+            id: leaf_id,
+            span_bytes: 11,
+        }])
+        .encode();
         let branch_id = id_of(&branch);
         nodes.insert(branch_id, branch);
-        let mut walk = ManifestWalk::new(ManifestRoot { id: branch_id, size_bytes: 11 });
+        let mut walk = ManifestWalk::new(ManifestRoot {
+            id: branch_id,
+            size_bytes: 11,
+        });
         let mut load = |id: &ChunkId| nodes.get(id).cloned().ok_or(());
         assert!(walk.next(&mut load).unwrap().is_some());
-        assert!(matches!(walk.next(&mut load), Err(ManifestError::SpanMismatch { .. })));
+        assert!(matches!(
+            walk.next(&mut load),
+            Err(ManifestError::SpanMismatch { .. })
+        ));
     }
 }

@@ -75,13 +75,19 @@ impl Sealer {
         plaintext: &[u8],
         nonce: [u8; NONCE_BYTES],
     ) -> Result<Vec<u8>, SealError> {
-        assert!(plaintext.len() <= CHUNK_BYTES_MAX, "chunker bounds chunk size");
+        assert!(
+            plaintext.len() <= CHUNK_BYTES_MAX,
+            "chunker bounds chunk size"
+        );
         debug_assert_eq!(keys.chunk_id(plaintext), *id);
         let mut sealed = Vec::with_capacity(plaintext.len() + SEAL_OVERHEAD_BYTES);
         sealed.extend_from_slice(&[SEAL_VERSION, COMPRESSION_ZSTD]);
         sealed.extend_from_slice(&nonce);
         // Compress straight into the output buffer; fall back to raw when it did not shrink.
-        sealed.resize(HEADER_BYTES + zstd::zstd_safe::compress_bound(plaintext.len()), 0);
+        sealed.resize(
+            HEADER_BYTES + zstd::zstd_safe::compress_bound(plaintext.len()),
+            0,
+        );
         let n_compressed = self
             .compressor
             .compress_to_buffer(plaintext, &mut sealed[HEADER_BYTES..])
@@ -118,12 +124,21 @@ impl Opener {
     }
 
     /// Opens a sealed chunk and checks that its content hashes to `id`.
-    pub fn open(&mut self, keys: &VaultKeys, id: &ChunkId, sealed: &[u8]) -> Result<Vec<u8>, SealError> {
+    pub fn open(
+        &mut self,
+        keys: &VaultKeys,
+        id: &ChunkId,
+        sealed: &[u8],
+    ) -> Result<Vec<u8>, SealError> {
         if sealed.len() > SEALED_BYTES_MAX {
-            return Err(SealError::TooLarge { n_bytes: sealed.len() });
+            return Err(SealError::TooLarge {
+                n_bytes: sealed.len(),
+            });
         }
         if sealed.len() < SEAL_OVERHEAD_BYTES {
-            return Err(SealError::Truncated { n_bytes: sealed.len() });
+            return Err(SealError::Truncated {
+                n_bytes: sealed.len(),
+            });
         }
         let (version, compression) = (sealed[0], sealed[1]);
         if version != SEAL_VERSION {
@@ -136,14 +151,23 @@ impl Opener {
         let (body, tag) = sealed[HEADER_BYTES..].split_at(sealed.len() - SEAL_OVERHEAD_BYTES);
         let mut body = body.to_vec();
         keys.cipher
-            .decrypt_in_place_detached(nonce, &associated_data(version, compression, id), &mut body, tag.into())
+            .decrypt_in_place_detached(
+                nonce,
+                &associated_data(version, compression, id),
+                &mut body,
+                tag.into(),
+            )
             .map_err(|_| SealError::Authentication)?;
         let plaintext = if compression == COMPRESSION_ZSTD {
             // The frame states its content size; trusting it only up to the chunk bound
             // keeps a hostile frame from making us allocate more.
             let n_bytes = match zstd::zstd_safe::get_frame_content_size(&body) {
                 Ok(Some(n_bytes)) if n_bytes <= CHUNK_BYTES_MAX as u64 => n_bytes as usize,
-                _ => return Err(SealError::Decompress("missing or oversized content size".into())),
+                _ => {
+                    return Err(SealError::Decompress(
+                        "missing or oversized content size".into(),
+                    ))
+                }
             };
             let plaintext = self
                 .decompressor
@@ -190,7 +214,13 @@ mod tests {
     fn seal(plaintext: &[u8]) -> (ChunkId, Vec<u8>) {
         let keys = keys();
         let id = keys.chunk_id(plaintext);
-        (id, Sealer::new(3).unwrap().seal(&keys, &id, plaintext, [7; NONCE_BYTES]).unwrap())
+        (
+            id,
+            Sealer::new(3)
+                .unwrap()
+                .seal(&keys, &id, plaintext, [7; NONCE_BYTES])
+                .unwrap(),
+        )
     }
 
     proptest! {
@@ -244,20 +274,29 @@ mod tests {
     fn a_chunk_swapped_under_another_id_fails_authentication() {
         let (_, sealed_a) = seal(b"chunk a");
         let (id_b, _) = seal(b"chunk b");
-        assert_eq!(Opener::new().open(&keys(), &id_b, &sealed_a), Err(SealError::Authentication));
+        assert_eq!(
+            Opener::new().open(&keys(), &id_b, &sealed_a),
+            Err(SealError::Authentication)
+        );
     }
 
     #[test]
     fn a_chunk_sealed_under_another_vault_fails_authentication() {
         let (id, sealed) = seal(b"payroll");
         let other = VaultKey::from_bytes([10; 32]).derive();
-        assert_eq!(Opener::new().open(&other, &id, &sealed), Err(SealError::Authentication));
+        assert_eq!(
+            Opener::new().open(&other, &id, &sealed),
+            Err(SealError::Authentication)
+        );
     }
 
     #[test]
     fn newer_versions_are_named() {
         let (id, mut sealed) = seal(b"x");
         sealed[0] = 2;
-        assert_eq!(Opener::new().open(&keys(), &id, &sealed), Err(SealError::UnsupportedVersion(2)));
+        assert_eq!(
+            Opener::new().open(&keys(), &id, &sealed),
+            Err(SealError::UnsupportedVersion(2))
+        );
     }
 }

@@ -29,14 +29,20 @@ pub struct ImageName(String);
 
 impl ImageName {
     pub fn new(name: &str) -> Result<ImageName, DecodeError> {
-        let invalid = |why: &str| DecodeError::Invalid { what: "image name", why: format!("{name:?}: {why}") };
+        let invalid = |why: &str| DecodeError::Invalid {
+            what: "image name",
+            why: format!("{name:?}: {why}"),
+        };
         if name.is_empty() || name.len() > IMAGE_NAME_BYTES_MAX {
             return Err(invalid("must be 1 to 64 characters"));
         }
         if name.starts_with(['.', '-']) {
             return Err(invalid("must not start with '.' or '-'"));
         }
-        if !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)) {
+        if !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        {
             return Err(invalid("may hold only letters, digits, '.', '_' and '-'"));
         }
         Ok(ImageName(name.to_owned()))
@@ -63,7 +69,10 @@ pub struct SnapshotRecord {
 
 impl SnapshotRecord {
     pub fn manifest_root(&self) -> ManifestRoot {
-        ManifestRoot { id: self.root, size_bytes: self.size_bytes }
+        ManifestRoot {
+            id: self.root,
+            size_bytes: self.size_bytes,
+        }
     }
 
     pub fn encode(&self) -> Vec<u8> {
@@ -86,11 +95,19 @@ impl SnapshotRecord {
         let time_unix_ms = r.u64()?;
         let size_bytes = r.u64()?;
         let root = ChunkId(r.array()?);
-        let name = std::str::from_utf8(r.short_bytes()?)
-            .map_err(|_| DecodeError::Invalid { what: "image name", why: "not UTF-8".into() })?;
+        let name = std::str::from_utf8(r.short_bytes()?).map_err(|_| DecodeError::Invalid {
+            what: "image name",
+            why: "not UTF-8".into(),
+        })?;
         let image = ImageName::new(name)?;
         r.finish()?;
-        Ok(SnapshotRecord { id, image, time_unix_ms, size_bytes, root })
+        Ok(SnapshotRecord {
+            id,
+            image,
+            time_unix_ms,
+            size_bytes,
+            root,
+        })
     }
 }
 

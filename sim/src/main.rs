@@ -8,7 +8,9 @@ fn main() -> std::process::ExitCode {
         None | Some("-h" | "--help" | "help") => {
             println!("cairn-sim: deterministic simulation of the cairn mesh");
             println!();
-            println!("Not built yet: scenarios, swarm and bench arrive with the replication engine.");
+            println!(
+                "Not built yet: scenarios, swarm and bench arrive with the replication engine."
+            );
             std::process::ExitCode::SUCCESS
         }
         Some(other) => {

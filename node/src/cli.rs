@@ -1,0 +1,357 @@
+//! The `cairn` command line. Errors from the library become one line on stderr and a
+//! non-zero exit; `--json` gives scripts the same facts on stdout.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use cairn_protocol::ids::hex;
+use cairn_protocol::ImageName;
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+
+use crate::backup::{self, BackupOptions, ZSTD_LEVEL_DEFAULT};
+use crate::source::Source;
+use crate::units;
+use crate::vault::Vault;
+use crate::{restore, verify};
+
+#[derive(Parser)]
+#[command(
+    name = "cairn",
+    version,
+    about = "Back up server disk images into an encrypted, deduplicated vault, and rebuild them byte for byte."
+)]
+struct Cli {
+    /// The node's data dir [default: $XDG_DATA_HOME/cairn or ~/.local/share/cairn]
+    #[arg(long, env = "CAIRN_DATA_DIR", global = true, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create a new site in the data dir, with fresh site and vault keys
+    Init {
+        /// A name people will recognise, e.g. "Smith & Co, Main Street office"
+        #[arg(long)]
+        site_name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Back up a disk image as a new snapshot
+    Backup {
+        /// The image's name, e.g. fileserver (letters, digits, '.', '_', '-')
+        image: String,
+        /// A raw image file, a block device, or - for stdin
+        source: String,
+        /// zstd level for new chunks (1 fastest .. 19 smallest)
+        #[arg(long, default_value_t = ZSTD_LEVEL_DEFAULT, value_parser = clap::value_parser!(i32).range(1..=19))]
+        zstd_level: i32,
+        /// Print the summary as JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// List snapshots, oldest first
+    Snapshots {
+        /// Only this image's snapshots
+        image: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Rebuild a snapshot into a file (sparse) or onto a block device
+    Restore {
+        /// IMAGE for its latest snapshot, or IMAGE@SNAPSHOT (an id or unique prefix)
+        snapshot: String,
+        /// Where to write it
+        out: PathBuf,
+        /// Overwrite OUT if it exists
+        #[arg(long)]
+        force: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Read and open every chunk of the given snapshots (default: all) and name any damage
+    Verify {
+        /// IMAGE (all its snapshots) or IMAGE@SNAPSHOT
+        snapshot: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn default_data_dir() -> Result<PathBuf> {
+    if let Some(dir) = std::env::var_os("XDG_DATA_HOME").filter(|d| !d.is_empty()) {
+        return Ok(PathBuf::from(dir).join("cairn"));
+    }
+    let home = std::env::var_os("HOME")
+        .context("no --data-dir, CAIRN_DATA_DIR or HOME to find the data dir")?;
+    Ok(PathBuf::from(home).join(".local/share/cairn"))
+}
+
+fn n_workers() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get())
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    let data_dir = match cli.data_dir {
+        Some(dir) => dir,
+        None => default_data_dir()?,
+    };
+    let open = || -> Result<Vault> {
+        let vault = Vault::open(&data_dir)?;
+        for warning in &vault.store.warnings {
+            eprintln!("warning: {warning}");
+        }
+        Ok(vault)
+    };
+    match cli.command {
+        Command::Init { site_name, json } => {
+            let vault = Vault::init(&data_dir, &site_name)?;
+            let site_id = hex(vault.dir.site_key.verifying_key().as_bytes());
+            if json {
+                print_json(
+                    &serde_json::json!({ "site_name": site_name, "site_id": site_id, "data_dir": data_dir }),
+                );
+            } else {
+                println!("created site {site_name:?} in {}", data_dir.display());
+                println!("site id: {site_id}");
+                println!(
+                    "the keys are in {}: without them the backups cannot be read",
+                    data_dir.join("keys").display()
+                );
+            }
+        }
+        Command::Backup {
+            image,
+            source,
+            zstd_level,
+            json,
+        } => {
+            let image = ImageName::new(&image)?;
+            let source = Source::open(&source)?;
+            let vault = open()?;
+            let bar = progress_bar(source.size_bytes, "backing up");
+            let options = BackupOptions {
+                zstd_level,
+                ..BackupOptions::default()
+            };
+            let summary = backup::backup(&vault, &image, source, options, &|done| {
+                bar.set_position(done)
+            });
+            bar.finish_and_clear();
+            let summary = summary?;
+            if json {
+                print_json(&summary);
+            } else {
+                println!(
+                    "backed up {}@{}: {} in {:.1}s ({})",
+                    summary.image,
+                    summary.snapshot,
+                    units::bytes(summary.size_bytes),
+                    summary.seconds,
+                    units::rate(summary.size_bytes, summary.seconds)
+                );
+                println!(
+                    "  read {} ({} zeros or holes, never stored); {} chunks, {} new",
+                    units::bytes(summary.read_bytes),
+                    units::bytes(summary.zero_bytes),
+                    summary.n_chunks,
+                    summary.n_chunks_new
+                );
+                println!(
+                    "  new data {} stored as {}: dedup {:.2}x, compression {:.2}x",
+                    units::bytes(summary.new_bytes),
+                    units::bytes(summary.stored_bytes),
+                    summary.dedup_ratio(),
+                    summary.compression_ratio()
+                );
+            }
+        }
+        Command::Snapshots { image, json } => {
+            let vault = open()?;
+            if let Some(image) = &image {
+                ImageName::new(image)?;
+            }
+            let records: Vec<_> = vault
+                .snapshots()?
+                .into_iter()
+                .filter(|r| {
+                    image
+                        .as_deref()
+                        .is_none_or(|image| r.image.as_str() == image)
+                })
+                .collect();
+            if let (Some(image), true) = (&image, records.is_empty()) {
+                anyhow::bail!(
+                    "no image named {image:?} in this vault (`cairn snapshots` lists them)"
+                );
+            }
+            if json {
+                #[derive(Serialize)]
+                struct Row {
+                    image: String,
+                    snapshot: String,
+                    time_unix_ms: u64,
+                    size_bytes: u64,
+                }
+                let rows: Vec<Row> = records
+                    .iter()
+                    .map(|r| Row {
+                        image: r.image.to_string(),
+                        snapshot: r.id.to_string(),
+                        time_unix_ms: r.time_unix_ms,
+                        size_bytes: r.size_bytes,
+                    })
+                    .collect();
+                print_json(&rows);
+            } else if records.is_empty() {
+                println!("no snapshots yet: `cairn backup IMAGE SOURCE` makes one");
+            } else {
+                println!(
+                    "{:<24} {:<10} {:<20} {:>10}",
+                    "IMAGE", "SNAPSHOT", "TIME (UTC)", "SIZE"
+                );
+                for r in &records {
+                    println!(
+                        "{:<24} {:<10} {:<20} {:>10}",
+                        r.image.as_str(),
+                        r.id.short(),
+                        units::utc(r.time_unix_ms),
+                        units::bytes(r.size_bytes)
+                    );
+                }
+            }
+        }
+        Command::Restore {
+            snapshot,
+            out,
+            force,
+            json,
+        } => {
+            let vault = open()?;
+            let record = vault.resolve(&snapshot)?;
+            let bar = progress_bar(Some(record.size_bytes), "restoring");
+            let summary = restore::restore(&vault, &record, &out, force, n_workers(), &|done| {
+                bar.set_position(done)
+            });
+            bar.finish_and_clear();
+            let summary = summary?;
+            if json {
+                print_json(&summary);
+            } else {
+                println!(
+                    "restored {}@{} to {}: {} ({} of data) in {:.1}s ({})",
+                    summary.image,
+                    summary.snapshot,
+                    summary.output,
+                    units::bytes(summary.size_bytes),
+                    units::bytes(summary.data_bytes),
+                    summary.seconds,
+                    units::rate(summary.size_bytes, summary.seconds)
+                );
+            }
+        }
+        Command::Verify { snapshot, json } => {
+            let vault = open()?;
+            let records = match snapshot.as_deref() {
+                None => vault.snapshots()?,
+                Some(spec) if spec.contains('@') => vec![vault.resolve(spec)?],
+                Some(image) => {
+                    vault.resolve(image)?;
+                    vault
+                        .snapshots()?
+                        .into_iter()
+                        .filter(|r| r.image.as_str() == image)
+                        .collect()
+                }
+            };
+            let bar = progress_bar(None, "verifying");
+            let report = verify::verify(&vault, &records, n_workers(), &|done| {
+                bar.set_position(done)
+            });
+            bar.finish_and_clear();
+            let damaged = !report.damage.is_empty();
+            if json {
+                print_json(&report);
+            } else {
+                for d in &report.damage {
+                    let chunk = d
+                        .chunk
+                        .as_deref()
+                        .map(|c| format!(" chunk {}", &c[..16]))
+                        .unwrap_or_default();
+                    println!(
+                        "DAMAGED {}@{} bytes {}..{}{}: {}",
+                        d.image,
+                        d.snapshot,
+                        d.offset,
+                        d.offset + d.len_bytes,
+                        chunk,
+                        d.why
+                    );
+                }
+                println!(
+                    "verified {} snapshots: {} chunks, {} in {:.1}s: {}",
+                    report.n_snapshots,
+                    report.n_chunks_checked,
+                    units::bytes(report.bytes_checked),
+                    report.seconds,
+                    if damaged {
+                        format!("{} damaged stretches", report.damage.len())
+                    } else {
+                        "all good".into()
+                    }
+                );
+            }
+            if damaged {
+                return Ok(ExitCode::from(3));
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_json(value: &impl Serialize) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).expect("summaries serialise")
+    );
+}
+
+/// A progress bar on stderr when it is a terminal; hidden otherwise.
+fn progress_bar(total_bytes: Option<u64>, what: &str) -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = match total_bytes {
+        Some(total) => ProgressBar::new(total).with_style(
+            ProgressStyle::with_template(
+                "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
+            )
+            .expect("template is valid")
+            .progress_chars("=> "),
+        ),
+        None => ProgressBar::new_spinner().with_style(
+            ProgressStyle::with_template("{msg} {spinner} {bytes} {bytes_per_sec}")
+                .expect("template is valid"),
+        ),
+    };
+    bar.set_message(what.to_owned());
+    bar.enable_steady_tick(std::time::Duration::from_millis(200));
+    bar
+}

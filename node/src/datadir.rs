@@ -1,0 +1,331 @@
+//! The data dir: one site's keys, its local store and the lock that keeps a second process
+//! out. Layout, format 1:
+//!
+//! ```text
+//! FORMAT          "cairn data dir format 1": written last by init, read first by open
+//! site.json       site name and public site key
+//! keys/site.key   ed25519 secret key, hex (mode 0600)
+//! keys/vault.key  256-bit vault key, hex (mode 0600)
+//! store/          pack files and the sled index (see store.rs)
+//! lock            held with flock by whichever process has the store open
+//! ```
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use cairn_protocol::ids::{hex, parse_hex};
+use cairn_protocol::VaultKey;
+use ed25519_dalek::SigningKey;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+pub const DATA_DIR_FORMAT: u32 = 1;
+const FORMAT_PREFIX: &str = "cairn data dir format ";
+pub const SITE_NAME_BYTES_MAX: usize = 64;
+
+#[derive(Debug, Error)]
+pub enum DataDirError {
+    #[error(
+        "no cairn data dir at {0}: run `cairn init --site-name NAME` first, or pass --data-dir"
+    )]
+    Missing(PathBuf),
+    #[error("{0} is already a cairn data dir; pick another --data-dir to start a new site")]
+    AlreadyInitialized(PathBuf),
+    #[error("data dir {path} has format {found}, newer than this cairn understands ({DATA_DIR_FORMAT}): upgrade cairn")]
+    NewerFormat { path: PathBuf, found: u32 },
+    #[error("data dir {path} is damaged: {why}")]
+    Damaged { path: PathBuf, why: String },
+    #[error("key file {path} is readable by other users (mode {mode:o}): run `chmod 600 {path}`")]
+    KeyExposed { path: PathBuf, mode: u32 },
+    #[error("data dir {path} is in use by another cairn process{holder}; wait for it to finish")]
+    Locked { path: PathBuf, holder: String },
+    #[error("invalid site name {0:?}: use 1 to 64 printable characters")]
+    BadSiteName(String),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DataDirError + '_ {
+    move |source| DataDirError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct SiteFile {
+    site_name: String,
+    site_public_key: String,
+}
+
+/// An open data dir. Holding one holds the lock; it is released on drop.
+pub struct DataDir {
+    root: PathBuf,
+    pub site_name: String,
+    pub site_key: SigningKey,
+    pub vault_key: VaultKey,
+    _lock: File,
+}
+
+impl std::fmt::Debug for DataDir {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DataDir")
+            .field("root", &self.root)
+            .field("site_name", &self.site_name)
+            .finish()
+    }
+}
+
+impl DataDir {
+    /// Creates a new site in `root`, which must be absent or an empty directory.
+    pub fn init(root: &Path, site_name: &str) -> Result<DataDir, DataDirError> {
+        if site_name.is_empty()
+            || site_name.len() > SITE_NAME_BYTES_MAX
+            || site_name.chars().any(char::is_control)
+        {
+            return Err(DataDirError::BadSiteName(site_name.to_owned()));
+        }
+        if root.join("FORMAT").exists() {
+            return Err(DataDirError::AlreadyInitialized(root.to_owned()));
+        }
+        if root.join("keys/vault.key").exists() {
+            return Err(damaged(
+                root,
+                "it holds keys from an unfinished init; move it away before starting a new site",
+            ));
+        }
+        create_private_dir(root)?;
+        let lock = lock(root)?;
+        let keys = root.join("keys");
+        create_private_dir(&keys)?;
+        let site_key = SigningKey::from_bytes(&random_bytes());
+        let vault_key = VaultKey::from_bytes(random_bytes());
+        write_secret(&keys.join("site.key"), &site_key.to_bytes())?;
+        write_secret(&keys.join("vault.key"), vault_key.as_bytes())?;
+        let site = SiteFile {
+            site_name: site_name.to_owned(),
+            site_public_key: hex(site_key.verifying_key().as_bytes()),
+        };
+        let site_json = serde_json::to_vec_pretty(&site).expect("site file serialises");
+        write_durable(&root.join("site.json"), &site_json)?;
+        // FORMAT last: a data dir without it is an interrupted init, which init may redo.
+        write_durable(
+            &root.join("FORMAT"),
+            format!("{FORMAT_PREFIX}{DATA_DIR_FORMAT}\n").as_bytes(),
+        )?;
+        sync_dir(root)?;
+        Ok(DataDir {
+            root: root.to_owned(),
+            site_name: site_name.to_owned(),
+            site_key,
+            vault_key,
+            _lock: lock,
+        })
+    }
+
+    /// Opens an existing data dir and takes its lock.
+    pub fn open(root: &Path) -> Result<DataDir, DataDirError> {
+        let format_path = root.join("FORMAT");
+        let format = match fs::read_to_string(&format_path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(DataDirError::Missing(root.to_owned()))
+            }
+            Err(e) => return Err(io(&format_path)(e)),
+        };
+        let found: u32 = format
+            .trim()
+            .strip_prefix(FORMAT_PREFIX)
+            .and_then(|n| n.parse().ok())
+            .ok_or_else(|| damaged(root, "FORMAT file is unreadable"))?;
+        if found > DATA_DIR_FORMAT {
+            return Err(DataDirError::NewerFormat {
+                path: root.to_owned(),
+                found,
+            });
+        }
+        let lock = lock(root)?;
+        let site_path = root.join("site.json");
+        let site: SiteFile = serde_json::from_slice(&fs::read(&site_path).map_err(io(&site_path))?)
+            .map_err(|e| damaged(root, &format!("site.json: {e}")))?;
+        let site_key = SigningKey::from_bytes(&read_secret(root, &root.join("keys/site.key"))?);
+        if hex(site_key.verifying_key().as_bytes()) != site.site_public_key {
+            return Err(damaged(root, "keys/site.key does not match site.json"));
+        }
+        let vault_key = VaultKey::from_bytes(read_secret(root, &root.join("keys/vault.key"))?);
+        Ok(DataDir {
+            root: root.to_owned(),
+            site_name: site.site_name,
+            site_key,
+            vault_key,
+            _lock: lock,
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn store_dir(&self) -> PathBuf {
+        self.root.join("store")
+    }
+}
+
+fn damaged(root: &Path, why: &str) -> DataDirError {
+    DataDirError::Damaged {
+        path: root.to_owned(),
+        why: why.to_owned(),
+    }
+}
+
+pub fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut out = [0u8; N];
+    getrandom::getrandom(&mut out).expect("the OS random source is available");
+    out
+}
+
+fn create_private_dir(path: &Path) -> Result<(), DataDirError> {
+    match fs::create_dir_all(path) {
+        Ok(()) => fs::set_permissions(path, fs::Permissions::from_mode(0o700)).map_err(io(path)),
+        Err(e) => Err(io(path)(e)),
+    }
+}
+
+fn lock(root: &Path) -> Result<File, DataDirError> {
+    let path = root.join("lock");
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)
+        .map_err(io(&path))?;
+    match file.try_lock() {
+        Ok(()) => {
+            file.set_len(0).map_err(io(&path))?;
+            file.write_all(format!("{}\n", std::process::id()).as_bytes())
+                .map_err(io(&path))?;
+            Ok(file)
+        }
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut pid = String::new();
+            let _ = file.read_to_string(&mut pid);
+            let holder = match pid.trim() {
+                "" => String::new(),
+                pid => format!(" (pid {pid})"),
+            };
+            Err(DataDirError::Locked {
+                path: root.to_owned(),
+                holder,
+            })
+        }
+        Err(std::fs::TryLockError::Error(e)) => Err(io(&path)(e)),
+    }
+}
+
+fn write_secret(path: &Path, bytes: &[u8]) -> Result<(), DataDirError> {
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io(path))?;
+    file.write_all(format!("{}\n", hex(bytes)).as_bytes())
+        .map_err(io(path))?;
+    file.sync_all().map_err(io(path))
+}
+
+fn read_secret(root: &Path, path: &Path) -> Result<[u8; 32], DataDirError> {
+    let meta = fs::metadata(path).map_err(io(path))?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(DataDirError::KeyExposed {
+            path: path.to_owned(),
+            mode,
+        });
+    }
+    let text = fs::read_to_string(path).map_err(io(path))?;
+    parse_hex::<32>("key", text.trim())
+        .map_err(|e| damaged(root, &format!("{}: {e}", path.display())))
+}
+
+/// Writes a small file so that it is complete on disk before this returns.
+pub fn write_durable(path: &Path, bytes: &[u8]) -> Result<(), DataDirError> {
+    let tmp = path.with_extension("tmp");
+    let mut file = File::create(&tmp).map_err(io(&tmp))?;
+    file.write_all(bytes).map_err(io(&tmp))?;
+    file.sync_all().map_err(io(&tmp))?;
+    fs::rename(&tmp, path).map_err(io(path))
+}
+
+pub fn sync_dir(path: &Path) -> Result<(), DataDirError> {
+    File::open(path)
+        .and_then(|dir| dir.sync_all())
+        .map_err(io(path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn init_then_open_gives_the_same_keys() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("d");
+        let created = DataDir::init(&root, "Main Street Office").unwrap();
+        let (site, vault) = (created.site_key.to_bytes(), created.vault_key.clone());
+        drop(created);
+        let opened = DataDir::open(&root).unwrap();
+        assert_eq!(opened.site_key.to_bytes(), site);
+        assert_eq!(opened.vault_key, vault);
+        assert_eq!(opened.site_name, "Main Street Office");
+        let mode = fs::metadata(root.join("keys/vault.key"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn a_second_opener_is_refused_while_the_first_holds_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let first = DataDir::init(tmp.path(), "a").unwrap();
+        let err = DataDir::open(tmp.path()).unwrap_err();
+        assert!(matches!(err, DataDirError::Locked { .. }), "{err}");
+        assert!(err
+            .to_string()
+            .contains(&format!("pid {}", std::process::id())));
+        drop(first);
+        DataDir::open(tmp.path()).unwrap();
+    }
+
+    #[test]
+    fn newer_formats_and_exposed_keys_are_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        drop(DataDir::init(tmp.path(), "a").unwrap());
+        fs::set_permissions(
+            tmp.path().join("keys/vault.key"),
+            fs::Permissions::from_mode(0o644),
+        )
+        .unwrap();
+        assert!(matches!(
+            DataDir::open(tmp.path()),
+            Err(DataDirError::KeyExposed { .. })
+        ));
+        fs::write(tmp.path().join("FORMAT"), "cairn data dir format 99\n").unwrap();
+        assert!(matches!(
+            DataDir::open(tmp.path()),
+            Err(DataDirError::NewerFormat { found: 99, .. })
+        ));
+        assert!(matches!(
+            DataDir::init(tmp.path(), "a"),
+            Err(DataDirError::AlreadyInitialized(_))
+        ));
+    }
+}

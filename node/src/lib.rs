@@ -1,0 +1,15 @@
+//! cairn-node: everything in cairn that touches the world. Today that is the local vault
+//! (data dir, keys, pack store, sled index), the ingest and restore pipelines, and the CLI;
+//! the mesh daemon joins it in later issues. Formats and pure logic live in cairn-protocol.
+
+pub mod backup;
+pub mod cli;
+pub mod datadir;
+pub mod restore;
+pub mod source;
+pub mod store;
+pub mod units;
+pub mod vault;
+pub mod verify;
+
+pub use vault::Vault;

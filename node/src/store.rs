@@ -1,0 +1,497 @@
+//! The local chunk store: sealed chunks in append-only pack files, located through the
+//! metadata index.
+//!
+//! Pack format 1: a 16-byte header (`CAIRNPAK`, version byte, 7 zero bytes), then entries:
+//!
+//! ```text
+//! u32 ENTRY_MAGIC | [32] chunk id | u32 sealed_len | sealed bytes | [16] checksum
+//! ```
+//!
+//! where the checksum is BLAKE3 over everything before it in the entry, truncated. The
+//! checksum lets recovery tell a torn tail from a complete entry without the vault key.
+//!
+//! Write order (what makes a crash at any instant safe):
+//! 1. entries are appended to the open pack;
+//! 2. the pack is fsynced (and the packs directory, when the pack is new);
+//! 3. the index gets the entries' locations and the pack's committed length in one atomic
+//!    batch, and is flushed;
+//! 4. only after that are snapshot records committed, in their own flushed batch.
+//!
+//! So an indexed chunk is always on disk, and a snapshot only names indexed chunks. On open,
+//! a pack longer than its committed length is scanned from there: whole entries are indexed
+//! (so a re-run backup reuses them) and the torn remainder is cut off.
+
+pub mod index;
+
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use cairn_protocol::seal::SEALED_BYTES_MAX;
+use cairn_protocol::ChunkId;
+use thiserror::Error;
+
+pub use index::{ChunkLocation, IndexBatch, MetaIndex, SledIndex};
+
+const PACK_MAGIC: &[u8; 8] = b"CAIRNPAK";
+pub const PACK_VERSION: u8 = 1;
+const PACK_HEADER_BYTES: u64 = 16;
+const ENTRY_MAGIC: u32 = 0xCA1C_0E01;
+const ENTRY_HEAD_BYTES: u64 = 4 + 32 + 4;
+const ENTRY_CHECKSUM_BYTES: u64 = 16;
+/// A pack is closed once it passes this size; restore reads from many packs at once.
+pub const PACK_BYTES_TARGET: u64 = 128 << 20;
+/// Buffered bytes between the pipeline and a pack file.
+const PACK_WRITE_BUFFER_BYTES: usize = 4 << 20;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PackId(pub u32);
+
+#[derive(Debug, Error)]
+pub enum StoreError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("store index: {0}")]
+    Index(String),
+    #[error("chunk {id} is not in the store")]
+    MissingChunk { id: ChunkId },
+    #[error("pack {path} is damaged: {why}")]
+    DamagedPack { path: PathBuf, why: String },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+pub struct Store {
+    packs_dir: PathBuf,
+    index: Box<dyn MetaIndex>,
+    /// Problems found on open that leave the store usable (a truncated pack): shown to the
+    /// user, and found in detail by `cairn verify`.
+    pub warnings: Vec<String>,
+}
+
+impl Store {
+    /// Opens (creating if needed) the store in `dir` and recovers from an interrupted write.
+    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        let packs_dir = dir.join("packs");
+        fs::create_dir_all(&packs_dir).map_err(io(&packs_dir))?;
+        let index = Box::new(SledIndex::open(&dir.join("index"))?);
+        let mut store = Store {
+            packs_dir,
+            index,
+            warnings: Vec::new(),
+        };
+        store.recover()?;
+        Ok(store)
+    }
+
+    pub fn index(&self) -> &dyn MetaIndex {
+        &*self.index
+    }
+
+    pub fn contains(&self, id: &ChunkId) -> Result<bool, StoreError> {
+        Ok(self.index.chunk(id)?.is_some())
+    }
+
+    fn pack_path(&self, pack: PackId) -> PathBuf {
+        self.packs_dir.join(format!("{:08}.pack", pack.0))
+    }
+
+    fn pack_ids_on_disk(&self) -> Result<Vec<PackId>, StoreError> {
+        let mut ids = Vec::new();
+        for entry in fs::read_dir(&self.packs_dir).map_err(io(&self.packs_dir))? {
+            let entry = entry.map_err(io(&self.packs_dir))?;
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if let Some(n) = name.strip_suffix(".pack").and_then(|n| n.parse().ok()) {
+                ids.push(PackId(n));
+            }
+        }
+        ids.sort();
+        Ok(ids)
+    }
+
+    fn recover(&mut self) -> Result<(), StoreError> {
+        let committed: HashMap<PackId, u64> = self.index.packs()?.into_iter().collect();
+        for pack in self.pack_ids_on_disk()? {
+            let path = self.pack_path(pack);
+            let file_len = fs::metadata(&path).map_err(io(&path))?.len();
+            let committed_len = committed.get(&pack).copied().unwrap_or(0);
+            if file_len < committed_len {
+                self.warnings.push(format!(
+                    "pack {} is {file_len} bytes but {committed_len} were committed: it was truncated; run `cairn verify`",
+                    path.display()
+                ));
+            } else if file_len > committed_len {
+                self.recover_tail(pack, committed_len, file_len)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Indexes the whole entries past a pack's committed length and cuts off the rest.
+    fn recover_tail(
+        &mut self,
+        pack: PackId,
+        committed_len: u64,
+        file_len: u64,
+    ) -> Result<(), StoreError> {
+        let path = self.pack_path(pack);
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(io(&path))?;
+        let mut batch = IndexBatch::default();
+        let mut good_len = committed_len;
+        if committed_len == 0 {
+            let mut header = [0u8; PACK_HEADER_BYTES as usize];
+            if file.read_exact(&mut header).is_ok() && header == pack_header() {
+                good_len = PACK_HEADER_BYTES;
+            } else {
+                // Never committed and not even a whole header: a pack created at the crash.
+                drop(file);
+                fs::remove_file(&path).map_err(io(&path))?;
+                return Ok(());
+            }
+        }
+        let mut reader = std::io::BufReader::with_capacity(1 << 20, &file);
+        reader.seek(SeekFrom::Start(good_len)).map_err(io(&path))?;
+        while let Some((id, sealed_len)) = read_entry(&mut reader, file_len - good_len) {
+            let entry_len = ENTRY_HEAD_BYTES + sealed_len + ENTRY_CHECKSUM_BYTES;
+            let location = ChunkLocation {
+                pack,
+                offset: good_len + ENTRY_HEAD_BYTES,
+                len_bytes: sealed_len as u32,
+            };
+            batch.chunks.push((id, location));
+            good_len += entry_len;
+        }
+        drop(reader);
+        if good_len < file_len {
+            file.set_len(good_len).map_err(io(&path))?;
+        }
+        file.sync_all().map_err(io(&path))?;
+        batch.packs.push((pack, good_len));
+        self.index.commit(batch)
+    }
+
+    /// Starts writing; the caller is the store's only writer (the data dir lock ensures it).
+    pub fn writer(&self) -> PackWriter<'_> {
+        PackWriter {
+            store: self,
+            open: None,
+            batch: IndexBatch::default(),
+        }
+    }
+
+    pub fn reader(&self) -> PackReader<'_> {
+        PackReader {
+            store: self,
+            files: HashMap::new(),
+        }
+    }
+
+    /// Commits snapshot records. Call only after the writer that stored their chunks has
+    /// committed.
+    pub fn commit_snapshots(
+        &self,
+        snapshots: Vec<(cairn_protocol::SnapshotId, Vec<u8>)>,
+    ) -> Result<(), StoreError> {
+        self.index.commit(IndexBatch {
+            snapshots,
+            ..IndexBatch::default()
+        })
+    }
+
+    /// Total bytes in pack files.
+    pub fn packs_bytes(&self) -> Result<u64, StoreError> {
+        let mut total = 0;
+        for pack in self.pack_ids_on_disk()? {
+            let path = self.pack_path(pack);
+            total += fs::metadata(&path).map_err(io(&path))?.len();
+        }
+        Ok(total)
+    }
+}
+
+fn pack_header() -> [u8; PACK_HEADER_BYTES as usize] {
+    let mut header = [0u8; PACK_HEADER_BYTES as usize];
+    header[..8].copy_from_slice(PACK_MAGIC);
+    header[8] = PACK_VERSION;
+    header
+}
+
+fn entry_checksum(head: &[u8], sealed: &[u8]) -> [u8; ENTRY_CHECKSUM_BYTES as usize] {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(head);
+    hasher.update(sealed);
+    let mut out = [0u8; ENTRY_CHECKSUM_BYTES as usize];
+    out.copy_from_slice(&hasher.finalize().as_bytes()[..ENTRY_CHECKSUM_BYTES as usize]);
+    out
+}
+
+fn entry_head(id: &ChunkId, sealed_len: u32) -> [u8; ENTRY_HEAD_BYTES as usize] {
+    let mut head = [0u8; ENTRY_HEAD_BYTES as usize];
+    head[..4].copy_from_slice(&ENTRY_MAGIC.to_le_bytes());
+    head[4..36].copy_from_slice(&id.0);
+    head[36..].copy_from_slice(&sealed_len.to_le_bytes());
+    head
+}
+
+/// Reads one whole, checksummed entry of at most `remaining` bytes; None at a torn or
+/// damaged entry or the end.
+fn read_entry(reader: &mut impl Read, remaining: u64) -> Option<(ChunkId, u64)> {
+    let mut head = [0u8; ENTRY_HEAD_BYTES as usize];
+    reader.read_exact(&mut head).ok()?;
+    if head[..4] != ENTRY_MAGIC.to_le_bytes() {
+        return None;
+    }
+    let id = ChunkId(head[4..36].try_into().ok()?);
+    let sealed_len = u64::from(u32::from_le_bytes(head[36..].try_into().ok()?));
+    if sealed_len > SEALED_BYTES_MAX as u64
+        || ENTRY_HEAD_BYTES + sealed_len + ENTRY_CHECKSUM_BYTES > remaining
+    {
+        return None;
+    }
+    let mut sealed = vec![0u8; sealed_len as usize];
+    reader.read_exact(&mut sealed).ok()?;
+    let mut checksum = [0u8; ENTRY_CHECKSUM_BYTES as usize];
+    reader.read_exact(&mut checksum).ok()?;
+    (checksum == entry_checksum(&head, &sealed)).then_some((id, sealed_len))
+}
+
+struct OpenPack {
+    id: PackId,
+    path: PathBuf,
+    file: BufWriter<File>,
+    len: u64,
+    is_new: bool,
+}
+
+/// Appends sealed chunks to pack files; `commit` makes them durable and indexed.
+pub struct PackWriter<'s> {
+    store: &'s Store,
+    open: Option<OpenPack>,
+    batch: IndexBatch,
+}
+
+impl PackWriter<'_> {
+    pub fn append(&mut self, id: &ChunkId, sealed: &[u8]) -> Result<ChunkLocation, StoreError> {
+        assert!(sealed.len() <= SEALED_BYTES_MAX, "sealer bounds chunk size");
+        if self
+            .open
+            .as_ref()
+            .is_some_and(|pack| pack.len >= PACK_BYTES_TARGET)
+        {
+            self.commit()?;
+            self.open = None;
+        }
+        if self.open.is_none() {
+            self.open = Some(self.create_pack()?);
+        }
+        let pack = self.open.as_mut().expect("opened above");
+        let head = entry_head(id, sealed.len() as u32);
+        let write = |file: &mut BufWriter<File>| -> std::io::Result<()> {
+            file.write_all(&head)?;
+            file.write_all(sealed)?;
+            file.write_all(&entry_checksum(&head, sealed))
+        };
+        write(&mut pack.file).map_err(io(&pack.path))?;
+        let location = ChunkLocation {
+            pack: pack.id,
+            offset: pack.len + ENTRY_HEAD_BYTES,
+            len_bytes: sealed.len() as u32,
+        };
+        pack.len += ENTRY_HEAD_BYTES + sealed.len() as u64 + ENTRY_CHECKSUM_BYTES;
+        self.batch.chunks.push((*id, location));
+        Ok(location)
+    }
+
+    fn create_pack(&self) -> Result<OpenPack, StoreError> {
+        // A fresh id past every pack on disk, indexed or not, so a torn pack is never reused.
+        let id = PackId(
+            self.store
+                .pack_ids_on_disk()?
+                .last()
+                .map_or(1, |last| last.0 + 1),
+        );
+        let path = self.store.pack_path(id);
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(io(&path))?;
+        let mut file = BufWriter::with_capacity(PACK_WRITE_BUFFER_BYTES, file);
+        file.write_all(&pack_header()).map_err(io(&path))?;
+        Ok(OpenPack {
+            id,
+            path,
+            file,
+            len: PACK_HEADER_BYTES,
+            is_new: true,
+        })
+    }
+
+    /// Step 2 and 3 of the write order: fsync the pack, then index what it holds.
+    pub fn commit(&mut self) -> Result<(), StoreError> {
+        if let Some(pack) = self.open.as_mut() {
+            pack.file.flush().map_err(io(&pack.path))?;
+            pack.file.get_ref().sync_data().map_err(io(&pack.path))?;
+            if pack.is_new {
+                File::open(&self.store.packs_dir)
+                    .and_then(|dir| dir.sync_all())
+                    .map_err(io(&self.store.packs_dir))?;
+                pack.is_new = false;
+            }
+            self.batch.packs.push((pack.id, pack.len));
+        }
+        if self.batch.chunks.is_empty() && self.batch.packs.is_empty() {
+            return Ok(());
+        }
+        self.store.index.commit(std::mem::take(&mut self.batch))
+    }
+}
+
+/// Reads sealed chunks; keeps its pack files open. One per thread.
+pub struct PackReader<'s> {
+    store: &'s Store,
+    files: HashMap<PackId, File>,
+}
+
+impl PackReader<'_> {
+    pub fn read(&mut self, id: &ChunkId) -> Result<Vec<u8>, StoreError> {
+        let location = self
+            .store
+            .index
+            .chunk(id)?
+            .ok_or(StoreError::MissingChunk { id: *id })?;
+        self.read_at(&location)
+    }
+
+    pub fn read_at(&mut self, location: &ChunkLocation) -> Result<Vec<u8>, StoreError> {
+        let path = self.store.pack_path(location.pack);
+        if !self.files.contains_key(&location.pack) {
+            let file = File::open(&path).map_err(io(&path))?;
+            self.files.insert(location.pack, file);
+        }
+        let file = &self.files[&location.pack];
+        let mut sealed = vec![0u8; location.len_bytes as usize];
+        file.read_exact_at(&mut sealed, location.offset)
+            .map_err(|e| {
+                if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                    StoreError::DamagedPack {
+                        path: path.clone(),
+                        why: format!("truncated before offset {}", location.offset),
+                    }
+                } else {
+                    StoreError::Io {
+                        path: path.clone(),
+                        source: e,
+                    }
+                }
+            })?;
+        Ok(sealed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(n: u8) -> ChunkId {
+        ChunkId([n; 32])
+    }
+
+    #[test]
+    fn committed_chunks_read_back_after_reopen() {
+        let tmp = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(tmp.path()).unwrap();
+            let mut writer = store.writer();
+            writer.append(&id(1), b"sealed one").unwrap();
+            writer.append(&id(2), b"sealed two").unwrap();
+            writer.commit().unwrap();
+        }
+        let store = Store::open(tmp.path()).unwrap();
+        assert!(store.warnings.is_empty());
+        assert_eq!(store.reader().read(&id(2)).unwrap(), b"sealed two");
+        assert!(matches!(
+            store.reader().read(&id(3)),
+            Err(StoreError::MissingChunk { .. })
+        ));
+    }
+
+    #[test]
+    fn uncommitted_whole_entries_are_reindexed_and_a_torn_tail_is_cut() {
+        let tmp = tempfile::tempdir().unwrap();
+        let pack_path = tmp.path().join("packs/00000001.pack");
+        {
+            let store = Store::open(tmp.path()).unwrap();
+            let mut writer = store.writer();
+            writer.append(&id(1), b"committed").unwrap();
+            writer.commit().unwrap();
+            writer.append(&id(2), b"written, never committed").unwrap();
+            writer.append(&id(3), b"torn").unwrap();
+            // Simulate a crash: the buffered bytes reach the file, the index never hears.
+            let pack = writer.open.as_mut().unwrap();
+            pack.file.flush().unwrap();
+            std::mem::forget(writer);
+        }
+        let full_len = fs::metadata(&pack_path).unwrap().len();
+        let torn = OpenOptions::new().write(true).open(&pack_path).unwrap();
+        torn.set_len(full_len - 3).unwrap();
+        drop(torn);
+
+        let store = Store::open(tmp.path()).unwrap();
+        assert_eq!(store.reader().read(&id(1)).unwrap(), b"committed");
+        assert_eq!(
+            store.reader().read(&id(2)).unwrap(),
+            b"written, never committed"
+        );
+        assert!(!store.contains(&id(3)).unwrap());
+        let recovered_len = fs::metadata(&pack_path).unwrap().len();
+        assert_eq!(
+            recovered_len,
+            full_len - (ENTRY_HEAD_BYTES + 4 + ENTRY_CHECKSUM_BYTES)
+        );
+        // New writes go to a new pack and land after the recovered data.
+        let mut writer = store.writer();
+        writer.append(&id(4), b"after").unwrap();
+        writer.commit().unwrap();
+        assert_eq!(store.reader().read(&id(4)).unwrap(), b"after");
+    }
+
+    #[test]
+    fn a_truncated_committed_pack_is_reported_not_hidden() {
+        let tmp = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(tmp.path()).unwrap();
+            let mut writer = store.writer();
+            writer.append(&id(1), &[7u8; 1000]).unwrap();
+            writer.commit().unwrap();
+        }
+        let pack_path = tmp.path().join("packs/00000001.pack");
+        OpenOptions::new()
+            .write(true)
+            .open(&pack_path)
+            .unwrap()
+            .set_len(500)
+            .unwrap();
+        let store = Store::open(tmp.path()).unwrap();
+        assert_eq!(store.warnings.len(), 1);
+        assert!(matches!(
+            store.reader().read(&id(1)),
+            Err(StoreError::DamagedPack { .. })
+        ));
+    }
+}

@@ -1,0 +1,143 @@
+//! The metadata index: chunk id -> location in a pack, how much of each pack is committed,
+//! and the sealed snapshot records. Bulk bytes never go here. The rest of the node sees only
+//! the `MetaIndex` trait; `SledIndex` is the implementation.
+
+use std::path::Path;
+
+use cairn_protocol::{ChunkId, SnapshotId};
+
+use super::{PackId, StoreError};
+
+/// Where a sealed chunk lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChunkLocation {
+    pub pack: PackId,
+    pub offset: u64,
+    pub len_bytes: u32,
+}
+
+impl ChunkLocation {
+    fn encode(&self) -> [u8; 16] {
+        let mut out = [0u8; 16];
+        out[..4].copy_from_slice(&self.pack.0.to_le_bytes());
+        out[4..12].copy_from_slice(&self.offset.to_le_bytes());
+        out[12..].copy_from_slice(&self.len_bytes.to_le_bytes());
+        out
+    }
+    fn decode(bytes: &[u8]) -> Option<ChunkLocation> {
+        let bytes: &[u8; 16] = bytes.try_into().ok()?;
+        Some(ChunkLocation {
+            pack: PackId(u32::from_le_bytes(bytes[..4].try_into().ok()?)),
+            offset: u64::from_le_bytes(bytes[4..12].try_into().ok()?),
+            len_bytes: u32::from_le_bytes(bytes[12..].try_into().ok()?),
+        })
+    }
+}
+
+/// Changes applied together: all or none, and durable when `commit` returns.
+#[derive(Default, Debug)]
+pub struct IndexBatch {
+    pub chunks: Vec<(ChunkId, ChunkLocation)>,
+    /// A pack and the length of it that is now written, fsynced and indexed.
+    pub packs: Vec<(PackId, u64)>,
+    pub snapshots: Vec<(SnapshotId, Vec<u8>)>,
+}
+
+pub trait MetaIndex: Send + Sync {
+    fn chunk(&self, id: &ChunkId) -> Result<Option<ChunkLocation>, StoreError>;
+    fn commit(&self, batch: IndexBatch) -> Result<(), StoreError>;
+    /// Committed length of every pack the index knows.
+    fn packs(&self) -> Result<Vec<(PackId, u64)>, StoreError>;
+    /// Sealed snapshot records, in id order.
+    fn snapshots(&self) -> Result<Vec<(SnapshotId, Vec<u8>)>, StoreError>;
+    fn n_chunks(&self) -> usize;
+}
+
+const PREFIX_CHUNK: u8 = b'c';
+const PREFIX_PACK: u8 = b'p';
+const PREFIX_SNAPSHOT: u8 = b's';
+
+pub struct SledIndex {
+    db: sled::Db,
+}
+
+fn index_error(e: sled::Error) -> StoreError {
+    StoreError::Index(e.to_string())
+}
+
+impl SledIndex {
+    pub fn open(path: &Path) -> Result<SledIndex, StoreError> {
+        let db = sled::Config::new()
+            .path(path)
+            .cache_capacity(64 << 20)
+            .mode(sled::Mode::HighThroughput)
+            .open()
+            .map_err(index_error)?;
+        Ok(SledIndex { db })
+    }
+}
+
+fn key(prefix: u8, body: &[u8]) -> Vec<u8> {
+    let mut key = Vec::with_capacity(1 + body.len());
+    key.push(prefix);
+    key.extend_from_slice(body);
+    key
+}
+
+impl MetaIndex for SledIndex {
+    fn chunk(&self, id: &ChunkId) -> Result<Option<ChunkLocation>, StoreError> {
+        match self.db.get(key(PREFIX_CHUNK, &id.0)).map_err(index_error)? {
+            None => Ok(None),
+            Some(value) => ChunkLocation::decode(&value)
+                .map(Some)
+                .ok_or_else(|| StoreError::Index(format!("malformed location for chunk {id}"))),
+        }
+    }
+
+    fn commit(&self, batch: IndexBatch) -> Result<(), StoreError> {
+        let mut sled_batch = sled::Batch::default();
+        for (id, location) in &batch.chunks {
+            sled_batch.insert(key(PREFIX_CHUNK, &id.0), &location.encode()[..]);
+        }
+        for (pack, len) in &batch.packs {
+            sled_batch.insert(
+                key(PREFIX_PACK, &pack.0.to_be_bytes()),
+                &len.to_le_bytes()[..],
+            );
+        }
+        for (id, record) in &batch.snapshots {
+            sled_batch.insert(key(PREFIX_SNAPSHOT, &id.0), record.as_slice());
+        }
+        self.db.apply_batch(sled_batch).map_err(index_error)?;
+        self.db.flush().map_err(index_error)?;
+        Ok(())
+    }
+
+    fn packs(&self) -> Result<Vec<(PackId, u64)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.db.scan_prefix([PREFIX_PACK]) {
+            let (k, v) = item.map_err(index_error)?;
+            let (Ok(id), Ok(len)) = (<[u8; 4]>::try_from(&k[1..]), <[u8; 8]>::try_from(&v[..]))
+            else {
+                return Err(StoreError::Index("malformed pack entry".into()));
+            };
+            out.push((PackId(u32::from_be_bytes(id)), u64::from_le_bytes(len)));
+        }
+        Ok(out)
+    }
+
+    fn snapshots(&self) -> Result<Vec<(SnapshotId, Vec<u8>)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.db.scan_prefix([PREFIX_SNAPSHOT]) {
+            let (k, v) = item.map_err(index_error)?;
+            let id = <[u8; 16]>::try_from(&k[1..])
+                .map_err(|_| StoreError::Index("malformed snapshot key".into()))?;
+            out.push((SnapshotId(id), v.to_vec()));
+        }
+        Ok(out)
+    }
+
+    fn n_chunks(&self) -> usize {
+        self.db.scan_prefix([PREFIX_CHUNK]).count()
+    }
+}

@@ -1,0 +1,158 @@
+//! A vault: an open data dir with its store and derived keys. This is the API the CLI, the
+//! examples and the tests use for backup, restore and verify on one node.
+
+use std::path::Path;
+
+use cairn_protocol::keys::VaultKeys;
+use cairn_protocol::manifest::{ManifestError, ManifestWalk};
+use cairn_protocol::seal::{Opener, SealError};
+use cairn_protocol::{ChunkId, Extent, ImageName, SnapshotId, SnapshotRecord};
+use thiserror::Error;
+
+use crate::datadir::{DataDir, DataDirError};
+use crate::store::{PackReader, Store, StoreError};
+
+#[derive(Debug, Error)]
+pub enum VaultError {
+    #[error(transparent)]
+    DataDir(#[from] DataDirError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("chunk {id}: {source}")]
+    Seal { id: ChunkId, source: SealError },
+    #[error("snapshot record {id} is damaged: {why}")]
+    DamagedRecord { id: SnapshotId, why: String },
+    #[error("no image named {0:?} in this vault (`cairn snapshots` lists them)")]
+    UnknownImage(String),
+    #[error("image {image} has no snapshot {wanted:?} (`cairn snapshots {image}` lists them)")]
+    UnknownSnapshot { image: String, wanted: String },
+    #[error("{wanted:?} matches more than one snapshot of {image}: give more characters")]
+    AmbiguousSnapshot { image: String, wanted: String },
+    #[error("{0}")]
+    BadSpec(String),
+}
+
+/// A chunk that could not be read or opened.
+#[derive(Debug, Error)]
+pub enum ChunkError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Seal(#[from] SealError),
+}
+
+pub struct Vault {
+    pub dir: DataDir,
+    pub store: Store,
+    pub keys: VaultKeys,
+}
+
+impl Vault {
+    pub fn init(root: &Path, site_name: &str) -> Result<Vault, VaultError> {
+        Vault::from_dir(DataDir::init(root, site_name)?)
+    }
+
+    pub fn open(root: &Path) -> Result<Vault, VaultError> {
+        Vault::from_dir(DataDir::open(root)?)
+    }
+
+    fn from_dir(dir: DataDir) -> Result<Vault, VaultError> {
+        let store = Store::open(&dir.store_dir())?;
+        let keys = dir.vault_key.derive();
+        Ok(Vault { dir, store, keys })
+    }
+
+    /// Reads and opens one chunk: its plaintext, checked against its id.
+    pub fn load_chunk(
+        &self,
+        reader: &mut PackReader<'_>,
+        opener: &mut Opener,
+        id: &ChunkId,
+    ) -> Result<Vec<u8>, ChunkError> {
+        let sealed = reader.read(id)?;
+        Ok(opener.open(&self.keys, id, &sealed)?)
+    }
+
+    /// Every snapshot, oldest first (ties broken by id).
+    pub fn snapshots(&self) -> Result<Vec<SnapshotRecord>, VaultError> {
+        let mut opener = Opener::new();
+        let mut records = Vec::new();
+        for (id, stored) in self.store.index().snapshots()? {
+            let damaged = |why: String| VaultError::DamagedRecord { id, why };
+            let (record_id, sealed) = stored
+                .split_at_checked(32)
+                .ok_or_else(|| damaged("too short".into()))?;
+            let record_id = ChunkId(record_id.try_into().expect("split at 32"));
+            let plain = opener
+                .open(&self.keys, &record_id, sealed)
+                .map_err(|e| damaged(e.to_string()))?;
+            let record = SnapshotRecord::decode(&plain).map_err(|e| damaged(e.to_string()))?;
+            if record.id != id {
+                return Err(damaged("stored under another id".into()));
+            }
+            records.push(record);
+        }
+        records.sort_by_key(|r| (r.time_unix_ms, r.id));
+        Ok(records)
+    }
+
+    /// Resolves `IMAGE` (latest snapshot) or `IMAGE@SNAPSHOT` (an id or a unique prefix).
+    pub fn resolve(&self, spec: &str) -> Result<SnapshotRecord, VaultError> {
+        let (image, wanted) = match spec.split_once('@') {
+            Some((image, wanted)) => (image, Some(wanted)),
+            None => (spec, None),
+        };
+        ImageName::new(image).map_err(|e| VaultError::BadSpec(e.to_string()))?;
+        let mut matching: Vec<SnapshotRecord> = self
+            .snapshots()?
+            .into_iter()
+            .filter(|r| r.image.as_str() == image)
+            .collect();
+        if matching.is_empty() {
+            return Err(VaultError::UnknownImage(image.to_owned()));
+        }
+        let Some(wanted) = wanted else {
+            return Ok(matching.pop().expect("not empty"));
+        };
+        let wanted_lower = wanted.to_ascii_lowercase();
+        let found: Vec<SnapshotRecord> = matching
+            .into_iter()
+            .filter(|r| !wanted.is_empty() && r.id.to_string().starts_with(&wanted_lower))
+            .collect();
+        match found.len() {
+            0 => Err(VaultError::UnknownSnapshot {
+                image: image.to_owned(),
+                wanted: wanted.to_owned(),
+            }),
+            1 => Ok(found.into_iter().next().expect("one")),
+            _ => Err(VaultError::AmbiguousSnapshot {
+                image: image.to_owned(),
+                wanted: wanted.to_owned(),
+            }),
+        }
+    }
+
+    /// Walks a snapshot's manifest, calling `each(offset, extent)` in image order until it
+    /// returns false. An error comes with the image offset where the walk stopped.
+    pub fn walk_manifest(
+        &self,
+        record: &SnapshotRecord,
+        mut each: impl FnMut(u64, Extent) -> bool,
+    ) -> Result<(), (u64, ManifestError<ChunkError>)> {
+        let mut reader = self.store.reader();
+        let mut opener = Opener::new();
+        let mut load = |id: &ChunkId| self.load_chunk(&mut reader, &mut opener, id);
+        let mut walk = ManifestWalk::new(record.manifest_root());
+        loop {
+            match walk.next(&mut load) {
+                Ok(Some((offset, extent))) => {
+                    if !each(offset, extent) {
+                        return Ok(());
+                    }
+                }
+                Ok(None) => return Ok(()),
+                Err(e) => return Err((walk.offset(), e)),
+            }
+        }
+    }
+}
