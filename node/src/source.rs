@@ -140,6 +140,10 @@ impl Source {
                         let Some(mut buffer) = take_buffer() else {
                             return Ok(());
                         };
+                        // Start the next segment's read while this one is copied, so the disk
+                        // always has work queued.
+                        let next_len = (data_end - (at + len as u64)).min(SEGMENT_BYTES as u64);
+                        advise_willneed(&file, at + len as u64, next_len);
                         read_full_at(&file, &mut buffer[..len], at)
                             .map_err(|source| SourceError::Read {
                                 path: path.clone(),
@@ -222,6 +226,20 @@ fn data_range(file: &File, offset: u64, size: u64) -> (u64, u64) {
     };
     let end = seek(file, start, libc::SEEK_HOLE).map_or(size, |end| end.min(size));
     (start, end.max(start))
+}
+
+fn advise_willneed(file: &File, offset: u64, len: u64) {
+    if len > 0 {
+        // SAFETY: posix_fadvise on an fd we own; only a hint, so its result is ignored.
+        unsafe {
+            libc::posix_fadvise(
+                file.as_raw_fd(),
+                offset as libc::off_t,
+                len as libc::off_t,
+                libc::POSIX_FADV_WILLNEED,
+            );
+        }
+    }
 }
 
 /// Reads exactly `buffer.len()` bytes at `offset`; false when the source ended first.

@@ -10,7 +10,7 @@ use cairn_protocol::{ChunkId, Extent, ImageName, SnapshotId, SnapshotRecord};
 use thiserror::Error;
 
 use crate::datadir::{DataDir, DataDirError};
-use crate::store::{PackReader, Store, StoreError};
+use crate::store::{ChunkLocation, PackReader, Store, StoreError};
 
 #[derive(Debug, Error)]
 pub enum VaultError {
@@ -70,6 +70,18 @@ impl Vault {
         id: &ChunkId,
     ) -> Result<Vec<u8>, ChunkError> {
         let sealed = reader.read(id)?;
+        Ok(opener.open(&self.keys, id, &sealed)?)
+    }
+
+    /// `load_chunk` for a chunk already located (see `PackReader::prefetch`).
+    pub fn load_chunk_at(
+        &self,
+        reader: &mut PackReader<'_>,
+        opener: &mut Opener,
+        id: &ChunkId,
+        location: &ChunkLocation,
+    ) -> Result<Vec<u8>, ChunkError> {
+        let sealed = reader.read_at(location)?;
         Ok(opener.open(&self.keys, id, &sealed)?)
     }
 
