@@ -47,7 +47,7 @@ pub enum RestoreError {
         snapshot: String,
         offset: u64,
         id: ChunkId,
-        source: ChunkError,
+        source: Box<ChunkError>,
     },
     #[error(
         "chunk {id} at byte {offset} opened to {actual} bytes, but the manifest says {expected}"
@@ -132,7 +132,7 @@ pub fn restore(
                                 snapshot: record.id.short(),
                                 offset,
                                 id,
-                                source,
+                                source: Box::new(source),
                             });
                             return;
                         }
@@ -189,7 +189,7 @@ pub fn restore(
                             snapshot: record.id.short(),
                             offset,
                             id,
-                            source: source.into(),
+                            source: Box::new(source.into()),
                         });
                         false
                     }

@@ -123,16 +123,12 @@ impl Source {
                     } else {
                         (offset, size)
                     };
-                    if data_start > offset {
-                        if !each(
-                            Piece::Hole {
-                                offset,
-                                len: data_start - offset,
-                            },
-                            None,
-                        ) {
-                            return Ok(());
-                        }
+                    let hole = Piece::Hole {
+                        offset,
+                        len: data_start - offset,
+                    };
+                    if data_start > offset && !each(hole, None) {
+                        return Ok(());
                     }
                     let mut at = data_start;
                     while at < data_end {
