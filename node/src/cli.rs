@@ -39,6 +39,7 @@ enum Command {
         /// A name people will recognise, e.g. "Smith & Co, Main Street office"
         #[arg(long)]
         site_name: String,
+        /// Print the result as JSON, for scripts
         #[arg(long)]
         json: bool,
     },
@@ -51,7 +52,7 @@ enum Command {
         /// zstd level for new chunks (1 fastest .. 19 smallest)
         #[arg(long, default_value_t = ZSTD_LEVEL_DEFAULT, value_parser = clap::value_parser!(i32).range(1..=19))]
         zstd_level: i32,
-        /// Print the summary as JSON
+        /// Print the result as JSON, for scripts
         #[arg(long)]
         json: bool,
     },
@@ -59,6 +60,7 @@ enum Command {
     Snapshots {
         /// Only this image's snapshots
         image: Option<String>,
+        /// Print the result as JSON, for scripts
         #[arg(long)]
         json: bool,
     },
@@ -71,6 +73,7 @@ enum Command {
         /// Overwrite OUT if it exists
         #[arg(long)]
         force: bool,
+        /// Print the result as JSON, for scripts
         #[arg(long)]
         json: bool,
     },
@@ -78,6 +81,7 @@ enum Command {
     Verify {
         /// IMAGE (all its snapshots) or IMAGE@SNAPSHOT
         snapshot: Option<String>,
+        /// Print the result as JSON, for scripts
         #[arg(long)]
         json: bool,
     },
@@ -173,13 +177,17 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     summary.n_chunks,
                     summary.n_chunks_new
                 );
-                println!(
-                    "  new data {} stored as {}: dedup {:.2}x, compression {:.2}x",
-                    units::bytes(summary.new_bytes),
-                    units::bytes(summary.stored_bytes),
-                    summary.dedup_ratio(),
-                    summary.compression_ratio()
-                );
+                if summary.n_chunks_new == 0 {
+                    println!("  nothing new to store: every chunk was already in the vault");
+                } else {
+                    println!(
+                        "  new data {} stored as {}: dedup {:.2}x, compression {:.2}x",
+                        units::bytes(summary.new_bytes),
+                        units::bytes(summary.stored_bytes),
+                        summary.dedup_ratio(),
+                        summary.compression_ratio()
+                    );
+                }
             }
         }
         Command::Snapshots { image, json } => {

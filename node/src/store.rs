@@ -454,6 +454,31 @@ impl PackReader<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    fn entry(id: [u8; 32], sealed: &[u8]) -> Vec<u8> {
+        let head = entry_head(&ChunkId(id), sealed.len() as u32);
+        let mut bytes = head.to_vec();
+        bytes.extend_from_slice(sealed);
+        bytes.extend_from_slice(&entry_checksum(&head, sealed));
+        bytes
+    }
+
+    proptest! {
+        #[test]
+        fn pack_entries_round_trip(id: [u8; 32], sealed in proptest::collection::vec(any::<u8>(), 0..2000)) {
+            let bytes = entry(id, &sealed);
+            prop_assert_eq!(read_entry(&mut &bytes[..], bytes.len() as u64), Some((ChunkId(id), sealed.len() as u64)));
+        }
+
+        #[test]
+        fn any_flipped_bit_in_an_entry_is_caught(id: [u8; 32], sealed in proptest::collection::vec(any::<u8>(), 1..500), bit: usize) {
+            let mut bytes = entry(id, &sealed);
+            let bit = bit % (bytes.len() * 8);
+            bytes[bit / 8] ^= 1 << (bit % 8);
+            prop_assert_eq!(read_entry(&mut &bytes[..], bytes.len() as u64), None);
+        }
+    }
 
     fn id(n: u8) -> ChunkId {
         ChunkId([n; 32])

@@ -141,3 +141,43 @@ impl MetaIndex for SledIndex {
         self.db.scan_prefix([PREFIX_CHUNK]).count()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn locations_round_trip(pack: u32, offset: u64, len_bytes: u32) {
+            let location = ChunkLocation { pack: PackId(pack), offset, len_bytes };
+            prop_assert_eq!(ChunkLocation::decode(&location.encode()), Some(location));
+        }
+    }
+
+    #[test]
+    fn a_batch_commits_everything_together() {
+        let tmp = tempfile::tempdir().unwrap();
+        let index = SledIndex::open(tmp.path()).unwrap();
+        let location = ChunkLocation {
+            pack: PackId(3),
+            offset: 16,
+            len_bytes: 9,
+        };
+        index
+            .commit(IndexBatch {
+                chunks: vec![(ChunkId([1; 32]), location)],
+                packs: vec![(PackId(3), 65)],
+                snapshots: vec![(SnapshotId([2; 16]), b"record".to_vec())],
+            })
+            .unwrap();
+        assert_eq!(index.chunk(&ChunkId([1; 32])).unwrap(), Some(location));
+        assert_eq!(index.chunk(&ChunkId([9; 32])).unwrap(), None);
+        assert_eq!(index.packs().unwrap(), vec![(PackId(3), 65)]);
+        assert_eq!(
+            index.snapshots().unwrap(),
+            vec![(SnapshotId([2; 16]), b"record".to_vec())]
+        );
+        assert_eq!(index.n_chunks(), 1);
+    }
+}
