@@ -64,7 +64,12 @@ fn back_up_from_and_restore_onto_block_devices() {
         eprintln!("skipped: no second loop device");
         return;
     };
-    site.ok(&["restore", "vm", target.0.to_str().unwrap()]);
+    let line = site.fails(&["restore", "vm", target.0.to_str().unwrap()]);
+    assert!(
+        line.contains("exists; pass --force"),
+        "a device is overwritten only with --force: {line}"
+    );
+    site.ok(&["restore", "vm", target.0.to_str().unwrap(), "--force"]);
     drop(target);
     drop(source);
     let restored = std::fs::read(&target_file).unwrap();

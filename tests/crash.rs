@@ -88,31 +88,50 @@ fn backups_killed_at_many_instants_never_damage_the_store() {
     write(&keep, &random_bytes(2 * MIB, 1));
     site.backup("keep", &keep);
     let source = site.path("victim.img");
-    write(&source, &random_bytes(40 * MIB, 2));
-    // Kill points spread over the life of a backup: at start-up, mid-way, near the end.
-    for delay_ms in [0u64, 15, 40, 80, 150, 300] {
+    write(&source, &random_bytes(64 * MIB, 2));
+    // Time one whole backup of the same source elsewhere, then kill at points spread over
+    // that time: at start-up, while chunking, while committing.
+    let scratch = Site::new();
+    let started = Instant::now();
+    scratch.backup("victim", &source);
+    let full = started.elapsed();
+    let mut n_killed = 0;
+    for percent in [0u32, 10, 25, 40, 55, 70, 85, 95] {
+        let n_before = site
+            .ok(&["snapshots", "--json"])
+            .matches("\"victim\"")
+            .count();
         let mut child = site
             .command(&["backup", "victim", source.to_str().unwrap()])
             .stdout(Stdio::null())
             .spawn()
             .unwrap();
-        std::thread::sleep(Duration::from_millis(delay_ms));
+        std::thread::sleep(full * percent / 100);
         let _ = child.kill();
         let finished = child.wait().unwrap().success();
-        let listed = site.ok(&["snapshots", "--json"]);
-        if !finished {
-            // Whatever was written, the old snapshot restores and verify passes.
-            let out = site.path("keep.out");
-            site.ok(&["restore", "keep", out.to_str().unwrap(), "--force"]);
-            assert_same_file(&keep, &out);
-            assert!(
-                site.run(&["verify"]).status.success(),
-                "verify fails after a kill at {delay_ms} ms"
-            );
-        } else {
-            assert!(listed.contains("victim"));
+        let n_after = site
+            .ok(&["snapshots", "--json"])
+            .matches("\"victim\"")
+            .count();
+        if finished {
+            assert_eq!(n_after, n_before + 1);
+            continue;
         }
+        n_killed += 1;
+        assert_eq!(n_after, n_before, "a killed backup left a snapshot");
+        // Whatever was written, the old snapshot restores and verify passes.
+        let out = site.path("keep.out");
+        site.ok(&["restore", "keep", out.to_str().unwrap(), "--force"]);
+        assert_same_file(&keep, &out);
+        assert!(
+            site.run(&["verify"]).status.success(),
+            "verify fails after a kill at {percent}%"
+        );
     }
+    assert!(
+        n_killed >= 4,
+        "only {n_killed} of 8 backups were killed before finishing ({full:?} each)"
+    );
     // And a final, uninterrupted run restores exactly.
     let out = site.path("victim.out");
     site.backup("victim", &source);

@@ -55,6 +55,13 @@ fn bad_sources_images_and_snapshots() {
         site.path("x").to_str().unwrap(),
     ]);
     assert!(line.contains("no snapshot \"ffffffff\""), "{line}");
+    let line = site.fails(&[
+        "restore",
+        "fileserver",
+        site.tmp.path().to_str().unwrap(),
+        "--force",
+    ]);
+    assert!(line.contains("is a directory"), "{line}");
     let line = site.fails(&["snapshots", "nosuchimage"]);
     assert!(line.contains("no image named"), "{line}");
     let line = site.fails(&["verify", "nosuchimage"]);
@@ -174,4 +181,7 @@ fn a_truncated_pack_is_reported_and_named_by_verify() {
         "{line}"
     );
     assert!(!site.path("r.img").exists() && !site.path("r.img.cairn-partial").exists());
+    // The lost chunks were forgotten, so backing up again stores them and restores exactly.
+    site.backup("fileserver", &site.path("disk.img"));
+    still_restores(&site);
 }

@@ -44,6 +44,14 @@ pub enum BackupError {
     Store(#[from] StoreError),
     #[error("sealing failed: {0}")]
     Seal(#[from] SealError),
+    #[error("{0}")]
+    Chunker(String),
+    #[error("{path} changed size while it was read ({expected} bytes before, {actual} read); back it up while it is not being resized")]
+    SizeChanged {
+        path: std::path::PathBuf,
+        expected: u64,
+        actual: u64,
+    },
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -129,8 +137,9 @@ pub fn backup(
     options: BackupOptions,
     progress: &dyn Fn(u64),
 ) -> Result<BackupSummary, BackupError> {
-    options.chunker.validate().map_err(SealError::Compress)?;
+    options.chunker.validate().map_err(BackupError::Chunker)?;
     let started = Instant::now();
+    let (source_path, source_bytes) = (source.path().to_owned(), source.size_bytes);
     let n_workers = options.n_workers.max(1);
     let in_flight: InFlight = Mutex::new(HashSet::new());
     let stop = AtomicBool::new(false);
@@ -173,6 +182,13 @@ pub fn backup(
         Ok::<_, BackupError>(root)
     });
     let root = outcome?;
+    if let Some(expected) = source_bytes.filter(|&n| n != root.size_bytes) {
+        return Err(BackupError::SizeChanged {
+            path: source_path,
+            expected,
+            actual: root.size_bytes,
+        });
+    }
 
     // Write order step 4: chunks are durable and indexed before the record names them.
     writer.commit()?;

@@ -195,8 +195,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
             if let Some(image) = &image {
                 ImageName::new(image)?;
             }
-            let records: Vec<_> = vault
-                .snapshots()?
+            let (records, damaged_records) = vault.snapshots_checked()?;
+            for e in &damaged_records {
+                eprintln!("warning: {e}; `cairn verify` reports it too");
+            }
+            let records: Vec<_> = records
                 .into_iter()
                 .filter(|r| {
                     image
@@ -276,8 +279,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Verify { snapshot, json } => {
             let vault = open()?;
+            let (all, damaged_records) = vault.snapshots_checked()?;
             let records = match snapshot.as_deref() {
-                None => vault.snapshots()?,
+                None => all,
                 Some(spec) if spec.contains('@') => vec![vault.resolve(spec)?],
                 Some(image) => {
                     vault.resolve(image)?;
@@ -293,7 +297,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 bar.set_position(done)
             });
             bar.finish_and_clear();
-            let damaged = !report.damage.is_empty();
+            let damaged = !report.damage.is_empty() || !damaged_records.is_empty();
+            for e in &damaged_records {
+                eprintln!("DAMAGED {e}");
+            }
             if json {
                 print_json(&report);
             } else {

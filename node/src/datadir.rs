@@ -99,6 +99,13 @@ impl DataDir {
                 "it holds keys from an unfinished init; move it away before starting a new site",
             ));
         }
+        let is_non_empty = fs::read_dir(root).is_ok_and(|mut entries| entries.next().is_some());
+        if is_non_empty {
+            return Err(damaged(
+                root,
+                "it is not empty; give an empty or new directory for the data dir",
+            ));
+        }
         create_private_dir(root)?;
         let lock = lock(root)?;
         let keys = root.join("keys");
@@ -107,6 +114,7 @@ impl DataDir {
         let vault_key = VaultKey::from_bytes(random_bytes());
         write_secret(&keys.join("site.key"), &site_key.to_bytes())?;
         write_secret(&keys.join("vault.key"), vault_key.as_bytes())?;
+        sync_dir(&keys)?;
         let site = SiteFile {
             site_name: site_name.to_owned(),
             site_public_key: hex(site_key.verifying_key().as_bytes()),

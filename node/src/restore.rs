@@ -32,6 +32,14 @@ const WRITEBACK_EVERY_BYTES: u64 = 128 << 20;
 pub enum RestoreError {
     #[error("{0} exists; pass --force to overwrite it")]
     Exists(PathBuf),
+    #[error("{0} is a directory; give the path of the image file or block device to write")]
+    IsDirectory(PathBuf),
+    #[error("{path} holds {device_bytes} bytes, too small for the {image_bytes}-byte image")]
+    DeviceTooSmall {
+        path: PathBuf,
+        device_bytes: u64,
+        image_bytes: u64,
+    },
     #[error("{path}: {source}")]
     Output { path: PathBuf, source: io::Error },
     #[error("manifest of {image}@{snapshot} is unreadable at byte {offset}: {why}")]
@@ -83,8 +91,14 @@ pub fn restore(
         let path = path.to_owned();
         move |source| RestoreError::Output { path, source }
     };
-    let is_device = std::fs::metadata(out).is_ok_and(|m| m.file_type().is_block_device());
-    if !is_device && !force && out.symlink_metadata().is_ok() {
+    let out_meta = std::fs::metadata(out).ok();
+    let is_device = out_meta
+        .as_ref()
+        .is_some_and(|m| m.file_type().is_block_device());
+    if out_meta.as_ref().is_some_and(|m| m.is_dir()) {
+        return Err(RestoreError::IsDirectory(out.to_owned()));
+    }
+    if !force && out.symlink_metadata().is_ok() {
         return Err(RestoreError::Exists(out.to_owned()));
     }
     let target = if is_device {
@@ -92,11 +106,27 @@ pub fn restore(
     } else {
         partial_path(out)
     };
+    // Removes the partial file on every way out but success.
+    let mut partial = PartialFile(if is_device {
+        None
+    } else {
+        Some(target.clone())
+    });
     let file = if is_device {
-        OpenOptions::new()
+        let file = OpenOptions::new()
             .write(true)
             .open(&target)
-            .map_err(output_err(&target))?
+            .map_err(output_err(&target))?;
+        let device_bytes = std::io::Seek::seek(&mut &file, std::io::SeekFrom::End(0))
+            .map_err(output_err(&target))?;
+        if device_bytes < record.size_bytes {
+            return Err(RestoreError::DeviceTooSmall {
+                path: target,
+                device_bytes,
+                image_bytes: record.size_bytes,
+            });
+        }
+        file
     } else {
         let file = OpenOptions::new()
             .write(true)
@@ -220,14 +250,19 @@ pub fn restore(
         }
     });
     if let Some(e) = first_error.into_inner().expect("not poisoned") {
-        if !is_device {
-            let _ = std::fs::remove_file(&target);
-        }
         return Err(e);
     }
     file.sync_all().map_err(output_err(&target))?;
     if !is_device {
         std::fs::rename(&target, out).map_err(output_err(out))?;
+        partial.0 = None;
+        let dir = out
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(output_err(dir))?;
     }
     progress(record.size_bytes);
     Ok(RestoreSummary {
@@ -251,6 +286,16 @@ fn start_writeback(file: &File) {
             0,
             libc::SYNC_FILE_RANGE_WRITE,
         );
+    }
+}
+
+struct PartialFile(Option<PathBuf>);
+
+impl Drop for PartialFile {
+    fn drop(&mut self) {
+        if let Some(path) = &self.0 {
+            let _ = std::fs::remove_file(path);
+        }
     }
 }
 

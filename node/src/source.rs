@@ -74,7 +74,11 @@ impl Source {
         let file = File::open(&path).map_err(open_err)?;
         let file_type = meta.file_type();
         if meta.is_file() {
-            let sparse = seek(&file, 0, libc::SEEK_DATA).is_ok() || meta.len() == 0;
+            // ENXIO at offset 0 means the whole file is one hole: sparse, and nothing to read.
+            let sparse = match seek(&file, 0, libc::SEEK_DATA) {
+                Ok(_) => true,
+                Err(e) => e.raw_os_error() == Some(libc::ENXIO) || meta.len() == 0,
+            };
             Ok(Source {
                 path,
                 input: Input::Positioned { file, sparse },

@@ -43,6 +43,8 @@ const ENTRY_HEAD_BYTES: u64 = 4 + 32 + 4;
 const ENTRY_CHECKSUM_BYTES: u64 = 16;
 /// A pack is closed once it passes this size; restore reads from many packs at once.
 pub const PACK_BYTES_TARGET: u64 = 128 << 20;
+/// Pack files one reader keeps open.
+const READER_OPEN_PACKS_MAX: usize = 32;
 /// Written pack bytes between nudges to the kernel to start writeback.
 const PACK_WRITEBACK_BYTES: u64 = 16 << 20;
 /// Buffered bytes between the pipeline and a pack file.
@@ -124,13 +126,22 @@ impl Store {
 
     fn recover(&mut self) -> Result<(), StoreError> {
         let committed: HashMap<PackId, u64> = self.index.packs()?.into_iter().collect();
-        for pack in self.pack_ids_on_disk()? {
+        let on_disk = self.pack_ids_on_disk()?;
+        for (&pack, _) in committed.iter().filter(|(pack, _)| !on_disk.contains(pack)) {
+            let n_lost = self.forget_chunks_past(pack, 0)?;
+            self.warnings.push(format!(
+                "pack {} is missing: {n_lost} chunks lost; the next backup of an affected image stores them again, and `cairn verify` names the damaged snapshots",
+                self.pack_path(pack).display()
+            ));
+        }
+        for pack in on_disk {
             let path = self.pack_path(pack);
             let file_len = fs::metadata(&path).map_err(io(&path))?.len();
             let committed_len = committed.get(&pack).copied().unwrap_or(0);
             if file_len < committed_len {
+                let n_lost = self.cut_truncated(pack, file_len)?;
                 self.warnings.push(format!(
-                    "pack {} is {file_len} bytes but {committed_len} were committed: it was truncated; run `cairn verify`",
+                    "pack {} was truncated to {file_len} of {committed_len} bytes: {n_lost} chunks lost; the next backup of an affected image stores them again, and `cairn verify` names the damaged snapshots",
                     path.display()
                 ));
             } else if file_len > committed_len {
@@ -138,6 +149,37 @@ impl Store {
             }
         }
         Ok(())
+    }
+
+    /// Reads the whole, checksummed entries of a pack from `from` up to `file_len`.
+    /// Returns them and the offset where the last one ends.
+    fn scan_entries(
+        &self,
+        pack: PackId,
+        file: &File,
+        from: u64,
+        file_len: u64,
+    ) -> Result<(Vec<(ChunkId, ChunkLocation)>, u64), StoreError> {
+        let path = self.pack_path(pack);
+        let mut reader = std::io::BufReader::with_capacity(1 << 20, file);
+        reader.seek(SeekFrom::Start(from)).map_err(io(&path))?;
+        let mut entries = Vec::new();
+        let mut good_len = from;
+        while let Some((id, sealed_len)) = read_entry(&mut reader, file_len - good_len) {
+            let location = ChunkLocation {
+                pack,
+                offset: good_len + ENTRY_HEAD_BYTES,
+                len_bytes: sealed_len as u32,
+            };
+            entries.push((id, location));
+            good_len += ENTRY_HEAD_BYTES + sealed_len + ENTRY_CHECKSUM_BYTES;
+        }
+        Ok((entries, good_len))
+    }
+
+    fn has_pack_header(file: &mut File) -> bool {
+        let mut header = [0u8; PACK_HEADER_BYTES as usize];
+        file.read_exact(&mut header).is_ok() && header == pack_header()
     }
 
     /// Indexes the whole entries past a pack's committed length and cuts off the rest.
@@ -153,38 +195,80 @@ impl Store {
             .write(true)
             .open(&path)
             .map_err(io(&path))?;
-        let mut batch = IndexBatch::default();
-        let mut good_len = committed_len;
+        let mut from = committed_len;
         if committed_len == 0 {
-            let mut header = [0u8; PACK_HEADER_BYTES as usize];
-            if file.read_exact(&mut header).is_ok() && header == pack_header() {
-                good_len = PACK_HEADER_BYTES;
-            } else {
+            if file_len < PACK_HEADER_BYTES {
                 // Never committed and not even a whole header: a pack created at the crash.
                 drop(file);
                 fs::remove_file(&path).map_err(io(&path))?;
                 return Ok(());
             }
+            if !Store::has_pack_header(&mut file) {
+                self.warnings.push(format!(
+                    "{} is not a cairn pack; it was left untouched",
+                    path.display()
+                ));
+                return Ok(());
+            }
+            from = PACK_HEADER_BYTES;
         }
-        let mut reader = std::io::BufReader::with_capacity(1 << 20, &file);
-        reader.seek(SeekFrom::Start(good_len)).map_err(io(&path))?;
-        while let Some((id, sealed_len)) = read_entry(&mut reader, file_len - good_len) {
-            let entry_len = ENTRY_HEAD_BYTES + sealed_len + ENTRY_CHECKSUM_BYTES;
-            let location = ChunkLocation {
-                pack,
-                offset: good_len + ENTRY_HEAD_BYTES,
-                len_bytes: sealed_len as u32,
-            };
-            batch.chunks.push((id, location));
-            good_len += entry_len;
-        }
-        drop(reader);
+        let (chunks, good_len) = self.scan_entries(pack, &file, from, file_len)?;
         if good_len < file_len {
             file.set_len(good_len).map_err(io(&path))?;
         }
         file.sync_all().map_err(io(&path))?;
-        batch.packs.push((pack, good_len));
-        self.index.commit(batch)
+        self.index.commit(IndexBatch {
+            chunks,
+            packs: vec![(pack, good_len)],
+            ..IndexBatch::default()
+        })
+    }
+
+    /// A committed pack lost its tail outside cairn: keep the whole entries that remain,
+    /// forget the chunks that were cut off so the next backup stores them again, and carry
+    /// on appending after what remains. Returns how many chunks were lost.
+    fn cut_truncated(&mut self, pack: PackId, file_len: u64) -> Result<usize, StoreError> {
+        let path = self.pack_path(pack);
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(io(&path))?;
+        let good_len = if file_len >= PACK_HEADER_BYTES && Store::has_pack_header(&mut file) {
+            self.scan_entries(pack, &file, PACK_HEADER_BYTES, file_len)?
+                .1
+        } else {
+            0
+        };
+        file.set_len(good_len).map_err(io(&path))?;
+        file.sync_all().map_err(io(&path))?;
+        self.forget_chunks_past(pack, good_len)
+    }
+
+    /// Removes from the index every chunk of `pack` that does not end by `good_len`, and
+    /// records `good_len` as the pack's committed length (or forgets the pack at 0).
+    fn forget_chunks_past(&mut self, pack: PackId, good_len: u64) -> Result<usize, StoreError> {
+        let lost: Vec<ChunkId> = self
+            .index
+            .chunks_in_pack(pack)?
+            .into_iter()
+            .filter(|(_, location)| {
+                location.offset + u64::from(location.len_bytes) + ENTRY_CHECKSUM_BYTES > good_len
+            })
+            .map(|(id, _)| id)
+            .collect();
+        let n_lost = lost.len();
+        let mut batch = IndexBatch {
+            removed_chunks: lost,
+            ..IndexBatch::default()
+        };
+        if good_len == 0 {
+            batch.removed_packs.push(pack);
+        } else {
+            batch.packs.push((pack, good_len));
+        }
+        self.index.commit(batch)?;
+        Ok(n_lost)
     }
 
     /// Starts writing; the caller is the store's only writer (the data dir lock ensures it).
@@ -336,14 +420,40 @@ impl PackWriter<'_> {
         Ok(location)
     }
 
+    /// Opens the pack to append to: the newest pack if it is fully committed and has room,
+    /// else a new one.
     fn create_pack(&self) -> Result<OpenPack, StoreError> {
-        // A fresh id past every pack on disk, indexed or not, so a torn pack is never reused.
-        let id = PackId(
-            self.store
-                .pack_ids_on_disk()?
-                .last()
-                .map_or(1, |last| last.0 + 1),
-        );
+        let committed: HashMap<PackId, u64> = self.store.index.packs()?.into_iter().collect();
+        let on_disk = self.store.pack_ids_on_disk()?;
+        if let Some(&last) = on_disk.last() {
+            let path = self.store.pack_path(last);
+            let len = fs::metadata(&path).map_err(io(&path))?.len();
+            if committed.get(&last) == Some(&len) && len < PACK_BYTES_TARGET {
+                let mut file = OpenOptions::new()
+                    .write(true)
+                    .open(&path)
+                    .map_err(io(&path))?;
+                file.seek(SeekFrom::Start(len)).map_err(io(&path))?;
+                let file = BufWriter::with_capacity(PACK_WRITE_BUFFER_BYTES, file);
+                return Ok(OpenPack {
+                    id: last,
+                    path,
+                    file,
+                    len,
+                    writeback_len: len,
+                    is_new: false,
+                });
+            }
+        }
+        // A fresh id past every pack on disk or in the index: an id still named by index
+        // entries is never reused.
+        let newest = on_disk
+            .iter()
+            .chain(committed.keys())
+            .map(|p| p.0)
+            .max()
+            .unwrap_or(0);
+        let id = PackId(newest + 1);
         let path = self.store.pack_path(id);
         let file = OpenOptions::new()
             .write(true)
@@ -422,6 +532,11 @@ impl PackReader<'_> {
 
     fn file(&mut self, pack: PackId) -> Result<&File, StoreError> {
         if !self.files.contains_key(&pack) {
+            if self.files.len() >= READER_OPEN_PACKS_MAX {
+                // Stay far below the process's open-file limit however many packs exist.
+                let evict = *self.files.keys().next().expect("cache is not empty");
+                self.files.remove(&evict);
+            }
             let path = self.store.pack_path(pack);
             let file = File::open(&path).map_err(io(&path))?;
             self.files.insert(pack, file);
@@ -438,7 +553,10 @@ impl PackReader<'_> {
                 if e.kind() == std::io::ErrorKind::UnexpectedEof {
                     StoreError::DamagedPack {
                         path: path.clone(),
-                        why: format!("truncated before offset {}", location.offset),
+                        why: format!(
+                            "it ends before byte {}, inside a chunk it should hold",
+                            location.offset + u64::from(location.len_bytes)
+                        ),
                     }
                 } else {
                     StoreError::Io {
@@ -544,26 +662,81 @@ mod tests {
     }
 
     #[test]
-    fn a_truncated_committed_pack_is_reported_not_hidden() {
+    fn a_truncated_committed_pack_is_reported_and_its_lost_chunks_forgotten() {
         let tmp = tempfile::tempdir().unwrap();
         {
             let store = Store::open(tmp.path()).unwrap();
             let mut writer = store.writer();
             writer.append(&id(1), &[7u8; 1000]).unwrap();
+            writer.append(&id(2), &[8u8; 1000]).unwrap();
             writer.commit().unwrap();
         }
         let pack_path = tmp.path().join("packs/00000001.pack");
+        // Cut into the second entry: the first survives, the second is lost.
         OpenOptions::new()
             .write(true)
             .open(&pack_path)
             .unwrap()
-            .set_len(500)
+            .set_len(16 + 1056 + 500)
             .unwrap();
         let store = Store::open(tmp.path()).unwrap();
-        assert_eq!(store.warnings.len(), 1);
-        assert!(matches!(
-            store.reader().read(&id(1)),
-            Err(StoreError::DamagedPack { .. })
-        ));
+        assert_eq!(store.warnings.len(), 1, "{:?}", store.warnings);
+        assert!(
+            store.warnings[0].contains("1 chunks lost"),
+            "{:?}",
+            store.warnings
+        );
+        assert_eq!(store.reader().read(&id(1)).unwrap(), vec![7u8; 1000]);
+        assert!(
+            !store.contains(&id(2)).unwrap(),
+            "a lost chunk must be stored again, not deduplicated"
+        );
+        // Storing it again works and survives a reopen.
+        let mut writer = store.writer();
+        writer.append(&id(2), &[8u8; 1000]).unwrap();
+        writer.commit().unwrap();
+        drop(store);
+        let store = Store::open(tmp.path()).unwrap();
+        assert!(store.warnings.is_empty(), "{:?}", store.warnings);
+        assert_eq!(store.reader().read(&id(2)).unwrap(), vec![8u8; 1000]);
+    }
+
+    #[test]
+    fn a_deleted_pack_is_reported_and_its_chunks_forgotten() {
+        let tmp = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(tmp.path()).unwrap();
+            let mut writer = store.writer();
+            writer.append(&id(1), b"gone soon").unwrap();
+            writer.commit().unwrap();
+        }
+        fs::remove_file(tmp.path().join("packs/00000001.pack")).unwrap();
+        let store = Store::open(tmp.path()).unwrap();
+        assert!(
+            store.warnings[0].contains("is missing"),
+            "{:?}",
+            store.warnings
+        );
+        assert!(!store.contains(&id(1)).unwrap());
+        let mut writer = store.writer();
+        writer.append(&id(2), b"new").unwrap();
+        writer.commit().unwrap();
+        assert_eq!(store.reader().read(&id(2)).unwrap(), b"new");
+    }
+
+    #[test]
+    fn many_small_backups_share_a_pack() {
+        let tmp = tempfile::tempdir().unwrap();
+        for n in 0..5u8 {
+            let store = Store::open(tmp.path()).unwrap();
+            let mut writer = store.writer();
+            writer.append(&id(n), &[n; 100]).unwrap();
+            writer.commit().unwrap();
+        }
+        let store = Store::open(tmp.path()).unwrap();
+        assert_eq!(store.pack_ids_on_disk().unwrap(), vec![PackId(1)]);
+        for n in 0..5u8 {
+            assert_eq!(store.reader().read(&id(n)).unwrap(), vec![n; 100]);
+        }
     }
 }

@@ -85,27 +85,46 @@ impl Vault {
         Ok(opener.open(&self.keys, id, &sealed)?)
     }
 
-    /// Every snapshot, oldest first (ties broken by id).
+    /// Every readable snapshot, oldest first (ties broken by id). Damaged records are
+    /// skipped here; `snapshots_checked` reports them.
     pub fn snapshots(&self) -> Result<Vec<SnapshotRecord>, VaultError> {
+        Ok(self.snapshots_checked()?.0)
+    }
+
+    /// Every readable snapshot, and an error for each record that does not open or decode,
+    /// so one damaged record never hides the others.
+    pub fn snapshots_checked(&self) -> Result<(Vec<SnapshotRecord>, Vec<VaultError>), VaultError> {
         let mut opener = Opener::new();
-        let mut records = Vec::new();
+        let (mut records, mut damaged) = (Vec::new(), Vec::new());
         for (id, stored) in self.store.index().snapshots()? {
-            let damaged = |why: String| VaultError::DamagedRecord { id, why };
-            let (record_id, sealed) = stored
-                .split_at_checked(32)
-                .ok_or_else(|| damaged("too short".into()))?;
-            let record_id = ChunkId(record_id.try_into().expect("split at 32"));
-            let plain = opener
-                .open(&self.keys, &record_id, sealed)
-                .map_err(|e| damaged(e.to_string()))?;
-            let record = SnapshotRecord::decode(&plain).map_err(|e| damaged(e.to_string()))?;
-            if record.id != id {
-                return Err(damaged("stored under another id".into()));
+            match self.decode_record(&mut opener, id, &stored) {
+                Ok(record) => records.push(record),
+                Err(e) => damaged.push(e),
             }
-            records.push(record);
         }
         records.sort_by_key(|r| (r.time_unix_ms, r.id));
-        Ok(records)
+        Ok((records, damaged))
+    }
+
+    fn decode_record(
+        &self,
+        opener: &mut Opener,
+        id: SnapshotId,
+        stored: &[u8],
+    ) -> Result<SnapshotRecord, VaultError> {
+        let damaged = |why: String| VaultError::DamagedRecord { id, why };
+        let (record_id, sealed) = stored
+            .split_at_checked(32)
+            .ok_or_else(|| damaged("too short".into()))?;
+        let record_id = ChunkId(record_id.try_into().expect("split at 32"));
+        let plain = opener
+            .open(&self.keys, &record_id, sealed)
+            .map_err(|e| damaged(e.to_string()))?;
+        let record = SnapshotRecord::decode(&plain).map_err(|e| damaged(e.to_string()))?;
+        if record.id != id {
+            return Err(damaged("stored under another id".into()));
+        }
+        Ok(record)
     }
 
     /// Resolves `IMAGE` (latest snapshot) or `IMAGE@SNAPSHOT` (an id or a unique prefix).

@@ -87,7 +87,7 @@ pub fn verify(
                     image: record.image.to_string(),
                     snapshot: record.id.short(),
                     offset,
-                    len_bytes: record.size_bytes - offset,
+                    len_bytes: record.size_bytes.saturating_sub(offset),
                     chunk: None,
                     why: format!(
                         "manifest unreadable, the rest of the image cannot be checked: {e}"

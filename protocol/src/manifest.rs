@@ -365,13 +365,40 @@ impl ManifestWalk {
                     let extent = extents[*next];
                     *next += 1;
                     let offset = self.offset;
-                    self.offset += extent.len_bytes();
+                    // Checked before the extent is handed out, so nothing is ever written
+                    // past the end a parent (or the snapshot record) promised.
+                    match offset
+                        .checked_add(extent.len_bytes())
+                        .filter(|&extent_end| extent_end <= *end)
+                    {
+                        Some(extent_end) => self.offset = extent_end,
+                        None => {
+                            return Err(ManifestError::SpanMismatch {
+                                id: *id,
+                                expected: *end,
+                                actual: offset.saturating_add(extent.len_bytes()),
+                            })
+                        }
+                    }
                     return Ok(Some((offset, extent)));
                 }
                 Frame::Branch { children, next } if *next < children.len() => {
                     let child = children[*next];
                     *next += 1;
-                    let child_end = self.offset + child.span_bytes;
+                    let child_end = match self
+                        .offset
+                        .checked_add(child.span_bytes)
+                        .filter(|&e| e <= *end)
+                    {
+                        Some(child_end) => child_end,
+                        None => {
+                            return Err(ManifestError::SpanMismatch {
+                                id: *id,
+                                expected: *end,
+                                actual: self.offset.saturating_add(child.span_bytes),
+                            })
+                        }
+                    };
                     self.descend(child.id, child_end, load)?;
                 }
                 _ => {

@@ -80,7 +80,12 @@ impl Sealer {
             "chunker bounds chunk size"
         );
         debug_assert_eq!(keys.chunk_id(plaintext), *id);
-        let mut sealed = Vec::with_capacity(plaintext.len() + SEAL_OVERHEAD_BYTES);
+        // Room for the worst case up front, so the buffer is never regrown (and doubled).
+        let mut sealed = Vec::with_capacity(
+            HEADER_BYTES
+                + zstd::zstd_safe::compress_bound(plaintext.len()).max(plaintext.len())
+                + TAG_BYTES,
+        );
         sealed.extend_from_slice(&[SEAL_VERSION, COMPRESSION_ZSTD]);
         sealed.extend_from_slice(&nonce);
         // Compress straight into the output buffer; fall back to raw when it did not shrink.

@@ -41,6 +41,8 @@ pub struct IndexBatch {
     /// A pack and the length of it that is now written, fsynced and indexed.
     pub packs: Vec<(PackId, u64)>,
     pub snapshots: Vec<(SnapshotId, Vec<u8>)>,
+    pub removed_chunks: Vec<ChunkId>,
+    pub removed_packs: Vec<PackId>,
 }
 
 pub trait MetaIndex: Send + Sync {
@@ -51,6 +53,8 @@ pub trait MetaIndex: Send + Sync {
     /// Sealed snapshot records, in id order.
     fn snapshots(&self) -> Result<Vec<(SnapshotId, Vec<u8>)>, StoreError>;
     fn n_chunks(&self) -> usize;
+    /// Every chunk stored in `pack` (a full scan: for repairs, not hot paths).
+    fn chunks_in_pack(&self, pack: PackId) -> Result<Vec<(ChunkId, ChunkLocation)>, StoreError>;
 }
 
 const PREFIX_CHUNK: u8 = b'c';
@@ -108,6 +112,12 @@ impl MetaIndex for SledIndex {
         for (id, record) in &batch.snapshots {
             sled_batch.insert(key(PREFIX_SNAPSHOT, &id.0), record.as_slice());
         }
+        for id in &batch.removed_chunks {
+            sled_batch.remove(key(PREFIX_CHUNK, &id.0));
+        }
+        for pack in &batch.removed_packs {
+            sled_batch.remove(key(PREFIX_PACK, &pack.0.to_be_bytes()));
+        }
         self.db.apply_batch(sled_batch).map_err(index_error)?;
         self.db.flush().map_err(index_error)?;
         Ok(())
@@ -140,6 +150,21 @@ impl MetaIndex for SledIndex {
     fn n_chunks(&self) -> usize {
         self.db.scan_prefix([PREFIX_CHUNK]).count()
     }
+
+    fn chunks_in_pack(&self, pack: PackId) -> Result<Vec<(ChunkId, ChunkLocation)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.db.scan_prefix([PREFIX_CHUNK]) {
+            let (k, v) = item.map_err(index_error)?;
+            let id = <[u8; 32]>::try_from(&k[1..])
+                .map_err(|_| StoreError::Index("malformed chunk key".into()))?;
+            let location = ChunkLocation::decode(&v)
+                .ok_or_else(|| StoreError::Index("malformed chunk location".into()))?;
+            if location.pack == pack {
+                out.push((ChunkId(id), location));
+            }
+        }
+        Ok(out)
+    }
 }
 
 #[cfg(test)]
@@ -169,6 +194,7 @@ mod tests {
                 chunks: vec![(ChunkId([1; 32]), location)],
                 packs: vec![(PackId(3), 65)],
                 snapshots: vec![(SnapshotId([2; 16]), b"record".to_vec())],
+                ..IndexBatch::default()
             })
             .unwrap();
         assert_eq!(index.chunk(&ChunkId([1; 32])).unwrap(), Some(location));
