@@ -71,15 +71,31 @@ fn index_error(e: sled::Error) -> StoreError {
 
 impl SledIndex {
     pub fn open(path: &Path) -> Result<SledIndex, StoreError> {
-        let db = sled::Config::new()
+        let config = sled::Config::new()
             .path(path)
             .cache_capacity(64 << 20)
-            .mode(sled::Mode::HighThroughput)
-            .open()
-            .map_err(index_error)?;
-        Ok(SledIndex { db })
+            .mode(sled::Mode::HighThroughput);
+        // The data dir lock already keeps other processes out. Within one process, sled's
+        // flusher thread can hold its file lock for a moment after the last handle drops, so
+        // an immediate reopen retries briefly instead of failing.
+        let mut attempts_left = SLED_OPEN_ATTEMPTS_MAX;
+        loop {
+            match config.open() {
+                Ok(db) => return Ok(SledIndex { db }),
+                Err(sled::Error::Io(e))
+                    if e.to_string().contains("could not acquire lock") && attempts_left > 1 =>
+                {
+                    attempts_left -= 1;
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => return Err(index_error(e)),
+            }
+        }
     }
 }
+
+/// Tries to open sled while another handle in this process lets go: 2 s in all.
+const SLED_OPEN_ATTEMPTS_MAX: u32 = 100;
 
 fn key(prefix: u8, body: &[u8]) -> Vec<u8> {
     let mut key = Vec::with_capacity(1 + body.len());
