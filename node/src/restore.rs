@@ -68,6 +68,23 @@ pub enum RestoreError {
     },
 }
 
+impl RestoreError {
+    fn chunk(
+        record: &SnapshotRecord,
+        offset: u64,
+        id: ChunkId,
+        source: ChunkError,
+    ) -> RestoreError {
+        RestoreError::Chunk {
+            image: record.image.to_string(),
+            snapshot: record.id.short(),
+            offset,
+            id,
+            source: Box::new(source),
+        }
+    }
+}
+
 #[derive(Debug, Serialize)]
 pub struct RestoreSummary {
     pub image: String,
@@ -157,13 +174,7 @@ pub fn restore(
                     {
                         Ok(plain) => plain,
                         Err(source) => {
-                            fail(RestoreError::Chunk {
-                                image: record.image.to_string(),
-                                snapshot: record.id.short(),
-                                offset,
-                                id,
-                                source: Box::new(source),
-                            });
+                            fail(RestoreError::chunk(record, offset, id, source));
                             return;
                         }
                     };
@@ -214,13 +225,7 @@ pub fn restore(
                 Extent::Data { id, len_bytes } => match prefetcher.prefetch(&id) {
                     Ok(location) => tx.send((offset, id, len_bytes, location)).is_ok(),
                     Err(source) => {
-                        fail(RestoreError::Chunk {
-                            image: record.image.to_string(),
-                            snapshot: record.id.short(),
-                            offset,
-                            id,
-                            source: Box::new(source.into()),
-                        });
+                        fail(RestoreError::chunk(record, offset, id, source.into()));
                         false
                     }
                 },
