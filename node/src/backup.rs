@@ -34,7 +34,7 @@ use crate::store::{PackWriter, StoreError};
 use crate::units::now_unix_ms;
 use crate::vault::Vault;
 
-pub const ZSTD_LEVEL_DEFAULT: i32 = 3;
+pub const ZSTD_LEVEL_DEFAULT: i32 = 2;
 
 #[derive(Debug, Error)]
 pub enum BackupError {
