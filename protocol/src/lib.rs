@@ -6,14 +6,24 @@
 //! them, `seal` compresses and encrypts each piece, `manifest` records the ordered list of
 //! pieces as a tree of sealed nodes, and `snapshot` is the small record that points at a
 //! manifest root.
+//!
+//! Identity and trust: `identity` names sites and nodes (and prints their ids so people can
+//! read them aloud, via `humanid`), `record` is the signed, versioned fact the catalog will
+//! carry (node certificates, trust grants), `wrap` seals a site's keys under its recovery
+//! key, and `token` is the signed, expiring invite one partner sends another.
 
 pub mod chunk;
 pub mod codec;
+pub mod humanid;
+pub mod identity;
 pub mod ids;
 pub mod keys;
 pub mod manifest;
+pub mod record;
 pub mod seal;
 pub mod snapshot;
+pub mod token;
+pub mod wrap;
 
 pub use chunk::{ChunkerParams, CHUNKER_DEFAULT};
 pub use ids::{ChunkId, SnapshotId};

@@ -1,0 +1,454 @@
+//! Signed records: the facts sites state about themselves and each other, and what the
+//! catalog gossip of the mesh will carry. Every record has one canonical encoding, and its
+//! signature covers all of it but the signature.
+//!
+//! Record format, version 1:
+//!
+//! ```text
+//! u8 RECORD_VERSION | [32] author site id | u8 kind | [32] key | u64 version
+//! | u32 body length | body | [64] ed25519 signature
+//! ```
+//!
+//! The signature is over `SIGNING_CONTEXT` followed by every byte before the signature.
+//! For one (author, kind, key) the record with the highest version wins; a revocation is a
+//! trust grant with `revoked` set at a higher version, so it wins over every older grant.
+
+use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
+use thiserror::Error;
+
+use crate::codec::{DecodeError, Reader, Writer};
+use crate::identity::{NodeId, SiteId};
+
+pub const RECORD_VERSION: u8 = 1;
+pub const RECORD_BODY_BYTES_MAX: u32 = 16 << 10;
+pub const ADDRESSES_MAX: usize = 16;
+pub const ADDRESS_BYTES_MAX: usize = 256;
+const SIGNING_CONTEXT: &[u8] = b"cairn 2026-11 record v1\0";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum RecordKind {
+    /// "node N belongs to site S", with address hints and offered capacity. Key: node id.
+    NodeCert = 1,
+    /// "site A stores data for site B up to Q bytes" (or revokes that). Key: B's site id.
+    TrustGrant = 2,
+    /// The site and vault keys, sealed under the recovery key. Key: all zeros.
+    WrappedKeys = 3,
+}
+
+impl RecordKind {
+    fn from_u8(value: u8) -> Option<RecordKind> {
+        match value {
+            1 => Some(RecordKind::NodeCert),
+            2 => Some(RecordKind::TrustGrant),
+            3 => Some(RecordKind::WrappedKeys),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum RecordError {
+    #[error("malformed record: {0}")]
+    Decode(#[from] DecodeError),
+    #[error("record signature does not verify: forged or altered")]
+    BadSignature,
+    #[error("record from site {0}, which no one here trusts")]
+    UntrustedAuthor(SiteId),
+    #[error("record not allowed: {0}")]
+    NotAllowed(String),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Record {
+    pub author: SiteId,
+    pub kind: RecordKind,
+    pub key: [u8; 32],
+    pub version: u64,
+    pub body: Vec<u8>,
+    pub signature: [u8; 64],
+}
+
+impl Record {
+    /// Signs a record with the site key of its author.
+    pub fn sign(
+        site_key: &SigningKey,
+        kind: RecordKind,
+        key: [u8; 32],
+        version: u64,
+        body: Vec<u8>,
+    ) -> Record {
+        assert!(
+            body.len() <= RECORD_BODY_BYTES_MAX as usize,
+            "callers bound record bodies"
+        );
+        let mut record = Record {
+            author: SiteId(site_key.verifying_key().to_bytes()),
+            kind,
+            key,
+            version,
+            body,
+            signature: [0; 64],
+        };
+        record.signature = site_key.sign(&record.signed_bytes()).to_bytes();
+        record
+    }
+
+    fn unsigned_encoding(&self) -> Writer {
+        let mut w = Writer::with_capacity(150 + self.body.len());
+        w.u8(RECORD_VERSION);
+        w.array(&self.author.0);
+        w.u8(self.kind as u8);
+        w.array(&self.key);
+        w.u64(self.version);
+        w.u32(self.body.len() as u32);
+        w.array(&self.body);
+        w
+    }
+
+    fn signed_bytes(&self) -> Vec<u8> {
+        let mut bytes = SIGNING_CONTEXT.to_vec();
+        bytes.extend(self.unsigned_encoding().finish());
+        bytes
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = self.unsigned_encoding();
+        w.array(&self.signature);
+        let bytes = w.finish();
+        debug_assert_eq!(Record::decode(&bytes).as_ref(), Ok(self));
+        bytes
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Record, DecodeError> {
+        let mut r = Reader::new(bytes);
+        r.version("record", RECORD_VERSION)?;
+        let author = SiteId(r.array()?);
+        let kind_byte = r.u8()?;
+        let kind = RecordKind::from_u8(kind_byte).ok_or(DecodeError::Invalid {
+            what: "record kind",
+            why: format!("unknown kind {kind_byte}"),
+        })?;
+        let key = r.array()?;
+        let version = r.u64()?;
+        let n_body = r.u32()?;
+        if n_body > RECORD_BODY_BYTES_MAX {
+            return Err(DecodeError::TooMany {
+                what: "record body bytes",
+                count: u64::from(n_body),
+                max: u64::from(RECORD_BODY_BYTES_MAX),
+            });
+        }
+        let body = r.take(n_body as usize)?.to_vec();
+        let signature = r.array()?;
+        r.finish()?;
+        Ok(Record {
+            author,
+            kind,
+            key,
+            version,
+            body,
+            signature,
+        })
+    }
+
+    pub fn verify_signature(&self) -> Result<(), RecordError> {
+        let key =
+            VerifyingKey::from_bytes(&self.author.0).map_err(|_| RecordError::BadSignature)?;
+        key.verify(
+            &self.signed_bytes(),
+            &Signature::from_bytes(&self.signature),
+        )
+        .map_err(|_| RecordError::BadSignature)
+    }
+
+    /// True when `self` replaces `other` for the same (author, kind, key): a higher
+    /// version, or the same version and the larger signature, so every node picks the
+    /// same winner.
+    pub fn supersedes(&self, other: &Record) -> bool {
+        debug_assert_eq!(
+            (self.author, self.kind, self.key),
+            (other.author, other.kind, other.key)
+        );
+        (self.version, self.signature) > (other.version, other.signature)
+    }
+}
+
+/// What a validator needs to know about trust.
+pub trait TrustView {
+    fn is_trusted(&self, site: &SiteId) -> bool;
+}
+
+/// Checks a record before it changes anything: signature, a trusted author, and a body
+/// that decodes and is allowed for its kind and key.
+pub fn validate(record: &Record, trust: &impl TrustView) -> Result<(), RecordError> {
+    record.verify_signature()?;
+    if !trust.is_trusted(&record.author) {
+        return Err(RecordError::UntrustedAuthor(record.author));
+    }
+    match record.kind {
+        RecordKind::NodeCert => {
+            let cert = NodeCert::decode(&record.body)?;
+            if cert.site != record.author {
+                return Err(RecordError::NotAllowed(
+                    "a site may only certify its own nodes".into(),
+                ));
+            }
+            if cert.node.0 != record.key {
+                return Err(RecordError::NotAllowed(
+                    "node certificate stored under another node's key".into(),
+                ));
+            }
+        }
+        RecordKind::TrustGrant => {
+            let grant = TrustGrant::decode(&record.body)?;
+            if grant.grantee == record.author {
+                return Err(RecordError::NotAllowed(
+                    "a site cannot grant trust to itself".into(),
+                ));
+            }
+            if grant.grantee.0 != record.key {
+                return Err(RecordError::NotAllowed(
+                    "trust grant stored under another site's key".into(),
+                ));
+            }
+        }
+        RecordKind::WrappedKeys => {
+            crate::wrap::WrappedKeys::decode(&record.body)?;
+            if record.key != [0; 32] {
+                return Err(RecordError::NotAllowed(
+                    "wrapped keys must use the all-zero key".into(),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn put_addresses(w: &mut Writer, addresses: &[String]) {
+    assert!(
+        addresses.len() <= ADDRESSES_MAX,
+        "callers bound address lists"
+    );
+    w.u8(addresses.len() as u8);
+    for address in addresses {
+        assert!(
+            address.len() <= ADDRESS_BYTES_MAX,
+            "callers bound addresses"
+        );
+        w.short_bytes(address.as_bytes());
+    }
+}
+
+pub(crate) fn get_addresses(r: &mut Reader<'_>) -> Result<Vec<String>, DecodeError> {
+    let n = usize::from(r.u8()?);
+    if n > ADDRESSES_MAX {
+        return Err(DecodeError::TooMany {
+            what: "addresses",
+            count: n as u64,
+            max: ADDRESSES_MAX as u64,
+        });
+    }
+    let mut addresses = Vec::with_capacity(n);
+    for _ in 0..n {
+        let bytes = r.short_bytes()?;
+        if bytes.len() > ADDRESS_BYTES_MAX {
+            return Err(DecodeError::Invalid {
+                what: "address",
+                why: "too long".into(),
+            });
+        }
+        let text = std::str::from_utf8(bytes).map_err(|_| DecodeError::Invalid {
+            what: "address",
+            why: "not UTF-8".into(),
+        })?;
+        addresses.push(text.to_owned());
+    }
+    Ok(addresses)
+}
+
+/// Body of a `NodeCert` record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeCert {
+    pub node: NodeId,
+    pub site: SiteId,
+    pub addresses: Vec<String>,
+    pub capacity_bytes: u64,
+}
+
+impl NodeCert {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::default();
+        w.array(&self.node.0);
+        w.array(&self.site.0);
+        put_addresses(&mut w, &self.addresses);
+        w.u64(self.capacity_bytes);
+        w.finish()
+    }
+    pub fn decode(bytes: &[u8]) -> Result<NodeCert, DecodeError> {
+        let mut r = Reader::new(bytes);
+        let cert = NodeCert {
+            node: NodeId(r.array()?),
+            site: SiteId(r.array()?),
+            addresses: get_addresses(&mut r)?,
+            capacity_bytes: r.u64()?,
+        };
+        r.finish()?;
+        Ok(cert)
+    }
+}
+
+/// Body of a `TrustGrant` record: the author stores for `grantee` up to `quota_bytes`,
+/// unless `revoked`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TrustGrant {
+    pub grantee: SiteId,
+    pub quota_bytes: u64,
+    pub revoked: bool,
+}
+
+impl TrustGrant {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::default();
+        w.array(&self.grantee.0);
+        w.u64(self.quota_bytes);
+        w.u8(u8::from(self.revoked));
+        w.finish()
+    }
+    pub fn decode(bytes: &[u8]) -> Result<TrustGrant, DecodeError> {
+        let mut r = Reader::new(bytes);
+        let grantee = SiteId(r.array()?);
+        let quota_bytes = r.u64()?;
+        let revoked = match r.u8()? {
+            0 => false,
+            1 => true,
+            other => {
+                return Err(DecodeError::Invalid {
+                    what: "trust grant",
+                    why: format!("revoked flag {other}"),
+                })
+            }
+        };
+        r.finish()?;
+        Ok(TrustGrant {
+            grantee,
+            quota_bytes,
+            revoked,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    struct TrustAll;
+    impl TrustView for TrustAll {
+        fn is_trusted(&self, _: &SiteId) -> bool {
+            true
+        }
+    }
+    struct TrustNone;
+    impl TrustView for TrustNone {
+        fn is_trusted(&self, _: &SiteId) -> bool {
+            false
+        }
+    }
+
+    fn key(seed: u8) -> SigningKey {
+        SigningKey::from_bytes(&[seed; 32])
+    }
+
+    fn grant(
+        author: &SigningKey,
+        grantee: SiteId,
+        version: u64,
+        quota_bytes: u64,
+        revoked: bool,
+    ) -> Record {
+        let body = TrustGrant {
+            grantee,
+            quota_bytes,
+            revoked,
+        }
+        .encode();
+        Record::sign(author, RecordKind::TrustGrant, grantee.0, version, body)
+    }
+
+    fn site(key: &SigningKey) -> SiteId {
+        SiteId(key.verifying_key().to_bytes())
+    }
+
+    proptest! {
+        #[test]
+        fn records_round_trip_and_verify(version: u64, quota: u64, revoked: bool, seed: u8) {
+            let record = grant(&key(seed), site(&key(seed.wrapping_add(1))), version, quota, revoked);
+            let decoded = Record::decode(&record.encode()).unwrap();
+            prop_assert_eq!(&decoded, &record);
+            prop_assert!(validate(&decoded, &TrustAll).is_ok());
+        }
+
+        #[test]
+        fn any_flipped_bit_is_rejected(bit: usize, seed: u8) {
+            let record = grant(&key(seed), site(&key(seed.wrapping_add(1))), 3, 500 << 30, false);
+            let mut bytes = record.encode();
+            let bit = bit % (bytes.len() * 8);
+            bytes[bit / 8] ^= 1 << (bit % 8);
+            let accepted = Record::decode(&bytes).map(|r| validate(&r, &TrustAll).is_ok()).unwrap_or(false);
+            prop_assert!(!accepted);
+        }
+
+        #[test]
+        fn decoding_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
+            let _ = Record::decode(&bytes);
+            let _ = NodeCert::decode(&bytes);
+            let _ = TrustGrant::decode(&bytes);
+        }
+
+        #[test]
+        fn node_certs_round_trip(node: [u8; 32], capacity: u64, addresses in proptest::collection::vec("[a-z0-9/.:]{0,40}", 0..4)) {
+            let cert = NodeCert { node: NodeId(node), site: SiteId([1; 32]), addresses, capacity_bytes: capacity };
+            prop_assert_eq!(NodeCert::decode(&cert.encode()).unwrap(), cert);
+        }
+    }
+
+    #[test]
+    fn a_revocation_wins_over_every_older_grant() {
+        let (a, b) = (key(1), site(&key(2)));
+        let raised = grant(&a, b, 5, 2 << 40, false);
+        let revoked = grant(&a, b, 6, 0, true);
+        assert!(revoked.supersedes(&raised));
+        assert!(!raised.supersedes(&revoked));
+    }
+
+    #[test]
+    fn untrusted_and_disallowed_records_are_rejected() {
+        let a = key(1);
+        let record = grant(&a, site(&key(2)), 1, 1, false);
+        assert_eq!(
+            validate(&record, &TrustNone),
+            Err(RecordError::UntrustedAuthor(site(&a)))
+        );
+        let to_self = grant(&a, site(&a), 1, 1, false);
+        assert!(matches!(
+            validate(&to_self, &TrustAll),
+            Err(RecordError::NotAllowed(_))
+        ));
+        // A site certifying another site's node.
+        let cert = NodeCert {
+            node: NodeId([9; 32]),
+            site: site(&key(2)),
+            addresses: vec![],
+            capacity_bytes: 0,
+        };
+        let forged = Record::sign(&a, RecordKind::NodeCert, [9; 32], 1, cert.encode());
+        assert!(matches!(
+            validate(&forged, &TrustAll),
+            Err(RecordError::NotAllowed(_))
+        ));
+        // A record re-signed by someone else under the author's name.
+        let mut stolen = record.clone();
+        stolen.signature = grant(&key(3), site(&key(2)), 1, 1, false).signature;
+        assert_eq!(validate(&stolen, &TrustAll), Err(RecordError::BadSignature));
+    }
+}

@@ -1,0 +1,229 @@
+//! Invite tokens: what one partner consultant sends another to start trusting each other.
+//! A token is signed by the inviting site, expires, and carries a random id so each can be
+//! used once. It travels as text: `cairn-invite-` and the base32 of its encoding.
+//!
+//! Token format, version 1:
+//!
+//! ```text
+//! u8 TOKEN_VERSION | [32] inviter site id | u16 + name | addresses (u8 count, u16 + each)
+//! | u64 quota offered (bytes the inviter will store for the accepter) | u64 expires (unix ms)
+//! | [16] token id | [64] ed25519 signature over TOKEN_CONTEXT + all of the above
+//! ```
+
+use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
+use thiserror::Error;
+
+use crate::codec::{DecodeError, Reader, Writer};
+use crate::humanid;
+use crate::identity::SiteId;
+use crate::record::{get_addresses, put_addresses};
+
+pub const TOKEN_VERSION: u8 = 1;
+pub const INVITE_PREFIX: &str = "cairn-invite-";
+pub const SITE_NAME_BYTES_MAX: usize = 64;
+const TOKEN_CONTEXT: &[u8] = b"cairn 2026-11 invite v1\0";
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum TokenError {
+    #[error("not a cairn invite token (it should start with {INVITE_PREFIX})")]
+    NotAnInvite,
+    #[error("invite token is damaged or truncated: {0}")]
+    Decode(#[from] DecodeError),
+    #[error("invite token signature does not verify: it was altered or forged")]
+    BadSignature,
+    #[error("invite token expired {0} minutes ago; ask for a new one")]
+    Expired(u64),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InviteToken {
+    pub inviter: SiteId,
+    pub inviter_name: String,
+    pub addresses: Vec<String>,
+    pub quota_bytes: u64,
+    pub expires_unix_ms: u64,
+    pub token_id: [u8; 16],
+    pub signature: [u8; 64],
+}
+
+impl InviteToken {
+    #[allow(clippy::too_many_arguments)]
+    pub fn sign(
+        site_key: &SigningKey,
+        inviter_name: &str,
+        addresses: Vec<String>,
+        quota_bytes: u64,
+        expires_unix_ms: u64,
+        token_id: [u8; 16],
+    ) -> InviteToken {
+        assert!(
+            inviter_name.len() <= SITE_NAME_BYTES_MAX,
+            "site names are bounded at init"
+        );
+        let mut token = InviteToken {
+            inviter: SiteId(site_key.verifying_key().to_bytes()),
+            inviter_name: inviter_name.to_owned(),
+            addresses,
+            quota_bytes,
+            expires_unix_ms,
+            token_id,
+            signature: [0; 64],
+        };
+        token.signature = site_key.sign(&token.signed_bytes()).to_bytes();
+        token
+    }
+
+    fn unsigned(&self) -> Writer {
+        let mut w = Writer::default();
+        w.u8(TOKEN_VERSION);
+        w.array(&self.inviter.0);
+        w.short_bytes(self.inviter_name.as_bytes());
+        put_addresses(&mut w, &self.addresses);
+        w.u64(self.quota_bytes);
+        w.u64(self.expires_unix_ms);
+        w.array(&self.token_id);
+        w
+    }
+
+    fn signed_bytes(&self) -> Vec<u8> {
+        let mut bytes = TOKEN_CONTEXT.to_vec();
+        bytes.extend(self.unsigned().finish());
+        bytes
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = self.unsigned();
+        w.array(&self.signature);
+        w.finish()
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<InviteToken, DecodeError> {
+        let mut r = Reader::new(bytes);
+        r.version("invite token", TOKEN_VERSION)?;
+        let inviter = SiteId(r.array()?);
+        let name = r.short_bytes()?;
+        if name.len() > SITE_NAME_BYTES_MAX {
+            return Err(DecodeError::Invalid {
+                what: "site name",
+                why: "too long".into(),
+            });
+        }
+        let inviter_name = std::str::from_utf8(name)
+            .map_err(|_| DecodeError::Invalid {
+                what: "site name",
+                why: "not UTF-8".into(),
+            })?
+            .to_owned();
+        let addresses = get_addresses(&mut r)?;
+        let quota_bytes = r.u64()?;
+        let expires_unix_ms = r.u64()?;
+        let token_id = r.array()?;
+        let signature = r.array()?;
+        r.finish()?;
+        Ok(InviteToken {
+            inviter,
+            inviter_name,
+            addresses,
+            quota_bytes,
+            expires_unix_ms,
+            token_id,
+            signature,
+        })
+    }
+
+    /// The token as text to paste into a mail or chat.
+    pub fn to_text(&self) -> String {
+        let body = humanid::base32(&self.encode());
+        format!(
+            "{INVITE_PREFIX}{}",
+            String::from_utf8(body)
+                .expect("base32 is ASCII")
+                .to_lowercase()
+        )
+    }
+
+    /// Parses and checks a token: its form, its signature, and that it has not expired.
+    pub fn from_text(text: &str, now_unix_ms: u64) -> Result<InviteToken, TokenError> {
+        let body = text
+            .trim()
+            .strip_prefix(INVITE_PREFIX)
+            .ok_or(TokenError::NotAnInvite)?;
+        let token = InviteToken::decode(&humanid::unbase32_vec("invite token", body.as_bytes())?)?;
+        let key =
+            VerifyingKey::from_bytes(&token.inviter.0).map_err(|_| TokenError::BadSignature)?;
+        key.verify(
+            &token.signed_bytes(),
+            &Signature::from_bytes(&token.signature),
+        )
+        .map_err(|_| TokenError::BadSignature)?;
+        if now_unix_ms > token.expires_unix_ms {
+            return Err(TokenError::Expired(
+                (now_unix_ms - token.expires_unix_ms) / 60_000,
+            ));
+        }
+        Ok(token)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn token() -> InviteToken {
+        InviteToken::sign(
+            &SigningKey::from_bytes(&[3; 32]),
+            "Jones IT, Harbour Rd",
+            vec!["/ip4/127.0.0.1/udp/4001/quic-v1".into()],
+            500_000_000_000,
+            2_000_000,
+            [8; 16],
+        )
+    }
+
+    #[test]
+    fn tokens_round_trip_as_text() {
+        let token = token();
+        assert_eq!(
+            InviteToken::from_text(&token.to_text(), 1_000_000).unwrap(),
+            token
+        );
+        assert_eq!(
+            InviteToken::from_text(&format!("  {}\n", token.to_text()), 1_000_000).unwrap(),
+            token
+        );
+    }
+
+    #[test]
+    fn expired_truncated_and_foreign_tokens_are_refused() {
+        let text = token().to_text();
+        assert_eq!(
+            InviteToken::from_text(&text, 2_000_000 + 3 * 60_000),
+            Err(TokenError::Expired(3))
+        );
+        assert!(matches!(
+            InviteToken::from_text(&text[..text.len() - 5], 0),
+            Err(TokenError::Decode(_))
+        ));
+        assert_eq!(
+            InviteToken::from_text("cairn-join-abc", 0),
+            Err(TokenError::NotAnInvite)
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn any_flipped_bit_is_refused(bit: usize) {
+            let mut bytes = token().encode();
+            let bit = bit % (bytes.len() * 8);
+            bytes[bit / 8] ^= 1 << (bit % 8);
+            let text = format!("{INVITE_PREFIX}{}", String::from_utf8(humanid::base32(&bytes)).unwrap());
+            prop_assert!(InviteToken::from_text(&text, 1_000_000).is_err());
+        }
+
+        #[test]
+        fn parsing_never_panics(text in "cairn-invite-[a-z2-7]{0,300}") {
+            let _ = InviteToken::from_text(&text, 0);
+        }
+    }
+}
