@@ -6,13 +6,14 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use cairn_protocol::ids::hex;
+use cairn_protocol::identity::{RecoveryKey, SiteId};
 use cairn_protocol::ImageName;
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
 use crate::backup::{self, BackupOptions, ZSTD_LEVEL_DEFAULT};
+use crate::datadir::DataDir;
 use crate::source::Source;
 use crate::units;
 use crate::vault::Vault;
@@ -77,6 +78,30 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Manage this site's keys
+    Key {
+        #[command(subcommand)]
+        command: KeyCommand,
+    },
+    /// Bring a site's identity back on a fresh machine from its recovery key
+    Recover {
+        /// The site id, as `cairn init` or `cairn site show` printed it
+        #[arg(long)]
+        site: String,
+        /// The recovery key from the site's recovery sheet (dashes and case do not matter)
+        #[arg(long)]
+        recovery_key: String,
+        /// The wrapped-keys record: a file, or a data dir holding wrapped-keys.rec
+        /// [default: the data dir being recovered into]
+        #[arg(long, value_name = "PATH")]
+        from: Option<PathBuf>,
+        /// Name for the site when recovering into a new data dir
+        #[arg(long)]
+        site_name: Option<String>,
+        /// Print the result as JSON, for scripts
+        #[arg(long)]
+        json: bool,
+    },
     /// Read and open every chunk of the given snapshots (default: all) and name any damage
     Verify {
         /// IMAGE (all its snapshots) or IMAGE@SNAPSHOT
@@ -84,6 +109,16 @@ enum Command {
         /// Print the result as JSON, for scripts
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeyCommand {
+    /// Print the recovery key again, after confirmation
+    RecoverySheet {
+        /// Do not ask for confirmation
+        #[arg(long)]
+        yes: bool,
     },
 }
 
@@ -126,17 +161,81 @@ fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Init { site_name, json } => {
             let vault = Vault::init(&data_dir, &site_name)?;
-            let site_id = hex(vault.dir.site_key.verifying_key().as_bytes());
+            let site_id = vault.dir.site_id();
+            let recovery_key = vault
+                .dir
+                .recovery_key
+                .clone()
+                .expect("init makes a recovery key");
             if json {
-                print_json(
-                    &serde_json::json!({ "site_name": site_name, "site_id": site_id, "data_dir": data_dir }),
-                );
+                print_json(&serde_json::json!({
+                    "site_name": site_name,
+                    "site_id": site_id.to_string(),
+                    "fingerprint": site_id.fingerprint().to_string(),
+                    "recovery_key": recovery_key.to_string(),
+                    "data_dir": data_dir,
+                }));
             } else {
                 println!("created site {site_name:?} in {}", data_dir.display());
-                println!("site id: {site_id}");
+                println!("site id:     {site_id}");
+                println!("fingerprint: {}", site_id.fingerprint());
+                println!();
+                print_recovery_sheet(&site_id, &recovery_key);
+            }
+        }
+        Command::Key {
+            command: KeyCommand::RecoverySheet { yes },
+        } => {
+            let vault = open()?;
+            let Some(recovery_key) = vault.dir.recovery_key.clone() else {
+                anyhow::bail!(
+                    "this data dir was made before recovery keys existed; it has none to print"
+                );
+            };
+            if !yes {
+                confirm("This prints the secret that opens every backup of this site. Print it?")?;
+            }
+            print_recovery_sheet(&vault.dir.site_id(), &recovery_key);
+        }
+        Command::Recover {
+            site,
+            recovery_key,
+            from,
+            site_name,
+            json,
+        } => {
+            let site: SiteId = site.parse().context("--site")?;
+            let recovery_key: RecoveryKey = recovery_key.parse().context("--recovery-key")?;
+            let from = from.unwrap_or_else(|| data_dir.clone());
+            let record_path = if from.is_dir() {
+                from.join("wrapped-keys.rec")
+            } else {
+                from
+            };
+            let record = std::fs::read(&record_path).with_context(|| {
+                format!(
+                    "cannot read the wrapped-keys record {}",
+                    record_path.display()
+                )
+            })?;
+            let dir = DataDir::recover(
+                &data_dir,
+                &site,
+                &recovery_key,
+                &record,
+                site_name.as_deref(),
+            )?;
+            if json {
+                print_json(&serde_json::json!({
+                    "site_name": dir.site_name,
+                    "site_id": site.to_string(),
+                    "data_dir": data_dir,
+                }));
+            } else {
                 println!(
-                    "the keys are in {}: without them the backups cannot be read",
-                    data_dir.join("keys").display()
+                    "recovered site {:?} ({site}) into {}",
+                    dir.site_name,
+                    data_dir.display()
                 );
             }
         }
@@ -339,6 +438,30 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn print_recovery_sheet(site_id: &SiteId, recovery_key: &RecoveryKey) {
+    println!("RECOVERY KEY for site {site_id}:");
+    println!();
+    println!("    {recovery_key}");
+    println!();
+    println!("Write it down and keep it offline, away from this office. With the site id and this");
+    println!("key, `cairn recover` brings the site back on a fresh machine if this one is lost;");
+    println!("without it, a lost office means lost keys. Anyone holding it can read every backup.");
+}
+
+/// Asks on the terminal; refuses when there is none, since nothing could answer.
+fn confirm(question: &str) -> Result<()> {
+    if !std::io::stdin().is_terminal() {
+        anyhow::bail!("no terminal to confirm on: pass --yes to go ahead");
+    }
+    eprint!("{question} [y/N] ");
+    let mut answer = String::new();
+    std::io::stdin().read_line(&mut answer)?;
+    if !matches!(answer.trim(), "y" | "Y" | "yes" | "YES" | "Yes") {
+        anyhow::bail!("cancelled");
+    }
+    Ok(())
 }
 
 fn print_json(value: &impl Serialize) {

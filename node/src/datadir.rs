@@ -6,6 +6,8 @@
 //! site.json       site name and public site key
 //! keys/site.key   ed25519 secret key, hex (mode 0600)
 //! keys/vault.key  256-bit vault key, hex (mode 0600)
+//! keys/recovery.key  the recovery key, hex (mode 0600), for `cairn key recovery-sheet`
+//! wrapped-keys.rec   signed record: site and vault keys sealed under the recovery key
 //! store/          pack files and the sled index (see store.rs)
 //! lock            held with flock by whichever process has the store open
 //! ```
@@ -15,7 +17,10 @@ use std::io::{Read, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use cairn_protocol::identity::{RecoveryKey, SiteId};
 use cairn_protocol::ids::{hex, parse_hex};
+use cairn_protocol::record::{Record, RecordKind};
+use cairn_protocol::wrap::{KdfParams, WrappedKeys};
 use cairn_protocol::VaultKey;
 use ed25519_dalek::SigningKey;
 use serde::{Deserialize, Serialize};
@@ -23,6 +28,7 @@ use thiserror::Error;
 
 pub const DATA_DIR_FORMAT: u32 = 1;
 const FORMAT_PREFIX: &str = "cairn data dir format ";
+const WRAPPED_KEYS_FILE: &str = "wrapped-keys.rec";
 pub const SITE_NAME_BYTES_MAX: usize = 64;
 
 #[derive(Debug, Error)]
@@ -43,6 +49,8 @@ pub enum DataDirError {
     Locked { path: PathBuf, holder: String },
     #[error("invalid site name {0:?}: use 1 to 64 printable characters")]
     BadSiteName(String),
+    #[error("cannot recover: {0}")]
+    Recovery(String),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -69,6 +77,8 @@ pub struct DataDir {
     pub site_name: String,
     pub site_key: SigningKey,
     pub vault_key: VaultKey,
+    /// Absent only in data dirs made before recovery keys existed.
+    pub recovery_key: Option<RecoveryKey>,
     _lock: File,
 }
 
@@ -84,12 +94,7 @@ impl std::fmt::Debug for DataDir {
 impl DataDir {
     /// Creates a new site in `root`, which must be absent or an empty directory.
     pub fn init(root: &Path, site_name: &str) -> Result<DataDir, DataDirError> {
-        if site_name.is_empty()
-            || site_name.len() > SITE_NAME_BYTES_MAX
-            || site_name.chars().any(char::is_control)
-        {
-            return Err(DataDirError::BadSiteName(site_name.to_owned()));
-        }
+        check_site_name(site_name)?;
         if root.join("FORMAT").exists() {
             return Err(DataDirError::AlreadyInitialized(root.to_owned()));
         }
@@ -108,30 +113,99 @@ impl DataDir {
         }
         create_private_dir(root)?;
         let lock = lock(root)?;
-        let keys = root.join("keys");
-        create_private_dir(&keys)?;
         let site_key = SigningKey::from_bytes(&random_bytes());
         let vault_key = VaultKey::from_bytes(random_bytes());
-        write_secret(&keys.join("site.key"), &site_key.to_bytes())?;
-        write_secret(&keys.join("vault.key"), vault_key.as_bytes())?;
-        sync_dir(&keys)?;
-        let site = SiteFile {
-            site_name: site_name.to_owned(),
-            site_public_key: hex(site_key.verifying_key().as_bytes()),
-        };
-        let site_json = serde_json::to_vec_pretty(&site).expect("site file serialises");
-        write_durable(&root.join("site.json"), &site_json)?;
-        // FORMAT last: a data dir without it is an interrupted init, which init may redo.
-        write_durable(
-            &root.join("FORMAT"),
-            format!("{FORMAT_PREFIX}{DATA_DIR_FORMAT}\n").as_bytes(),
-        )?;
-        sync_dir(root)?;
+        let recovery_key = RecoveryKey(random_bytes());
+        write_keys(root, &site_key, &vault_key, &recovery_key)?;
+        write_wrapped_keys(root, &site_key, &vault_key, &recovery_key)?;
+        write_site_file(root, site_name, &site_key)?;
+        write_format(root)?;
         Ok(DataDir {
             root: root.to_owned(),
             site_name: site_name.to_owned(),
             site_key,
             vault_key,
+            recovery_key: Some(recovery_key),
+            _lock: lock,
+        })
+    }
+
+    /// Brings a site's identity back from its wrapped-keys record and recovery key: into a
+    /// data dir whose keys were lost (its store is kept), or into a new, empty one.
+    pub fn recover(
+        root: &Path,
+        site: &SiteId,
+        recovery_key: &RecoveryKey,
+        wrapped_record: &[u8],
+        site_name: Option<&str>,
+    ) -> Result<DataDir, DataDirError> {
+        let record = Record::decode(wrapped_record).map_err(|e| {
+            DataDirError::Recovery(format!("the wrapped-keys record is damaged: {e}"))
+        })?;
+        record.verify_signature().map_err(|_| {
+            DataDirError::Recovery("the wrapped-keys record's signature does not verify".into())
+        })?;
+        if record.kind != RecordKind::WrappedKeys {
+            return Err(DataDirError::Recovery(
+                "that record does not hold wrapped keys".into(),
+            ));
+        }
+        if record.author != *site {
+            return Err(DataDirError::Recovery(format!(
+                "those wrapped keys belong to site {}, not {site}",
+                record.author
+            )));
+        }
+        let wrapped = WrappedKeys::decode(&record.body)
+            .map_err(|e| DataDirError::Recovery(format!("the wrapped keys are damaged: {e}")))?;
+        let (site_secret, vault_key) = wrapped
+            .unwrap(site, recovery_key)
+            .map_err(|e| DataDirError::Recovery(e.to_string()))?;
+        let site_key = SigningKey::from_bytes(&site_secret);
+        if site_key.verifying_key().to_bytes() != site.0 {
+            return Err(DataDirError::Recovery(
+                "the wrapped site key does not match the site id".into(),
+            ));
+        }
+
+        let existing = root.join("FORMAT").exists();
+        if existing && root.join("keys/site.key").exists() {
+            return Err(DataDirError::Recovery(format!(
+                "{} already holds this site's keys; there is nothing to recover",
+                root.display()
+            )));
+        }
+        if !existing && fs::read_dir(root).is_ok_and(|mut entries| entries.next().is_some()) {
+            return Err(damaged(root, "it is not empty; recover into an empty or new directory, or into the data dir that lost its keys"));
+        }
+        create_private_dir(root)?;
+        let lock = lock(root)?;
+        let site_name = if existing {
+            let site_file = read_site_file(root)?;
+            if site_file.site_public_key != hex(&site.0) {
+                return Err(DataDirError::Recovery(format!(
+                    "{} belongs to another site",
+                    root.display()
+                )));
+            }
+            site_file.site_name
+        } else {
+            let name = site_name.unwrap_or("recovered site");
+            check_site_name(name)?;
+            write_site_file(root, name, &site_key)?;
+            name.to_owned()
+        };
+        write_keys(root, &site_key, &vault_key, recovery_key)?;
+        write_durable(&root.join(WRAPPED_KEYS_FILE), wrapped_record)?;
+        if !existing {
+            write_format(root)?;
+        }
+        Ok(DataDir {
+            root: root.to_owned(),
+            site_name,
+            site_key,
+            vault_key,
+            recovery_key: Some(recovery_key.clone()),
             _lock: lock,
         })
     }
@@ -158,21 +232,34 @@ impl DataDir {
             });
         }
         let lock = lock(root)?;
-        let site_path = root.join("site.json");
-        let site: SiteFile = serde_json::from_slice(&fs::read(&site_path).map_err(io(&site_path))?)
-            .map_err(|e| damaged(root, &format!("site.json: {e}")))?;
+        let site = read_site_file(root)?;
         let site_key = SigningKey::from_bytes(&read_secret(root, &root.join("keys/site.key"))?);
         if hex(site_key.verifying_key().as_bytes()) != site.site_public_key {
             return Err(damaged(root, "keys/site.key does not match site.json"));
         }
         let vault_key = VaultKey::from_bytes(read_secret(root, &root.join("keys/vault.key"))?);
+        let recovery_path = root.join("keys/recovery.key");
+        let recovery_key = match recovery_path.exists() {
+            true => Some(RecoveryKey(read_secret(root, &recovery_path)?)),
+            false => None,
+        };
         Ok(DataDir {
             root: root.to_owned(),
             site_name: site.site_name,
             site_key,
             vault_key,
+            recovery_key,
             _lock: lock,
         })
+    }
+
+    pub fn site_id(&self) -> SiteId {
+        SiteId(self.site_key.verifying_key().to_bytes())
+    }
+
+    /// The signed wrapped-keys record, as stored at init (the mesh will carry it too).
+    pub fn wrapped_keys_path(&self) -> PathBuf {
+        self.root.join(WRAPPED_KEYS_FILE)
     }
 
     pub fn root(&self) -> &Path {
@@ -182,6 +269,87 @@ impl DataDir {
     pub fn store_dir(&self) -> PathBuf {
         self.root.join("store")
     }
+}
+
+fn check_site_name(site_name: &str) -> Result<(), DataDirError> {
+    if site_name.is_empty()
+        || site_name.len() > SITE_NAME_BYTES_MAX
+        || site_name.chars().any(char::is_control)
+    {
+        return Err(DataDirError::BadSiteName(site_name.to_owned()));
+    }
+    Ok(())
+}
+
+fn read_site_file(root: &Path) -> Result<SiteFile, DataDirError> {
+    let path = root.join("site.json");
+    serde_json::from_slice(&fs::read(&path).map_err(io(&path))?)
+        .map_err(|e| damaged(root, &format!("site.json: {e}")))
+}
+
+fn write_site_file(
+    root: &Path,
+    site_name: &str,
+    site_key: &SigningKey,
+) -> Result<(), DataDirError> {
+    let site = SiteFile {
+        site_name: site_name.to_owned(),
+        site_public_key: hex(site_key.verifying_key().as_bytes()),
+    };
+    write_durable(
+        &root.join("site.json"),
+        &serde_json::to_vec_pretty(&site).expect("site file serialises"),
+    )
+}
+
+fn write_keys(
+    root: &Path,
+    site_key: &SigningKey,
+    vault_key: &VaultKey,
+    recovery_key: &RecoveryKey,
+) -> Result<(), DataDirError> {
+    let keys = root.join("keys");
+    create_private_dir(&keys)?;
+    write_secret(&keys.join("site.key"), &site_key.to_bytes())?;
+    write_secret(&keys.join("vault.key"), vault_key.as_bytes())?;
+    write_secret(&keys.join("recovery.key"), &recovery_key.0)?;
+    sync_dir(&keys)
+}
+
+fn write_wrapped_keys(
+    root: &Path,
+    site_key: &SigningKey,
+    vault_key: &VaultKey,
+    recovery_key: &RecoveryKey,
+) -> Result<(), DataDirError> {
+    let site = SiteId(site_key.verifying_key().to_bytes());
+    let wrapped = WrappedKeys::wrap(
+        &site,
+        &site_key.to_bytes(),
+        vault_key,
+        recovery_key,
+        KdfParams::RECOMMENDED,
+        random_bytes(),
+        random_bytes(),
+    )
+    .map_err(|e| damaged(root, &e.to_string()))?;
+    let record = Record::sign(
+        site_key,
+        RecordKind::WrappedKeys,
+        [0; 32],
+        1,
+        wrapped.encode(),
+    );
+    write_durable(&root.join(WRAPPED_KEYS_FILE), &record.encode())
+}
+
+/// FORMAT goes last: a data dir without it is an interrupted init.
+fn write_format(root: &Path) -> Result<(), DataDirError> {
+    write_durable(
+        &root.join("FORMAT"),
+        format!("{FORMAT_PREFIX}{DATA_DIR_FORMAT}\n").as_bytes(),
+    )?;
+    sync_dir(root)
 }
 
 fn damaged(root: &Path, why: &str) -> DataDirError {
@@ -249,7 +417,7 @@ fn write_secret(path: &Path, bytes: &[u8]) -> Result<(), DataDirError> {
     file.sync_all().map_err(io(path))
 }
 
-fn read_secret(root: &Path, path: &Path) -> Result<[u8; 32], DataDirError> {
+fn read_secret<const N: usize>(root: &Path, path: &Path) -> Result<[u8; N], DataDirError> {
     let meta = fs::metadata(path).map_err(io(path))?;
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
@@ -259,7 +427,7 @@ fn read_secret(root: &Path, path: &Path) -> Result<[u8; 32], DataDirError> {
         });
     }
     let text = fs::read_to_string(path).map_err(io(path))?;
-    parse_hex::<32>("key", text.trim())
+    parse_hex::<N>("key", text.trim())
         .map_err(|e| damaged(root, &format!("{}: {e}", path.display())))
 }
 
