@@ -78,6 +78,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Show this site: name, id, fingerprint, nodes
+    Site {
+        #[command(subcommand)]
+        command: SiteCommand,
+    },
     /// Manage this site's keys
     Key {
         #[command(subcommand)]
@@ -106,6 +111,16 @@ enum Command {
     Verify {
         /// IMAGE (all its snapshots) or IMAGE@SNAPSHOT
         snapshot: Option<String>,
+        /// Print the result as JSON, for scripts
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum SiteCommand {
+    /// This site's id, name and fingerprint (read them to partners to compare), and its nodes
+    Show {
         /// Print the result as JSON, for scripts
         #[arg(long)]
         json: bool,
@@ -181,6 +196,26 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 println!("fingerprint: {}", site_id.fingerprint());
                 println!();
                 print_recovery_sheet(&site_id, &recovery_key);
+            }
+        }
+        Command::Site {
+            command: SiteCommand::Show { json },
+        } => {
+            let vault = open()?;
+            let (site_id, node_id) = (vault.dir.site_id(), vault.dir.node_id());
+            if json {
+                print_json(&serde_json::json!({
+                    "site_name": vault.dir.site_name,
+                    "site_id": site_id.to_string(),
+                    "fingerprint": site_id.fingerprint().to_string(),
+                    "nodes": [{ "node_id": node_id.to_string(), "this_machine": true }],
+                }));
+            } else {
+                println!("site:        {}", vault.dir.site_name);
+                println!("site id:     {site_id}");
+                println!("fingerprint: {}", site_id.fingerprint());
+                println!("nodes:");
+                println!("  {node_id}  (this machine)");
             }
         }
         Command::Key {

@@ -6,6 +6,7 @@
 //! site.json       site name and public site key
 //! keys/site.key   ed25519 secret key, hex (mode 0600)
 //! keys/vault.key  256-bit vault key, hex (mode 0600)
+//! keys/node.key   this machine's ed25519 node key, hex (mode 0600); never copied
 //! keys/recovery.key  the recovery key, hex (mode 0600), for `cairn key recovery-sheet`
 //! wrapped-keys.rec   signed record: site and vault keys sealed under the recovery key
 //! store/          pack files and the sled index (see store.rs)
@@ -17,7 +18,7 @@ use std::io::{Read, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use cairn_protocol::identity::{RecoveryKey, SiteId};
+use cairn_protocol::identity::{NodeId, RecoveryKey, SiteId};
 use cairn_protocol::ids::{hex, parse_hex};
 use cairn_protocol::record::{Record, RecordKind};
 use cairn_protocol::wrap::{KdfParams, WrappedKeys};
@@ -79,6 +80,9 @@ pub struct DataDir {
     pub vault_key: VaultKey,
     /// Absent only in data dirs made before recovery keys existed.
     pub recovery_key: Option<RecoveryKey>,
+    /// This machine's own key: every machine of a site has its own (later its libp2p
+    /// identity), made at init, at recovery, or on first open of an older data dir.
+    pub node_key: SigningKey,
     _lock: File,
 }
 
@@ -119,6 +123,7 @@ impl DataDir {
         write_keys(root, &site_key, &vault_key, &recovery_key)?;
         write_wrapped_keys(root, &site_key, &vault_key, &recovery_key)?;
         write_site_file(root, site_name, &site_key)?;
+        let node_key = node_key(root)?;
         write_format(root)?;
         Ok(DataDir {
             root: root.to_owned(),
@@ -126,6 +131,7 @@ impl DataDir {
             site_key,
             vault_key,
             recovery_key: Some(recovery_key),
+            node_key,
             _lock: lock,
         })
     }
@@ -197,6 +203,7 @@ impl DataDir {
         };
         write_keys(root, &site_key, &vault_key, recovery_key)?;
         write_durable(&root.join(WRAPPED_KEYS_FILE), wrapped_record)?;
+        let node_key = node_key(root)?;
         if !existing {
             write_format(root)?;
         }
@@ -206,6 +213,7 @@ impl DataDir {
             site_key,
             vault_key,
             recovery_key: Some(recovery_key.clone()),
+            node_key,
             _lock: lock,
         })
     }
@@ -243,14 +251,20 @@ impl DataDir {
             true => Some(RecoveryKey(read_secret(root, &recovery_path)?)),
             false => None,
         };
+        let node_key = node_key(root)?;
         Ok(DataDir {
             root: root.to_owned(),
             site_name: site.site_name,
             site_key,
             vault_key,
             recovery_key,
+            node_key,
             _lock: lock,
         })
+    }
+
+    pub fn node_id(&self) -> NodeId {
+        NodeId(self.node_key.verifying_key().to_bytes())
     }
 
     pub fn site_id(&self) -> SiteId {
@@ -269,6 +283,19 @@ impl DataDir {
     pub fn store_dir(&self) -> PathBuf {
         self.root.join("store")
     }
+}
+
+/// This machine's node key, made on first use.
+fn node_key(root: &Path) -> Result<SigningKey, DataDirError> {
+    let path = root.join("keys/node.key");
+    if path.exists() {
+        return Ok(SigningKey::from_bytes(&read_secret(root, &path)?));
+    }
+    let key = SigningKey::from_bytes(&random_bytes());
+    create_private_dir(&root.join("keys"))?;
+    write_secret(&path, &key.to_bytes())?;
+    sync_dir(&root.join("keys"))?;
+    Ok(key)
 }
 
 fn check_site_name(site_name: &str) -> Result<(), DataDirError> {

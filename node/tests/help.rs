@@ -16,7 +16,16 @@ fn help(args: &[&str]) -> String {
 #[test]
 fn every_command_has_help() {
     let top = help(&[]);
-    for command in ["init", "backup", "snapshots", "restore", "verify"] {
+    for command in [
+        "init",
+        "backup",
+        "snapshots",
+        "restore",
+        "verify",
+        "site",
+        "key",
+        "recover",
+    ] {
         assert!(
             top.contains(command),
             "top-level help does not list {command}"
@@ -29,6 +38,8 @@ fn every_command_has_help() {
     }
     assert!(help(&["backup"]).contains("- for stdin"));
     assert!(help(&["restore"]).contains("--force"));
+    assert!(help(&["site", "show"]).contains("--json"));
+    assert!(help(&["key", "recovery-sheet"]).contains("--yes"));
 }
 
 #[test]
