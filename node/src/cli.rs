@@ -15,7 +15,8 @@ use serde::Serialize;
 use crate::backup::{self, BackupOptions, ZSTD_LEVEL_DEFAULT};
 use crate::datadir::DataDir;
 use crate::source::Source;
-use crate::units;
+use crate::trust;
+use crate::units::{self, parse_duration_ms, parse_size};
 use crate::vault::Vault;
 use crate::{restore, verify};
 
@@ -83,6 +84,11 @@ enum Command {
         #[command(subcommand)]
         command: SiteCommand,
     },
+    /// Invite, accept, limit and revoke partner sites
+    Trust {
+        #[command(subcommand)]
+        command: TrustCommand,
+    },
     /// Manage this site's keys
     Key {
         #[command(subcommand)]
@@ -124,6 +130,55 @@ enum SiteCommand {
         /// Print the result as JSON, for scripts
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum TrustCommand {
+    /// Print an invite token for a partner consultant to accept
+    Invite {
+        /// What this site offers to store for the partner, e.g. 500GB or 2TiB
+        #[arg(long, value_parser = parse_size, default_value = "100GB")]
+        quota: u64,
+        /// How long the invite stays valid, e.g. 7d or 12h
+        #[arg(long, value_parser = parse_duration_ms, default_value = "7d")]
+        expires: u64,
+        /// Print the result as JSON, for scripts
+        #[arg(long)]
+        json: bool,
+    },
+    /// Accept a partner's invite: shows who is inviting and asks before trusting them
+    Accept {
+        /// The token from `cairn trust invite` (cairn-invite-...)
+        token: String,
+        /// What this site will store for the inviter [default: what they offered]
+        #[arg(long, value_parser = parse_size)]
+        quota: Option<u64>,
+        /// Do not ask for confirmation
+        #[arg(long)]
+        yes: bool,
+        /// Print the result as JSON, for scripts
+        #[arg(long)]
+        json: bool,
+    },
+    /// List partners and the quota each way
+    List {
+        /// Print the result as JSON, for scripts
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change what this site stores for a partner
+    Quota {
+        /// The partner's site id
+        site: String,
+        /// The new quota, e.g. 750GB
+        #[arg(value_parser = parse_size)]
+        size: u64,
+    },
+    /// Stop storing for a partner; the revocation wins over every earlier grant
+    Revoke {
+        /// The partner's site id
+        site: String,
     },
 }
 
@@ -198,6 +253,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 print_recovery_sheet(&site_id, &recovery_key);
             }
         }
+        Command::Trust { command } => return run_trust(&open()?, command),
         Command::Site {
             command: SiteCommand::Show { json },
         } => {
@@ -475,6 +531,117 @@ fn run(cli: Cli) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+fn run_trust(vault: &Vault, command: TrustCommand) -> Result<ExitCode> {
+    let now = units::now_unix_ms();
+    match command {
+        TrustCommand::Invite {
+            quota,
+            expires,
+            json,
+        } => {
+            let token = trust::invite(vault, quota, expires, now)?;
+            if json {
+                print_json(&serde_json::json!({
+                    "token": token.to_text(),
+                    "expires_unix_ms": token.expires_unix_ms,
+                    "quota_bytes": quota,
+                }));
+            } else {
+                println!("{}", token.to_text());
+                println!();
+                println!(
+                    "Send this to your partner; it offers {} of storage and expires {} UTC.",
+                    units::bytes(quota),
+                    units::utc(token.expires_unix_ms)
+                );
+                println!(
+                    "They will see your fingerprint: {}",
+                    vault.dir.site_id().fingerprint()
+                );
+            }
+        }
+        TrustCommand::Accept {
+            token,
+            quota,
+            yes,
+            json,
+        } => {
+            let token = trust::check_invite(vault, &token, now)?;
+            let quota = quota.unwrap_or(token.quota_bytes);
+            if !yes {
+                require_terminal()?;
+                eprintln!("Invite from {:?}", token.inviter_name);
+                eprintln!("  site id:     {}", token.inviter);
+                eprintln!("  fingerprint: {}", token.inviter.fingerprint());
+                eprintln!(
+                    "  they offer to store up to {} for this site; this site will store up to {} for them",
+                    units::bytes(token.quota_bytes),
+                    units::bytes(quota)
+                );
+                eprintln!("Compare the fingerprint with them (by phone) before you accept.");
+                confirm("Trust this site?")?;
+            }
+            trust::accept(vault, &token, quota)?;
+            if json {
+                print_json(&serde_json::json!({
+                    "site_id": token.inviter.to_string(),
+                    "name": token.inviter_name,
+                    "fingerprint": token.inviter.fingerprint().to_string(),
+                    "they_store_for_us_bytes": token.quota_bytes,
+                    "we_store_for_them_bytes": quota,
+                }));
+            } else {
+                println!(
+                    "now partners with {:?} ({})",
+                    token.inviter_name,
+                    token.inviter.fingerprint()
+                );
+            }
+        }
+        TrustCommand::List { json } => {
+            let partners = trust::partners(vault)?;
+            if json {
+                print_json(&partners);
+            } else if partners.is_empty() {
+                println!("no partners yet: `cairn trust invite` makes an invite to send one");
+            } else {
+                println!(
+                    "{:<24} {:<36} {:>14} {:>14}",
+                    "PARTNER", "FINGERPRINT", "THEY STORE", "WE STORE"
+                );
+                for p in &partners {
+                    let ours = if p.revoked {
+                        "revoked".into()
+                    } else {
+                        units::bytes(p.we_store_for_them_bytes)
+                    };
+                    println!(
+                        "{:<24} {:<36} {:>14} {:>14}",
+                        p.name,
+                        p.fingerprint,
+                        units::bytes(p.they_store_for_us_bytes),
+                        ours
+                    );
+                }
+            }
+        }
+        TrustCommand::Quota { site, size } => {
+            let site: SiteId = site.parse().context("SITE")?;
+            trust::set_quota(vault, &site, size)?;
+            println!(
+                "this site now stores up to {} for {site}",
+                units::bytes(size)
+            );
+        }
+        TrustCommand::Revoke { site } => {
+            let site: SiteId = site.parse().context("SITE")?;
+            trust::revoke(vault, &site)?;
+            println!("revoked {site}: this site stores nothing more for it");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn print_recovery_sheet(site_id: &SiteId, recovery_key: &RecoveryKey) {
     println!("RECOVERY KEY for site {site_id}:");
     println!();
@@ -485,11 +652,17 @@ fn print_recovery_sheet(site_id: &SiteId, recovery_key: &RecoveryKey) {
     println!("without it, a lost office means lost keys. Anyone holding it can read every backup.");
 }
 
-/// Asks on the terminal; refuses when there is none, since nothing could answer.
-fn confirm(question: &str) -> Result<()> {
+/// Refuses, before anything is shown, when there is no terminal to confirm on.
+fn require_terminal() -> Result<()> {
     if !std::io::stdin().is_terminal() {
         anyhow::bail!("no terminal to confirm on: pass --yes to go ahead");
     }
+    Ok(())
+}
+
+/// Asks on the terminal; refuses when there is none, since nothing could answer.
+fn confirm(question: &str) -> Result<()> {
+    require_terminal()?;
     eprint!("{question} [y/N] ");
     let mut answer = String::new();
     std::io::stdin().read_line(&mut answer)?;

@@ -8,6 +8,7 @@ pub mod datadir;
 pub mod restore;
 pub mod source;
 pub mod store;
+pub mod trust;
 pub mod units;
 pub mod vault;
 pub mod verify;

@@ -40,6 +40,12 @@ fn every_command_has_help() {
     assert!(help(&["restore"]).contains("--force"));
     assert!(help(&["site", "show"]).contains("--json"));
     assert!(help(&["key", "recovery-sheet"]).contains("--yes"));
+    for command in ["invite", "accept", "list", "quota", "revoke"] {
+        assert!(
+            help(&["trust", command]).contains("Usage: cairn trust"),
+            "trust {command} --help"
+        );
+    }
 }
 
 #[test]

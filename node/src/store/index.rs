@@ -34,6 +34,9 @@ impl ChunkLocation {
     }
 }
 
+/// Catalog (key, value) pairs.
+pub type CatalogEntries = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// Changes applied together: all or none, and durable when `commit` returns.
 #[derive(Default, Debug)]
 pub struct IndexBatch {
@@ -43,6 +46,8 @@ pub struct IndexBatch {
     pub snapshots: Vec<(SnapshotId, Vec<u8>)>,
     pub removed_chunks: Vec<ChunkId>,
     pub removed_packs: Vec<PackId>,
+    /// Small catalog entries (signed records, partners, used tokens), by key.
+    pub catalog: CatalogEntries,
 }
 
 pub trait MetaIndex: Send + Sync {
@@ -53,6 +58,9 @@ pub trait MetaIndex: Send + Sync {
     /// Sealed snapshot records, in id order.
     fn snapshots(&self) -> Result<Vec<(SnapshotId, Vec<u8>)>, StoreError>;
     fn n_chunks(&self) -> usize;
+    fn catalog_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Catalog entries whose key starts with `prefix`, in key order.
+    fn catalog_scan(&self, prefix: &[u8]) -> Result<CatalogEntries, StoreError>;
     /// Every chunk stored in `pack` (a full scan: for repairs, not hot paths).
     fn chunks_in_pack(&self, pack: PackId) -> Result<Vec<(ChunkId, ChunkLocation)>, StoreError>;
 }
@@ -60,6 +68,7 @@ pub trait MetaIndex: Send + Sync {
 const PREFIX_CHUNK: u8 = b'c';
 const PREFIX_PACK: u8 = b'p';
 const PREFIX_SNAPSHOT: u8 = b's';
+const PREFIX_CATALOG: u8 = b'k';
 
 pub struct SledIndex {
     db: sled::Db,
@@ -134,6 +143,9 @@ impl MetaIndex for SledIndex {
         for pack in &batch.removed_packs {
             sled_batch.remove(key(PREFIX_PACK, &pack.0.to_be_bytes()));
         }
+        for (k, v) in &batch.catalog {
+            sled_batch.insert(key(PREFIX_CATALOG, k), v.as_slice());
+        }
         self.db.apply_batch(sled_batch).map_err(index_error)?;
         self.db.flush().map_err(index_error)?;
         Ok(())
@@ -165,6 +177,23 @@ impl MetaIndex for SledIndex {
 
     fn n_chunks(&self) -> usize {
         self.db.scan_prefix([PREFIX_CHUNK]).count()
+    }
+
+    fn catalog_get(&self, k: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self
+            .db
+            .get(key(PREFIX_CATALOG, k))
+            .map_err(index_error)?
+            .map(|v| v.to_vec()))
+    }
+
+    fn catalog_scan(&self, prefix: &[u8]) -> Result<CatalogEntries, StoreError> {
+        let mut out = Vec::new();
+        for item in self.db.scan_prefix(key(PREFIX_CATALOG, prefix)) {
+            let (k, v) = item.map_err(index_error)?;
+            out.push((k[1..].to_vec(), v.to_vec()));
+        }
+        Ok(out)
     }
 
     fn chunks_in_pack(&self, pack: PackId) -> Result<Vec<(ChunkId, ChunkLocation)>, StoreError> {
