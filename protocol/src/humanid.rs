@@ -58,35 +58,12 @@ pub(crate) fn unbase32_vec(what: &'static str, chars: &[u8]) -> Result<Vec<u8>, 
 }
 
 fn unbase32<const N: usize>(what: &'static str, chars: &[u8]) -> Result<[u8; N], DecodeError> {
-    let mut out = [0u8; N];
-    let (mut buffer, mut n_bits, mut n_out) = (0u32, 0u32, 0usize);
-    for &c in chars {
-        let value = value_of(c).ok_or(DecodeError::Invalid {
-            what,
-            why: format!("{:?} is not a letter A-Z or digit 2-7", char::from(c)),
-        })?;
-        buffer = buffer << 5 | u32::from(value);
-        n_bits += 5;
-        if n_bits >= 8 {
-            n_bits -= 8;
-            if n_out == N {
-                return Err(DecodeError::Invalid {
-                    what,
-                    why: "too long".into(),
-                });
-            }
-            out[n_out] = (buffer >> n_bits) as u8;
-            n_out += 1;
-        }
-        buffer &= (1 << n_bits) - 1;
-    }
-    if n_out != N || buffer != 0 {
-        return Err(DecodeError::Invalid {
+    unbase32_vec(what, chars)?
+        .try_into()
+        .map_err(|_| DecodeError::Invalid {
             what,
             why: "wrong length".into(),
-        });
-    }
-    Ok(out)
+        })
 }
 
 /// Luhn mod 32 over a group: weights alternate 1, 2 from the left.
