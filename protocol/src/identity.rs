@@ -5,6 +5,8 @@
 use std::fmt;
 use std::str::FromStr;
 
+use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
+
 use crate::codec::DecodeError;
 use crate::humanid;
 
@@ -29,7 +31,25 @@ pub struct Fingerprint(pub [u8; FINGERPRINT_BYTES]);
 #[derive(Clone, PartialEq, Eq)]
 pub struct RecoveryKey(pub [u8; RECOVERY_KEY_BYTES]);
 
+/// Signs `message` under a domain-separating `context`, so a signature made for one kind
+/// of object can never be replayed as another.
+pub fn sign(key: &SigningKey, context: &[u8], message: &[u8]) -> [u8; 64] {
+    key.sign(&[context, message].concat()).to_bytes()
+}
+
 impl SiteId {
+    /// True when `signature` is this site's signature over `context` and `message`.
+    pub fn verifies(&self, context: &[u8], message: &[u8], signature: &[u8; 64]) -> bool {
+        VerifyingKey::from_bytes(&self.0)
+            .and_then(|key| {
+                key.verify(
+                    &[context, message].concat(),
+                    &Signature::from_bytes(signature),
+                )
+            })
+            .is_ok()
+    }
+
     pub fn fingerprint(&self) -> Fingerprint {
         let hash = blake3::derive_key(CONTEXT_FINGERPRINT, &self.0);
         let mut out = [0u8; FINGERPRINT_BYTES];

@@ -13,11 +13,11 @@
 //! For one (author, kind, key) the record with the highest version wins; a revocation is a
 //! trust grant with `revoked` set at a higher version, so it wins over every older grant.
 
-use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
+use ed25519_dalek::SigningKey;
 use thiserror::Error;
 
 use crate::codec::{DecodeError, Reader, Writer};
-use crate::identity::{NodeId, SiteId};
+use crate::identity::{sign, NodeId, SiteId};
 
 pub const RECORD_VERSION: u8 = 1;
 pub const RECORD_BODY_BYTES_MAX: u32 = 16 << 10;
@@ -89,7 +89,11 @@ impl Record {
             body,
             signature: [0; 64],
         };
-        record.signature = site_key.sign(&record.signed_bytes()).to_bytes();
+        record.signature = sign(
+            site_key,
+            SIGNING_CONTEXT,
+            &record.unsigned_encoding().finish(),
+        );
         record
     }
 
@@ -103,12 +107,6 @@ impl Record {
         w.u32(self.body.len() as u32);
         w.array(&self.body);
         w
-    }
-
-    fn signed_bytes(&self) -> Vec<u8> {
-        let mut bytes = SIGNING_CONTEXT.to_vec();
-        bytes.extend(self.unsigned_encoding().finish());
-        bytes
     }
 
     pub fn encode(&self) -> Vec<u8> {
@@ -152,13 +150,15 @@ impl Record {
     }
 
     pub fn verify_signature(&self) -> Result<(), RecordError> {
-        let key =
-            VerifyingKey::from_bytes(&self.author.0).map_err(|_| RecordError::BadSignature)?;
-        key.verify(
-            &self.signed_bytes(),
-            &Signature::from_bytes(&self.signature),
-        )
-        .map_err(|_| RecordError::BadSignature)
+        let message = self.unsigned_encoding().finish();
+        if self
+            .author
+            .verifies(SIGNING_CONTEXT, &message, &self.signature)
+        {
+            Ok(())
+        } else {
+            Err(RecordError::BadSignature)
+        }
     }
 
     /// True when `self` replaces `other` for the same (author, kind, key): a higher

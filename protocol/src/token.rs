@@ -10,12 +10,12 @@
 //! | [16] token id | [64] ed25519 signature over TOKEN_CONTEXT + all of the above
 //! ```
 
-use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
+use ed25519_dalek::SigningKey;
 use thiserror::Error;
 
 use crate::codec::{DecodeError, Reader, Writer};
 use crate::humanid;
-use crate::identity::SiteId;
+use crate::identity::{sign, SiteId};
 use crate::record::{get_addresses, put_addresses};
 
 pub const TOKEN_VERSION: u8 = 1;
@@ -69,7 +69,7 @@ impl InviteToken {
             token_id,
             signature: [0; 64],
         };
-        token.signature = site_key.sign(&token.signed_bytes()).to_bytes();
+        token.signature = sign(site_key, TOKEN_CONTEXT, &token.unsigned().finish());
         token
     }
 
@@ -83,12 +83,6 @@ impl InviteToken {
         w.u64(self.expires_unix_ms);
         w.array(&self.token_id);
         w
-    }
-
-    fn signed_bytes(&self) -> Vec<u8> {
-        let mut bytes = TOKEN_CONTEXT.to_vec();
-        bytes.extend(self.unsigned().finish());
-        bytes
     }
 
     pub fn encode(&self) -> Vec<u8> {
@@ -149,13 +143,12 @@ impl InviteToken {
             .strip_prefix(INVITE_PREFIX)
             .ok_or(TokenError::NotAnInvite)?;
         let token = InviteToken::decode(&humanid::unbase32_vec("invite token", body.as_bytes())?)?;
-        let key =
-            VerifyingKey::from_bytes(&token.inviter.0).map_err(|_| TokenError::BadSignature)?;
-        key.verify(
-            &token.signed_bytes(),
-            &Signature::from_bytes(&token.signature),
-        )
-        .map_err(|_| TokenError::BadSignature)?;
+        if !token
+            .inviter
+            .verifies(TOKEN_CONTEXT, &token.unsigned().finish(), &token.signature)
+        {
+            return Err(TokenError::BadSignature);
+        }
         if now_unix_ms > token.expires_unix_ms {
             return Err(TokenError::Expired(
                 (now_unix_ms - token.expires_unix_ms) / 60_000,
