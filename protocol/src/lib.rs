@@ -10,13 +10,15 @@
 //! Identity and trust: `identity` names sites and nodes (and prints their ids so people can
 //! read them aloud, via `humanid`), `record` is the signed, versioned fact the catalog will
 //! carry (node certificates, trust grants), `wrap` seals a site's keys under its recovery
-//! key, and `token` is the signed, expiring invite one partner sends another.
+//! key, and `token` is the signed, expiring invite one partner sends another. `join` is the
+//! token that makes a new machine a node of its site, with the site's keys sealed to it.
 
 pub mod chunk;
 pub mod codec;
 pub mod humanid;
 pub mod identity;
 pub mod ids;
+pub mod join;
 pub mod keys;
 pub mod manifest;
 pub mod record;

@@ -23,24 +23,32 @@ pub const RECORD_VERSION: u8 = 1;
 pub const RECORD_BODY_BYTES_MAX: u32 = 16 << 10;
 pub const ADDRESSES_MAX: usize = 16;
 pub const ADDRESS_BYTES_MAX: usize = 256;
+/// Site and node names: what a person recognises, bounded like everything else.
+pub const NAME_BYTES_MAX: usize = 64;
 const SIGNING_CONTEXT: &[u8] = b"cairn 2026-11 record v1\0";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum RecordKind {
-    /// "node N belongs to site S", with address hints and offered capacity. Key: node id.
+    /// "node N belongs to site S", with its name, address hints and offered capacity.
+    /// Key: node id.
     NodeCert = 1,
     /// "site A stores data for site B up to Q bytes" (or revokes that). Key: B's site id.
     TrustGrant = 2,
     /// The site and vault keys, sealed under the recovery key. Key: all zeros.
     WrappedKeys = 3,
+    /// A snapshot of one of the author's images, sealed with its vault key so only the
+    /// site can read it; partners carry it so a recovered site can find its snapshots.
+    /// Key: the snapshot id, zero-padded.
+    Snapshot = 4,
 }
 
 impl RecordKind {
-    fn from_u8(value: u8) -> Option<RecordKind> {
+    pub fn from_u8(value: u8) -> Option<RecordKind> {
         match value {
             1 => Some(RecordKind::NodeCert),
             2 => Some(RecordKind::TrustGrant),
             3 => Some(RecordKind::WrappedKeys),
+            4 => Some(RecordKind::Snapshot),
             _ => None,
         }
     }
@@ -220,8 +228,56 @@ pub fn validate(record: &Record, trust: &impl TrustView) -> Result<(), RecordErr
                 ));
             }
         }
+        // Sealed: only the author's site can check the body; its size is bounded above.
+        RecordKind::Snapshot => {}
     }
     Ok(())
+}
+
+/// Checks an address list against the limits its encoding enforces, so input from a
+/// person is refused with a message instead of tripping the encoder's assertion.
+pub fn check_addresses(addresses: &[String]) -> Result<(), RecordError> {
+    if addresses.len() > ADDRESSES_MAX {
+        return Err(RecordError::NotAllowed(format!(
+            "{} addresses given; at most {ADDRESSES_MAX}",
+            addresses.len()
+        )));
+    }
+    match addresses
+        .iter()
+        .find(|a| a.is_empty() || a.len() > ADDRESS_BYTES_MAX || a.chars().any(char::is_control))
+    {
+        Some(bad) => Err(RecordError::NotAllowed(format!(
+            "address {bad:?} must be 1 to {ADDRESS_BYTES_MAX} printable bytes"
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// True for a name a site or node may have: 1 to `NAME_BYTES_MAX` bytes, no control
+/// characters.
+pub fn is_valid_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= NAME_BYTES_MAX && !name.chars().any(char::is_control)
+}
+
+pub(crate) fn put_name(w: &mut Writer, name: &str) {
+    assert!(is_valid_name(name), "callers check names");
+    w.short_bytes(name.as_bytes());
+}
+
+pub(crate) fn get_name(r: &mut Reader<'_>, what: &'static str) -> Result<String, DecodeError> {
+    let bytes = r.short_bytes()?;
+    let name = std::str::from_utf8(bytes).map_err(|_| DecodeError::Invalid {
+        what,
+        why: "not UTF-8".into(),
+    })?;
+    if !is_valid_name(name) {
+        return Err(DecodeError::Invalid {
+            what,
+            why: format!("must be 1 to {NAME_BYTES_MAX} printable bytes"),
+        });
+    }
+    Ok(name.to_owned())
 }
 
 pub(crate) fn put_addresses(w: &mut Writer, addresses: &[String]) {
@@ -266,11 +322,18 @@ pub(crate) fn get_addresses(r: &mut Reader<'_>) -> Result<Vec<String>, DecodeErr
     Ok(addresses)
 }
 
-/// Body of a `NodeCert` record.
+/// Body of a `NodeCert` record:
+///
+/// ```text
+/// [32] node id | [32] site id | u16 + name | addresses (u8 count, u16 + each)
+/// | u64 capacity offered (bytes; 0 = not stated)
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NodeCert {
     pub node: NodeId,
     pub site: SiteId,
+    /// What people call the machine, e.g. "front desk PC".
+    pub name: String,
     pub addresses: Vec<String>,
     pub capacity_bytes: u64,
 }
@@ -280,6 +343,7 @@ impl NodeCert {
         let mut w = Writer::default();
         w.array(&self.node.0);
         w.array(&self.site.0);
+        put_name(&mut w, &self.name);
         put_addresses(&mut w, &self.addresses);
         w.u64(self.capacity_bytes);
         w.finish()
@@ -289,6 +353,7 @@ impl NodeCert {
         let cert = NodeCert {
             node: NodeId(r.array()?),
             site: SiteId(r.array()?),
+            name: get_name(&mut r, "node name")?,
             addresses: get_addresses(&mut r)?,
             capacity_bytes: r.u64()?,
         };
@@ -406,8 +471,9 @@ mod tests {
         }
 
         #[test]
-        fn node_certs_round_trip(node: [u8; 32], capacity: u64, addresses in proptest::collection::vec("[a-z0-9/.:]{0,40}", 0..4)) {
-            let cert = NodeCert { node: NodeId(node), site: SiteId([1; 32]), addresses, capacity_bytes: capacity };
+        fn node_certs_round_trip(node: [u8; 32], capacity: u64, name in "[a-zA-Z0-9 ]{1,64}", addresses in proptest::collection::vec("[a-z0-9/.:]{1,40}", 0..4)) {
+            prop_assert!(check_addresses(&addresses).is_ok());
+            let cert = NodeCert { node: NodeId(node), site: SiteId([1; 32]), name, addresses, capacity_bytes: capacity };
             prop_assert_eq!(NodeCert::decode(&cert.encode()).unwrap(), cert);
         }
     }
@@ -438,6 +504,7 @@ mod tests {
         let cert = NodeCert {
             node: NodeId([9; 32]),
             site: site(&key(2)),
+            name: "front desk".into(),
             addresses: vec![],
             capacity_bytes: 0,
         };
@@ -450,5 +517,17 @@ mod tests {
         let mut stolen = record.clone();
         stolen.signature = grant(&key(3), site(&key(2)), 1, 1, false).signature;
         assert_eq!(validate(&stolen, &TrustAll), Err(RecordError::BadSignature));
+    }
+
+    #[test]
+    fn names_and_addresses_are_checked_before_encoding() {
+        assert!(is_valid_name("front desk PC"));
+        for bad in ["", "tab\there", &"x".repeat(NAME_BYTES_MAX + 1)] {
+            assert!(!is_valid_name(bad), "{bad:?}");
+        }
+        assert!(check_addresses(&["/ip4/10.0.0.2/udp/4001/quic-v1".into()]).is_ok());
+        assert!(check_addresses(&[String::new()]).is_err());
+        assert!(check_addresses(&["x".repeat(ADDRESS_BYTES_MAX + 1)]).is_err());
+        assert!(check_addresses(&vec!["a".into(); ADDRESSES_MAX + 1]).is_err());
     }
 }

@@ -16,11 +16,10 @@ use thiserror::Error;
 use crate::codec::{DecodeError, Reader, Writer};
 use crate::humanid;
 use crate::identity::{sign, SiteId};
-use crate::record::{get_addresses, put_addresses};
+use crate::record::{get_addresses, get_name, put_addresses, put_name};
 
 pub const TOKEN_VERSION: u8 = 1;
 pub const INVITE_PREFIX: &str = "cairn-invite-";
-pub const SITE_NAME_BYTES_MAX: usize = 64;
 const TOKEN_CONTEXT: &[u8] = b"cairn 2026-11 invite v1\0";
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -56,10 +55,6 @@ impl InviteToken {
         expires_unix_ms: u64,
         token_id: [u8; 16],
     ) -> InviteToken {
-        assert!(
-            inviter_name.len() <= SITE_NAME_BYTES_MAX,
-            "site names are bounded at init"
-        );
         let mut token = InviteToken {
             inviter: SiteId(site_key.verifying_key().to_bytes()),
             inviter_name: inviter_name.to_owned(),
@@ -77,7 +72,7 @@ impl InviteToken {
         let mut w = Writer::default();
         w.u8(TOKEN_VERSION);
         w.array(&self.inviter.0);
-        w.short_bytes(self.inviter_name.as_bytes());
+        put_name(&mut w, &self.inviter_name);
         put_addresses(&mut w, &self.addresses);
         w.u64(self.quota_bytes);
         w.u64(self.expires_unix_ms);
@@ -95,19 +90,7 @@ impl InviteToken {
         let mut r = Reader::new(bytes);
         r.version("invite token", TOKEN_VERSION)?;
         let inviter = SiteId(r.array()?);
-        let name = r.short_bytes()?;
-        if name.len() > SITE_NAME_BYTES_MAX {
-            return Err(DecodeError::Invalid {
-                what: "site name",
-                why: "too long".into(),
-            });
-        }
-        let inviter_name = std::str::from_utf8(name)
-            .map_err(|_| DecodeError::Invalid {
-                what: "site name",
-                why: "not UTF-8".into(),
-            })?
-            .to_owned();
+        let inviter_name = get_name(&mut r, "site name")?;
         let addresses = get_addresses(&mut r)?;
         let quota_bytes = r.u64()?;
         let expires_unix_ms = r.u64()?;
@@ -127,22 +110,14 @@ impl InviteToken {
 
     /// The token as text to paste into a mail or chat.
     pub fn to_text(&self) -> String {
-        let body = humanid::base32(&self.encode());
-        format!(
-            "{INVITE_PREFIX}{}",
-            String::from_utf8(body)
-                .expect("base32 is ASCII")
-                .to_lowercase()
-        )
+        to_text(INVITE_PREFIX, &self.encode())
     }
 
     /// Parses and checks a token: its form, its signature, and that it has not expired.
     pub fn from_text(text: &str, now_unix_ms: u64) -> Result<InviteToken, TokenError> {
-        let body = text
-            .trim()
-            .strip_prefix(INVITE_PREFIX)
-            .ok_or(TokenError::NotAnInvite)?;
-        let token = InviteToken::decode(&humanid::unbase32_vec("invite token", body.as_bytes())?)?;
+        let bytes =
+            from_text(INVITE_PREFIX, "invite token", text).ok_or(TokenError::NotAnInvite)??;
+        let token = InviteToken::decode(&bytes)?;
         if !token
             .inviter
             .verifies(TOKEN_CONTEXT, &token.unsigned().finish(), &token.signature)
@@ -156,6 +131,24 @@ impl InviteToken {
         }
         Ok(token)
     }
+}
+
+/// A token as text: `prefix` and the lower-case base32 of its bytes, to paste into a mail
+/// or chat. The token's own signature guards it, so there are no check characters.
+pub(crate) fn to_text(prefix: &str, bytes: &[u8]) -> String {
+    let body = String::from_utf8(humanid::base32(bytes)).expect("base32 is ASCII");
+    format!("{prefix}{}", body.to_lowercase())
+}
+
+/// The bytes of a token's text (surrounding whitespace ignored), or None when the text
+/// does not start with `prefix`.
+pub(crate) fn from_text(
+    prefix: &str,
+    what: &'static str,
+    text: &str,
+) -> Option<Result<Vec<u8>, DecodeError>> {
+    let body = text.trim().strip_prefix(prefix)?;
+    Some(humanid::unbase32_vec(what, body.as_bytes()))
 }
 
 #[cfg(test)]
@@ -210,7 +203,7 @@ mod tests {
             let mut bytes = token().encode();
             let bit = bit % (bytes.len() * 8);
             bytes[bit / 8] ^= 1 << (bit % 8);
-            let text = format!("{INVITE_PREFIX}{}", String::from_utf8(humanid::base32(&bytes)).unwrap());
+            let text = to_text(INVITE_PREFIX, &bytes);
             prop_assert!(InviteToken::from_text(&text, 1_000_000).is_err());
         }
 
