@@ -12,16 +12,25 @@
 //! carry (node certificates, trust grants), `wrap` seals a site's keys under its recovery
 //! key, and `token` is the signed, expiring invite one partner sends another. `join` is the
 //! token that makes a new machine a node of its site, with the site's keys sealed to it.
+//!
+//! The mesh: `catalog` merges signed records as a CRDT and reads trust from them,
+//! `placement` picks the sites and nodes for each chunk by weighted rendezvous hashing,
+//! and `engine` is the sans-IO state machine that gossips, detects failures, replicates,
+//! repairs and trims; `rng` is the seeded generator it and the simulator draw from.
 
+pub mod catalog;
 pub mod chunk;
 pub mod codec;
+pub mod engine;
 pub mod humanid;
 pub mod identity;
 pub mod ids;
 pub mod join;
 pub mod keys;
 pub mod manifest;
+pub mod placement;
 pub mod record;
+pub mod rng;
 pub mod seal;
 pub mod snapshot;
 pub mod token;

@@ -64,6 +64,8 @@ pub enum RecordError {
     UntrustedAuthor(SiteId),
     #[error("record not allowed: {0}")]
     NotAllowed(String),
+    #[error("bad address hints: {0}")]
+    BadAddresses(String),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -238,8 +240,8 @@ pub fn validate(record: &Record, trust: &impl TrustView) -> Result<(), RecordErr
 /// person is refused with a message instead of tripping the encoder's assertion.
 pub fn check_addresses(addresses: &[String]) -> Result<(), RecordError> {
     if addresses.len() > ADDRESSES_MAX {
-        return Err(RecordError::NotAllowed(format!(
-            "{} addresses given; at most {ADDRESSES_MAX}",
+        return Err(RecordError::BadAddresses(format!(
+            "{} given, at most {ADDRESSES_MAX}",
             addresses.len()
         )));
     }
@@ -247,7 +249,7 @@ pub fn check_addresses(addresses: &[String]) -> Result<(), RecordError> {
         .iter()
         .find(|a| a.is_empty() || a.len() > ADDRESS_BYTES_MAX || a.chars().any(char::is_control))
     {
-        Some(bad) => Err(RecordError::NotAllowed(format!(
+        Some(bad) => Err(RecordError::BadAddresses(format!(
             "address {bad:?} must be 1 to {ADDRESS_BYTES_MAX} printable bytes"
         ))),
         None => Ok(()),

@@ -1,0 +1,374 @@
+//! The catalog: the set of signed records a node holds, merged as a CRDT. For each
+//! (author, kind, key) the record that `supersedes` the others wins, so merging is
+//! commutative, associative and idempotent, and every node that has seen the same records
+//! holds the same catalog whatever the order they arrived in.
+//!
+//! Anti-entropy compares catalogs author by author: `digest(author)` is an XOR of hashes of
+//! that author's records, kept up to date on every change, so two converged nodes prove it
+//! by exchanging one u64 per author.
+//!
+//! Trust is read from the catalog itself (see `TrustSets`): which sites this site stores
+//! for, which it revoked, and which its partners vouch for.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::identity::SiteId;
+use crate::record::{NodeCert, Record, RecordKind, TrustGrant, TrustView};
+
+/// How many records one catalog holds; a gossip peer cannot grow it past this.
+pub const CATALOG_RECORDS_MAX: usize = 1 << 20;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct RecordKey {
+    pub author: SiteId,
+    pub kind: RecordKind,
+    pub key: [u8; 32],
+}
+
+impl RecordKey {
+    pub fn of(record: &Record) -> RecordKey {
+        RecordKey {
+            author: record.author,
+            kind: record.kind,
+            key: record.key,
+        }
+    }
+}
+
+/// What anti-entropy exchanges about one record before sending it: enough to tell which
+/// side's copy wins without the body.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Entry {
+    pub kind: RecordKind,
+    pub key: [u8; 32],
+    pub version: u64,
+    /// The first bytes of the signature: breaks ties between two records of one version.
+    pub tag: u64,
+}
+
+impl Entry {
+    pub fn of(record: &Record) -> Entry {
+        Entry {
+            kind: record.kind,
+            key: record.key,
+            version: record.version,
+            tag: signature_tag(&record.signature),
+        }
+    }
+
+    /// True when a record with this entry would replace `record` (see `Record::supersedes`,
+    /// which compares whole signatures; the tag decides all but 1 in 2^64 ties the same way).
+    pub fn beats(&self, record: &Record) -> bool {
+        (self.version, self.tag) > (record.version, signature_tag(&record.signature))
+    }
+}
+
+fn signature_tag(signature: &[u8; 64]) -> u64 {
+    u64::from_be_bytes(signature[..8].try_into().expect("8 bytes"))
+}
+
+fn record_hash(record: &Record) -> u64 {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(&record.author.0);
+    hasher.update(&[record.kind as u8]);
+    hasher.update(&record.key);
+    hasher.update(&record.version.to_le_bytes());
+    hasher.update(&record.signature);
+    u64::from_le_bytes(
+        hasher.finalize().as_bytes()[..8]
+            .try_into()
+            .expect("8 bytes"),
+    )
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Insert {
+    /// The catalog had no record under this key.
+    New,
+    /// The record replaced an older one.
+    Replaced,
+    /// The catalog already had this record or a newer one; nothing changed.
+    Stale,
+    /// The catalog is full; nothing changed.
+    Full,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Catalog {
+    records: BTreeMap<RecordKey, Record>,
+    digests: BTreeMap<SiteId, u64>,
+}
+
+impl Catalog {
+    pub fn len(&self) -> usize {
+        self.records.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
+
+    /// Merges one record, which the caller has validated.
+    pub fn insert(&mut self, record: Record) -> Insert {
+        let key = RecordKey::of(&record);
+        let old_hash = match self.records.get(&key) {
+            Some(old) if !record.supersedes(old) => return Insert::Stale,
+            Some(old) => Some(record_hash(old)),
+            None if self.records.len() >= CATALOG_RECORDS_MAX => return Insert::Full,
+            None => None,
+        };
+        let digest = self.digests.entry(record.author).or_insert(0);
+        *digest ^= old_hash.unwrap_or(0) ^ record_hash(&record);
+        self.records.insert(key, record);
+        if old_hash.is_some() {
+            Insert::Replaced
+        } else {
+            Insert::New
+        }
+    }
+
+    pub fn get(&self, key: &RecordKey) -> Option<&Record> {
+        self.records.get(key)
+    }
+
+    pub fn records(&self) -> impl Iterator<Item = &Record> {
+        self.records.values()
+    }
+
+    pub fn by_author(&self, author: SiteId) -> impl Iterator<Item = &Record> {
+        let lo = RecordKey {
+            author,
+            kind: RecordKind::NodeCert,
+            key: [0; 32],
+        };
+        self.records
+            .range(lo..)
+            .take_while(move |(k, _)| k.author == author)
+            .map(|(_, r)| r)
+    }
+
+    pub fn authors(&self) -> impl Iterator<Item = SiteId> + '_ {
+        self.digests.keys().copied()
+    }
+
+    /// XOR of the hashes of `author`'s records; 0 when there are none.
+    pub fn digest(&self, author: &SiteId) -> u64 {
+        self.digests.get(author).copied().unwrap_or(0)
+    }
+
+    pub fn entries(&self, author: SiteId) -> Vec<Entry> {
+        self.by_author(author).map(Entry::of).collect()
+    }
+
+    /// Drops every record of `author` (a site no longer trusted); returns how many.
+    pub fn remove_author(&mut self, author: SiteId) -> usize {
+        let keys: Vec<RecordKey> = self.by_author(author).map(RecordKey::of).collect();
+        for key in &keys {
+            self.records.remove(key);
+        }
+        self.digests.remove(&author);
+        keys.len()
+    }
+
+    pub fn grant(&self, author: SiteId, grantee: SiteId) -> Option<TrustGrant> {
+        let record = self.records.get(&RecordKey {
+            author,
+            kind: RecordKind::TrustGrant,
+            key: grantee.0,
+        })?;
+        TrustGrant::decode(&record.body).ok()
+    }
+
+    pub fn grants_by(&self, author: SiteId) -> impl Iterator<Item = TrustGrant> + '_ {
+        self.by_author(author)
+            .filter(|r| r.kind == RecordKind::TrustGrant)
+            .filter_map(|r| TrustGrant::decode(&r.body).ok())
+    }
+
+    pub fn node_certs(&self) -> impl Iterator<Item = NodeCert> + '_ {
+        self.records
+            .values()
+            .filter(|r| r.kind == RecordKind::NodeCert)
+            .filter_map(|r| NodeCert::decode(&r.body).ok())
+    }
+
+    /// Who this site trusts, read from the grants in the catalog. One hop only: a site
+    /// this site stores for is a partner, and a site a partner stores for is vouched for
+    /// by that partner (so the holders of one owner's chunks can find and check each
+    /// other). A site this site revoked is never trusted, whoever vouches for it.
+    pub fn trust(&self, own: SiteId) -> TrustSets {
+        let mut partners = BTreeSet::new();
+        let mut revoked = BTreeSet::new();
+        for grant in self.grants_by(own) {
+            if grant.revoked {
+                revoked.insert(grant.grantee);
+            } else {
+                partners.insert(grant.grantee);
+            }
+        }
+        let mut vouched = BTreeSet::new();
+        for partner in &partners {
+            for grant in self.grants_by(*partner) {
+                if !grant.revoked
+                    && grant.grantee != own
+                    && !revoked.contains(&grant.grantee)
+                    && !partners.contains(&grant.grantee)
+                {
+                    vouched.insert(grant.grantee);
+                }
+            }
+        }
+        TrustSets {
+            own,
+            partners,
+            vouched,
+            revoked,
+        }
+    }
+
+    /// The sites that may hold `owner`'s chunks, with the quota each grants it: the owner
+    /// itself (unbounded) and every site that grants it storage and that the owner has
+    /// not revoked. Both sides must agree: a stranger cannot join an owner's placement by
+    /// granting it storage.
+    pub fn storers_for(&self, owner: SiteId) -> Vec<(SiteId, u64)> {
+        let mut out = vec![(owner, u64::MAX)];
+        for grant in self.grants_by(owner) {
+            if grant.revoked {
+                continue;
+            }
+            if let Some(back) = self.grant(grant.grantee, owner) {
+                if !back.revoked && back.quota_bytes > 0 {
+                    out.push((grant.grantee, back.quota_bytes));
+                }
+            }
+        }
+        out
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TrustSets {
+    pub own: SiteId,
+    pub partners: BTreeSet<SiteId>,
+    pub vouched: BTreeSet<SiteId>,
+    pub revoked: BTreeSet<SiteId>,
+}
+
+impl TrustView for TrustSets {
+    fn is_trusted(&self, site: &SiteId) -> bool {
+        *site == self.own || self.partners.contains(site) || self.vouched.contains(site)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ed25519_dalek::SigningKey;
+    use proptest::prelude::*;
+
+    fn key(i: u8) -> SigningKey {
+        SigningKey::from_bytes(&[i; 32])
+    }
+
+    fn grant(author: u8, grantee: u8, version: u64, quota: u64, revoked: bool) -> Record {
+        let grantee = SiteId(key(grantee).verifying_key().to_bytes());
+        let body = TrustGrant {
+            grantee,
+            quota_bytes: quota,
+            revoked,
+        }
+        .encode();
+        Record::sign(
+            &key(author),
+            RecordKind::TrustGrant,
+            grantee.0,
+            version,
+            body,
+        )
+    }
+
+    fn site(i: u8) -> SiteId {
+        SiteId(key(i).verifying_key().to_bytes())
+    }
+
+    fn merged(records: &[Record]) -> Catalog {
+        let mut catalog = Catalog::default();
+        for r in records {
+            catalog.insert(r.clone());
+        }
+        catalog
+    }
+
+    fn summary(c: &Catalog) -> (Vec<Record>, Vec<(SiteId, u64)>) {
+        (
+            c.records().cloned().collect(),
+            c.authors().map(|a| (a, c.digest(&a))).collect(),
+        )
+    }
+
+    fn arb_records() -> impl Strategy<Value = Vec<Record>> {
+        prop::collection::vec((1u8..4, 1u8..4, 1u64..4, 0u64..3, any::<bool>()), 0..12).prop_map(
+            |xs| {
+                xs.into_iter()
+                    .filter(|(a, b, ..)| a != b)
+                    .map(|(a, b, v, q, r)| grant(a, b, v, q, r))
+                    .collect()
+            },
+        )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        #[test]
+        fn merge_is_commutative_associative_idempotent(
+            a in arb_records(), b in arb_records(), c in arb_records()
+        ) {
+            let ab: Vec<Record> = a.iter().chain(&b).cloned().collect();
+            let ba: Vec<Record> = b.iter().chain(&a).cloned().collect();
+            prop_assert_eq!(summary(&merged(&ab)), summary(&merged(&ba)));
+            let ab_c: Vec<Record> = ab.iter().chain(&c).cloned().collect();
+            let bc: Vec<Record> = b.iter().chain(&c).cloned().collect();
+            let a_bc: Vec<Record> = a.iter().chain(&bc).cloned().collect();
+            prop_assert_eq!(summary(&merged(&ab_c)), summary(&merged(&a_bc)));
+            let aa: Vec<Record> = a.iter().chain(&a).cloned().collect();
+            prop_assert_eq!(summary(&merged(&aa)), summary(&merged(&a)));
+            // The digest is exactly a function of the merged contents.
+            let rebuilt = merged(&merged(&ab).records().cloned().collect::<Vec<_>>());
+            prop_assert_eq!(summary(&rebuilt), summary(&merged(&ab)));
+        }
+    }
+
+    #[test]
+    fn revocation_wins_and_changes_trust() {
+        let mut catalog = merged(&[grant(1, 2, 1, 10, false), grant(2, 3, 1, 10, false)]);
+        let trust = catalog.trust(site(1));
+        assert!(trust.partners.contains(&site(2)));
+        assert!(
+            trust.vouched.contains(&site(3)),
+            "a partner's partner is vouched for"
+        );
+        assert_eq!(catalog.insert(grant(1, 2, 2, 0, true)), Insert::Replaced);
+        assert_eq!(catalog.insert(grant(1, 2, 1, 50, false)), Insert::Stale);
+        let trust = catalog.trust(site(1));
+        assert!(trust.revoked.contains(&site(2)));
+        assert!(!trust.is_trusted(&site(2)));
+        assert!(
+            !trust.is_trusted(&site(3)),
+            "vouching ends with the partner"
+        );
+    }
+
+    #[test]
+    fn storers_need_both_sides() {
+        let catalog = merged(&[
+            grant(2, 1, 1, 500, false),
+            grant(3, 1, 1, 700, false),
+            grant(1, 2, 1, 0, false),
+        ]);
+        // Site 3 offers storage but site 1 never accepted it.
+        assert_eq!(
+            catalog.storers_for(site(1)),
+            vec![(site(1), u64::MAX), (site(2), 500)]
+        );
+    }
+}

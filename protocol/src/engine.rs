@@ -1,0 +1,566 @@
+//! The Engine: one node's share of the mesh as a deterministic state machine. It gossips
+//! the catalog, tracks which peers are alive, decides where every chunk belongs, pushes
+//! and repairs copies, trims extra ones and serves restores. It does no IO, reads no clock
+//! and draws no OS randomness: time comes in with every call, randomness from the seed,
+//! and everything it wants done comes out of the `poll_*` methods. The node runs it over
+//! libp2p and a pack store; the simulator runs hundreds of them on a virtual network.
+//!
+//! Submodules: `message` (the wire messages), `membership` (heartbeats and failure
+//! detection), `gossip` (catalog anti-entropy), `replication` (placement, sync, pushes,
+//! trims, snapshots acknowledged), `fetch` (restores).
+
+mod fetch;
+mod gossip;
+mod membership;
+pub mod message;
+mod replication;
+
+use std::collections::{BTreeMap, VecDeque};
+
+use crate::catalog::{Catalog, Insert, RecordKey, TrustSets};
+use crate::identity::{NodeId, SiteId};
+use crate::ids::ChunkId;
+use crate::record::{validate, Record, RecordError};
+use crate::rng::Rng;
+
+pub use fetch::{FetchError, FETCHES_MAX};
+use membership::Peer;
+pub use membership::PeerState;
+pub use message::Message;
+use replication::{Held, PendingSnapshot, PushQueue, ReadPurpose};
+
+/// How many peers one engine tracks.
+pub const PEERS_MAX: usize = 4096;
+/// Chunks one engine holds (the node's disk bounds this long before).
+pub const HELD_CHUNKS_MAX: usize = 1 << 26;
+/// Snapshots waiting to reach R sites.
+pub const PENDING_SNAPSHOTS_MAX: usize = 1024;
+/// Outputs waiting for the caller to take them; the caller drains after every call, so
+/// reaching this is a bug in the caller.
+pub const OUTPUTS_MAX: usize = 1 << 20;
+
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// R: distinct sites that hold each chunk, the owner's included.
+    pub replication_factor: usize,
+    pub gossip_interval_ms: u64,
+    /// Silence after which a peer is suspected (still placed on), then declared dead (its
+    /// chunks are placed elsewhere).
+    pub suspect_after_ms: u64,
+    pub dead_after_ms: u64,
+    /// How often this node compares its chunks with one co-holder.
+    pub sync_interval_ms: u64,
+    /// Bound on the bytes per second this node pushes to others, so a flapping peer
+    /// cannot start a storm.
+    pub push_bytes_per_sec: u64,
+    /// How many pushes may wait for an acknowledgement at once.
+    pub pushes_in_flight_max: usize,
+    /// How long a copy beyond R is kept before it is deleted (only once every target
+    /// confirmed it holds the chunk).
+    pub trim_grace_ms: u64,
+    /// How long a push or fetch waits for an answer before giving up on that peer.
+    pub request_timeout_ms: u64,
+}
+
+impl Default for EngineConfig {
+    fn default() -> EngineConfig {
+        EngineConfig {
+            replication_factor: 3,
+            gossip_interval_ms: 2_000,
+            suspect_after_ms: 30_000,
+            dead_after_ms: 300_000,
+            sync_interval_ms: 20_000,
+            push_bytes_per_sec: 40 << 20,
+            pushes_in_flight_max: 32,
+            trim_grace_ms: 3_600_000,
+            request_timeout_ms: 120_000,
+        }
+    }
+}
+
+/// A chunk as the engine knows it: whose it is, its id, and its sealed size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChunkRef {
+    pub owner: SiteId,
+    pub id: ChunkId,
+    pub size_bytes: u64,
+}
+
+/// What the caller must do to the node's disk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StorageOp {
+    /// Store a sealed chunk durably, then call `handle_write_done(op, ..)`.
+    Write {
+        op: u64,
+        owner: SiteId,
+        id: ChunkId,
+        sealed: Vec<u8>,
+    },
+    /// Read a sealed chunk, then call `handle_read_done(op, ..)`.
+    Read {
+        op: u64,
+        id: ChunkId,
+    },
+    Delete {
+        owner: SiteId,
+        id: ChunkId,
+    },
+    /// Persist a catalog record (replacing any older one under its key).
+    SaveRecord(Record),
+    DropRecord(RecordKey),
+}
+
+/// Things a person or the simulator's checkers may want to know.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    PeerSuspected(NodeId),
+    PeerDead(NodeId),
+    PeerLive(NodeId),
+    /// Every chunk of the snapshot is confirmed at R distinct sites.
+    SnapshotReplicated {
+        snapshot: [u8; 32],
+    },
+    ChunkStored {
+        chunk: ChunkRef,
+        from: NodeId,
+    },
+    /// A peer would not take a chunk (quota full, or it does not store for the owner).
+    PushRefused {
+        to: NodeId,
+        id: ChunkId,
+    },
+    /// This node's copy of a chunk could not be read back; it is forgotten so repair
+    /// brings it back from another site.
+    ChunkLost {
+        id: ChunkId,
+    },
+    Trimmed {
+        id: ChunkId,
+    },
+    /// A fetched chunk; the caller checks it and, if bad, fetches again excluding `from`.
+    Fetched {
+        owner: SiteId,
+        id: ChunkId,
+        from: NodeId,
+        sealed: Vec<u8>,
+    },
+    /// No reachable holder had the chunk.
+    FetchFailed {
+        owner: SiteId,
+        id: ChunkId,
+    },
+    RecordRejected {
+        from: NodeId,
+        error: String,
+    },
+    /// A message from a node that is not a peer of a trusted site; it changed nothing.
+    MessageRefused {
+        from: NodeId,
+    },
+}
+
+/// One node's replication state machine.
+///
+/// Call order, as with quinn-proto's `Connection`: feed every input through a `handle_*`
+/// method with the current time; after each call drain `poll_transmit`, `poll_storage`
+/// and `poll_event` until they return `None`; then call `handle_timeout` no later than
+/// `poll_timeout` says. Storage completions (`handle_write_done`, `handle_read_done`) are
+/// inputs like any other. On restart, build a new engine and feed it what was persisted:
+/// `load_record` for every saved record and `load_chunk` for every chunk on disk, before
+/// any other input.
+pub struct Engine {
+    config: EngineConfig,
+    node: NodeId,
+    site: SiteId,
+    rng: Rng,
+    /// The time of the latest input.
+    now_ms: u64,
+    catalog: Catalog,
+    trust: TrustSets,
+    peers: BTreeMap<NodeId, Peer>,
+    beat_cursor: usize,
+    held: BTreeMap<ChunkId, Held>,
+    used_by_owner: BTreeMap<SiteId, u64>,
+    /// Placement must be recomputed: membership or trust changed.
+    placement_stale: bool,
+    placement: replication::Placement,
+    pair_digests: BTreeMap<(NodeId, SiteId), [u64; message::PARTITIONS]>,
+    sync_cursor: usize,
+    offers: BTreeMap<(NodeId, SiteId), Vec<ChunkId>>,
+    pushes: PushQueue,
+    next_op: u64,
+    writes: BTreeMap<u64, (NodeId, ChunkRef)>,
+    reads: BTreeMap<u64, (ReadPurpose, ChunkId)>,
+    /// Held chunks this node is not a target for.
+    excess: std::collections::BTreeSet<ChunkId>,
+    pending_snapshots: BTreeMap<[u8; 32], PendingSnapshot>,
+    fetches: BTreeMap<ChunkId, fetch::Fetch>,
+    next_gossip_ms: u64,
+    next_sync_ms: u64,
+    transmits: VecDeque<(NodeId, Message)>,
+    storage: VecDeque<StorageOp>,
+    events: VecDeque<Event>,
+}
+
+impl Engine {
+    pub fn new(config: EngineConfig, node: NodeId, site: SiteId, seed: u64, now_ms: u64) -> Engine {
+        assert!(config.replication_factor >= 1, "R is at least 1");
+        assert!(config.suspect_after_ms <= config.dead_after_ms);
+        let mut rng = Rng::new(seed);
+        // Spread the first rounds so engines started together do not beat in lockstep.
+        let next_gossip_ms = now_ms + rng.below(config.gossip_interval_ms.max(1));
+        let next_sync_ms = now_ms + rng.below(config.sync_interval_ms.max(1));
+        Engine {
+            trust: Catalog::default().trust(site),
+            pushes: PushQueue::new(config.push_bytes_per_sec, now_ms),
+            config,
+            node,
+            site,
+            rng,
+            now_ms,
+            catalog: Catalog::default(),
+            peers: BTreeMap::new(),
+            beat_cursor: 0,
+            held: BTreeMap::new(),
+            used_by_owner: BTreeMap::new(),
+            placement_stale: true,
+            placement: replication::Placement::default(),
+            pair_digests: BTreeMap::new(),
+            sync_cursor: 0,
+            offers: BTreeMap::new(),
+            next_op: 0,
+            writes: BTreeMap::new(),
+            reads: BTreeMap::new(),
+            excess: std::collections::BTreeSet::new(),
+            pending_snapshots: BTreeMap::new(),
+            fetches: BTreeMap::new(),
+            next_gossip_ms,
+            next_sync_ms,
+            transmits: VecDeque::new(),
+            storage: VecDeque::new(),
+            events: VecDeque::new(),
+        }
+    }
+
+    pub fn node(&self) -> NodeId {
+        self.node
+    }
+
+    pub fn site(&self) -> SiteId {
+        self.site
+    }
+
+    pub fn catalog(&self) -> &Catalog {
+        &self.catalog
+    }
+
+    pub fn trust(&self) -> &TrustSets {
+        &self.trust
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    pub fn held(&self) -> impl Iterator<Item = ChunkRef> + '_ {
+        self.held.iter().map(|(id, h)| ChunkRef {
+            owner: h.owner,
+            id: *id,
+            size_bytes: h.size_bytes,
+        })
+    }
+
+    pub fn holds(&self, id: &ChunkId) -> bool {
+        self.held.contains_key(id)
+    }
+
+    pub fn peer_state(&self, node: &NodeId) -> Option<PeerState> {
+        self.peers.get(node).map(|p| p.state)
+    }
+
+    pub fn peers(&self) -> impl Iterator<Item = (NodeId, SiteId, PeerState)> + '_ {
+        self.peers.iter().map(|(id, p)| (*id, p.site, p.state))
+    }
+
+    /// Pushes queued or waiting for an acknowledgement.
+    pub fn pushes_pending(&self) -> usize {
+        self.pushes.len()
+    }
+
+    pub fn pending_snapshots(&self) -> usize {
+        self.pending_snapshots.len()
+    }
+
+    // ---- inputs -------------------------------------------------------------------
+
+    /// A record persisted before a restart; trusted as it was when saved, re-checked when
+    /// trust is next recomputed.
+    pub fn load_record(&mut self, record: Record) {
+        self.catalog.insert(record);
+        self.trust_changed();
+    }
+
+    /// A chunk found on this node's disk at start.
+    pub fn load_chunk(&mut self, chunk: ChunkRef) {
+        self.hold(chunk);
+    }
+
+    /// A record this site made (a grant, a node certificate, a snapshot): validated,
+    /// merged, persisted and gossiped like any other.
+    pub fn handle_local_record(&mut self, record: Record, now_ms: u64) -> Result<(), RecordError> {
+        self.now_ms = self.now_ms.max(now_ms);
+        self.accept_record(record, self.node, now_ms)
+    }
+
+    /// A new snapshot made on this node: its record and every chunk it references, all
+    /// already stored locally. The engine replicates them and emits `SnapshotReplicated`
+    /// once each chunk is confirmed at R sites.
+    pub fn handle_new_snapshot(
+        &mut self,
+        record: Record,
+        chunks: &[ChunkRef],
+        now_ms: u64,
+    ) -> Result<(), RecordError> {
+        self.now_ms = self.now_ms.max(now_ms);
+        let snapshot = record.key;
+        self.accept_record(record, self.node, now_ms)?;
+        for chunk in chunks {
+            self.hold(*chunk);
+        }
+        self.track_snapshot(snapshot, chunks);
+        self.after_input(now_ms);
+        Ok(())
+    }
+
+    pub fn handle_message(&mut self, from: NodeId, message: Message, now_ms: u64) {
+        self.now_ms = self.now_ms.max(now_ms);
+        let Some(peer_site) = self.peers.get(&from).map(|p| p.site) else {
+            self.push_event(Event::MessageRefused { from });
+            return;
+        };
+        if !self.trust.is_trusted_site(&peer_site) {
+            self.push_event(Event::MessageRefused { from });
+            return;
+        }
+        self.heard_from(from, now_ms);
+        match message {
+            Message::Gossip {
+                beats,
+                digests,
+                reply,
+            } => self.on_gossip(from, beats, digests, reply, now_ms),
+            Message::Entries { author, entries } => self.on_entries(from, author, entries),
+            Message::Records { records } => {
+                for record in records {
+                    // A failure here is reported as an event; the rest still merge.
+                    let _ = self.accept_record(record, from, now_ms);
+                }
+            }
+            Message::Want { author, keys } => self.on_want(from, author, keys),
+            Message::Offer { owner, ids } => self.on_offer(from, owner, ids),
+            Message::Need { owner, need, have } => self.on_need(from, owner, need, have),
+            Message::Push {
+                owner,
+                id,
+                size_bytes,
+                sealed,
+            } => self.on_push(from, owner, id, size_bytes, sealed),
+            Message::PushAck { owner, id, stored } => self.on_push_ack(from, owner, id, stored),
+            Message::SyncDigest { owner, digests } => self.on_sync_digest(from, owner, digests),
+            Message::SyncIds {
+                owner,
+                partition,
+                ids,
+                reply,
+            } => self.on_sync_ids(from, owner, partition, ids, reply),
+            Message::Fetch { owner, id } => self.on_fetch(from, owner, id),
+            Message::FetchReply { owner, id, sealed } => {
+                self.on_fetch_reply(from, owner, id, sealed, now_ms)
+            }
+        }
+        self.after_input(now_ms);
+    }
+
+    pub fn handle_timeout(&mut self, now_ms: u64) {
+        self.now_ms = self.now_ms.max(now_ms);
+        self.check_liveness(now_ms);
+        if now_ms >= self.next_gossip_ms {
+            self.next_gossip_ms = now_ms + self.config.gossip_interval_ms;
+            self.gossip_round(now_ms);
+        }
+        if now_ms >= self.next_sync_ms {
+            self.next_sync_ms = now_ms + self.config.sync_interval_ms;
+            self.sync_round(now_ms);
+        }
+        self.expire_fetches(now_ms);
+        self.after_input(now_ms);
+    }
+
+    pub fn handle_write_done(&mut self, op: u64, ok: bool, now_ms: u64) {
+        self.now_ms = self.now_ms.max(now_ms);
+        if let Some((from, chunk)) = self.writes.remove(&op) {
+            self.write_done(from, chunk, ok);
+        }
+        self.after_input(now_ms);
+    }
+
+    /// `sealed` is `None` when the chunk could not be read or no longer opens.
+    pub fn handle_read_done(&mut self, op: u64, sealed: Option<Vec<u8>>, now_ms: u64) {
+        self.now_ms = self.now_ms.max(now_ms);
+        if let Some((purpose, id)) = self.reads.remove(&op) {
+            self.read_done(purpose, id, sealed, now_ms);
+        }
+        self.after_input(now_ms);
+    }
+
+    // ---- outputs ------------------------------------------------------------------
+
+    pub fn poll_transmit(&mut self) -> Option<(NodeId, Message)> {
+        self.transmits.pop_front()
+    }
+
+    pub fn poll_storage(&mut self) -> Option<StorageOp> {
+        self.storage.pop_front()
+    }
+
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// When `handle_timeout` must next be called.
+    pub fn poll_timeout(&self) -> u64 {
+        let mut next = self.next_gossip_ms.min(self.next_sync_ms);
+        if let Some(at) = self.pushes.ready_at() {
+            next = next.min(at);
+        }
+        if let Some(at) = self.fetches.values().map(|f| f.deadline_ms).min() {
+            next = next.min(at);
+        }
+        next
+    }
+
+    // ---- shared plumbing ----------------------------------------------------------
+
+    fn send(&mut self, to: NodeId, message: Message) {
+        debug_assert_ne!(to, self.node, "an engine never messages itself");
+        assert!(
+            self.transmits.len() < OUTPUTS_MAX,
+            "caller drains transmits"
+        );
+        self.transmits.push_back((to, message));
+    }
+
+    fn push_storage(&mut self, op: StorageOp) {
+        assert!(
+            self.storage.len() < OUTPUTS_MAX,
+            "caller drains storage ops"
+        );
+        self.storage.push_back(op);
+    }
+
+    fn push_event(&mut self, event: Event) {
+        assert!(self.events.len() < OUTPUTS_MAX, "caller drains events");
+        self.events.push_back(event);
+    }
+
+    fn next_op(&mut self) -> u64 {
+        self.next_op += 1;
+        self.next_op
+    }
+
+    /// Work every input ends with: recompute placement if it went stale, send batched
+    /// offers, start the pushes the rate limit allows.
+    fn after_input(&mut self, now_ms: u64) {
+        if self.placement_stale {
+            self.rebuild_placement(now_ms);
+        }
+        self.flush_offers();
+        self.start_pushes(now_ms);
+    }
+
+    /// Validates and merges a record from `from` (this node for local records).
+    fn accept_record(
+        &mut self,
+        record: Record,
+        from: NodeId,
+        now_ms: u64,
+    ) -> Result<(), RecordError> {
+        if let Err(error) = validate(&record, &self.trust) {
+            if from != self.node {
+                self.push_event(Event::RecordRejected {
+                    from,
+                    error: error.to_string(),
+                });
+            }
+            return Err(error);
+        }
+        let kind = record.kind;
+        match self.catalog.insert(record.clone()) {
+            Insert::New | Insert::Replaced => {
+                self.push_storage(StorageOp::SaveRecord(record));
+                if kind != crate::record::RecordKind::Snapshot {
+                    self.trust_changed();
+                }
+            }
+            Insert::Stale => {}
+            Insert::Full => {
+                return Err(RecordError::NotAllowed("catalog full".into()));
+            }
+        }
+        if from == self.node {
+            self.after_input(now_ms);
+        }
+        Ok(())
+    }
+
+    /// Recomputes trust and the peer table from the catalog; drops the records of sites
+    /// no longer trusted.
+    fn trust_changed(&mut self) {
+        let trust = self.catalog.trust(self.site);
+        if trust != self.trust {
+            let dropped: Vec<SiteId> = self
+                .catalog
+                .authors()
+                .filter(|a| !trust.is_trusted_site(a))
+                .collect();
+            for author in dropped {
+                let keys: Vec<RecordKey> =
+                    self.catalog.by_author(author).map(RecordKey::of).collect();
+                self.catalog.remove_author(author);
+                for key in keys {
+                    self.push_storage(StorageOp::DropRecord(key));
+                }
+            }
+            self.trust = trust;
+        }
+        self.refresh_peers();
+        self.placement_stale = true;
+    }
+}
+
+trait TrustedSite {
+    fn is_trusted_site(&self, site: &SiteId) -> bool;
+}
+
+impl TrustedSite for TrustSets {
+    fn is_trusted_site(&self, site: &SiteId) -> bool {
+        use crate::record::TrustView;
+        self.is_trusted(site)
+    }
+}
+
+/// Partition of a chunk id: its top bits.
+pub fn partition_of(id: &ChunkId) -> usize {
+    usize::from(id.0[0]) * message::PARTITIONS / 256
+}
+
+/// The smallest id in a partition, for range scans.
+fn partition_start(partition: usize) -> ChunkId {
+    let mut id = [0u8; 32];
+    id[0] = (partition * 256 / message::PARTITIONS) as u8;
+    ChunkId(id)
+}
+
+fn chunk_hash(id: &ChunkId) -> u64 {
+    u64::from_le_bytes(id.0[8..16].try_into().expect("8 bytes"))
+}

@@ -1,0 +1,165 @@
+//! Membership and failure detection. The peers are the nodes certified by trusted sites.
+//! Every gossip message carries the sender's heartbeat (its clock) and a rotating sample
+//! of the freshest heartbeats it has heard, so news of a node spreads epidemically. A
+//! peer whose heartbeat has not advanced for `suspect_after_ms` (measured on this node's
+//! clock, so clock skew between offices does not matter) is suspected, after
+//! `dead_after_ms` dead; any newer heartbeat makes it live again. Only dead peers change
+//! placement, so a slow link causes suspicion, not data movement.
+
+use super::message::{Beat, BEATS_PER_MESSAGE_MAX};
+use super::{Engine, Event, TrustedSite, PEERS_MAX};
+use crate::identity::{NodeId, SiteId};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum PeerState {
+    Live,
+    Suspected,
+    Dead,
+}
+
+#[derive(Clone, Debug)]
+pub(super) struct Peer {
+    pub site: SiteId,
+    pub capacity_bytes: u64,
+    /// The newest heartbeat heard for this peer, on the peer's clock.
+    pub beat_ms: u64,
+    /// When that heartbeat arrived, on this node's clock.
+    pub heard_at_ms: u64,
+    pub state: PeerState,
+}
+
+impl Engine {
+    /// Brings the peer table in line with the node certificates of trusted sites. New
+    /// peers start live, with the grace of a full timeout before they can be suspected.
+    pub(super) fn refresh_peers(&mut self) {
+        let mut certified: Vec<(NodeId, SiteId, u64)> = self
+            .catalog
+            .node_certs()
+            .filter(|c| c.node != self.node && self.trust.is_trusted_site(&c.site))
+            .map(|c| (c.node, c.site, c.capacity_bytes))
+            .collect();
+        certified.truncate(PEERS_MAX);
+        let now_ms = self.now_ms;
+        self.peers
+            .retain(|id, _| certified.iter().any(|(n, ..)| n == id));
+        for (node, site, capacity_bytes) in certified {
+            let peer = self.peers.entry(node).or_insert(Peer {
+                site,
+                capacity_bytes,
+                beat_ms: 0,
+                heard_at_ms: now_ms,
+                state: PeerState::Live,
+            });
+            peer.site = site;
+            peer.capacity_bytes = capacity_bytes;
+        }
+    }
+
+    /// Direct contact: the peer is alive now.
+    pub(super) fn heard_from(&mut self, node: NodeId, now_ms: u64) {
+        if let Some(peer) = self.peers.get_mut(&node) {
+            peer.heard_at_ms = now_ms;
+        }
+        self.mark_live(node);
+    }
+
+    pub(super) fn merge_beats(&mut self, beats: &[Beat], now_ms: u64) {
+        for beat in beats.iter().take(BEATS_PER_MESSAGE_MAX) {
+            let Some(peer) = self.peers.get_mut(&beat.node) else {
+                continue;
+            };
+            if beat.beat_ms > peer.beat_ms {
+                peer.beat_ms = beat.beat_ms;
+                peer.heard_at_ms = now_ms;
+                self.mark_live(beat.node);
+            }
+        }
+    }
+
+    fn mark_live(&mut self, node: NodeId) {
+        let Some(peer) = self.peers.get_mut(&node) else {
+            return;
+        };
+        let was = peer.state;
+        if was != PeerState::Live {
+            peer.state = PeerState::Live;
+            self.push_event(Event::PeerLive(node));
+            if was == PeerState::Dead {
+                self.placement_stale = true;
+            }
+        }
+    }
+
+    /// Our heartbeat and a rotating sample of others, for the next gossip message.
+    pub(super) fn beats_to_send(&mut self, now_ms: u64) -> Vec<Beat> {
+        let mut beats = vec![Beat {
+            node: self.node,
+            beat_ms: now_ms,
+        }];
+        let known: Vec<Beat> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.beat_ms > 0 && p.state != PeerState::Dead)
+            .map(|(node, p)| Beat {
+                node: *node,
+                beat_ms: p.beat_ms,
+            })
+            .collect();
+        if !known.is_empty() {
+            let n = known.len().min(BEATS_PER_MESSAGE_MAX - 1);
+            for i in 0..n {
+                beats.push(known[(self.beat_cursor + i) % known.len()]);
+            }
+            self.beat_cursor = (self.beat_cursor + n) % known.len();
+        }
+        beats
+    }
+
+    pub(super) fn check_liveness(&mut self, now_ms: u64) {
+        let mut changes = Vec::new();
+        for (node, peer) in &mut self.peers {
+            let silent_ms = now_ms.saturating_sub(peer.heard_at_ms);
+            let state = if silent_ms >= self.config.dead_after_ms {
+                PeerState::Dead
+            } else if silent_ms >= self.config.suspect_after_ms {
+                PeerState::Suspected
+            } else {
+                PeerState::Live
+            };
+            // Only silence moves a peer down here; news moves it up (`mark_live`).
+            if state > peer.state {
+                peer.state = state;
+                changes.push((*node, state));
+            }
+        }
+        for (node, state) in changes {
+            match state {
+                PeerState::Suspected => self.push_event(Event::PeerSuspected(node)),
+                PeerState::Dead => {
+                    self.placement_stale = true;
+                    self.push_event(Event::PeerDead(node));
+                }
+                PeerState::Live => {}
+            }
+        }
+    }
+
+    /// A random peer to gossip with: usually a live one, sometimes a dead one, so two
+    /// halves of a healed partition find each other again.
+    pub(super) fn gossip_target(&mut self) -> Option<NodeId> {
+        let (alive, dead): (Vec<(&NodeId, &super::Peer)>, Vec<_>) = self
+            .peers
+            .iter()
+            .partition(|(_, p)| p.state != PeerState::Dead);
+        let pool: Vec<NodeId> = if !dead.is_empty() && (alive.is_empty() || self.rng.below(8) == 0)
+        {
+            dead.into_iter().map(|(n, _)| *n).collect()
+        } else {
+            alive.into_iter().map(|(n, _)| *n).collect()
+        };
+        if pool.is_empty() {
+            return None;
+        }
+        Some(pool[self.rng.below(pool.len() as u64) as usize])
+    }
+}

@@ -1,0 +1,791 @@
+//! Replication and repair: where each held chunk belongs, how copies get there, and when
+//! an extra copy may go.
+//!
+//! - Placement (`rebuild_placement`): for every owner whose chunks this node holds, the
+//!   sites that store for it and their nodes that are not dead; each held chunk gets its
+//!   R target nodes from `placement::targets`. Recomputed only when trust or membership
+//!   changes, never per message.
+//! - Sync: for every co-target peer and owner, this node keeps per-partition XOR digests
+//!   of the chunks both should hold and it does hold. Every `sync_interval_ms` it sends
+//!   one peer its digests; differing partitions are listed (`SyncIds`) and each side
+//!   pushes what the other lacks. Converged peers exchange 64 u64s per owner.
+//! - Offers: a node holding a chunk it is not a target for (the owner's backup node, a
+//!   site that was replaced, a returning node) offers it to the targets, pushes what they
+//!   lack, and deletes its copy only after `trim_grace_ms` and once every one of at least
+//!   R targets confirmed it holds the chunk. New snapshots are offered the same way, and
+//!   acknowledged once every chunk is confirmed at R distinct sites.
+//! - Pushes go through one queue, rate-limited by a token bucket and bounded in flight.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use super::message::{Message, IDS_PER_MESSAGE_MAX, PARTITIONS};
+use super::{
+    chunk_hash, partition_of, partition_start, ChunkRef, Engine, Event, PeerState, StorageOp,
+    HELD_CHUNKS_MAX, PENDING_SNAPSHOTS_MAX,
+};
+use crate::identity::{NodeId, SiteId};
+use crate::ids::ChunkId;
+use crate::placement::{self, Candidate, SiteNodes};
+
+/// Chunk writes waiting for the disk.
+pub const WRITES_IN_FLIGHT_MAX: usize = 256;
+/// Pushes waiting their turn.
+pub const PUSH_QUEUE_MAX: usize = 1 << 20;
+
+#[derive(Clone, Debug)]
+pub(super) struct Held {
+    pub owner: SiteId,
+    pub size_bytes: u64,
+    pub targets: Vec<NodeId>,
+    /// Set while this node is not one of the targets.
+    pub excess_since_ms: Option<u64>,
+    /// Targets that said they hold the chunk since placement last changed.
+    pub confirmed: BTreeSet<NodeId>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub(super) struct PendingSnapshot {
+    /// Chunks not yet at R sites, with the sites confirmed so far.
+    pub chunks: BTreeMap<ChunkId, BTreeSet<SiteId>>,
+}
+
+#[derive(Clone, Debug)]
+pub(super) enum ReadPurpose {
+    Push { to: NodeId },
+    Serve { to: NodeId, owner: SiteId },
+    Fetch { owner: SiteId },
+}
+
+/// Per owner: the sites that may hold its chunks and their nodes that are not dead.
+#[derive(Clone, Debug, Default)]
+pub(super) struct Placement {
+    pub by_owner: BTreeMap<SiteId, Vec<SiteNodes>>,
+}
+
+impl Placement {
+    pub fn targets(&self, owner: &SiteId, id: &ChunkId, r: usize) -> Vec<NodeId> {
+        self.by_owner
+            .get(owner)
+            .map(|sites| placement::targets(id, owner, sites, r))
+            .unwrap_or_default()
+    }
+
+    /// Every node that may hold `owner`'s chunks.
+    pub fn storer_nodes(&self, owner: &SiteId) -> Vec<NodeId> {
+        self.by_owner
+            .get(owner)
+            .map(|sites| {
+                sites
+                    .iter()
+                    .flat_map(|s| s.nodes.iter().map(|c| c.id))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+/// Pushes waiting, in flight, and the token bucket that paces them.
+pub(super) struct PushQueue {
+    queue: VecDeque<(NodeId, ChunkId)>,
+    queued: BTreeSet<(NodeId, ChunkId)>,
+    in_flight: BTreeMap<(NodeId, ChunkId), u64>,
+    bytes_per_sec: u64,
+    /// Bytes that may be sent now; negative after a chunk larger than the balance.
+    tokens: i64,
+    refilled_at_ms: u64,
+}
+
+impl PushQueue {
+    pub fn new(bytes_per_sec: u64, now_ms: u64) -> PushQueue {
+        assert!(bytes_per_sec > 0, "a zero push rate would stop all repair");
+        PushQueue {
+            queue: VecDeque::new(),
+            queued: BTreeSet::new(),
+            in_flight: BTreeMap::new(),
+            bytes_per_sec,
+            tokens: 0,
+            refilled_at_ms: now_ms,
+        }
+    }
+
+    fn burst(&self) -> i64 {
+        // One second of sending, and at least one largest chunk.
+        (self.bytes_per_sec.max(16 << 20)) as i64
+    }
+
+    fn refill(&mut self, now_ms: u64) {
+        let elapsed_ms = now_ms.saturating_sub(self.refilled_at_ms);
+        let add = u128::from(elapsed_ms) * u128::from(self.bytes_per_sec) / 1000;
+        self.tokens = (i128::from(self.tokens) + add as i128).min(i128::from(self.burst())) as i64;
+        self.refilled_at_ms = now_ms;
+    }
+
+    /// When a queued push could next start, if one is waiting on the rate limit alone.
+    pub fn ready_at(&self) -> Option<u64> {
+        if self.queue.is_empty() {
+            return None;
+        }
+        let earliest_expiry = self.in_flight.values().min().copied();
+        if self.tokens > 0 {
+            return earliest_expiry.or(Some(self.refilled_at_ms));
+        }
+        let wait_ms = (1 - self.tokens) as u64 * 1000 / self.bytes_per_sec + 1;
+        let at = self.refilled_at_ms + wait_ms;
+        Some(earliest_expiry.map_or(at, |e| e.min(at)))
+    }
+
+    pub fn len(&self) -> usize {
+        self.queue.len() + self.in_flight.len()
+    }
+}
+
+impl Engine {
+    /// Adds a chunk to what this node holds (after a write, at load, for a new snapshot).
+    pub(super) fn hold(&mut self, chunk: ChunkRef) {
+        if self.held.contains_key(&chunk.id) {
+            return;
+        }
+        assert!(
+            self.held.len() < HELD_CHUNKS_MAX,
+            "node holds at most HELD_CHUNKS_MAX"
+        );
+        self.held.insert(
+            chunk.id,
+            Held {
+                owner: chunk.owner,
+                size_bytes: chunk.size_bytes,
+                targets: Vec::new(),
+                excess_since_ms: None,
+                confirmed: BTreeSet::new(),
+            },
+        );
+        *self.used_by_owner.entry(chunk.owner).or_insert(0) += chunk.size_bytes;
+        if self.placement_stale || !self.placement.by_owner.contains_key(&chunk.owner) {
+            self.placement_stale = true;
+        } else {
+            self.place_chunk(chunk.id);
+        }
+    }
+
+    /// Forgets a chunk (deleted, or found lost on disk).
+    pub(super) fn unhold(&mut self, id: &ChunkId) {
+        let Some(held) = self.held.remove(id) else {
+            return;
+        };
+        let used = self.used_by_owner.entry(held.owner).or_insert(0);
+        *used = used.saturating_sub(held.size_bytes);
+        if held.excess_since_ms.is_none() {
+            self.xor_pair_digests(id, &held.owner, &held.targets);
+        }
+        self.excess.remove(id);
+    }
+
+    fn xor_pair_digests(&mut self, id: &ChunkId, owner: &SiteId, targets: &[NodeId]) {
+        let partition = partition_of(id);
+        for target in targets {
+            if *target != self.node {
+                let digests = self
+                    .pair_digests
+                    .entry((*target, *owner))
+                    .or_insert([0; PARTITIONS]);
+                digests[partition] ^= chunk_hash(id);
+            }
+        }
+    }
+
+    pub(super) fn rebuild_placement(&mut self, now_ms: u64) {
+        self.placement_stale = false;
+        let mut owners: BTreeSet<SiteId> = self.used_by_owner.keys().copied().collect();
+        owners.insert(self.site);
+        owners.extend(self.fetches.values().map(|f| f.owner));
+        let mut by_owner = BTreeMap::new();
+        for owner in owners {
+            let sites: Vec<SiteNodes> = self
+                .catalog
+                .storers_for(owner)
+                .into_iter()
+                .map(|(site, weight)| SiteNodes {
+                    site,
+                    weight,
+                    nodes: self.placeable_nodes(site),
+                })
+                .collect();
+            by_owner.insert(owner, sites);
+        }
+        self.placement = Placement { by_owner };
+        self.pair_digests.clear();
+        self.excess.clear();
+        let ids: Vec<ChunkId> = self.held.keys().copied().collect();
+        for id in ids {
+            self.place_chunk(id);
+        }
+        let _ = now_ms;
+    }
+
+    /// This site's nodes (with this one) or a partner's, those not declared dead.
+    fn placeable_nodes(&self, site: SiteId) -> Vec<Candidate<NodeId>> {
+        let mut nodes: Vec<Candidate<NodeId>> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.site == site && p.state != PeerState::Dead)
+            .map(|(id, p)| Candidate {
+                id: *id,
+                key: id.0,
+                weight: p.capacity_bytes.max(1),
+            })
+            .collect();
+        if site == self.site {
+            let capacity = self
+                .catalog
+                .node_certs()
+                .find(|c| c.node == self.node)
+                .map_or(1, |c| c.capacity_bytes.max(1));
+            nodes.push(Candidate {
+                id: self.node,
+                key: self.node.0,
+                weight: capacity,
+            });
+        }
+        nodes
+    }
+
+    /// Computes one held chunk's targets and files it as in place or excess.
+    fn place_chunk(&mut self, id: ChunkId) {
+        let r = self.config.replication_factor;
+        let now_ms = self.now_ms;
+        let Some(held) = self.held.get(&id) else {
+            return;
+        };
+        let owner = held.owner;
+        let targets = self.placement.targets(&owner, &id, r);
+        let in_place = targets.contains(&self.node);
+        let held = self.held.get_mut(&id).expect("looked up above");
+        held.targets = targets.clone();
+        held.confirmed.clear();
+        if in_place {
+            held.excess_since_ms = None;
+            self.xor_pair_digests(&id, &owner, &targets);
+        } else {
+            held.excess_since_ms.get_or_insert(now_ms);
+            self.excess.insert(id);
+            for target in targets {
+                self.offer(target, owner, id);
+            }
+        }
+    }
+
+    fn offer(&mut self, to: NodeId, owner: SiteId, id: ChunkId) {
+        if to != self.node {
+            self.offers.entry((to, owner)).or_default().push(id);
+        }
+    }
+
+    pub(super) fn flush_offers(&mut self) {
+        let offers = std::mem::take(&mut self.offers);
+        for ((to, owner), mut ids) in offers {
+            ids.sort_unstable();
+            ids.dedup();
+            for batch in ids.chunks(IDS_PER_MESSAGE_MAX) {
+                self.send(
+                    to,
+                    Message::Offer {
+                        owner,
+                        ids: batch.to_vec(),
+                    },
+                );
+            }
+        }
+    }
+
+    fn may_store_for(&self, owner: &SiteId) -> bool {
+        *owner == self.site || self.trust.partners.contains(owner)
+    }
+
+    fn quota_left(&self, owner: &SiteId) -> u64 {
+        if *owner == self.site {
+            return u64::MAX;
+        }
+        let granted = self
+            .catalog
+            .grant(self.site, *owner)
+            .filter(|g| !g.revoked)
+            .map_or(0, |g| g.quota_bytes);
+        let pending: u64 = self
+            .writes
+            .values()
+            .filter(|(_, c)| c.owner == *owner)
+            .map(|(_, c)| c.size_bytes)
+            .sum();
+        let used = self.used_by_owner.get(owner).copied().unwrap_or(0) + pending;
+        granted.saturating_sub(used)
+    }
+
+    // ---- messages -----------------------------------------------------------------
+
+    pub(super) fn on_offer(&mut self, from: NodeId, owner: SiteId, ids: Vec<ChunkId>) {
+        let may_store = self.may_store_for(&owner);
+        let (have, need): (Vec<ChunkId>, Vec<ChunkId>) =
+            ids.into_iter().partition(|id| self.held.contains_key(id));
+        let need = if may_store { need } else { Vec::new() };
+        self.send(from, Message::Need { owner, need, have });
+    }
+
+    pub(super) fn on_need(
+        &mut self,
+        from: NodeId,
+        owner: SiteId,
+        need: Vec<ChunkId>,
+        have: Vec<ChunkId>,
+    ) {
+        for id in have {
+            self.confirm(from, &id);
+        }
+        for id in need {
+            if self.held.get(&id).is_some_and(|h| h.owner == owner) {
+                self.queue_push(from, id);
+            }
+        }
+    }
+
+    pub(super) fn on_push(
+        &mut self,
+        from: NodeId,
+        owner: SiteId,
+        id: ChunkId,
+        size_bytes: u64,
+        sealed: Vec<u8>,
+    ) {
+        if self.held.contains_key(&id) {
+            self.send(
+                from,
+                Message::PushAck {
+                    owner,
+                    id,
+                    stored: true,
+                },
+            );
+            return;
+        }
+        if self.writes.values().any(|(_, c)| c.id == id) {
+            return; // already being written; the pusher retries after its timeout
+        }
+        let fits = self.may_store_for(&owner)
+            && sealed.len() as u64 <= size_bytes
+            && self.writes.len() < WRITES_IN_FLIGHT_MAX
+            && self.quota_left(&owner) >= size_bytes;
+        if !fits {
+            self.send(
+                from,
+                Message::PushAck {
+                    owner,
+                    id,
+                    stored: false,
+                },
+            );
+            return;
+        }
+        let op = self.next_op();
+        self.writes.insert(
+            op,
+            (
+                from,
+                ChunkRef {
+                    owner,
+                    id,
+                    size_bytes,
+                },
+            ),
+        );
+        self.push_storage(StorageOp::Write {
+            op,
+            owner,
+            id,
+            sealed,
+        });
+    }
+
+    pub(super) fn write_done(&mut self, from: NodeId, chunk: ChunkRef, ok: bool) {
+        if ok {
+            self.hold(chunk);
+            self.push_event(Event::ChunkStored { chunk, from });
+        }
+        if from != self.node {
+            self.send(
+                from,
+                Message::PushAck {
+                    owner: chunk.owner,
+                    id: chunk.id,
+                    stored: ok,
+                },
+            );
+        }
+    }
+
+    pub(super) fn on_push_ack(&mut self, from: NodeId, _owner: SiteId, id: ChunkId, stored: bool) {
+        self.pushes.in_flight.remove(&(from, id));
+        if stored {
+            self.confirm(from, &id);
+        } else {
+            self.push_event(Event::PushRefused { to: from, id });
+        }
+    }
+
+    pub(super) fn on_sync_digest(&mut self, from: NodeId, owner: SiteId, digests: Vec<u64>) {
+        if digests.len() != PARTITIONS {
+            return;
+        }
+        let mine = self
+            .pair_digests
+            .get(&(from, owner))
+            .copied()
+            .unwrap_or([0; PARTITIONS]);
+        for partition in 0..PARTITIONS {
+            if mine[partition] != digests[partition] {
+                let ids = self.shared_ids(from, owner, partition);
+                self.send(
+                    from,
+                    Message::SyncIds {
+                        owner,
+                        partition: partition as u16,
+                        ids,
+                        reply: true,
+                    },
+                );
+            }
+        }
+    }
+
+    /// The chunks of one partition of `owner` that this node holds and that both it and
+    /// `peer` should hold.
+    fn shared_ids(&self, peer: NodeId, owner: SiteId, partition: usize) -> Vec<ChunkId> {
+        let start = partition_start(partition);
+        self.held
+            .range(start..)
+            .take_while(|(id, _)| partition_of(id) == partition)
+            .filter(|(_, h)| {
+                h.owner == owner && h.excess_since_ms.is_none() && h.targets.contains(&peer)
+            })
+            .map(|(id, _)| *id)
+            .take(IDS_PER_MESSAGE_MAX)
+            .collect()
+    }
+
+    pub(super) fn on_sync_ids(
+        &mut self,
+        from: NodeId,
+        owner: SiteId,
+        partition: u16,
+        theirs: Vec<ChunkId>,
+        reply: bool,
+    ) {
+        let partition = usize::from(partition);
+        if partition >= PARTITIONS {
+            return;
+        }
+        let mine = self.shared_ids(from, owner, partition);
+        let theirs: BTreeSet<ChunkId> = theirs.into_iter().collect();
+        for id in &theirs {
+            self.confirm(from, id);
+        }
+        let mut they_lack = false;
+        for id in &mine {
+            if !theirs.contains(id) {
+                self.queue_push(from, *id);
+                they_lack = true;
+            }
+        }
+        let _ = they_lack;
+        let mine: BTreeSet<ChunkId> = mine.into_iter().collect();
+        if reply && theirs.iter().any(|id| !mine.contains(id)) {
+            self.send(
+                from,
+                Message::SyncIds {
+                    owner,
+                    partition: partition as u16,
+                    ids: mine.into_iter().collect(),
+                    reply: false,
+                },
+            );
+        }
+    }
+
+    // ---- pushes -------------------------------------------------------------------
+
+    fn queue_push(&mut self, to: NodeId, id: ChunkId) {
+        let key = (to, id);
+        if to == self.node
+            || self.pushes.queued.contains(&key)
+            || self.pushes.in_flight.contains_key(&key)
+            || self.pushes.queue.len() >= PUSH_QUEUE_MAX
+        {
+            return;
+        }
+        self.pushes.queued.insert(key);
+        self.pushes.queue.push_back(key);
+    }
+
+    pub(super) fn start_pushes(&mut self, now_ms: u64) {
+        self.pushes.refill(now_ms);
+        let expired: Vec<(NodeId, ChunkId)> = self
+            .pushes
+            .in_flight
+            .iter()
+            .filter(|(_, deadline)| **deadline <= now_ms)
+            .map(|(key, _)| *key)
+            .collect();
+        for key in expired {
+            self.pushes.in_flight.remove(&key);
+        }
+        while self.pushes.in_flight.len() < self.config.pushes_in_flight_max
+            && self.pushes.tokens > 0
+        {
+            let Some(key) = self.pushes.queue.pop_front() else {
+                break;
+            };
+            self.pushes.queued.remove(&key);
+            let (to, id) = key;
+            let Some(size_bytes) = self.held.get(&id).map(|h| h.size_bytes) else {
+                continue;
+            };
+            if self
+                .peers
+                .get(&to)
+                .is_none_or(|p| p.state == PeerState::Dead)
+            {
+                continue;
+            }
+            self.pushes.tokens -= size_bytes.min(i64::MAX as u64) as i64;
+            self.pushes
+                .in_flight
+                .insert(key, now_ms + self.config.request_timeout_ms);
+            let op = self.next_op();
+            self.reads.insert(op, (ReadPurpose::Push { to }, id));
+            self.push_storage(StorageOp::Read { op, id });
+        }
+    }
+
+    pub(super) fn read_done(
+        &mut self,
+        purpose: ReadPurpose,
+        id: ChunkId,
+        sealed: Option<Vec<u8>>,
+        now_ms: u64,
+    ) {
+        let Some(sealed) = sealed else {
+            if let ReadPurpose::Push { to } = purpose {
+                self.pushes.in_flight.remove(&(to, id));
+            }
+            if self.held.contains_key(&id) {
+                self.unhold(&id);
+                self.push_event(Event::ChunkLost { id });
+            }
+            match purpose {
+                ReadPurpose::Serve { to, owner } => self.send(
+                    to,
+                    Message::FetchReply {
+                        owner,
+                        id,
+                        sealed: None,
+                    },
+                ),
+                ReadPurpose::Fetch { owner } => self.fetch_remote(owner, id, now_ms),
+                ReadPurpose::Push { .. } => {}
+            }
+            return;
+        };
+        let Some((owner, size_bytes)) = self.held.get(&id).map(|h| (h.owner, h.size_bytes)) else {
+            return;
+        };
+        match purpose {
+            ReadPurpose::Push { to } => self.send(
+                to,
+                Message::Push {
+                    owner,
+                    id,
+                    size_bytes,
+                    sealed,
+                },
+            ),
+            ReadPurpose::Serve { to, owner } => self.send(
+                to,
+                Message::FetchReply {
+                    owner,
+                    id,
+                    sealed: Some(sealed),
+                },
+            ),
+            ReadPurpose::Fetch { owner } => {
+                self.fetches.remove(&id);
+                self.push_event(Event::Fetched {
+                    owner,
+                    id,
+                    from: self.node,
+                    sealed,
+                });
+            }
+        }
+    }
+
+    // ---- confirmations, snapshots, trims ------------------------------------------
+
+    /// `node` said it holds `id`.
+    fn confirm(&mut self, node: NodeId, id: &ChunkId) {
+        let Some(site) = self.peers.get(&node).map(|p| p.site) else {
+            return;
+        };
+        if let Some(held) = self.held.get_mut(id) {
+            if held.targets.contains(&node) {
+                held.confirmed.insert(node);
+            }
+        }
+        let r = self.config.replication_factor;
+        let mut done = Vec::new();
+        for (snapshot, pending) in &mut self.pending_snapshots {
+            if let Some(sites) = pending.chunks.get_mut(id) {
+                sites.insert(site);
+                if sites.len() >= r {
+                    pending.chunks.remove(id);
+                }
+                if pending.chunks.is_empty() {
+                    done.push(*snapshot);
+                }
+            }
+        }
+        for snapshot in done {
+            self.pending_snapshots.remove(&snapshot);
+            self.push_event(Event::SnapshotReplicated { snapshot });
+        }
+    }
+
+    pub(super) fn track_snapshot(&mut self, snapshot: [u8; 32], chunks: &[ChunkRef]) {
+        if self.pending_snapshots.len() >= PENDING_SNAPSHOTS_MAX {
+            return; // not tracked: it still replicates, it is just never acknowledged
+        }
+        if self.placement_stale {
+            self.rebuild_placement(self.now_ms);
+        }
+        let r = self.config.replication_factor;
+        let mut pending = PendingSnapshot::default();
+        for chunk in chunks {
+            let mut sites = BTreeSet::from([self.site]);
+            if let Some(held) = self.held.get(&chunk.id) {
+                sites.extend(
+                    held.confirmed
+                        .iter()
+                        .filter_map(|n| self.peers.get(n).map(|p| p.site)),
+                );
+                if sites.len() < r {
+                    for target in held.targets.clone() {
+                        self.offer(target, chunk.owner, chunk.id);
+                    }
+                }
+            }
+            if sites.len() < r {
+                pending.chunks.insert(chunk.id, sites);
+            }
+        }
+        if pending.chunks.is_empty() {
+            self.push_event(Event::SnapshotReplicated { snapshot });
+        } else {
+            self.pending_snapshots.insert(snapshot, pending);
+        }
+    }
+
+    pub(super) fn sync_round(&mut self, now_ms: u64) {
+        self.sync_with_next_peer();
+        self.reoffer(now_ms);
+        self.trim(now_ms);
+    }
+
+    fn sync_with_next_peer(&mut self) {
+        let peers: Vec<NodeId> = self
+            .pair_digests
+            .keys()
+            .map(|(peer, _)| *peer)
+            .filter(|p| {
+                self.peers
+                    .get(p)
+                    .is_some_and(|p| p.state != PeerState::Dead)
+            })
+            .collect::<BTreeSet<NodeId>>()
+            .into_iter()
+            .collect();
+        if peers.is_empty() {
+            return;
+        }
+        let peer = peers[self.sync_cursor % peers.len()];
+        self.sync_cursor = self.sync_cursor.wrapping_add(1);
+        let owners: Vec<(SiteId, [u64; PARTITIONS])> = self
+            .pair_digests
+            .range((peer, SiteId([0; 32]))..=(peer, SiteId([0xff; 32])))
+            .map(|((_, owner), digests)| (*owner, *digests))
+            .collect();
+        for (owner, digests) in owners {
+            self.send(
+                peer,
+                Message::SyncDigest {
+                    owner,
+                    digests: digests.to_vec(),
+                },
+            );
+        }
+    }
+
+    /// Offers again what is not yet confirmed: chunks of snapshots not yet at R sites,
+    /// and extra copies whose targets have not all confirmed.
+    fn reoffer(&mut self, _now_ms: u64) {
+        let mut offers = Vec::new();
+        for pending in self.pending_snapshots.values() {
+            for (id, sites) in &pending.chunks {
+                if let Some(held) = self.held.get(id) {
+                    for target in &held.targets {
+                        let site = self.peers.get(target).map(|p| p.site);
+                        if site.is_some_and(|s| !sites.contains(&s)) {
+                            offers.push((*target, held.owner, *id));
+                        }
+                    }
+                }
+            }
+        }
+        for id in &self.excess {
+            if let Some(held) = self.held.get(id) {
+                for target in &held.targets {
+                    if !held.confirmed.contains(target) {
+                        offers.push((*target, held.owner, *id));
+                    }
+                }
+            }
+        }
+        for (to, owner, id) in offers {
+            self.offer(to, owner, id);
+        }
+    }
+
+    /// Deletes extra copies that every one of at least R targets confirmed, once the
+    /// grace period is over; and, after the same grace, the chunks of an owner this site
+    /// no longer stores for (whose other holders have had that long to repair).
+    fn trim(&mut self, now_ms: u64) {
+        let r = self.config.replication_factor;
+        let grace_ms = self.config.trim_grace_ms;
+        let doomed: Vec<ChunkId> = self
+            .excess
+            .iter()
+            .filter(|id| {
+                let held = &self.held[*id];
+                let since = held.excess_since_ms.unwrap_or(now_ms);
+                let ripe = now_ms.saturating_sub(since) >= grace_ms;
+                let safe = held.targets.len() >= r
+                    && held.targets.iter().all(|t| held.confirmed.contains(t));
+                let unwanted = held.owner != self.site && !self.may_store_for(&held.owner);
+                ripe && (safe || unwanted)
+            })
+            .copied()
+            .collect();
+        for id in doomed {
+            let owner = self.held[&id].owner;
+            self.unhold(&id);
+            self.push_storage(StorageOp::Delete { owner, id });
+            self.push_event(Event::Trimmed { id });
+        }
+    }
+}
