@@ -29,10 +29,12 @@ use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use cairn_protocol::identity::SiteId;
 use cairn_protocol::seal::SEALED_BYTES_MAX;
 use cairn_protocol::ChunkId;
 use thiserror::Error;
 
+use index::decode_counter;
 pub use index::{ChunkLocation, IndexBatch, MetaIndex, SledIndex};
 
 const PACK_MAGIC: &[u8; 8] = b"CAIRNPAK";
@@ -52,6 +54,22 @@ const PACK_WRITE_BUFFER_BYTES: usize = 4 << 20;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct PackId(pub u32);
+
+/// Catalog counters, each a u64 under a prefix + site id: bytes this store holds for that
+/// site, bytes that site holds for us, and when we last heard from it (unix ms).
+const KEY_HELD_FOR: &[u8] = b"held/";
+const KEY_HELD_BY: &[u8] = b"held-by/";
+const KEY_SEEN: &[u8] = b"seen/";
+
+/// What this node and another site store for each other, and when it was last heard from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SiteUsage {
+    /// Sealed bytes of that site's chunks in this store.
+    pub held_for_them_bytes: u64,
+    /// Sealed bytes of this site's chunks that site has confirmed it holds.
+    pub held_by_them_bytes: u64,
+    pub last_seen_unix_ms: Option<u64>,
+}
 
 #[derive(Debug, Error)]
 pub enum StoreError {
@@ -297,6 +315,50 @@ impl Store {
             snapshots,
             ..IndexBatch::default()
         })
+    }
+
+    /// Counts `delta_bytes` more (or, negative, fewer) of `owner`'s sealed bytes held in
+    /// this store. The mesh calls it when it stores or drops a partner's chunk; the count
+    /// never goes below zero. Returns the new count.
+    pub fn add_held_for(&self, owner: &SiteId, delta_bytes: i64) -> Result<u64, StoreError> {
+        self.add_counter(KEY_HELD_FOR, owner, delta_bytes)
+    }
+
+    /// Counts `delta_bytes` more (or fewer) of this site's sealed bytes held by `holder`,
+    /// as the mesh learns of copies placed there or dropped.
+    pub fn add_held_by(&self, holder: &SiteId, delta_bytes: i64) -> Result<u64, StoreError> {
+        self.add_counter(KEY_HELD_BY, holder, delta_bytes)
+    }
+
+    /// Notes that `site` was heard from at `now_unix_ms` (an older time changes nothing).
+    pub fn note_seen(&self, site: &SiteId, now_unix_ms: u64) -> Result<(), StoreError> {
+        let key = [KEY_SEEN, &site.0].concat();
+        self.index
+            .catalog_update_u64(&key, &|seen| seen.max(now_unix_ms))?;
+        Ok(())
+    }
+
+    pub fn usage(&self, site: &SiteId) -> Result<SiteUsage, StoreError> {
+        let counter = |prefix: &[u8]| -> Result<Option<u64>, StoreError> {
+            let stored = self.index.catalog_get(&[prefix, &site.0].concat())?;
+            stored.as_deref().map(decode_counter).transpose()
+        };
+        Ok(SiteUsage {
+            held_for_them_bytes: counter(KEY_HELD_FOR)?.unwrap_or(0),
+            held_by_them_bytes: counter(KEY_HELD_BY)?.unwrap_or(0),
+            last_seen_unix_ms: counter(KEY_SEEN)?,
+        })
+    }
+
+    fn add_counter(
+        &self,
+        prefix: &[u8],
+        site: &SiteId,
+        delta_bytes: i64,
+    ) -> Result<u64, StoreError> {
+        let key = [prefix, &site.0].concat();
+        self.index
+            .catalog_update_u64(&key, &|count| count.saturating_add_signed(delta_bytes))
     }
 
     /// Total bytes in pack files.
@@ -596,6 +658,29 @@ mod tests {
             bytes[bit / 8] ^= 1 << (bit % 8);
             prop_assert_eq!(read_entry(&mut &bytes[..], bytes.len() as u64), None);
         }
+    }
+
+    #[test]
+    fn usage_counts_never_go_negative_and_last_seen_only_moves_forward() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::open(tmp.path()).unwrap();
+        let (partner, other) = (SiteId([1; 32]), SiteId([2; 32]));
+        assert_eq!(store.usage(&partner).unwrap(), SiteUsage::default());
+        assert_eq!(store.add_held_for(&partner, 100).unwrap(), 100);
+        assert_eq!(store.add_held_for(&partner, -30).unwrap(), 70);
+        assert_eq!(store.add_held_by(&partner, 5).unwrap(), 5);
+        store.note_seen(&partner, 2_000).unwrap();
+        store.note_seen(&partner, 1_000).unwrap();
+        assert_eq!(
+            store.usage(&partner).unwrap(),
+            SiteUsage {
+                held_for_them_bytes: 70,
+                held_by_them_bytes: 5,
+                last_seen_unix_ms: Some(2_000),
+            }
+        );
+        assert_eq!(store.add_held_for(&partner, -1_000).unwrap(), 0);
+        assert_eq!(store.usage(&other).unwrap(), SiteUsage::default());
     }
 
     fn id(n: u8) -> ChunkId {

@@ -1,5 +1,6 @@
 //! The metadata index: chunk id -> location in a pack, how much of each pack is committed,
-//! and the sealed snapshot records. Bulk bytes never go here. The rest of the node sees only
+//! the sealed snapshot records, and small catalog entries (signed records, partners,
+//! counters). Bulk bytes never go here. The rest of the node sees only
 //! the `MetaIndex` trait; `SledIndex` is the implementation.
 
 use std::path::Path;
@@ -61,8 +62,22 @@ pub trait MetaIndex: Send + Sync {
     fn catalog_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
     /// Catalog entries whose key starts with `prefix`, in key order.
     fn catalog_scan(&self, prefix: &[u8]) -> Result<CatalogEntries, StoreError>;
+    /// Replaces the u64 at catalog `key` (0 when absent) with `update` of it, atomically
+    /// against other updates and durably; returns the new value.
+    fn catalog_update_u64(
+        &self,
+        key: &[u8],
+        update: &dyn Fn(u64) -> u64,
+    ) -> Result<u64, StoreError>;
     /// Every chunk stored in `pack` (a full scan: for repairs, not hot paths).
     fn chunks_in_pack(&self, pack: PackId) -> Result<Vec<(ChunkId, ChunkLocation)>, StoreError>;
+}
+
+/// A catalog counter's stored bytes as a u64.
+pub fn decode_counter(bytes: &[u8]) -> Result<u64, StoreError> {
+    <[u8; 8]>::try_from(bytes)
+        .map(u64::from_le_bytes)
+        .map_err(|_| StoreError::Index("malformed counter in the catalog".into()))
 }
 
 const PREFIX_CHUNK: u8 = b'c';
@@ -196,6 +211,29 @@ impl MetaIndex for SledIndex {
         Ok(out)
     }
 
+    fn catalog_update_u64(&self, k: &[u8], update: &dyn Fn(u64) -> u64) -> Result<u64, StoreError> {
+        let malformed = std::cell::Cell::new(None);
+        let stored = self
+            .db
+            .update_and_fetch(key(PREFIX_CATALOG, k), |old| {
+                let count = match old.map(decode_counter).transpose() {
+                    Ok(count) => count.unwrap_or(0),
+                    Err(e) => {
+                        // Left as it is, and reported below.
+                        malformed.set(Some(e));
+                        return old.map(<[u8]>::to_vec);
+                    }
+                };
+                Some(update(count).to_le_bytes().to_vec())
+            })
+            .map_err(index_error)?;
+        if let Some(e) = malformed.take() {
+            return Err(e);
+        }
+        self.db.flush().map_err(index_error)?;
+        decode_counter(&stored.expect("the update always stores a value"))
+    }
+
     fn chunks_in_pack(&self, pack: PackId) -> Result<Vec<(ChunkId, ChunkLocation)>, StoreError> {
         let mut out = Vec::new();
         for item in self.db.scan_prefix([PREFIX_CHUNK]) {
@@ -250,5 +288,25 @@ mod tests {
             vec![(SnapshotId([2; 16]), b"record".to_vec())]
         );
         assert_eq!(index.n_chunks(), 1);
+    }
+
+    #[test]
+    fn counters_start_at_zero_and_refuse_malformed_values() {
+        let tmp = tempfile::tempdir().unwrap();
+        let index = SledIndex::open(tmp.path()).unwrap();
+        assert_eq!(index.catalog_update_u64(b"n", &|n| n + 5).unwrap(), 5);
+        assert_eq!(index.catalog_update_u64(b"n", &|n| n * 3).unwrap(), 15);
+        assert_eq!(
+            index.catalog_get(b"n").unwrap(),
+            Some(15u64.to_le_bytes().to_vec())
+        );
+        index
+            .commit(IndexBatch {
+                catalog: vec![(b"bad".to_vec(), b"xyz".to_vec())],
+                ..IndexBatch::default()
+            })
+            .unwrap();
+        assert!(index.catalog_update_u64(b"bad", &|n| n + 1).is_err());
+        assert_eq!(index.catalog_get(b"bad").unwrap(), Some(b"xyz".to_vec()));
     }
 }
