@@ -1,5 +1,7 @@
 //! Two offices set up trust with the CLI: invite, accept (after seeing who is inviting),
-//! list, change quota, revoke; and every bad token or request changes nothing.
+//! list, change quota, revoke; and every bad token or request changes nothing. (A quota
+//! below what is already held is refused too: node/src/trust.rs tests that, since only
+//! the mesh fills the counts.)
 
 use cairn::Site;
 
@@ -23,7 +25,19 @@ fn invite_accept_limit_and_revoke() {
     let (smith, jones) = (Site::empty(), Site::empty());
     let smith_info = init(&smith, "Smith & Co, Main St");
     init(&jones, "Jones IT, Harbour Rd");
-    let token = invite(&smith, &["--quota", "500GB", "--expires", "7d"]);
+    let token = invite(
+        &smith,
+        &[
+            "--quota",
+            "500GB",
+            "--expires",
+            "7d",
+            "--address",
+            "/dns4/smith.example/udp/4001/quic-v1",
+            "--address",
+            "/ip4/203.0.113.9/udp/4001/quic-v1",
+        ],
+    );
     assert!(token.starts_with("cairn-invite-"));
 
     // Without a terminal and without --yes, nothing is accepted.
@@ -43,11 +57,23 @@ fn invite_accept_limit_and_revoke() {
     assert_eq!(smith_row["they_store_for_us_bytes"], 500_000_000_000u64);
     assert_eq!(smith_row["we_store_for_them_bytes"], 2u64 << 40);
     assert_eq!(smith_row["grant_version"], 1);
+    assert_eq!(
+        smith_row["addresses"],
+        serde_json::json!([
+            "/dns4/smith.example/udp/4001/quic-v1",
+            "/ip4/203.0.113.9/udp/4001/quic-v1"
+        ])
+    );
+    // Nothing is stored either way and nobody has been seen until the mesh runs.
+    assert_eq!(smith_row["we_hold_for_them_bytes"], 0);
+    assert_eq!(smith_row["they_hold_for_us_bytes"], 0);
+    assert_eq!(smith_row["last_seen_unix_ms"], serde_json::Value::Null);
     let human = jones.ok(&["trust", "list"]);
     assert!(
         human.contains("Smith & Co, Main St")
-            && human.contains("465.7 GiB")
-            && human.contains("2.0 TiB"),
+            && human.contains("0 B of 465.7 GiB")
+            && human.contains("0 B of 2.0 TiB")
+            && human.contains("never"),
         "{human}"
     );
 
@@ -136,6 +162,9 @@ fn bad_tokens_and_requests_change_nothing() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown unit"));
     let out = jones.run(&["trust", "invite", "--expires", "7y"]);
     assert_eq!(out.status.code(), Some(2));
+    let long = "x".repeat(300);
+    let line = jones.fails(&["trust", "invite", "--address", &long]);
+    assert!(line.contains("bad address hints"), "{line}");
     assert_eq!(partners(&jones), serde_json::json!([]));
 
     // The real token still works after all that.

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use cairn_protocol::identity::{RecoveryKey, SiteId};
+use cairn_protocol::identity::{NodeId, RecoveryKey, SiteId};
 use cairn_protocol::ImageName;
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -14,6 +14,7 @@ use serde::Serialize;
 
 use crate::backup::{self, BackupOptions, ZSTD_LEVEL_DEFAULT};
 use crate::datadir::DataDir;
+use crate::join::{self, NewNode};
 use crate::source::Source;
 use crate::trust;
 use crate::units::{self, parse_duration_ms, parse_size};
@@ -79,7 +80,7 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Show this site: name, id, fingerprint, nodes
+    /// Show this site, or add a machine to it as a node
     Site {
         #[command(subcommand)]
         command: SiteCommand,
@@ -113,6 +114,18 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Make this machine a node of an existing site: without TOKEN, show its node id to add
+    /// with `cairn site add-node`; with the token that prints, join
+    Join {
+        /// The token from `cairn site add-node` (cairn-join-...)
+        token: Option<String>,
+        /// Do not ask for confirmation
+        #[arg(long)]
+        yes: bool,
+        /// Print the result as JSON, for scripts
+        #[arg(long)]
+        json: bool,
+    },
     /// Read and open every chunk of the given snapshots (default: all) and name any damage
     Verify {
         /// IMAGE (all its snapshots) or IMAGE@SNAPSHOT
@@ -131,6 +144,30 @@ enum SiteCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Certify a new machine as a node of this site and print the join token that gives it
+    /// the site's keys (sealed to its node key, so only that machine can use it)
+    AddNode {
+        /// The node id `cairn join` printed on the new machine
+        node_id: String,
+        /// What to call the machine, e.g. "front desk PC" [default: "node" and its id's first group]
+        #[arg(long)]
+        name: Option<String>,
+        /// How long the token stays valid, e.g. 1h or 7d
+        #[arg(long, value_parser = parse_duration_ms, default_value = "1h")]
+        expires: u64,
+        /// Storage the machine offers to the mesh, e.g. 2TB [default: not stated]
+        #[arg(long, value_parser = parse_size)]
+        capacity: Option<u64>,
+        /// Where the machine can be reached (repeat for several), e.g. /ip4/10.0.0.7/udp/4001/quic-v1
+        #[arg(long = "address", value_name = "ADDR")]
+        addresses: Vec<String>,
+        /// Do not ask for confirmation
+        #[arg(long)]
+        yes: bool,
+        /// Print the result as JSON, for scripts
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -143,6 +180,9 @@ enum TrustCommand {
         /// How long the invite stays valid, e.g. 7d or 12h
         #[arg(long, value_parser = parse_duration_ms, default_value = "7d")]
         expires: u64,
+        /// Where this site's nodes can be reached, for the partner (repeat for several)
+        #[arg(long = "address", value_name = "ADDR")]
+        addresses: Vec<String>,
         /// Print the result as JSON, for scripts
         #[arg(long)]
         json: bool,
@@ -161,7 +201,7 @@ enum TrustCommand {
         #[arg(long)]
         json: bool,
     },
-    /// List partners and the quota each way
+    /// List partners: quota and bytes used each way, and when each was last seen
     List {
         /// Print the result as JSON, for scripts
         #[arg(long)]
@@ -254,33 +294,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
         }
         Command::Trust { command } => return run_trust(&open()?, command),
-        Command::Site {
-            command: SiteCommand::Show { json },
-        } => {
-            let vault = open()?;
-            let (site_id, node_id) = (vault.dir.site_id(), vault.dir.node_id());
-            if json {
-                print_json(&serde_json::json!({
-                    "site_name": vault.dir.site_name,
-                    "site_id": site_id.to_string(),
-                    "fingerprint": site_id.fingerprint().to_string(),
-                    "nodes": [{ "node_id": node_id.to_string(), "this_machine": true }],
-                }));
-            } else {
-                println!("site:        {}", vault.dir.site_name);
-                println!("site id:     {site_id}");
-                println!("fingerprint: {}", site_id.fingerprint());
-                println!("nodes:");
-                println!("  {node_id}  (this machine)");
-            }
-        }
+        Command::Site { command } => return run_site(&open()?, command),
+        Command::Join { token, yes, json } => return run_join(&data_dir, token, yes, json),
         Command::Key {
             command: KeyCommand::RecoverySheet { yes },
         } => {
             let vault = open()?;
             let Some(recovery_key) = vault.dir.recovery_key.clone() else {
                 anyhow::bail!(
-                    "this data dir was made before recovery keys existed; it has none to print"
+                    "this data dir holds no recovery key (it joined its site, or predates recovery keys): print it on the machine that made the site"
                 );
             };
             if !yes {
@@ -537,9 +559,10 @@ fn run_trust(vault: &Vault, command: TrustCommand) -> Result<ExitCode> {
         TrustCommand::Invite {
             quota,
             expires,
+            addresses,
             json,
         } => {
-            let token = trust::invite(vault, quota, expires, now)?;
+            let token = trust::invite(vault, quota, addresses, expires, now)?;
             if json {
                 print_json(&serde_json::json!({
                     "token": token.to_text(),
@@ -573,6 +596,9 @@ fn run_trust(vault: &Vault, command: TrustCommand) -> Result<ExitCode> {
                 eprintln!("Invite from {:?}", token.inviter_name);
                 eprintln!("  site id:     {}", token.inviter);
                 eprintln!("  fingerprint: {}", token.inviter.fingerprint());
+                if !token.addresses.is_empty() {
+                    eprintln!("  addresses:   {}", token.addresses.join(", "));
+                }
                 eprintln!(
                     "  they offer to store up to {} for this site; this site will store up to {} for them",
                     units::bytes(token.quota_bytes),
@@ -606,23 +632,26 @@ fn run_trust(vault: &Vault, command: TrustCommand) -> Result<ExitCode> {
                 println!("no partners yet: `cairn trust invite` makes an invite to send one");
             } else {
                 println!(
-                    "{:<24} {:<36} {:>14} {:>14}",
-                    "PARTNER", "FINGERPRINT", "THEY STORE", "WE STORE"
+                    "{:<24} {:<39} {:>24} {:>24}  LAST SEEN",
+                    "PARTNER", "FINGERPRINT", "THEY STORE FOR US", "WE STORE FOR THEM"
                 );
                 for p in &partners {
                     let ours = if p.revoked {
                         "revoked".into()
                     } else {
-                        units::bytes(p.we_store_for_them_bytes)
+                        used_of(p.we_hold_for_them_bytes, p.we_store_for_them_bytes)
                     };
                     println!(
-                        "{:<24} {:<36} {:>14} {:>14}",
+                        "{:<24} {:<39} {:>24} {:>24}  {}",
                         p.name,
                         p.fingerprint,
-                        units::bytes(p.they_store_for_us_bytes),
-                        ours
+                        used_of(p.they_hold_for_us_bytes, p.they_store_for_us_bytes),
+                        ours,
+                        p.last_seen_unix_ms
+                            .map_or("never".into(), |t| format!("{} UTC", units::utc(t)))
                     );
                 }
+                println!("(used / quota; the mesh fills in use and last seen once nodes connect)");
             }
         }
         TrustCommand::Quota { site, size } => {
@@ -638,6 +667,188 @@ fn run_trust(vault: &Vault, command: TrustCommand) -> Result<ExitCode> {
             trust::revoke(vault, &site)?;
             println!("revoked {site}: this site stores nothing more for it");
         }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// "1.2 GiB of 2.0 TiB": bytes used of a quota.
+fn used_of(used_bytes: u64, quota_bytes: u64) -> String {
+    format!(
+        "{} of {}",
+        units::bytes(used_bytes),
+        units::bytes(quota_bytes)
+    )
+}
+
+fn run_site(vault: &Vault, command: SiteCommand) -> Result<ExitCode> {
+    match command {
+        SiteCommand::Show { json } => show_site(vault, json)?,
+        SiteCommand::AddNode {
+            node_id,
+            name,
+            expires,
+            capacity,
+            addresses,
+            yes,
+            json,
+        } => {
+            let node: NodeId = node_id.parse().context("NODE_ID")?;
+            let new = NewNode {
+                node,
+                name,
+                addresses,
+                capacity_bytes: capacity.unwrap_or(0),
+            };
+            let cert = join::check_new_node(vault, new)?;
+            if !yes {
+                require_terminal()?;
+                eprintln!(
+                    "Node {node} ({:?}) will get the keys of site {:?} and can read every backup of it.",
+                    cert.name, vault.dir.site_name
+                );
+                eprintln!("Check that this is the id `cairn join` shows on the new machine.");
+                confirm("Add this node?")?;
+            }
+            let token = join::add_node(vault, cert, expires, units::now_unix_ms())?;
+            if json {
+                print_json(&serde_json::json!({
+                    "token": token.to_text(),
+                    "node_id": node.to_string(),
+                    "name": token.node_cert.name,
+                    "expires_unix_ms": token.expires_unix_ms,
+                }));
+            } else {
+                println!("{}", token.to_text());
+                println!();
+                println!(
+                    "On the new machine, run: cairn join <the token above>. It is sealed to node {node}"
+                );
+                println!(
+                    "({}), no other machine can use it, and it expires {} UTC.",
+                    token.node_cert.name,
+                    units::utc(token.expires_unix_ms)
+                );
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn show_site(vault: &Vault, json: bool) -> Result<()> {
+    let (site_id, this_node) = (vault.dir.site_id(), vault.dir.node_id());
+    let certs = join::site_nodes(vault)?;
+    #[derive(Serialize)]
+    struct Node {
+        node_id: String,
+        name: Option<String>,
+        addresses: Vec<String>,
+        /// 0 when not stated.
+        capacity_bytes: u64,
+        this_machine: bool,
+    }
+    let mut nodes: Vec<Node> = certs
+        .into_iter()
+        .map(|cert| Node {
+            node_id: cert.node.to_string(),
+            name: Some(cert.name),
+            addresses: cert.addresses,
+            capacity_bytes: cert.capacity_bytes,
+            this_machine: cert.node == this_node,
+        })
+        .collect();
+    if !nodes.iter().any(|n| n.this_machine) {
+        // The machine that made the site has no certificate of its own yet.
+        nodes.insert(
+            0,
+            Node {
+                node_id: this_node.to_string(),
+                name: None,
+                addresses: Vec::new(),
+                capacity_bytes: 0,
+                this_machine: true,
+            },
+        );
+    }
+    if json {
+        print_json(&serde_json::json!({
+            "site_name": vault.dir.site_name,
+            "site_id": site_id.to_string(),
+            "fingerprint": site_id.fingerprint().to_string(),
+            "nodes": nodes,
+        }));
+        return Ok(());
+    }
+    println!("site:        {}", vault.dir.site_name);
+    println!("site id:     {site_id}");
+    println!("fingerprint: {}", site_id.fingerprint());
+    println!("nodes:");
+    for node in &nodes {
+        let mut about = Vec::new();
+        if let Some(name) = &node.name {
+            about.push(name.clone());
+        }
+        if node.this_machine {
+            about.push("this machine".into());
+        }
+        if node.capacity_bytes > 0 {
+            about.push(format!("offers {}", units::bytes(node.capacity_bytes)));
+        }
+        println!("  {}  ({})", node.node_id, about.join(", "));
+        for address in &node.addresses {
+            println!("      {address}");
+        }
+    }
+    Ok(())
+}
+
+fn run_join(
+    data_dir: &std::path::Path,
+    token: Option<String>,
+    yes: bool,
+    json: bool,
+) -> Result<ExitCode> {
+    let Some(token) = token else {
+        let node = join::begin(data_dir)?;
+        if json {
+            print_json(&serde_json::json!({
+                "node_id": node.to_string(),
+                "data_dir": data_dir,
+            }));
+        } else {
+            println!("this machine's node id: {node}");
+            println!();
+            println!("On a node of your site, run: cairn site add-node {node}");
+            println!("then run `cairn join TOKEN` here with the token it prints.");
+        }
+        return Ok(ExitCode::SUCCESS);
+    };
+    let checked = join::check(data_dir, &token, units::now_unix_ms())?;
+    let site = checked.token.site;
+    if !yes {
+        require_terminal()?;
+        eprintln!("Join site {:?}", checked.token.site_name);
+        eprintln!("  site id:     {site}");
+        eprintln!("  fingerprint: {}", site.fingerprint());
+        eprintln!("  as node {:?}", checked.token.node_cert.name);
+        eprintln!("Check the fingerprint against `cairn site show` on a node of the site.");
+        confirm("Join this site?")?;
+    }
+    let node_name = checked.token.node_cert.name.clone();
+    let vault = join::finish(checked)?;
+    if json {
+        print_json(&serde_json::json!({
+            "site_name": vault.dir.site_name,
+            "site_id": site.to_string(),
+            "fingerprint": site.fingerprint().to_string(),
+            "node_id": vault.dir.node_id().to_string(),
+            "node_name": node_name,
+        }));
+    } else {
+        println!(
+            "this machine is now node {node_name:?} of site {:?} ({})",
+            vault.dir.site_name,
+            site.fingerprint()
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -3,11 +3,14 @@
 //!
 //! ```text
 //! FORMAT          "cairn data dir format 1": written last by init, read first by open
+//! JOINING         present while the dir waits for `cairn join TOKEN`: until then it holds
+//!                 only FORMAT, this marker and keys/node.key; removed last by join
 //! site.json       site name and public site key
 //! keys/site.key   ed25519 secret key, hex (mode 0600)
 //! keys/vault.key  256-bit vault key, hex (mode 0600)
 //! keys/node.key   this machine's ed25519 node key, hex (mode 0600); never copied
-//! keys/recovery.key  the recovery key, hex (mode 0600), for `cairn key recovery-sheet`
+//! keys/recovery.key  the recovery key, hex (mode 0600), for `cairn key recovery-sheet`;
+//!                 only on the machine that made the site (or recovered it)
 //! wrapped-keys.rec   signed record: site and vault keys sealed under the recovery key
 //! store/          pack files and the sled index (see store.rs)
 //! lock            held with flock by whichever process has the store open
@@ -20,7 +23,7 @@ use std::path::{Path, PathBuf};
 
 use cairn_protocol::identity::{NodeId, RecoveryKey, SiteId};
 use cairn_protocol::ids::{hex, parse_hex};
-use cairn_protocol::record::{Record, RecordKind};
+use cairn_protocol::record::{is_valid_name, Record, RecordKind, NAME_BYTES_MAX};
 use cairn_protocol::wrap::{KdfParams, WrappedKeys};
 use cairn_protocol::VaultKey;
 use ed25519_dalek::SigningKey;
@@ -30,7 +33,7 @@ use thiserror::Error;
 pub const DATA_DIR_FORMAT: u32 = 1;
 const FORMAT_PREFIX: &str = "cairn data dir format ";
 const WRAPPED_KEYS_FILE: &str = "wrapped-keys.rec";
-pub const SITE_NAME_BYTES_MAX: usize = 64;
+const JOINING_FILE: &str = "JOINING";
 
 #[derive(Debug, Error)]
 pub enum DataDirError {
@@ -40,6 +43,14 @@ pub enum DataDirError {
     Missing(PathBuf),
     #[error("{0} is already a cairn data dir; pick another --data-dir to start a new site")]
     AlreadyInitialized(PathBuf),
+    #[error("{0} is waiting to join a site: finish with `cairn join TOKEN` (plain `cairn join` shows this machine's node id)")]
+    Joining(PathBuf),
+    #[error(
+        "{0} already belongs to a site; to join one from this machine, pass another --data-dir"
+    )]
+    AlreadyMember(PathBuf),
+    #[error("no data dir waiting to join at {0}: run `cairn join` without a token first, and have a node of the site add the node id it prints")]
+    NotJoining(PathBuf),
     #[error("data dir {path} has format {found}, newer than this cairn understands ({DATA_DIR_FORMAT}): upgrade cairn")]
     NewerFormat { path: PathBuf, found: u32 },
     #[error("data dir {path} is damaged: {why}")]
@@ -48,7 +59,7 @@ pub enum DataDirError {
     KeyExposed { path: PathBuf, mode: u32 },
     #[error("data dir {path} is in use by another cairn process{holder}; wait for it to finish")]
     Locked { path: PathBuf, holder: String },
-    #[error("invalid site name {0:?}: use 1 to 64 printable characters")]
+    #[error("invalid site name {0:?}: use 1 to {NAME_BYTES_MAX} printable bytes")]
     BadSiteName(String),
     #[error("cannot recover: {0}")]
     Recovery(String),
@@ -99,6 +110,9 @@ impl DataDir {
     /// Creates a new site in `root`, which must be absent or an empty directory.
     pub fn init(root: &Path, site_name: &str) -> Result<DataDir, DataDirError> {
         check_site_name(site_name)?;
+        if root.join(JOINING_FILE).exists() {
+            return Err(DataDirError::Joining(root.to_owned()));
+        }
         if root.join("FORMAT").exists() {
             return Err(DataDirError::AlreadyInitialized(root.to_owned()));
         }
@@ -108,19 +122,13 @@ impl DataDir {
                 "it holds keys from an unfinished init; move it away before starting a new site",
             ));
         }
-        let is_non_empty = fs::read_dir(root).is_ok_and(|mut entries| entries.next().is_some());
-        if is_non_empty {
-            return Err(damaged(
-                root,
-                "it is not empty; give an empty or new directory for the data dir",
-            ));
-        }
+        refuse_non_empty(root)?;
         create_private_dir(root)?;
         let lock = lock(root)?;
         let site_key = SigningKey::from_bytes(&random_bytes());
         let vault_key = VaultKey::from_bytes(random_bytes());
         let recovery_key = RecoveryKey(random_bytes());
-        write_keys(root, &site_key, &vault_key, &recovery_key)?;
+        write_keys(root, &site_key, &vault_key, Some(&recovery_key))?;
         write_wrapped_keys(root, &site_key, &vault_key, &recovery_key)?;
         write_site_file(root, site_name, &site_key)?;
         let node_key = node_key(root)?;
@@ -174,6 +182,9 @@ impl DataDir {
             ));
         }
 
+        if root.join(JOINING_FILE).exists() {
+            return Err(DataDirError::Joining(root.to_owned()));
+        }
         let existing = root.join("FORMAT").exists();
         if existing && root.join("keys/site.key").exists() {
             return Err(DataDirError::Recovery(format!(
@@ -201,7 +212,7 @@ impl DataDir {
             write_site_file(root, name, &site_key)?;
             name.to_owned()
         };
-        write_keys(root, &site_key, &vault_key, recovery_key)?;
+        write_keys(root, &site_key, &vault_key, Some(recovery_key))?;
         write_durable(&root.join(WRAPPED_KEYS_FILE), wrapped_record)?;
         let node_key = node_key(root)?;
         if !existing {
@@ -220,24 +231,11 @@ impl DataDir {
 
     /// Opens an existing data dir and takes its lock.
     pub fn open(root: &Path) -> Result<DataDir, DataDirError> {
-        let format_path = root.join("FORMAT");
-        let format = match fs::read_to_string(&format_path) {
-            Ok(text) => text,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(DataDirError::Missing(root.to_owned()))
-            }
-            Err(e) => return Err(io(&format_path)(e)),
-        };
-        let found: u32 = format
-            .trim()
-            .strip_prefix(FORMAT_PREFIX)
-            .and_then(|n| n.parse().ok())
-            .ok_or_else(|| damaged(root, "FORMAT file is unreadable"))?;
-        if found > DATA_DIR_FORMAT {
-            return Err(DataDirError::NewerFormat {
-                path: root.to_owned(),
-                found,
-            });
+        if !check_format(root)? {
+            return Err(DataDirError::Missing(root.to_owned()));
+        }
+        if root.join(JOINING_FILE).exists() {
+            return Err(DataDirError::Joining(root.to_owned()));
         }
         let lock = lock(root)?;
         let site = read_site_file(root)?;
@@ -283,6 +281,152 @@ impl DataDir {
     pub fn store_dir(&self) -> PathBuf {
         self.root.join("store")
     }
+
+    /// Ends a join: with the marker gone, every command opens this data dir.
+    pub fn finish_join(&self) -> Result<(), DataDirError> {
+        let marker = self.root.join(JOINING_FILE);
+        fs::remove_file(&marker).map_err(io(&marker))?;
+        sync_dir(&self.root)
+    }
+}
+
+/// A data dir waiting to join a site: it has a node key and nothing of the site yet.
+/// Holding one holds the lock.
+pub struct JoiningDir {
+    root: PathBuf,
+    pub node_key: SigningKey,
+    _lock: File,
+}
+
+impl JoiningDir {
+    /// Makes `root` a data dir waiting to join, or opens the one already there, so running
+    /// `cairn join` again shows the same node id and never makes a second key.
+    pub fn begin(root: &Path) -> Result<JoiningDir, DataDirError> {
+        let has_format = check_format(root)?;
+        let has_marker = root.join(JOINING_FILE).exists();
+        if has_format && !has_marker {
+            return Err(DataDirError::AlreadyMember(root.to_owned()));
+        }
+        if !has_format && !has_marker {
+            refuse_non_empty(root)?;
+            create_private_dir(root)?;
+        }
+        let lock = lock(root)?;
+        if check_format(root)? {
+            return JoiningDir::locked(root, lock);
+        }
+        // A new dir, or a begin interrupted before FORMAT: its node id was never shown, so
+        // a node key written in part can simply be made again.
+        let stale = root.join("keys/node.key");
+        if stale.exists() {
+            fs::remove_file(&stale).map_err(io(&stale))?;
+        }
+        write_durable(
+            &root.join(JOINING_FILE),
+            b"waiting for `cairn join TOKEN`\n",
+        )?;
+        let node_key = node_key(root)?;
+        write_format(root)?;
+        Ok(JoiningDir {
+            root: root.to_owned(),
+            node_key,
+            _lock: lock,
+        })
+    }
+
+    /// Opens a data dir made by `begin` and takes its lock.
+    pub fn open(root: &Path) -> Result<JoiningDir, DataDirError> {
+        if !check_format(root)? {
+            return Err(DataDirError::NotJoining(root.to_owned()));
+        }
+        if !root.join(JOINING_FILE).exists() {
+            return Err(DataDirError::AlreadyMember(root.to_owned()));
+        }
+        JoiningDir::locked(root, lock(root)?)
+    }
+
+    fn locked(root: &Path, lock: File) -> Result<JoiningDir, DataDirError> {
+        if !root.join(JOINING_FILE).exists() {
+            return Err(DataDirError::AlreadyMember(root.to_owned()));
+        }
+        Ok(JoiningDir {
+            root: root.to_owned(),
+            node_key: node_key(root)?,
+            _lock: lock,
+        })
+    }
+
+    pub fn node_id(&self) -> NodeId {
+        NodeId(self.node_key.verifying_key().to_bytes())
+    }
+
+    /// Writes the site's keys and files. The JOINING marker stays until the caller has
+    /// stored the rest (the node certificate) and calls `DataDir::finish_join`, so a crash
+    /// at any point leaves a data dir that is either still joining or complete.
+    pub fn write_site(
+        self,
+        site_name: &str,
+        site_key: SigningKey,
+        vault_key: VaultKey,
+        wrapped_record: Option<&[u8]>,
+    ) -> Result<DataDir, DataDirError> {
+        check_site_name(site_name)?;
+        let root = self.root;
+        // Left by an attempt that crashed; the marker says nothing used them.
+        for stale in ["keys/site.key", "keys/vault.key"] {
+            let path = root.join(stale);
+            if path.exists() {
+                fs::remove_file(&path).map_err(io(&path))?;
+            }
+        }
+        write_keys(&root, &site_key, &vault_key, None)?;
+        if let Some(record) = wrapped_record {
+            write_durable(&root.join(WRAPPED_KEYS_FILE), record)?;
+        }
+        write_site_file(&root, site_name, &site_key)?;
+        sync_dir(&root)?;
+        Ok(DataDir {
+            root,
+            site_name: site_name.to_owned(),
+            site_key,
+            vault_key,
+            recovery_key: None,
+            node_key: self.node_key,
+            _lock: self._lock,
+        })
+    }
+}
+
+/// Reads FORMAT: false when there is none, an error when it is unreadable or newer.
+fn check_format(root: &Path) -> Result<bool, DataDirError> {
+    let format_path = root.join("FORMAT");
+    let format = match fs::read_to_string(&format_path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(io(&format_path)(e)),
+    };
+    let found: u32 = format
+        .trim()
+        .strip_prefix(FORMAT_PREFIX)
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| damaged(root, "FORMAT file is unreadable"))?;
+    if found > DATA_DIR_FORMAT {
+        return Err(DataDirError::NewerFormat {
+            path: root.to_owned(),
+            found,
+        });
+    }
+    Ok(true)
+}
+
+fn refuse_non_empty(root: &Path) -> Result<(), DataDirError> {
+    if fs::read_dir(root).is_ok_and(|mut entries| entries.next().is_some()) {
+        return Err(damaged(
+            root,
+            "it is not empty; give an empty or new directory for the data dir",
+        ));
+    }
+    Ok(())
 }
 
 /// This machine's node key, made on first use.
@@ -299,10 +443,7 @@ fn node_key(root: &Path) -> Result<SigningKey, DataDirError> {
 }
 
 fn check_site_name(site_name: &str) -> Result<(), DataDirError> {
-    if site_name.is_empty()
-        || site_name.len() > SITE_NAME_BYTES_MAX
-        || site_name.chars().any(char::is_control)
-    {
+    if !is_valid_name(site_name) {
         return Err(DataDirError::BadSiteName(site_name.to_owned()));
     }
     Ok(())
@@ -333,13 +474,15 @@ fn write_keys(
     root: &Path,
     site_key: &SigningKey,
     vault_key: &VaultKey,
-    recovery_key: &RecoveryKey,
+    recovery_key: Option<&RecoveryKey>,
 ) -> Result<(), DataDirError> {
     let keys = root.join("keys");
     create_private_dir(&keys)?;
     write_secret(&keys.join("site.key"), &site_key.to_bytes())?;
     write_secret(&keys.join("vault.key"), vault_key.as_bytes())?;
-    write_secret(&keys.join("recovery.key"), &recovery_key.0)?;
+    if let Some(recovery_key) = recovery_key {
+        write_secret(&keys.join("recovery.key"), &recovery_key.0)?;
+    }
     sync_dir(&keys)
 }
 
@@ -493,6 +636,62 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn a_joining_dir_keeps_its_node_key_and_refuses_use_until_joined() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("d");
+        let node = JoiningDir::begin(&root).unwrap().node_id();
+        assert_eq!(JoiningDir::begin(&root).unwrap().node_id(), node);
+        let mode = fs::metadata(root.join("keys/node.key"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert!(matches!(
+            DataDir::open(&root),
+            Err(DataDirError::Joining(_))
+        ));
+        assert!(matches!(
+            DataDir::init(&root, "a"),
+            Err(DataDirError::Joining(_))
+        ));
+
+        let site_key = SigningKey::from_bytes(&[1; 32]);
+        let vault_key = VaultKey::from_bytes([2; 32]);
+        let write = || {
+            JoiningDir::open(&root)
+                .unwrap()
+                .write_site("Main St", site_key.clone(), vault_key.clone(), Some(b"rec"))
+                .unwrap()
+        };
+        // Keys written but the join not finished (a crash here): still joining, and
+        // joining again with the same token works.
+        drop(write());
+        assert!(matches!(
+            DataDir::open(&root),
+            Err(DataDirError::Joining(_))
+        ));
+        let dir = write();
+        dir.finish_join().unwrap();
+        drop(dir);
+
+        let opened = DataDir::open(&root).unwrap();
+        assert_eq!(opened.node_id(), node);
+        assert_eq!(opened.site_key.to_bytes(), site_key.to_bytes());
+        assert_eq!(opened.vault_key, vault_key);
+        assert!(opened.recovery_key.is_none());
+        assert_eq!(fs::read(opened.wrapped_keys_path()).unwrap(), b"rec");
+        drop(opened);
+        assert!(matches!(
+            JoiningDir::begin(&root),
+            Err(DataDirError::AlreadyMember(_))
+        ));
+        assert!(matches!(
+            JoiningDir::open(&tmp.path().join("none")),
+            Err(DataDirError::NotJoining(_))
+        ));
     }
 
     #[test]

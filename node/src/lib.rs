@@ -5,6 +5,8 @@
 pub mod backup;
 pub mod cli;
 pub mod datadir;
+pub mod join;
+pub mod records;
 pub mod restore;
 pub mod source;
 pub mod store;

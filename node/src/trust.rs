@@ -1,22 +1,23 @@
 //! Trust between sites, from this site's side: invites it sends, invites it accepts, the
 //! grants it signs (quota changes and revocations are new versions of the same grant), and
-//! the partners that result. Everything is a signed record or a small catalog entry in the
-//! store's index; the mesh will gossip the records.
+//! the partners that result. Everything is a signed record (see `records`) or a small
+//! catalog entry in the store's index; the mesh will gossip the records.
 
 use cairn_protocol::identity::SiteId;
-use cairn_protocol::record::{validate, Record, RecordKind, TrustGrant, TrustView};
+use cairn_protocol::record::{check_addresses, Record, RecordError, RecordKind, TrustGrant};
 use cairn_protocol::token::{InviteToken, TokenError};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::datadir::random_bytes;
+use crate::records;
 use crate::store::{IndexBatch, StoreError};
+use crate::units;
 use crate::vault::Vault;
 
 pub const INVITE_QUOTA_DEFAULT_BYTES: u64 = 100_000_000_000;
 pub const INVITE_EXPIRES_DEFAULT_MS: u64 = 7 * 86_400_000;
 
-const KEY_RECORD: &[u8] = b"rec/";
 const KEY_PARTNER: &[u8] = b"partner/";
 const KEY_USED_TOKEN: &[u8] = b"used-invite/";
 const KEY_SENT_INVITE: &[u8] = b"sent-invite/";
@@ -35,6 +36,14 @@ pub enum TrustError {
     UnknownSite(SiteId),
     #[error("a site cannot revoke itself")]
     RevokeSelf,
+    #[error("this node already holds {} for {name}; a quota of {} would be below that: give at least that much, or revoke them", units::bytes(*held_bytes), units::bytes(*quota_bytes))]
+    QuotaBelowHeld {
+        name: String,
+        quota_bytes: u64,
+        held_bytes: u64,
+    },
+    #[error(transparent)]
+    Record(#[from] RecordError),
     #[error("partner data in the store is damaged: {0}")]
     Damaged(String),
     #[error(transparent)]
@@ -58,43 +67,38 @@ pub struct Partner {
     pub site_id: String,
     pub name: String,
     pub fingerprint: String,
-    /// What the partner offered to store for this site, in its signed invite.
+    /// Where the partner said it can be reached, in its invite.
+    pub addresses: Vec<String>,
+    /// Quota: what the partner offered to store for this site, in its signed invite.
     pub they_store_for_us_bytes: u64,
-    /// What this site grants the partner; 0 when revoked.
+    /// Quota: what this site grants the partner; 0 when revoked.
     pub we_store_for_them_bytes: u64,
+    /// Used: sealed bytes of the partner's chunks in this node's store.
+    pub we_hold_for_them_bytes: u64,
+    /// Used: sealed bytes of this site's chunks the partner has confirmed it holds.
+    pub they_hold_for_us_bytes: u64,
+    /// When this node last heard from the partner; None until the mesh has.
+    pub last_seen_unix_ms: Option<u64>,
     pub revoked: bool,
     /// Version of this site's grant: raised by every quota change or revocation.
     pub grant_version: u64,
 }
 
-fn record_key(author: &SiteId, kind: RecordKind, key: &[u8; 32]) -> Vec<u8> {
-    [KEY_RECORD, &author.0, &[kind as u8], key].concat()
-}
-
-/// Trust as this site sees it: itself and the partners it has a grant for.
-struct LocalTrust {
-    own: SiteId,
-    partners: Vec<SiteId>,
-}
-
-impl TrustView for LocalTrust {
-    fn is_trusted(&self, site: &SiteId) -> bool {
-        *site == self.own || self.partners.contains(site)
-    }
-}
-
 /// Signs and sends nothing yet: returns a token for the caller to print, and remembers it
-/// so a future acceptance can be matched to it once.
+/// so a future acceptance can be matched to it once. `addresses` are hints where this
+/// site's nodes can be reached.
 pub fn invite(
     vault: &Vault,
     quota_bytes: u64,
+    addresses: Vec<String>,
     expires_ms: u64,
     now_unix_ms: u64,
 ) -> Result<InviteToken, TrustError> {
+    check_addresses(&addresses)?;
     let token = InviteToken::sign(
         &vault.dir.site_key,
         &vault.dir.site_name,
-        Vec::new(),
+        addresses,
         quota_bytes,
         now_unix_ms.saturating_add(expires_ms),
         random_bytes(),
@@ -151,11 +155,11 @@ pub fn accept(vault: &Vault, token: &InviteToken, quota_bytes: u64) -> Result<()
 }
 
 fn our_grant(vault: &Vault, site: &SiteId) -> Result<Option<(Record, TrustGrant)>, TrustError> {
-    let key = record_key(&vault.dir.site_id(), RecordKind::TrustGrant, &site.0);
-    let Some(bytes) = vault.store.index().catalog_get(&key)? else {
+    let own = vault.dir.site_id();
+    let Some(record) = records::get(vault.store.index(), &own, RecordKind::TrustGrant, &site.0)?
+    else {
         return Ok(None);
     };
-    let record = Record::decode(&bytes).map_err(|e| TrustError::Damaged(e.to_string()))?;
     let grant = TrustGrant::decode(&record.body).map_err(|e| TrustError::Damaged(e.to_string()))?;
     Ok(Some((record, grant)))
 }
@@ -167,47 +171,40 @@ fn grant_batch(
     quota_bytes: u64,
     revoked: bool,
 ) -> Result<IndexBatch, TrustError> {
-    let version = our_grant(vault, &site)?.map_or(1, |(record, _)| record.version + 1);
     let body = TrustGrant {
         grantee: site,
         quota_bytes,
         revoked,
     }
     .encode();
-    let record = Record::sign(
-        &vault.dir.site_key,
-        RecordKind::TrustGrant,
-        site.0,
-        version,
-        body,
-    );
-    let trust = LocalTrust {
-        own: vault.dir.site_id(),
-        partners: vec![site],
-    };
-    validate(&record, &trust).expect("records this site signs are valid");
-    let key = record_key(&record.author, record.kind, &record.key);
+    let record = records::sign_next(vault, RecordKind::TrustGrant, site.0, body)?;
     Ok(IndexBatch {
-        catalog: vec![(key, record.encode())],
+        catalog: vec![records::entry(&record)],
         ..IndexBatch::default()
     })
 }
 
-fn known_partner(vault: &Vault, site: &SiteId) -> Result<(), TrustError> {
-    if vault
+fn known_partner(vault: &Vault, site: &SiteId) -> Result<PartnerEntry, TrustError> {
+    let entry = vault
         .store
         .index()
         .catalog_get(&[KEY_PARTNER, &site.0].concat())?
-        .is_none()
-    {
-        return Err(TrustError::UnknownSite(*site));
-    }
-    Ok(())
+        .ok_or(TrustError::UnknownSite(*site))?;
+    serde_json::from_slice(&entry).map_err(|e| TrustError::Damaged(e.to_string()))
 }
 
-/// Raises or lowers what this site stores for a partner (also un-revokes it).
+/// Raises or lowers what this site stores for a partner (also un-revokes it), but never
+/// below what this node already holds for it.
 pub fn set_quota(vault: &Vault, site: &SiteId, quota_bytes: u64) -> Result<(), TrustError> {
-    known_partner(vault, site)?;
+    let partner = known_partner(vault, site)?;
+    let held_bytes = vault.store.usage(site)?.held_for_them_bytes;
+    if quota_bytes < held_bytes {
+        return Err(TrustError::QuotaBelowHeld {
+            name: partner.name,
+            quota_bytes,
+            held_bytes,
+        });
+    }
     vault
         .store
         .index()
@@ -240,15 +237,57 @@ pub fn partners(vault: &Vault) -> Result<Vec<Partner>, TrustError> {
             serde_json::from_slice(&value).map_err(|e| TrustError::Damaged(e.to_string()))?;
         let (record, grant) = our_grant(vault, &site)?
             .ok_or_else(|| TrustError::Damaged(format!("no grant for {site}")))?;
+        let usage = vault.store.usage(&site)?;
         out.push(Partner {
             site_id: site.to_string(),
             name: entry.name,
             fingerprint: site.fingerprint().to_string(),
+            addresses: entry.addresses,
             they_store_for_us_bytes: entry.offered_quota_bytes,
             we_store_for_them_bytes: if grant.revoked { 0 } else { grant.quota_bytes },
+            we_hold_for_them_bytes: usage.held_for_them_bytes,
+            they_hold_for_us_bytes: usage.held_by_them_bytes,
+            last_seen_unix_ms: usage.last_seen_unix_ms,
             revoked: grant.revoked,
             grant_version: record.version,
         });
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ed25519_dalek::SigningKey;
+
+    #[test]
+    fn a_quota_below_what_is_held_is_refused_and_changes_nothing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let vault = Vault::init(&tmp.path().join("d"), "Jones").unwrap();
+        let smith_key = SigningKey::from_bytes(&[7; 32]);
+        let smith = SiteId(smith_key.verifying_key().to_bytes());
+        let invite = InviteToken::sign(&smith_key, "Smith", vec![], 1 << 40, u64::MAX, [1; 16]);
+        let invite = check_invite(&vault, &invite.to_text(), 0).unwrap();
+        accept(&vault, &invite, 5 << 30).unwrap();
+        // What the mesh will do as it stores Smith's chunks here.
+        vault.store.add_held_for(&smith, 3 << 30).unwrap();
+
+        let err = set_quota(&vault, &smith, 2 << 30).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "this node already holds 3.0 GiB for Smith; a quota of 2.0 GiB would be below \
+             that: give at least that much, or revoke them"
+        );
+        let row = &partners(&vault).unwrap()[0];
+        assert_eq!(row.we_store_for_them_bytes, 5 << 30);
+        assert_eq!(row.grant_version, 1);
+        assert_eq!(row.we_hold_for_them_bytes, 3 << 30);
+        assert_eq!(row.last_seen_unix_ms, None);
+
+        // Exactly what is held is allowed, and so is revoking.
+        set_quota(&vault, &smith, 3 << 30).unwrap();
+        assert_eq!(partners(&vault).unwrap()[0].grant_version, 2);
+        revoke(&vault, &smith).unwrap();
+        assert!(partners(&vault).unwrap()[0].revoked);
+    }
 }

@@ -56,7 +56,8 @@ impl Vault {
         Vault::from_dir(DataDir::open(root)?)
     }
 
-    fn from_dir(dir: DataDir) -> Result<Vault, VaultError> {
+    /// Opens the store of a data dir already open.
+    pub fn from_dir(dir: DataDir) -> Result<Vault, VaultError> {
         let store = Store::open(&dir.store_dir())?;
         let keys = dir.vault_key.derive();
         Ok(Vault { dir, store, keys })

@@ -25,6 +25,7 @@ fn every_command_has_help() {
         "site",
         "key",
         "recover",
+        "join",
     ] {
         assert!(
             top.contains(command),
@@ -39,6 +40,12 @@ fn every_command_has_help() {
     assert!(help(&["backup"]).contains("- for stdin"));
     assert!(help(&["restore"]).contains("--force"));
     assert!(help(&["site", "show"]).contains("--json"));
+    let add_node = help(&["site", "add-node"]);
+    for flag in ["--name", "--expires", "--capacity", "--address", "--yes"] {
+        assert!(add_node.contains(flag), "site add-node --help lacks {flag}");
+    }
+    assert!(help(&["join"]).contains("[TOKEN]"));
+    assert!(help(&["trust", "invite"]).contains("--address"));
     assert!(help(&["key", "recovery-sheet"]).contains("--yes"));
     for command in ["invite", "accept", "list", "quota", "revoke"] {
         assert!(

@@ -101,6 +101,15 @@ impl TrustView for OnlySite {
     }
 }
 
+/// The node's key in a form keys can be sealed to: refused when the id is no curve point,
+/// or a point of small order (every secret shared with it would be the same).
+pub fn node_key(node: &NodeId) -> Result<VerifyingKey, JoinTokenError> {
+    VerifyingKey::from_bytes(&node.0)
+        .ok()
+        .filter(|key| !key.is_weak())
+        .ok_or(JoinTokenError::BadNodeId(*node))
+}
+
 /// The cipher that seals keys between an ephemeral key and a node key.
 fn seal_cipher(shared: [u8; 32], ephemeral: &[u8; 32], node: &NodeId) -> XChaCha20Poly1305 {
     let key = blake3::derive_key(
@@ -128,10 +137,7 @@ impl JoinToken {
         validate(&node_record, &OnlySite(site)).expect("callers sign the node certificate");
         assert_eq!(node_record.kind, RecordKind::NodeCert);
         let node_cert = NodeCert::decode(&node_record.body).expect("validated above");
-        let node = VerifyingKey::from_bytes(&node_cert.node.0)
-            .ok()
-            .filter(|key| !key.is_weak())
-            .ok_or(JoinTokenError::BadNodeId(node_cert.node))?;
+        let node = node_key(&node_cert.node)?;
         let ephemeral_key = SigningKey::from_bytes(&ephemeral_secret);
         let shared = node
             .to_montgomery()
