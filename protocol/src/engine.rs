@@ -166,7 +166,7 @@ pub enum Event {
 /// and `poll_event` until they return `None`; then call `handle_timeout` no later than
 /// `poll_timeout` says. Storage completions (`handle_write_done`, `handle_read_done`) are
 /// inputs like any other. On restart, build a new engine and feed it what was persisted:
-/// `load_record` for every saved record and `load_chunk` for every chunk on disk, before
+/// `load_records` with every saved record and `load_chunk` for every chunk on disk, before
 /// any other input.
 pub struct Engine {
     config: EngineConfig,
@@ -191,6 +191,8 @@ pub struct Engine {
     next_op: u64,
     writes: BTreeMap<u64, (NodeId, ChunkRef)>,
     reads: BTreeMap<u64, (ReadPurpose, ChunkId)>,
+    /// Chunks asked of one holder, until when: other holders' offers wait.
+    requested: BTreeMap<ChunkId, (NodeId, u64)>,
     /// Held chunks this node is not a target for.
     excess: std::collections::BTreeSet<ChunkId>,
     pending_snapshots: BTreeMap<[u8; 32], PendingSnapshot>,
@@ -232,6 +234,7 @@ impl Engine {
             writes: BTreeMap::new(),
             reads: BTreeMap::new(),
             excess: std::collections::BTreeSet::new(),
+            requested: BTreeMap::new(),
             pending_snapshots: BTreeMap::new(),
             fetches: BTreeMap::new(),
             next_gossip_ms,
@@ -293,10 +296,13 @@ impl Engine {
 
     // ---- inputs -------------------------------------------------------------------
 
-    /// A record persisted before a restart; trusted as it was when saved, re-checked when
-    /// trust is next recomputed.
-    pub fn load_record(&mut self, record: Record) {
-        self.catalog.insert(record);
+    /// Records persisted before a restart (or handed over at join or recovery). Signatures
+    /// were checked when they were first accepted; trust is recomputed from them at once
+    /// and the records of sites no longer trusted are dropped.
+    pub fn load_records(&mut self, records: impl IntoIterator<Item = Record>) {
+        for record in records {
+            self.catalog.insert(record);
+        }
         self.trust_changed();
     }
 
@@ -328,6 +334,26 @@ impl Engine {
             self.hold(*chunk);
         }
         self.track_snapshot(snapshot, chunks);
+        self.after_input(now_ms);
+        Ok(())
+    }
+
+    /// A node opened a connection and presented its certificate (the transport checks
+    /// that `from` holds the certificate's key). A valid certificate from a trusted site
+    /// makes it a peer; anything else refuses it before any message is read.
+    pub fn handle_connect(
+        &mut self,
+        from: NodeId,
+        cert: Record,
+        now_ms: u64,
+    ) -> Result<(), RecordError> {
+        self.now_ms = self.now_ms.max(now_ms);
+        if cert.kind != crate::record::RecordKind::NodeCert || cert.key != from.0 {
+            return Err(RecordError::NotAllowed(
+                "a connecting node must present its own node certificate".into(),
+            ));
+        }
+        self.accept_record(cert, from, now_ms)?;
         self.after_input(now_ms);
         Ok(())
     }
@@ -517,7 +543,7 @@ impl Engine {
     /// no longer trusted.
     fn trust_changed(&mut self) {
         let trust = self.catalog.trust(self.site);
-        if trust != self.trust {
+        {
             let dropped: Vec<SiteId> = self
                 .catalog
                 .authors()

@@ -1,21 +1,243 @@
-//! cairn-sim: the deterministic simulator. The replication engine it drives arrives with
-//! the "Replication engine and deterministic simulator" issue; until then it only checks
-//! that the protocol crate links and reports what it will do.
+//! cairn-sim: run scenarios, swarms of seeds, and benchmarks of the replication engine.
 
-fn main() -> std::process::ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    match args.first().map(String::as_str) {
-        None | Some("-h" | "--help" | "help") => {
-            println!("cairn-sim: deterministic simulation of the cairn mesh");
-            println!();
-            println!(
-                "Not built yet: scenarios, swarm and bench arrive with the replication engine."
-            );
-            std::process::ExitCode::SUCCESS
-        }
-        Some(other) => {
-            eprintln!("error: cairn-sim has no command {other:?} yet (the replication engine is not built)");
-            std::process::ExitCode::from(2)
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::Context;
+use cairn_sim::{bench, swarm, Report, Run, Scenario};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "cairn-sim",
+    version,
+    about = "Deterministic simulation of the cairn mesh: the real replication engine on a virtual network, with faults, checked against the mesh's invariants"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run one scenario with one seed and check every invariant.
+    Run {
+        /// Scenario file (sim/scenarios/*.toml); the built-in four-offices one if absent.
+        #[arg(long, conflicts_with = "swarm")]
+        scenario: Option<PathBuf>,
+        /// Use the scenario swarm testing draws from this seed.
+        #[arg(long)]
+        swarm: bool,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Run twice and compare the hashes of the two event traces.
+        #[arg(long)]
+        check_determinism: bool,
+    },
+    /// Run many seeds, each with its own scenario and fault mix, on every core.
+    Swarm {
+        #[arg(long, default_value_t = 100)]
+        seeds: u64,
+        #[arg(long, default_value_t = 1)]
+        first_seed: u64,
+        /// Threads; all cores by default.
+        #[arg(long)]
+        jobs: Option<usize>,
+    },
+    /// Measure the engine and the mesh and print the numbers.
+    Bench {
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Node counts for the gossip-spread measurement.
+        #[arg(long, value_delimiter = ',', default_values_t = vec![50, 200, 1000])]
+        spread: Vec<usize>,
+    },
+}
+
+fn main() -> ExitCode {
+    match real_main() {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::from(2)
         }
     }
+}
+
+fn real_main() -> anyhow::Result<ExitCode> {
+    match Cli::parse().command {
+        Command::Run {
+            scenario,
+            swarm,
+            seed,
+            check_determinism,
+        } => {
+            let (loaded, replay) = load(scenario.as_ref(), swarm, seed)?;
+            let started = Instant::now();
+            let report = Run::new(loaded.clone(), seed).execute();
+            let wall = started.elapsed().as_secs_f64();
+            print_report(&loaded, seed, &report, wall);
+            if check_determinism {
+                let again = Run::new(loaded, seed).execute();
+                if again.trace_hash != report.trace_hash {
+                    println!(
+                        "NOT DETERMINISTIC: trace {} then {}",
+                        report.trace_hash, again.trace_hash
+                    );
+                    println!("replay: {replay} --check-determinism");
+                    return Ok(ExitCode::from(1));
+                }
+                println!("deterministic: two runs gave trace {}", report.trace_hash);
+            }
+            if !report.violations.is_empty() {
+                println!("replay: {replay}");
+                return Ok(ExitCode::from(1));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Swarm {
+            seeds,
+            first_seed,
+            jobs,
+        } => {
+            let jobs =
+                jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+            let started = Instant::now();
+            let results = swarm::run_seeds(first_seed, seeds, jobs, true);
+            let failed: Vec<&swarm::SeedResult> = results
+                .iter()
+                .filter(|r| !r.report.violations.is_empty())
+                .collect();
+            for result in &failed {
+                println!("seed {} FAILED:", result.seed);
+                for v in &result.report.violations {
+                    println!("  {v}");
+                }
+                println!("  replay: cairn-sim run --swarm --seed {}", result.seed);
+            }
+            let slowest = results
+                .iter()
+                .max_by(|a, b| a.wall_secs.total_cmp(&b.wall_secs));
+            let beyond = results
+                .iter()
+                .filter(|r| !r.report.losses_beyond_budget.is_empty())
+                .count();
+            println!(
+                "{} seeds, {} failed, {} with losses beyond the fault budget, {:.1} s on {jobs} threads",
+                results.len(),
+                failed.len(),
+                beyond,
+                started.elapsed().as_secs_f64()
+            );
+            if let Some(slowest) = slowest {
+                println!(
+                    "slowest: seed {} in {:.1} s",
+                    slowest.seed, slowest.wall_secs
+                );
+            }
+            Ok(if failed.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+        Command::Bench { seed, spread } => {
+            let day = bench::one_day(seed);
+            println!(
+                "one simulated day, 12 nodes in 4 sites: {:.2} s wall (target < 10 s)",
+                day.wall_secs
+            );
+            println!(
+                "  {} events, {} engine calls, {} messages: {:.0} engine calls/s",
+                day.events,
+                day.engine_calls,
+                day.messages,
+                day.engine_calls as f64 / day.wall_secs
+            );
+            for n in spread {
+                let started = Instant::now();
+                let result = bench::spread(n, seed);
+                let log2 = (n as f64).log2();
+                let target = 2.0 * log2 + 5.0;
+                match result.rounds {
+                    Some(rounds) => println!(
+                        "gossip spread to 99% of {n} nodes: {rounds} rounds; log2(N) = {log2:.1}, target <= {target:.1}; idle traffic {:.0} bytes per node per round ({:.1} s wall)",
+                        result.idle_bytes_per_round,
+                        started.elapsed().as_secs_f64()
+                    ),
+                    None => println!("gossip spread to 99% of {n} nodes: not reached in 200 rounds"),
+                }
+            }
+            let repair = bench::repair(seed);
+            println!(
+                "repair after losing a site: {:.2} GiB to move, bandwidth bound {:.0} s",
+                repair.bytes_to_move as f64 / (1u64 << 30) as f64,
+                repair.bound_secs
+            );
+            match (repair.from_loss_secs, repair.from_dead_secs) {
+                (Some(loss), Some(dead)) => println!(
+                    "  back at R {loss:.0} s after the loss ({:.2}x the bound); {dead:.0} s after the site is declared dead ({:.0} s timeout): {:.2}x the bound (target <= 1.3x)",
+                    loss / repair.bound_secs,
+                    repair.dead_after_secs,
+                    dead / repair.bound_secs
+                ),
+                _ => println!("  NOT back at R within 48 simulated hours"),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn load(path: Option<&PathBuf>, swarm: bool, seed: u64) -> anyhow::Result<(Scenario, String)> {
+    if swarm {
+        return Ok((
+            swarm::scenario_for_seed(seed),
+            format!("cairn-sim run --swarm --seed {seed}"),
+        ));
+    }
+    match path {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read scenario {}", path.display()))?;
+            let scenario = Scenario::parse(&text)
+                .with_context(|| format!("scenario {} is not valid", path.display()))?;
+            Ok((
+                scenario,
+                format!("cairn-sim run --scenario {} --seed {seed}", path.display()),
+            ))
+        }
+        None => Ok((
+            Scenario::parse(cairn_sim::DEFAULT_SCENARIO).expect("built-in scenario parses"),
+            format!("cairn-sim run --seed {seed}"),
+        )),
+    }
+}
+
+fn print_report(scenario: &Scenario, seed: u64, report: &Report, wall_secs: f64) {
+    println!(
+        "scenario {} seed {seed}: {:.1} simulated hours in {wall_secs:.1} s",
+        scenario.name, report.sim_hours
+    );
+    println!(
+        "snapshots: {} taken, {} acknowledged at R = {}; {} restores byte-exact ({:.2} GiB)",
+        report.snapshots_taken,
+        report.snapshots_acked,
+        scenario.replication_factor,
+        report.restores_ok,
+        report.restored_bytes as f64 / (1u64 << 30) as f64
+    );
+    for note in &report.notes {
+        println!("  {note}");
+    }
+    for loss in &report.losses_beyond_budget {
+        println!("LOSS BEYOND FAULT BUDGET: {loss}");
+    }
+    for violation in &report.violations {
+        println!("VIOLATION: {violation}");
+    }
+    if report.violations.is_empty() {
+        println!("all invariants held");
+    }
+    println!("trace {}", report.trace_hash);
 }

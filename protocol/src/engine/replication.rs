@@ -31,6 +31,8 @@ use crate::placement::{self, Candidate, SiteNodes};
 pub const WRITES_IN_FLIGHT_MAX: usize = 256;
 /// Pushes waiting their turn.
 pub const PUSH_QUEUE_MAX: usize = 1 << 20;
+/// Chunks this node asked a holder for and is waiting to receive.
+pub const REQUESTED_MAX: usize = 1 << 20;
 
 #[derive(Clone, Debug)]
 pub(super) struct Held {
@@ -310,6 +312,22 @@ impl Engine {
             .grant(self.site, *owner)
             .filter(|g| !g.revoked)
             .map_or(0, |g| g.quota_bytes);
+        // The quota is the site's; each node takes a share in proportion to the capacity
+        // it offers, so the site as a whole never exceeds it without nodes coordinating.
+        let (mine, total) = self
+            .catalog
+            .node_certs()
+            .filter(|c| c.site == self.site)
+            .fold((0u128, 0u128), |(mine, total), c| {
+                let capacity = u128::from(c.capacity_bytes.max(1));
+                let mine = if c.node == self.node { capacity } else { mine };
+                (mine, total + capacity)
+            });
+        let granted = if total == 0 {
+            0
+        } else {
+            (u128::from(granted) * mine / total) as u64
+        };
         let pending: u64 = self
             .writes
             .values()
@@ -324,9 +342,24 @@ impl Engine {
 
     pub(super) fn on_offer(&mut self, from: NodeId, owner: SiteId, ids: Vec<ChunkId>) {
         let may_store = self.may_store_for(&owner);
-        let (have, need): (Vec<ChunkId>, Vec<ChunkId>) =
+        let now_ms = self.now_ms;
+        let timeout_ms = self.config.request_timeout_ms;
+        let (have, wanted): (Vec<ChunkId>, Vec<ChunkId>) =
             ids.into_iter().partition(|id| self.held.contains_key(id));
-        let need = if may_store { need } else { Vec::new() };
+        let mut need = Vec::new();
+        if may_store {
+            for id in wanted {
+                // Ask one holder at a time; another may be asked once this one times out.
+                let asked_elsewhere = self
+                    .requested
+                    .get(&id)
+                    .is_some_and(|(node, until_ms)| *node != from && *until_ms > now_ms);
+                if !asked_elsewhere && self.requested.len() < REQUESTED_MAX {
+                    self.requested.insert(id, (from, now_ms + timeout_ms));
+                    need.push(id);
+                }
+            }
+        }
         self.send(from, Message::Need { owner, need, have });
     }
 
@@ -405,6 +438,7 @@ impl Engine {
     }
 
     pub(super) fn write_done(&mut self, from: NodeId, chunk: ChunkRef, ok: bool) {
+        self.requested.remove(&chunk.id);
         if ok {
             self.hold(chunk);
             self.push_event(Event::ChunkStored { chunk, from });
@@ -487,14 +521,13 @@ impl Engine {
         for id in &theirs {
             self.confirm(from, id);
         }
-        let mut they_lack = false;
+        // Offer rather than push: the receiver asks only one holder for each chunk, so two
+        // holders repairing the same target do not both send it.
         for id in &mine {
             if !theirs.contains(id) {
-                self.queue_push(from, *id);
-                they_lack = true;
+                self.offer(from, owner, *id);
             }
         }
-        let _ = they_lack;
         let mine: BTreeSet<ChunkId> = mine.into_iter().collect();
         if reply && theirs.iter().any(|id| !mine.contains(id)) {
             self.send(
@@ -692,6 +725,7 @@ impl Engine {
     }
 
     pub(super) fn sync_round(&mut self, now_ms: u64) {
+        self.requested.retain(|_, (_, until_ms)| *until_ms > now_ms);
         self.sync_with_next_peer();
         self.reoffer(now_ms);
         self.trim(now_ms);

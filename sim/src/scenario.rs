@@ -1,0 +1,266 @@
+//! Scenario files (`sim/scenarios/*.toml`): the offices, their nodes and links, the images
+//! they back up and how those change, R, and the faults to inject. Everything random in a
+//! run (which bytes change, message loss, node ids) comes from the seed, not the file.
+
+use serde::Deserialize;
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scenario {
+    pub name: String,
+    /// Simulated time before the final checks start.
+    pub days: f64,
+    #[serde(default = "default_r")]
+    pub replication_factor: usize,
+    pub sites: Vec<SiteSpec>,
+    #[serde(default)]
+    pub images: Vec<ImageSpec>,
+    #[serde(default)]
+    pub network: NetworkSpec,
+    #[serde(default)]
+    pub engine: EngineSpec,
+    #[serde(default)]
+    pub faults: Vec<FaultSpec>,
+    /// Time after the last fault within which the mesh must have converged and every
+    /// chunk must be back at R sites (invariant 2).
+    #[serde(default = "default_settle_hours")]
+    pub settle_hours: f64,
+    /// Destructive faults at R or more distinct sites within this window are beyond the
+    /// fault budget: losses they cause are reported, not counted as violations.
+    #[serde(default = "default_repair_window_hours")]
+    pub repair_window_hours: f64,
+    /// How many copies above R a chunk may have at rest (invariant 4).
+    #[serde(default = "default_slack")]
+    pub copies_slack: usize,
+    /// Partnerships: pairs of site names that trust each other. Empty means every pair.
+    #[serde(default)]
+    pub partners: Vec<[String; 2]>,
+    /// Quota each partner grants each other, GiB.
+    #[serde(default = "default_quota_gib")]
+    pub quota_gib: f64,
+}
+
+fn default_r() -> usize {
+    3
+}
+fn default_settle_hours() -> f64 {
+    12.0
+}
+fn default_repair_window_hours() -> f64 {
+    12.0
+}
+fn default_slack() -> usize {
+    1
+}
+fn default_quota_gib() -> f64 {
+    1024.0
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SiteSpec {
+    pub name: String,
+    pub nodes: usize,
+    /// Upload bandwidth of the office link, Mbit/s.
+    #[serde(default = "default_uplink")]
+    pub uplink_mbit: f64,
+    /// Capacity each node offers, GiB.
+    #[serde(default = "default_capacity")]
+    pub node_capacity_gib: f64,
+}
+
+fn default_uplink() -> f64 {
+    20.0
+}
+fn default_capacity() -> f64 {
+    2048.0
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageSpec {
+    pub site: String,
+    pub name: String,
+    pub size_gib: f64,
+    /// Fraction of chunks rewritten between snapshots.
+    #[serde(default = "default_change")]
+    pub change_per_snapshot: f64,
+    #[serde(default = "default_every")]
+    pub snapshot_every_hours: f64,
+    #[serde(default)]
+    pub first_snapshot_hours: f64,
+}
+
+fn default_change() -> f64 {
+    0.02
+}
+fn default_every() -> f64 {
+    24.0
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkSpec {
+    /// One-way latency between offices, ms, drawn per link from this range.
+    #[serde(default = "default_latency")]
+    pub latency_ms: [u64; 2],
+    /// Extra random delay per message, ms (reorders messages).
+    #[serde(default)]
+    pub jitter_ms: u64,
+    #[serde(default)]
+    pub loss: f64,
+    #[serde(default)]
+    pub duplicate: f64,
+}
+
+fn default_latency() -> [u64; 2] {
+    [5, 40]
+}
+
+impl Default for NetworkSpec {
+    fn default() -> NetworkSpec {
+        NetworkSpec {
+            latency_ms: default_latency(),
+            jitter_ms: 0,
+            loss: 0.0,
+            duplicate: 0.0,
+        }
+    }
+}
+
+/// Engine timing; defaults are the engine's own.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EngineSpec {
+    pub gossip_interval_ms: Option<u64>,
+    pub suspect_after_ms: Option<u64>,
+    pub dead_after_ms: Option<u64>,
+    pub sync_interval_ms: Option<u64>,
+    pub push_mbit: Option<f64>,
+    pub trim_grace_ms: Option<u64>,
+}
+
+// No deny_unknown_fields here: serde cannot combine it with the flattened, tagged kind.
+#[derive(Clone, Debug, Deserialize)]
+pub struct FaultSpec {
+    pub at_hours: f64,
+    #[serde(flatten)]
+    pub kind: FaultKind,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum FaultKind {
+    /// The node stops; its disk survives; it restarts after `for_hours`.
+    Crash {
+        site: String,
+        node: usize,
+        for_hours: f64,
+    },
+    /// The node's disk is lost; it comes back empty after `for_hours`.
+    DiskLoss {
+        site: String,
+        node: usize,
+        for_hours: f64,
+    },
+    /// Every node and disk of the site is gone for good.
+    DestroySite { site: String },
+    /// A fresh machine resumes a destroyed site from its keys.
+    RecoverSite { site: String },
+    /// Messages from `from` to `to` are dropped (both ways unless `one_way`).
+    Partition {
+        from: String,
+        to: String,
+        #[serde(default)]
+        one_way: bool,
+        for_hours: f64,
+    },
+    /// `by` revokes its trust in `of`.
+    Revoke { by: String, of: String },
+    /// `by` sets the quota it grants `of`.
+    Quota { by: String, of: String, gib: f64 },
+}
+
+impl Scenario {
+    pub fn parse(text: &str) -> anyhow::Result<Scenario> {
+        let scenario: Scenario = toml::from_str(text)?;
+        scenario.check()?;
+        Ok(scenario)
+    }
+
+    pub fn site_index(&self, name: &str) -> anyhow::Result<usize> {
+        self.sites
+            .iter()
+            .position(|s| s.name == name)
+            .ok_or_else(|| anyhow::anyhow!("scenario names unknown site {name:?}"))
+    }
+
+    fn check(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(!self.sites.is_empty(), "a scenario needs at least one site");
+        anyhow::ensure!(
+            self.replication_factor >= 1,
+            "replication_factor must be at least 1"
+        );
+        anyhow::ensure!(self.days > 0.0, "days must be positive");
+        for site in &self.sites {
+            anyhow::ensure!(
+                site.nodes >= 1,
+                "site {} needs at least one node",
+                site.name
+            );
+            anyhow::ensure!(site.uplink_mbit > 0.0, "site {} needs an uplink", site.name);
+        }
+        for image in &self.images {
+            self.site_index(&image.site)?;
+            anyhow::ensure!(image.size_gib > 0.0, "image {} needs a size", image.name);
+            anyhow::ensure!(
+                image.snapshot_every_hours > 0.0,
+                "image {} needs a period",
+                image.name
+            );
+        }
+        for pair in &self.partners {
+            self.site_index(&pair[0])?;
+            self.site_index(&pair[1])?;
+        }
+        for fault in &self.faults {
+            match &fault.kind {
+                FaultKind::Crash { site, node, .. } | FaultKind::DiskLoss { site, node, .. } => {
+                    let idx = self.site_index(site)?;
+                    anyhow::ensure!(
+                        *node < self.sites[idx].nodes,
+                        "site {site} has no node {node}"
+                    );
+                }
+                FaultKind::DestroySite { site } | FaultKind::RecoverSite { site } => {
+                    self.site_index(site)?;
+                }
+                FaultKind::Partition { from, to, .. }
+                | FaultKind::Revoke { by: from, of: to }
+                | FaultKind::Quota {
+                    by: from, of: to, ..
+                } => {
+                    self.site_index(from)?;
+                    self.site_index(to)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// When faults stop: the last fault's start plus its duration.
+    pub fn faults_end_hours(&self) -> f64 {
+        self.faults
+            .iter()
+            .map(|f| {
+                f.at_hours
+                    + match &f.kind {
+                        FaultKind::Crash { for_hours, .. }
+                        | FaultKind::DiskLoss { for_hours, .. }
+                        | FaultKind::Partition { for_hours, .. } => *for_hours,
+                        _ => 0.0,
+                    }
+            })
+            .fold(0.0, f64::max)
+    }
+}

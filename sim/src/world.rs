@@ -1,0 +1,829 @@
+//! The simulated world: sites with keys and uplinks, nodes running the real Engine, their
+//! disks, a virtual clock and one event queue. Every random choice comes from one seeded
+//! generator, events at the same instant run in the order they were scheduled, and so one
+//! seed replays the same run bit for bit (`trace_hash` proves it).
+//!
+//! Network model: a message between two offices waits for the sender's uplink (its size
+//! over the office's upload bandwidth, one message at a time), then takes the link's
+//! latency plus jitter; it may be lost, duplicated, or dropped by a partition. Inside an
+//! office the LAN takes 1 ms and is not the bottleneck.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
+
+use cairn_protocol::catalog::{Catalog, RecordKey};
+use cairn_protocol::engine::{ChunkRef, Engine, EngineConfig, Event, Message, StorageOp};
+use cairn_protocol::identity::{NodeId, SiteId};
+use cairn_protocol::ids::ChunkId;
+use cairn_protocol::record::{NodeCert, Record, RecordKind, TrustGrant};
+use cairn_protocol::rng::Rng;
+use ed25519_dalek::SigningKey;
+
+use crate::scenario::{FaultKind, Scenario};
+
+pub const GIB: f64 = (1u64 << 30) as f64;
+pub const HOUR_US: u64 = 3_600_000_000;
+const LAN_LATENCY_US: u64 = 1_000;
+/// How long a site's own nodes may act on an older grant after the site changed it.
+pub const GRANT_PROPAGATION_US: u64 = 10 * 60 * 1_000_000;
+
+pub struct SiteState {
+    pub name: String,
+    pub key: SigningKey,
+    pub id: SiteId,
+    pub uplink_bytes_per_sec: f64,
+    pub uplink_busy_until_us: u64,
+    pub destroyed: bool,
+    pub nodes: Vec<usize>,
+    pub node_capacity_bytes: u64,
+}
+
+/// A chunk on a simulated disk: a short stand-in body, with the real sealed size.
+#[derive(Clone, Debug)]
+pub struct DiskChunk {
+    pub owner: SiteId,
+    pub size_bytes: u64,
+    pub body: Vec<u8>,
+}
+
+#[derive(Default)]
+pub struct Disk {
+    pub chunks: BTreeMap<ChunkId, DiskChunk>,
+    pub records: BTreeMap<RecordKey, Record>,
+}
+
+pub struct SimNode {
+    pub site: usize,
+    pub id: NodeId,
+    pub engine: Option<Engine>,
+    pub disk: Disk,
+    /// The timer currently scheduled for this node's engine.
+    pub timer_at_us: Option<u64>,
+    /// Bumped at every crash, so messages and timers meant for the old process are
+    /// dropped.
+    pub incarnation: u64,
+}
+
+#[derive(Debug)]
+pub enum Ev {
+    Deliver {
+        to: usize,
+        from: usize,
+        incarnation: u64,
+        message: Message,
+    },
+    Timer {
+        node: usize,
+        incarnation: u64,
+    },
+    Fault(usize),
+    Restart(usize),
+    Heal {
+        from: usize,
+        to: usize,
+    },
+    Snapshot(usize),
+    Check,
+}
+
+enum Completion {
+    Write(u64),
+    Read(u64, Option<Vec<u8>>),
+}
+
+/// What the engines reported, for the checkers.
+pub struct Reported {
+    pub node: usize,
+    pub event: Event,
+}
+
+pub struct World {
+    pub scenario: Scenario,
+    pub now_us: u64,
+    pub rng: Rng,
+    pub sites: Vec<SiteState>,
+    pub nodes: Vec<SimNode>,
+    pub node_index: BTreeMap<NodeId, usize>,
+    /// Every record any site signed, newest version per key: what a site's own records
+    /// are when it seeds a new or recovered node.
+    pub truth: Catalog,
+    pub config: EngineConfig,
+    queue: BinaryHeap<Reverse<(u64, u64)>>,
+    events: BTreeMap<u64, Ev>,
+    seq: u64,
+    /// One-way latency between each pair of sites, µs.
+    latency_us: Vec<Vec<u64>>,
+    pub blocked: BTreeSet<(usize, usize)>,
+    pub trace: blake3::Hasher,
+    pub reported: Vec<Reported>,
+    pub stats: Stats,
+    /// Real sizes of chunks, for charging bandwidth on fetch replies.
+    pub chunk_sizes: BTreeMap<ChunkId, u64>,
+    /// Copies of each chunk on disks that exist (crashed nodes' disks included).
+    pub copies: BTreeMap<ChunkId, u32>,
+    /// Chunks whose copies went from some to none, with the time.
+    pub zeroed: Vec<(ChunkId, u64)>,
+    /// Destructive faults: (time, site).
+    pub destructive: Vec<(u64, usize)>,
+    /// Writes that pushed a site past the quota it grants an owner, or stored data
+    /// for an owner it had revoked.
+    pub quota_violations: Vec<String>,
+    /// When each site last changed what it grants each owner: writes in flight at that
+    /// moment, and nodes of the site that have not heard yet, get `GRANT_PROPAGATION_US`.
+    pub grant_changed_at: BTreeMap<(usize, SiteId), u64>,
+    /// Bytes each site holds for each owner, across its nodes' disks.
+    pub site_held: BTreeMap<(usize, SiteId), u64>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Stats {
+    pub events: u64,
+    pub messages: u64,
+    pub message_bytes: u64,
+    pub dropped: u64,
+    pub engine_calls: u64,
+    pub chunk_writes: u64,
+    pub chunk_deletes: u64,
+}
+
+impl World {
+    pub fn new(scenario: Scenario, seed: u64) -> World {
+        let mut rng = Rng::new(seed);
+        let config = engine_config(&scenario);
+        let mut sites = Vec::new();
+        let mut nodes = Vec::new();
+        for spec in &scenario.sites {
+            let mut secret = [0u8; 32];
+            rng.fill(&mut secret);
+            let key = SigningKey::from_bytes(&secret);
+            let id = SiteId(key.verifying_key().to_bytes());
+            let site_idx = sites.len();
+            let mut site_nodes = Vec::new();
+            for _ in 0..spec.nodes {
+                let mut node_id = [0u8; 32];
+                rng.fill(&mut node_id);
+                site_nodes.push(nodes.len());
+                nodes.push(SimNode {
+                    site: site_idx,
+                    id: NodeId(node_id),
+                    engine: None,
+                    disk: Disk::default(),
+                    timer_at_us: None,
+                    incarnation: 0,
+                });
+            }
+            sites.push(SiteState {
+                name: spec.name.clone(),
+                key,
+                id,
+                uplink_bytes_per_sec: spec.uplink_mbit * 1e6 / 8.0,
+                uplink_busy_until_us: 0,
+                destroyed: false,
+                nodes: site_nodes,
+                node_capacity_bytes: (spec.node_capacity_gib * GIB) as u64,
+            });
+        }
+        let n_sites = sites.len();
+        let mut latency_us = vec![vec![LAN_LATENCY_US; n_sites]; n_sites];
+        let [lo, hi] = scenario.network.latency_ms;
+        for a in 0..n_sites {
+            for b in (a + 1)..n_sites {
+                let ms = rng.range(lo.min(hi), hi.max(lo));
+                latency_us[a][b] = ms * 1000;
+                latency_us[b][a] = ms * 1000;
+            }
+        }
+        let node_index = nodes.iter().enumerate().map(|(i, n)| (n.id, i)).collect();
+        let mut world = World {
+            scenario,
+            now_us: 0,
+            rng,
+            sites,
+            nodes,
+            node_index,
+            truth: Catalog::default(),
+            config,
+            queue: BinaryHeap::new(),
+            events: BTreeMap::new(),
+            seq: 0,
+            latency_us,
+            blocked: BTreeSet::new(),
+            trace: blake3::Hasher::new(),
+            reported: Vec::new(),
+            stats: Stats::default(),
+            chunk_sizes: BTreeMap::new(),
+            copies: BTreeMap::new(),
+            zeroed: Vec::new(),
+            destructive: Vec::new(),
+            quota_violations: Vec::new(),
+            site_held: BTreeMap::new(),
+            grant_changed_at: BTreeMap::new(),
+        };
+        world.sign_initial_records();
+        for node in 0..world.nodes.len() {
+            world.start_node(node, true);
+        }
+        for (idx, fault) in world.scenario.faults.clone().iter().enumerate() {
+            world.schedule((fault.at_hours * HOUR_US as f64) as u64, Ev::Fault(idx));
+        }
+        for (idx, image) in world.scenario.images.clone().iter().enumerate() {
+            world.schedule(
+                (image.first_snapshot_hours * HOUR_US as f64) as u64,
+                Ev::Snapshot(idx),
+            );
+        }
+        world.schedule(HOUR_US, Ev::Check);
+        world
+    }
+
+    fn sign_initial_records(&mut self) {
+        let quota = (self.scenario.quota_gib * GIB) as u64;
+        let n_sites = self.sites.len();
+        let pairs: Vec<(usize, usize)> = if self.scenario.partners.is_empty() {
+            (0..n_sites)
+                .flat_map(|a| (0..n_sites).filter(move |b| *b != a).map(move |b| (a, b)))
+                .collect()
+        } else {
+            let mut pairs = Vec::new();
+            for [a, b] in self.scenario.partners.clone() {
+                let a = self.scenario.site_index(&a).expect("checked at parse");
+                let b = self.scenario.site_index(&b).expect("checked at parse");
+                pairs.push((a, b));
+                pairs.push((b, a));
+            }
+            pairs
+        };
+        for (a, b) in pairs {
+            self.sign_grant(a, b, quota, false);
+        }
+        for site in 0..n_sites {
+            for node in self.sites[site].nodes.clone() {
+                self.sign_node_cert(site, node);
+            }
+        }
+    }
+
+    pub fn sign_grant(&mut self, by: usize, of: usize, quota_bytes: u64, revoked: bool) -> Record {
+        let grantee = self.sites[of].id;
+        let key = RecordKey {
+            author: self.sites[by].id,
+            kind: RecordKind::TrustGrant,
+            key: grantee.0,
+        };
+        let version = self.truth.get(&key).map_or(1, |r| r.version + 1);
+        let body = TrustGrant {
+            grantee,
+            quota_bytes,
+            revoked,
+        }
+        .encode();
+        let record = Record::sign(
+            &self.sites[by].key,
+            RecordKind::TrustGrant,
+            grantee.0,
+            version,
+            body,
+        );
+        self.truth.insert(record.clone());
+        record
+    }
+
+    pub fn sign_node_cert(&mut self, site: usize, node: usize) -> Record {
+        let cert = NodeCert {
+            node: self.nodes[node].id,
+            site: self.sites[site].id,
+            name: format!("{}-{node}", self.sites[site].name),
+            addresses: Vec::new(),
+            capacity_bytes: self.sites[site].node_capacity_bytes,
+        };
+        let record = Record::sign(
+            &self.sites[site].key,
+            RecordKind::NodeCert,
+            cert.node.0,
+            1,
+            cert.encode(),
+        );
+        self.truth.insert(record.clone());
+        record
+    }
+
+    /// Starts (or restarts) a node's engine from its disk. A fresh node is seeded with
+    /// every record (as if it had joined and synced before the run); a restarted one
+    /// gets only what its disk kept, plus its site's records when the disk was empty
+    /// (a reformatted machine joins its site again).
+    pub fn start_node(&mut self, node: usize, fresh: bool) {
+        let seed = self.rng.next_u64();
+        let now_ms = self.now_us / 1000;
+        let site = self.nodes[node].site;
+        let mut engine = Engine::new(
+            self.config.clone(),
+            self.nodes[node].id,
+            self.sites[site].id,
+            seed,
+            now_ms,
+        );
+        let disk = &mut self.nodes[node].disk;
+        if fresh || disk.records.is_empty() {
+            for record in self.truth.records() {
+                disk.records.insert(RecordKey::of(record), record.clone());
+            }
+        }
+        engine.load_records(disk.records.values().cloned());
+        for (id, chunk) in &disk.chunks {
+            engine.load_chunk(ChunkRef {
+                owner: chunk.owner,
+                id: *id,
+                size_bytes: chunk.size_bytes,
+            });
+        }
+        self.nodes[node].engine = Some(engine);
+        self.nodes[node].timer_at_us = None;
+        self.pump(node);
+    }
+
+    pub fn stop_node(&mut self, node: usize) {
+        self.nodes[node].engine = None;
+        self.nodes[node].incarnation += 1;
+        self.nodes[node].timer_at_us = None;
+    }
+
+    pub fn wipe_disk(&mut self, node: usize) {
+        let chunks = std::mem::take(&mut self.nodes[node].disk.chunks);
+        for (id, chunk) in &chunks {
+            self.lose_copy(node, id, chunk);
+        }
+        self.nodes[node].disk.records.clear();
+    }
+
+    fn lose_copy(&mut self, node: usize, id: &ChunkId, chunk: &DiskChunk) {
+        let held = self
+            .site_held
+            .entry((self.nodes[node].site, chunk.owner))
+            .or_insert(0);
+        *held = held.saturating_sub(chunk.size_bytes);
+        let count = self.copies.entry(*id).or_insert(0);
+        *count = count.saturating_sub(1);
+        if *count == 0 {
+            self.copies.remove(id);
+            self.zeroed.push((*id, self.now_us));
+        }
+    }
+
+    /// Puts a chunk on a node's disk (a backup's write or a received push).
+    pub fn add_copy(&mut self, node: usize, id: ChunkId, chunk: DiskChunk) {
+        let key = (self.nodes[node].site, chunk.owner);
+        let size_bytes = chunk.size_bytes;
+        if self.nodes[node].disk.chunks.insert(id, chunk).is_none() {
+            *self.copies.entry(id).or_insert(0) += 1;
+            *self.site_held.entry(key).or_insert(0) += size_bytes;
+        }
+    }
+
+    pub fn schedule(&mut self, at_us: u64, ev: Ev) {
+        self.seq += 1;
+        self.events.insert(self.seq, ev);
+        self.queue.push(Reverse((at_us, self.seq)));
+    }
+
+    /// Runs events until `until_us` (inclusive) or until the queue is empty.
+    pub fn run_until(&mut self, until_us: u64, mut on_event: impl FnMut(&mut World, Ev)) {
+        while let Some(Reverse((at_us, seq))) = self.queue.peek().copied() {
+            if at_us > until_us {
+                break;
+            }
+            self.queue.pop();
+            let ev = self
+                .events
+                .remove(&seq)
+                .expect("every queued seq has an event");
+            self.now_us = at_us;
+            self.stats.events += 1;
+            match ev {
+                Ev::Deliver {
+                    to,
+                    from,
+                    incarnation,
+                    message,
+                } => self.deliver(to, from, incarnation, message),
+                Ev::Timer { node, incarnation } => {
+                    if self.nodes[node].incarnation == incarnation
+                        && self.nodes[node].timer_at_us == Some(at_us)
+                    {
+                        self.nodes[node].timer_at_us = None;
+                        if let Some(engine) = self.nodes[node].engine.as_mut() {
+                            engine.handle_timeout(at_us / 1000);
+                            self.stats.engine_calls += 1;
+                        }
+                        self.pump(node);
+                    }
+                }
+                other => on_event(self, other),
+            }
+        }
+        self.now_us = self.now_us.max(until_us);
+    }
+
+    fn deliver(&mut self, to: usize, from: usize, incarnation: u64, message: Message) {
+        if self.nodes[to].incarnation != incarnation {
+            self.stats.dropped += 1;
+            return;
+        }
+        let from_id = self.nodes[from].id;
+        let cert_key = RecordKey {
+            author: self.sites[self.nodes[from].site].id,
+            kind: RecordKind::NodeCert,
+            key: from_id.0,
+        };
+        let Some(engine) = self.nodes[to].engine.as_mut() else {
+            self.stats.dropped += 1;
+            return;
+        };
+        if engine.peer_state(&from_id).is_none() {
+            // The transport's handshake: the sender presents its certificate.
+            if let Some(cert) = self.truth.get(&cert_key).cloned() {
+                let _ = engine.handle_connect(from_id, cert, self.now_us / 1000);
+            }
+        }
+        self.trace.update(&self.now_us.to_le_bytes());
+        self.trace.update(&(from as u32).to_le_bytes());
+        self.trace.update(&(to as u32).to_le_bytes());
+        self.trace.update(&message.encode());
+        engine.handle_message(from_id, message, self.now_us / 1000);
+        self.stats.engine_calls += 1;
+        self.pump(to);
+    }
+
+    /// Carries out everything a node's engine asked for, feeding storage completions back
+    /// in at once (the simulated disk answers immediately), until it asks for nothing more.
+    pub fn pump(&mut self, node: usize) {
+        loop {
+            let (ops, events, sends) = {
+                let Some(engine) = self.nodes[node].engine.as_mut() else {
+                    return;
+                };
+                let ops: Vec<StorageOp> = std::iter::from_fn(|| engine.poll_storage()).collect();
+                let events: Vec<Event> = std::iter::from_fn(|| engine.poll_event()).collect();
+                let sends: Vec<(NodeId, Message)> =
+                    std::iter::from_fn(|| engine.poll_transmit()).collect();
+                (ops, events, sends)
+            };
+            let completions: Vec<Completion> = ops
+                .into_iter()
+                .filter_map(|op| self.apply_storage(node, op))
+                .collect();
+            for event in events {
+                if let Event::ChunkStored { chunk, .. } = &event {
+                    self.check_quota(node, chunk);
+                }
+                self.reported.push(Reported { node, event });
+            }
+            for (to, message) in sends {
+                self.send(node, to, message);
+            }
+            if completions.is_empty() {
+                break;
+            }
+            let now_ms = self.now_us / 1000;
+            let engine = self.nodes[node].engine.as_mut().expect("checked above");
+            for completion in completions {
+                match completion {
+                    Completion::Write(op) => engine.handle_write_done(op, true, now_ms),
+                    Completion::Read(op, body) => engine.handle_read_done(op, body, now_ms),
+                }
+                self.stats.engine_calls += 1;
+            }
+        }
+        self.arm_timer(node);
+    }
+
+    /// The simulated disk: every operation completes at once.
+    fn apply_storage(&mut self, node: usize, op: StorageOp) -> Option<Completion> {
+        match op {
+            StorageOp::Write {
+                op,
+                owner,
+                id,
+                sealed,
+            } => {
+                let size_bytes = self
+                    .chunk_sizes
+                    .get(&id)
+                    .copied()
+                    .unwrap_or(sealed.len() as u64);
+                self.add_copy(
+                    node,
+                    id,
+                    DiskChunk {
+                        owner,
+                        size_bytes,
+                        body: sealed,
+                    },
+                );
+                self.stats.chunk_writes += 1;
+                Some(Completion::Write(op))
+            }
+            StorageOp::Read { op, id } => {
+                let body = self.nodes[node]
+                    .disk
+                    .chunks
+                    .get(&id)
+                    .map(|c| c.body.clone());
+                Some(Completion::Read(op, body))
+            }
+            StorageOp::Delete { id, .. } => {
+                if let Some(chunk) = self.nodes[node].disk.chunks.remove(&id) {
+                    self.stats.chunk_deletes += 1;
+                    self.lose_copy(node, &id, &chunk);
+                }
+                None
+            }
+            StorageOp::SaveRecord(record) => {
+                self.nodes[node]
+                    .disk
+                    .records
+                    .insert(RecordKey::of(&record), record);
+                None
+            }
+            StorageOp::DropRecord(key) => {
+                self.nodes[node].disk.records.remove(&key);
+                None
+            }
+        }
+    }
+
+    fn arm_timer(&mut self, node: usize) {
+        let Some(engine) = self.nodes[node].engine.as_ref() else {
+            return;
+        };
+        let at_us = (engine.poll_timeout() * 1000).max(self.now_us + 1);
+        if self.nodes[node].timer_at_us.is_some_and(|t| t <= at_us) {
+            return;
+        }
+        self.nodes[node].timer_at_us = Some(at_us);
+        let incarnation = self.nodes[node].incarnation;
+        self.schedule(at_us, Ev::Timer { node, incarnation });
+    }
+
+    /// What a message costs on the wire: its encoding, with stand-in chunk bodies
+    /// counted at their real sizes.
+    fn wire_bytes(&self, message: &Message) -> u64 {
+        let encoded = message.encode().len() as u64;
+        match message {
+            Message::Push {
+                size_bytes, sealed, ..
+            } => encoded - sealed.len() as u64 + size_bytes,
+            Message::FetchReply {
+                id,
+                sealed: Some(sealed),
+                ..
+            } => encoded - sealed.len() as u64 + self.chunk_sizes.get(id).copied().unwrap_or(0),
+            _ => encoded,
+        }
+    }
+
+    fn send(&mut self, from: usize, to_id: NodeId, message: Message) {
+        let Some(&to) = self.node_index.get(&to_id) else {
+            self.stats.dropped += 1;
+            return;
+        };
+        let bytes = self.wire_bytes(&message);
+        self.stats.messages += 1;
+        self.stats.message_bytes += bytes;
+        let (site_from, site_to) = (self.nodes[from].site, self.nodes[to].site);
+        if self.blocked.contains(&(site_from, site_to)) {
+            self.stats.dropped += 1;
+            return;
+        }
+        let mut at_us = self.now_us;
+        if site_from != site_to {
+            let site = &mut self.sites[site_from];
+            let tx_us = (bytes as f64 / site.uplink_bytes_per_sec * 1e6) as u64;
+            let start = site.uplink_busy_until_us.max(self.now_us);
+            site.uplink_busy_until_us = start + tx_us;
+            at_us = start + tx_us;
+            if self.rng.chance(self.scenario.network.loss) {
+                self.stats.dropped += 1;
+                return;
+            }
+        }
+        at_us += self.latency_us[site_from][site_to];
+        if self.scenario.network.jitter_ms > 0 {
+            at_us += self.rng.below(self.scenario.network.jitter_ms * 1000);
+        }
+        let incarnation = self.nodes[to].incarnation;
+        if site_from != site_to && self.rng.chance(self.scenario.network.duplicate) {
+            let later = at_us + self.rng.below(50_000);
+            self.schedule(
+                later,
+                Ev::Deliver {
+                    to,
+                    from,
+                    incarnation,
+                    message: message.clone(),
+                },
+            );
+        }
+        self.schedule(
+            at_us,
+            Ev::Deliver {
+                to,
+                from,
+                incarnation,
+                message,
+            },
+        );
+    }
+
+    /// Invariant 5 as the writes happen: a site never holds more for an owner than it
+    /// grants, and nothing for an owner it revoked.
+    fn check_quota(&mut self, node: usize, chunk: &ChunkRef) {
+        let site = self.nodes[node].site;
+        let site_id = self.sites[site].id;
+        if chunk.owner == site_id {
+            return;
+        }
+        let recently_changed = self
+            .grant_changed_at
+            .get(&(site, chunk.owner))
+            .is_some_and(|at| self.now_us < at + GRANT_PROPAGATION_US);
+        if recently_changed {
+            return;
+        }
+        let grant = self.truth.grant(site_id, chunk.owner);
+        let held = self
+            .site_held
+            .get(&(site, chunk.owner))
+            .copied()
+            .unwrap_or(0);
+        match grant {
+            None => self.quota_violations.push(format!(
+                "site {} stored a chunk for a site it never trusted",
+                self.sites[site].name
+            )),
+            Some(g) if g.revoked => self.quota_violations.push(format!(
+                "site {} stored a chunk for a site it revoked",
+                self.sites[site].name
+            )),
+            Some(g) if held > g.quota_bytes => self.quota_violations.push(format!(
+                "site {} holds {held} bytes for a partner, over its quota of {}",
+                self.sites[site].name, g.quota_bytes
+            )),
+            Some(_) => {}
+        }
+    }
+
+    /// Applies a scenario fault.
+    pub fn apply_fault(&mut self, kind: &FaultKind) {
+        let s = &self.scenario;
+        match kind.clone() {
+            FaultKind::Crash {
+                site,
+                node,
+                for_hours,
+            } => {
+                let idx = self.sites[s.site_index(&site).expect("checked")].nodes[node];
+                if self.nodes[idx].engine.is_some() {
+                    self.stop_node(idx);
+                    self.schedule(self.now_us + hours_us(for_hours), Ev::Restart(idx));
+                }
+            }
+            FaultKind::DiskLoss {
+                site,
+                node,
+                for_hours,
+            } => {
+                let site_idx = s.site_index(&site).expect("checked");
+                let idx = self.sites[site_idx].nodes[node];
+                self.stop_node(idx);
+                self.wipe_disk(idx);
+                self.destructive.push((self.now_us, site_idx));
+                self.schedule(self.now_us + hours_us(for_hours), Ev::Restart(idx));
+            }
+            FaultKind::DestroySite { site } => {
+                let site_idx = s.site_index(&site).expect("checked");
+                self.sites[site_idx].destroyed = true;
+                for idx in self.sites[site_idx].nodes.clone() {
+                    self.stop_node(idx);
+                    self.wipe_disk(idx);
+                }
+                self.destructive.push((self.now_us, site_idx));
+            }
+            FaultKind::RecoverSite { site } => {
+                let site_idx = s.site_index(&site).expect("checked");
+                let _ = self.recover_site(site_idx);
+            }
+            FaultKind::Partition {
+                from,
+                to,
+                one_way,
+                for_hours,
+            } => {
+                let a = s.site_index(&from).expect("checked");
+                let b = s.site_index(&to).expect("checked");
+                self.blocked.insert((a, b));
+                let heal_at = self.now_us + hours_us(for_hours);
+                self.schedule(heal_at, Ev::Heal { from: a, to: b });
+                if !one_way {
+                    self.blocked.insert((b, a));
+                    self.schedule(heal_at, Ev::Heal { from: b, to: a });
+                }
+            }
+            FaultKind::Revoke { by, of } => {
+                let a = s.site_index(&by).expect("checked");
+                let b = s.site_index(&of).expect("checked");
+                let record = self.sign_grant(a, b, 0, true);
+                self.grant_changed_at
+                    .insert((a, self.sites[b].id), self.now_us);
+                self.hand_to_site(a, record);
+            }
+            FaultKind::Quota { by, of, gib } => {
+                let a = s.site_index(&by).expect("checked");
+                let b = s.site_index(&of).expect("checked");
+                let record = self.sign_grant(a, b, (gib * GIB) as u64, false);
+                self.grant_changed_at
+                    .insert((a, self.sites[b].id), self.now_us);
+                self.hand_to_site(a, record);
+            }
+        }
+    }
+
+    /// A record signed at a site (by `cairn trust ...`): given to one live node there,
+    /// which gossips it on.
+    pub fn hand_to_site(&mut self, site: usize, record: Record) {
+        let now_ms = self.now_us / 1000;
+        if let Some(&node) = self.sites[site]
+            .nodes
+            .iter()
+            .find(|n| self.nodes[**n].engine.is_some())
+        {
+            let engine = self.nodes[node].engine.as_mut().expect("found live");
+            engine
+                .handle_local_record(record, now_ms)
+                .expect("records the site signs are valid");
+            self.pump(node);
+        }
+    }
+
+    /// A fresh machine resumes a destroyed site: a new node, certified by the site key
+    /// (recovered from the recovery key), seeded with the site's records and its
+    /// partners' (as `cairn recover` gets them from a partner).
+    pub fn recover_site(&mut self, site: usize) -> usize {
+        self.sites[site].destroyed = false;
+        let mut node_id = [0u8; 32];
+        self.rng.fill(&mut node_id);
+        let idx = self.nodes.len();
+        self.nodes.push(SimNode {
+            site,
+            id: NodeId(node_id),
+            engine: None,
+            disk: Disk::default(),
+            timer_at_us: None,
+            incarnation: 0,
+        });
+        self.node_index.insert(NodeId(node_id), idx);
+        self.sites[site].nodes.push(idx);
+        self.sign_node_cert(site, idx);
+        self.start_node(idx, true);
+        idx
+    }
+
+    pub fn live_nodes_of(&self, site: usize) -> Vec<usize> {
+        self.sites[site]
+            .nodes
+            .iter()
+            .copied()
+            .filter(|n| self.nodes[*n].engine.is_some())
+            .collect()
+    }
+}
+
+pub fn hours_us(hours: f64) -> u64 {
+    (hours * HOUR_US as f64) as u64
+}
+
+fn engine_config(scenario: &Scenario) -> EngineConfig {
+    let mut config = EngineConfig {
+        replication_factor: scenario.replication_factor,
+        ..EngineConfig::default()
+    };
+    let e = &scenario.engine;
+    if let Some(v) = e.gossip_interval_ms {
+        config.gossip_interval_ms = v;
+    }
+    if let Some(v) = e.suspect_after_ms {
+        config.suspect_after_ms = v;
+    }
+    if let Some(v) = e.dead_after_ms {
+        config.dead_after_ms = v;
+    }
+    if let Some(v) = e.sync_interval_ms {
+        config.sync_interval_ms = v;
+    }
+    if let Some(v) = e.push_mbit {
+        config.push_bytes_per_sec = (v * 1e6 / 8.0) as u64;
+    }
+    if let Some(v) = e.trim_grace_ms {
+        config.trim_grace_ms = v;
+    }
+    config
+}
