@@ -13,6 +13,7 @@ mod fetch;
 mod gossip;
 mod membership;
 pub mod message;
+mod pull;
 mod replication;
 
 use std::collections::{BTreeMap, VecDeque};
@@ -27,6 +28,7 @@ pub use fetch::{FetchError, FETCHES_MAX};
 use membership::Peer;
 pub use membership::PeerState;
 pub use message::Message;
+pub use pull::PULLS_PER_SOURCE_MAX;
 use replication::{Held, PendingSnapshot, PushQueue, ReadPurpose};
 
 /// How many peers one engine tracks.
@@ -69,11 +71,11 @@ impl Default for EngineConfig {
             gossip_interval_ms: 2_000,
             suspect_after_ms: 30_000,
             dead_after_ms: 300_000,
-            sync_interval_ms: 20_000,
+            sync_interval_ms: 5_000,
             push_bytes_per_sec: 40 << 20,
             pushes_in_flight_max: 32,
             trim_grace_ms: 3_600_000,
-            request_timeout_ms: 120_000,
+            request_timeout_ms: 60_000,
         }
     }
 }
@@ -191,8 +193,8 @@ pub struct Engine {
     next_op: u64,
     writes: BTreeMap<u64, (NodeId, ChunkRef)>,
     reads: BTreeMap<u64, (ReadPurpose, ChunkId)>,
-    /// Chunks asked of one holder, until when: other holders' offers wait.
-    requested: BTreeMap<ChunkId, (NodeId, u64)>,
+    /// Chunks this node lacks, who offered them, and whom it asked.
+    pulls: pull::Pulls,
     /// Held chunks this node is not a target for.
     excess: std::collections::BTreeSet<ChunkId>,
     pending_snapshots: BTreeMap<[u8; 32], PendingSnapshot>,
@@ -234,7 +236,7 @@ impl Engine {
             writes: BTreeMap::new(),
             reads: BTreeMap::new(),
             excess: std::collections::BTreeSet::new(),
-            requested: BTreeMap::new(),
+            pulls: pull::Pulls::default(),
             pending_snapshots: BTreeMap::new(),
             fetches: BTreeMap::new(),
             next_gossip_ms,

@@ -24,6 +24,7 @@ pub struct DayResult {
     pub events: u64,
     pub engine_calls: u64,
     pub messages: u64,
+    pub by_type: BTreeMap<&'static str, (u64, u64)>,
 }
 
 /// One simulated day of the default scenario's mesh, faults off.
@@ -39,6 +40,7 @@ pub fn one_day(seed: u64) -> DayResult {
         events: run.world.stats.events,
         engine_calls: run.world.stats.engine_calls,
         messages: run.world.stats.messages,
+        by_type: run.world.stats.by_type.clone(),
     }
 }
 
@@ -155,12 +157,41 @@ pub fn repair(seed: u64) -> RepairResult {
     let bound_secs = bytes_to_move as f64 / survivors_uplink;
     let dead_after_secs = run.world.config.dead_after_ms as f64 / 1000.0;
     let mut from_loss_secs = None;
-    let step_us = 60_000_000;
+    let step_us = 15_000_000;
     let mut t = loss_us;
     while t < loss_us + 48 * HOUR_US {
         t += step_us;
         run.advance(t, 0);
         let holders = holders_by_site(&run.world);
+        if std::env::var_os("CAIRN_SIM_DEBUG").is_some() {
+            let under = run
+                .world
+                .chunk_sizes
+                .keys()
+                .filter(|id| {
+                    holders
+                        .get(id)
+                        .is_none_or(|s| s.iter().filter(|x| **x != lost_site).count() < want)
+                })
+                .count();
+            let busy: Vec<String> = run
+                .world
+                .sites
+                .iter()
+                .map(|s| format!("{:.0}", (s.uplink_busy_until_us as f64 - t as f64) / 1e6))
+                .collect();
+            let pending: Vec<usize> = run
+                .world
+                .nodes
+                .iter()
+                .filter_map(|n| n.engine.as_ref().map(|e| e.pushes_pending()))
+                .collect();
+            eprintln!(
+                "t+{}s under={under} bytes={} uplink_backlog_s={busy:?} pushes={pending:?}",
+                (t - loss_us) / 1_000_000,
+                run.world.stats.message_bytes
+            );
+        }
         let done = run.world.chunk_sizes.keys().all(|id| {
             holders
                 .get(id)

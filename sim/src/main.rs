@@ -155,6 +155,17 @@ fn real_main() -> anyhow::Result<ExitCode> {
                 day.messages,
                 day.engine_calls as f64 / day.wall_secs
             );
+            let by_type: Vec<String> = day
+                .by_type
+                .iter()
+                .map(|(name, (n, bytes))| {
+                    format!(
+                        "{name} {n} ({:.1} MiB)",
+                        *bytes as f64 / (1u64 << 20) as f64
+                    )
+                })
+                .collect();
+            println!("  messages by type: {}", by_type.join(", "));
             for n in spread {
                 let started = Instant::now();
                 let result = bench::spread(n, seed);

@@ -375,6 +375,45 @@ impl Run {
                 "invariant 4: {over} chunks with more than R + {slack} copies at rest"
             ));
         }
+        // Invariant 5 at rest: a site holds no more for a partner than it grants now.
+        for ((site, owner), held) in &world.site_held {
+            let site_id = world.sites[*site].id;
+            if *owner == site_id || *held == 0 {
+                continue;
+            }
+            let quota = world.truth.grant(site_id, *owner).map_or(0, |g| {
+                if g.revoked {
+                    0
+                } else {
+                    g.quota_bytes
+                }
+            });
+            if *held > quota {
+                self.report.violations.push(format!(
+                    "invariant 5: site {} holds {held} bytes for a partner at rest, over its quota of {quota}",
+                    world.sites[*site].name
+                ));
+            }
+        }
+        // Invariant 5 at rest: a site holds nothing for an owner either side revoked.
+        for &node in &live {
+            let site = world.nodes[node].site;
+            let site_id = world.sites[site].id;
+            for chunk in world.nodes[node].disk.chunks.values() {
+                if chunk.owner == site_id {
+                    continue;
+                }
+                let revoked =
+                    |a: SiteId, b: SiteId| world.truth.grant(a, b).is_none_or(|g| g.revoked);
+                if revoked(site_id, chunk.owner) || revoked(chunk.owner, site_id) {
+                    self.report.violations.push(format!(
+                        "invariant 5: site {} still holds chunks of a partner whose trust was revoked",
+                        world.sites[site].name
+                    ));
+                    break;
+                }
+            }
+        }
         self.report.notes.push(format!(
             "at rest: {} distinct chunks checked, {} live nodes",
             checked.len(),
@@ -467,10 +506,8 @@ impl Run {
                             in_flight.insert(id, excluded);
                         }
                     }
-                    Event::FetchFailed { id, .. } => {
-                        if in_flight.remove(&id).is_some() {
-                            failed.push(id);
-                        }
+                    Event::FetchFailed { id, .. } if in_flight.remove(&id).is_some() => {
+                        failed.push(id);
                     }
                     _ => {}
                 }

@@ -144,6 +144,8 @@ pub struct Stats {
     pub engine_calls: u64,
     pub chunk_writes: u64,
     pub chunk_deletes: u64,
+    /// Messages and bytes sent, by message type.
+    pub by_type: BTreeMap<&'static str, (u64, u64)>,
 }
 
 impl World {
@@ -186,12 +188,13 @@ impl World {
         let n_sites = sites.len();
         let mut latency_us = vec![vec![LAN_LATENCY_US; n_sites]; n_sites];
         let [lo, hi] = scenario.network.latency_ms;
-        for a in 0..n_sites {
-            for b in (a + 1)..n_sites {
-                let ms = rng.range(lo.min(hi), hi.max(lo));
-                latency_us[a][b] = ms * 1000;
-                latency_us[b][a] = ms * 1000;
-            }
+        let pairs: Vec<(usize, usize)> = (0..n_sites)
+            .flat_map(|a| ((a + 1)..n_sites).map(move |b| (a, b)))
+            .collect();
+        for (a, b) in pairs {
+            let ms = rng.range(lo.min(hi), hi.max(lo));
+            latency_us[a][b] = ms * 1000;
+            latency_us[b][a] = ms * 1000;
         }
         let node_index = nodes.iter().enumerate().map(|(i, n)| (n.id, i)).collect();
         let mut world = World {
@@ -444,10 +447,6 @@ impl World {
                 let _ = engine.handle_connect(from_id, cert, self.now_us / 1000);
             }
         }
-        self.trace.update(&self.now_us.to_le_bytes());
-        self.trace.update(&(from as u32).to_le_bytes());
-        self.trace.update(&(to as u32).to_le_bytes());
-        self.trace.update(&message.encode());
         engine.handle_message(from_id, message, self.now_us / 1000);
         self.stats.engine_calls += 1;
         self.pump(to);
@@ -566,8 +565,7 @@ impl World {
 
     /// What a message costs on the wire: its encoding, with stand-in chunk bodies
     /// counted at their real sizes.
-    fn wire_bytes(&self, message: &Message) -> u64 {
-        let encoded = message.encode().len() as u64;
+    fn wire_bytes(&self, message: &Message, encoded: u64) -> u64 {
         match message {
             Message::Push {
                 size_bytes, sealed, ..
@@ -586,9 +584,25 @@ impl World {
             self.stats.dropped += 1;
             return;
         };
-        let bytes = self.wire_bytes(&message);
+        let encoded = message.encode();
+        let bytes = self.wire_bytes(&message, encoded.len() as u64);
+        let bulk = matches!(
+            message,
+            Message::Push { .. }
+                | Message::FetchReply {
+                    sealed: Some(_),
+                    ..
+                }
+        );
         self.stats.messages += 1;
         self.stats.message_bytes += bytes;
+        let by_type = self
+            .stats
+            .by_type
+            .entry(message_type(&message))
+            .or_insert((0, 0));
+        by_type.0 += 1;
+        by_type.1 += bytes;
         let (site_from, site_to) = (self.nodes[from].site, self.nodes[to].site);
         if self.blocked.contains(&(site_from, site_to)) {
             self.stats.dropped += 1;
@@ -596,11 +610,19 @@ impl World {
         }
         let mut at_us = self.now_us;
         if site_from != site_to {
+            // Chunks queue for the uplink one after another; small control messages are
+            // interleaved with them (QUIC streams share the link), so they pay only their
+            // own transmission time.
             let site = &mut self.sites[site_from];
             let tx_us = (bytes as f64 / site.uplink_bytes_per_sec * 1e6) as u64;
-            let start = site.uplink_busy_until_us.max(self.now_us);
-            site.uplink_busy_until_us = start + tx_us;
-            at_us = start + tx_us;
+            if bulk {
+                let start = site.uplink_busy_until_us.max(self.now_us);
+                site.uplink_busy_until_us = start + tx_us;
+                at_us = start + tx_us;
+            } else {
+                site.uplink_busy_until_us = site.uplink_busy_until_us.max(self.now_us) + tx_us;
+                at_us += tx_us;
+            }
             if self.rng.chance(self.scenario.network.loss) {
                 self.stats.dropped += 1;
                 return;
@@ -610,6 +632,10 @@ impl World {
         if self.scenario.network.jitter_ms > 0 {
             at_us += self.rng.below(self.scenario.network.jitter_ms * 1000);
         }
+        self.trace.update(&at_us.to_le_bytes());
+        self.trace.update(&(from as u32).to_le_bytes());
+        self.trace.update(&(to as u32).to_le_bytes());
+        self.trace.update(&encoded);
         let incarnation = self.nodes[to].incarnation;
         if site_from != site_to && self.rng.chance(self.scenario.network.duplicate) {
             let later = at_us + self.rng.below(50_000);
@@ -826,4 +852,21 @@ fn engine_config(scenario: &Scenario) -> EngineConfig {
         config.trim_grace_ms = v;
     }
     config
+}
+
+pub fn message_type(message: &Message) -> &'static str {
+    match message {
+        Message::Gossip { .. } => "gossip",
+        Message::Entries { .. } => "entries",
+        Message::Records { .. } => "records",
+        Message::Want { .. } => "want",
+        Message::Offer { .. } => "offer",
+        Message::Need { .. } => "need",
+        Message::Push { .. } => "push",
+        Message::PushAck { .. } => "push-ack",
+        Message::SyncDigest { .. } => "sync-digest",
+        Message::SyncIds { .. } => "sync-ids",
+        Message::Fetch { .. } => "fetch",
+        Message::FetchReply { .. } => "fetch-reply",
+    }
 }

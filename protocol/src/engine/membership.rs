@@ -65,13 +65,19 @@ impl Engine {
 
     pub(super) fn merge_beats(&mut self, beats: &[Beat], now_ms: u64) {
         for beat in beats.iter().take(BEATS_PER_MESSAGE_MAX) {
-            let Some(peer) = self.peers.get_mut(&beat.node) else {
-                continue;
+            let mut lo = [0u8; 32];
+            lo[..8].copy_from_slice(&beat.node_prefix);
+            let mut hi = [0xffu8; 32];
+            hi[..8].copy_from_slice(&beat.node_prefix);
+            let mut matches = self.peers.range_mut(NodeId(lo)..=NodeId(hi));
+            let (Some((node, peer)), None) = (matches.next(), matches.next()) else {
+                continue; // unknown, or (never in practice) ambiguous
             };
+            let node = *node;
             if beat.beat_ms > peer.beat_ms {
                 peer.beat_ms = beat.beat_ms;
                 peer.heard_at_ms = now_ms;
-                self.mark_live(beat.node);
+                self.mark_live(node);
             }
         }
     }
@@ -93,7 +99,7 @@ impl Engine {
     /// Our heartbeat and a rotating sample of others, for the next gossip message.
     pub(super) fn beats_to_send(&mut self, now_ms: u64) -> Vec<Beat> {
         let mut beats = vec![Beat {
-            node: self.node,
+            node_prefix: Beat::prefix_of(&self.node),
             beat_ms: now_ms,
         }];
         let known: Vec<Beat> = self
@@ -101,7 +107,7 @@ impl Engine {
             .iter()
             .filter(|(_, p)| p.beat_ms > 0 && p.state != PeerState::Dead)
             .map(|(node, p)| Beat {
-                node: *node,
+                node_prefix: Beat::prefix_of(node),
                 beat_ms: p.beat_ms,
             })
             .collect();

@@ -16,7 +16,7 @@ use crate::record::{Record, RecordKind};
 pub const MESSAGE_VERSION: u8 = 1;
 /// Chunk ids are grouped by their top bits into this many partitions per owner.
 pub const PARTITIONS: usize = 64;
-pub const BEATS_PER_MESSAGE_MAX: usize = 16;
+pub const BEATS_PER_MESSAGE_MAX: usize = 8;
 pub const DIGESTS_PER_MESSAGE_MAX: usize = 1024;
 pub const ENTRIES_PER_MESSAGE_MAX: usize = 8192;
 pub const RECORDS_PER_MESSAGE_MAX: usize = 256;
@@ -24,11 +24,19 @@ pub const IDS_PER_MESSAGE_MAX: usize = 4096;
 /// A sealed chunk: the largest plaintext chunk plus sealing overhead.
 pub const SEALED_BYTES_MAX: usize = CHUNK_BYTES_MAX + 1024;
 
-/// A node's heartbeat: the sender's clock when the node last said it was alive.
+/// A node's heartbeat: the node's clock when it last said it was alive. The node is
+/// named by the first bytes of its id, which is plenty to tell peers apart and keeps a
+/// gossip round to a few hundred bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Beat {
-    pub node: NodeId,
+    pub node_prefix: [u8; 8],
     pub beat_ms: u64,
+}
+
+impl Beat {
+    pub fn prefix_of(node: &NodeId) -> [u8; 8] {
+        node.0[..8].try_into().expect("8 bytes")
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -78,8 +86,8 @@ pub enum Message {
         id: ChunkId,
         stored: bool,
     },
-    /// Per-partition digests of the chunks of `owner` that both sender and receiver
-    /// should hold and the sender holds.
+    /// Digests of the chunks of `owner` that both sender and receiver should hold and
+    /// the sender holds: either one root, or one per partition.
     SyncDigest {
         owner: SiteId,
         digests: Vec<u64>,
@@ -114,7 +122,7 @@ impl Message {
             } => {
                 w.u8(1);
                 put_list(&mut w, beats, BEATS_PER_MESSAGE_MAX, |w, b| {
-                    w.array(&b.node.0);
+                    w.array(&b.node_prefix);
                     w.u64(b.beat_ms);
                 });
                 put_list(&mut w, digests, DIGESTS_PER_MESSAGE_MAX, |w, (site, d)| {
@@ -221,7 +229,7 @@ impl Message {
             1 => Message::Gossip {
                 beats: get_list(&mut r, "beats", BEATS_PER_MESSAGE_MAX, |r| {
                     Ok(Beat {
-                        node: NodeId(r.array()?),
+                        node_prefix: r.array()?,
                         beat_ms: r.u64()?,
                     })
                 })?,
@@ -400,7 +408,7 @@ mod tests {
                     beats: beats
                         .iter()
                         .map(|(n, b)| Beat {
-                            node: NodeId(*n),
+                            node_prefix: n[..8].try_into().expect("8 bytes"),
                             beat_ms: *b
                         })
                         .collect(),

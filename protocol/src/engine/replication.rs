@@ -31,8 +31,6 @@ use crate::placement::{self, Candidate, SiteNodes};
 pub const WRITES_IN_FLIGHT_MAX: usize = 256;
 /// Pushes waiting their turn.
 pub const PUSH_QUEUE_MAX: usize = 1 << 20;
-/// Chunks this node asked a holder for and is waiting to receive.
-pub const REQUESTED_MAX: usize = 1 << 20;
 
 #[derive(Clone, Debug)]
 pub(super) struct Held {
@@ -43,6 +41,8 @@ pub(super) struct Held {
     pub excess_since_ms: Option<u64>,
     /// Targets that said they hold the chunk since placement last changed.
     pub confirmed: BTreeSet<NodeId>,
+    /// When this node last offered the chunk to anyone.
+    pub offered_at_ms: Option<u64>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -159,6 +159,7 @@ impl Engine {
                 targets: Vec::new(),
                 excess_since_ms: None,
                 confirmed: BTreeSet::new(),
+                offered_at_ms: None,
             },
         );
         *self.used_by_owner.entry(chunk.owner).or_insert(0) += chunk.size_bytes;
@@ -233,7 +234,7 @@ impl Engine {
             .map(|(id, p)| Candidate {
                 id: *id,
                 key: id.0,
-                weight: p.capacity_bytes.max(1),
+                weight: capacity_weight(p.capacity_bytes),
             })
             .collect();
         if site == self.site {
@@ -241,7 +242,9 @@ impl Engine {
                 .catalog
                 .node_certs()
                 .find(|c| c.node == self.node)
-                .map_or(1, |c| c.capacity_bytes.max(1));
+                .map_or(CAPACITY_UNSTATED_BYTES, |c| {
+                    capacity_weight(c.capacity_bytes)
+                });
             nodes.push(Candidate {
                 id: self.node,
                 key: self.node.0,
@@ -277,6 +280,9 @@ impl Engine {
     }
 
     fn offer(&mut self, to: NodeId, owner: SiteId, id: ChunkId) {
+        if let Some(held) = self.held.get_mut(&id) {
+            held.offered_at_ms = Some(self.now_ms);
+        }
         if to != self.node {
             self.offers.entry((to, owner)).or_default().push(id);
         }
@@ -319,15 +325,13 @@ impl Engine {
             .node_certs()
             .filter(|c| c.site == self.site)
             .fold((0u128, 0u128), |(mine, total), c| {
-                let capacity = u128::from(c.capacity_bytes.max(1));
+                let capacity = u128::from(capacity_weight(c.capacity_bytes));
                 let mine = if c.node == self.node { capacity } else { mine };
                 (mine, total + capacity)
             });
-        let granted = if total == 0 {
-            0
-        } else {
-            (u128::from(granted) * mine / total) as u64
-        };
+        let granted = (u128::from(granted) * mine)
+            .checked_div(total)
+            .map_or(0, |share| share as u64);
         let pending: u64 = self
             .writes
             .values()
@@ -342,25 +346,43 @@ impl Engine {
 
     pub(super) fn on_offer(&mut self, from: NodeId, owner: SiteId, ids: Vec<ChunkId>) {
         let may_store = self.may_store_for(&owner);
-        let now_ms = self.now_ms;
-        let timeout_ms = self.config.request_timeout_ms;
-        let (have, wanted): (Vec<ChunkId>, Vec<ChunkId>) =
+        let (have, lacking): (Vec<ChunkId>, Vec<ChunkId>) =
             ids.into_iter().partition(|id| self.held.contains_key(id));
-        let mut need = Vec::new();
         if may_store {
-            for id in wanted {
-                // Ask one holder at a time; another may be asked once this one times out.
-                let asked_elsewhere = self
-                    .requested
-                    .get(&id)
-                    .is_some_and(|(node, until_ms)| *node != from && *until_ms > now_ms);
-                if !asked_elsewhere && self.requested.len() < REQUESTED_MAX {
-                    self.requested.insert(id, (from, now_ms + timeout_ms));
-                    need.push(id);
-                }
+            for id in lacking {
+                self.pulls.offered(from, owner, id);
             }
         }
-        self.send(from, Message::Need { owner, need, have });
+        if !have.is_empty() {
+            self.send(
+                from,
+                Message::Need {
+                    owner,
+                    need: Vec::new(),
+                    have,
+                },
+            );
+        }
+        self.request_more(from);
+    }
+
+    /// Asks `source` for as many offered chunks as its share allows.
+    fn request_more(&mut self, source: NodeId) {
+        let until_ms = self.now_ms + self.config.request_timeout_ms;
+        let mut by_owner: BTreeMap<SiteId, Vec<ChunkId>> = BTreeMap::new();
+        for (owner, id) in self.pulls.next_for(source, until_ms) {
+            by_owner.entry(owner).or_default().push(id);
+        }
+        for (owner, need) in by_owner {
+            self.send(
+                source,
+                Message::Need {
+                    owner,
+                    need,
+                    have: Vec::new(),
+                },
+            );
+        }
     }
 
     pub(super) fn on_need(
@@ -438,7 +460,9 @@ impl Engine {
     }
 
     pub(super) fn write_done(&mut self, from: NodeId, chunk: ChunkRef, ok: bool) {
-        self.requested.remove(&chunk.id);
+        if let Some(source) = self.pulls.arrived(&chunk.id) {
+            self.request_more(source);
+        }
         if ok {
             self.hold(chunk);
             self.push_event(Event::ChunkStored { chunk, from });
@@ -464,15 +488,29 @@ impl Engine {
         }
     }
 
+    /// A peer's digests of the chunks of `owner` we should both hold: one root first
+    /// (what a converged pair exchanges), all partitions when the roots differ.
     pub(super) fn on_sync_digest(&mut self, from: NodeId, owner: SiteId, digests: Vec<u64>) {
-        if digests.len() != PARTITIONS {
-            return;
-        }
         let mine = self
             .pair_digests
             .get(&(from, owner))
             .copied()
             .unwrap_or([0; PARTITIONS]);
+        if digests.len() == 1 {
+            if digests[0] != root_of(&mine) {
+                self.send(
+                    from,
+                    Message::SyncDigest {
+                        owner,
+                        digests: mine.to_vec(),
+                    },
+                );
+            }
+            return;
+        }
+        if digests.len() != PARTITIONS {
+            return;
+        }
         for partition in 0..PARTITIONS {
             if mine[partition] != digests[partition] {
                 let ids = self.shared_ids(from, owner, partition);
@@ -725,7 +763,9 @@ impl Engine {
     }
 
     pub(super) fn sync_round(&mut self, now_ms: u64) {
-        self.requested.retain(|_, (_, until_ms)| *until_ms > now_ms);
+        for source in self.pulls.expire(now_ms) {
+            self.request_more(source);
+        }
         self.sync_with_next_peer();
         self.reoffer(now_ms);
         self.trim(now_ms);
@@ -759,7 +799,7 @@ impl Engine {
                 peer,
                 Message::SyncDigest {
                     owner,
-                    digests: digests.to_vec(),
+                    digests: vec![root_of(&digests)],
                 },
             );
         }
@@ -767,26 +807,34 @@ impl Engine {
 
     /// Offers again what is not yet confirmed: chunks of snapshots not yet at R sites,
     /// and extra copies whose targets have not all confirmed.
-    fn reoffer(&mut self, _now_ms: u64) {
+    fn reoffer(&mut self, now_ms: u64) {
+        // A target that was offered a chunk is pulling it at its own pace; offer again
+        // only once a request could have timed out.
+        let due = |held: &Held| {
+            held.offered_at_ms
+                .is_none_or(|at| now_ms.saturating_sub(at) >= self.config.request_timeout_ms)
+        };
         let mut offers = Vec::new();
         for pending in self.pending_snapshots.values() {
             for (id, sites) in &pending.chunks {
-                if let Some(held) = self.held.get(id) {
-                    for target in &held.targets {
-                        let site = self.peers.get(target).map(|p| p.site);
-                        if site.is_some_and(|s| !sites.contains(&s)) {
-                            offers.push((*target, held.owner, *id));
-                        }
+                let Some(held) = self.held.get(id).filter(|h| due(h)) else {
+                    continue;
+                };
+                for target in &held.targets {
+                    let site = self.peers.get(target).map(|p| p.site);
+                    if site.is_some_and(|s| !sites.contains(&s)) {
+                        offers.push((*target, held.owner, *id));
                     }
                 }
             }
         }
         for id in &self.excess {
-            if let Some(held) = self.held.get(id) {
-                for target in &held.targets {
-                    if !held.confirmed.contains(target) {
-                        offers.push((*target, held.owner, *id));
-                    }
+            let Some(held) = self.held.get(id).filter(|h| due(h)) else {
+                continue;
+            };
+            for target in &held.targets {
+                if !held.confirmed.contains(target) {
+                    offers.push((*target, held.owner, *id));
                 }
             }
         }
@@ -821,5 +869,21 @@ impl Engine {
             self.push_storage(StorageOp::Delete { owner, id });
             self.push_event(Event::Trimmed { id });
         }
+    }
+}
+
+/// The digest of a whole shared set: XOR of its partitions' digests.
+fn root_of(digests: &[u64; PARTITIONS]) -> u64 {
+    digests.iter().fold(0, |acc, d| acc ^ d)
+}
+
+/// What a node that states no capacity (0 in its certificate) counts as.
+pub const CAPACITY_UNSTATED_BYTES: u64 = 1 << 40;
+
+fn capacity_weight(capacity_bytes: u64) -> u64 {
+    if capacity_bytes == 0 {
+        CAPACITY_UNSTATED_BYTES
+    } else {
+        capacity_bytes
     }
 }

@@ -1,0 +1,109 @@
+//! The simulator's fixed seeds, run by `cargo test`: small scenarios that still reach
+//! every fault kind, a determinism check, proof that the loss checker fires, and a
+//! revocation that must move data. The long runs are `cairn-sim swarm --seeds N`.
+
+use cairn_sim::run::Run;
+use cairn_sim::scenario::{FaultKind, FaultSpec, Scenario};
+use cairn_sim::swarm::scenario_for_seed;
+use cairn_sim::world::hours_us;
+
+/// The swarm's scenario for a seed, with images cut down so a debug build runs it fast.
+fn small(seed: u64) -> Scenario {
+    let mut scenario = scenario_for_seed(seed);
+    for image in &mut scenario.images {
+        image.size_gib = image.size_gib.min(0.06);
+    }
+    scenario
+}
+
+fn assert_clean(report: &cairn_sim::Report, what: &str) {
+    assert!(
+        report.violations.is_empty(),
+        "{what}: {:#?}\nnotes: {:#?}",
+        report.violations,
+        report.notes
+    );
+}
+
+#[test]
+fn fixed_swarm_seeds_hold_every_invariant() {
+    let mut kinds = std::collections::BTreeSet::new();
+    for seed in 1..=6 {
+        let scenario = small(seed);
+        for fault in &scenario.faults {
+            kinds.insert(
+                format!("{:?}", fault.kind)
+                    .split([' ', '{'])
+                    .next()
+                    .unwrap()
+                    .to_string(),
+            );
+        }
+        let report = Run::new(scenario, seed).execute();
+        assert_clean(&report, &format!("swarm seed {seed}"));
+        assert!(report.snapshots_acked > 0 || report.snapshots_taken == 0);
+    }
+    // The fixed seeds between them exercise crashes, partitions and data loss.
+    assert!(kinds.len() >= 3, "only {} fault kinds reached", kinds.len());
+}
+
+#[test]
+fn a_seed_replays_exactly() {
+    let a = Run::new(small(4), 4).execute();
+    let b = Run::new(small(4), 4).execute();
+    assert_eq!(a.trace_hash, b.trace_hash);
+    let c = Run::new(small(4), 5).execute();
+    assert_ne!(
+        a.trace_hash, c.trace_hash,
+        "another seed takes another path"
+    );
+}
+
+#[test]
+fn destroying_r_sites_at_once_is_reported_as_loss_beyond_the_budget() {
+    let mut scenario = Scenario::parse(include_str!("../scenarios/four-offices.toml")).unwrap();
+    scenario.days = 1.0;
+    for image in &mut scenario.images {
+        image.size_gib = 0.03;
+    }
+    // Three of four sites burn together: R = 3, so chunks held only there are gone.
+    scenario.faults = ["north", "south", "east"]
+        .iter()
+        .map(|site| FaultSpec {
+            at_hours: 8.0,
+            kind: FaultKind::DestroySite {
+                site: site.to_string(),
+            },
+        })
+        .collect();
+    let report = Run::new(scenario, 2).execute();
+    assert!(
+        !report.losses_beyond_budget.is_empty(),
+        "the loss must be reported: {report:#?}"
+    );
+    assert_clean(&report, "losses beyond the budget are not violations");
+}
+
+#[test]
+fn a_revoked_partner_hands_back_what_it_held() {
+    let scenario = Scenario::parse(include_str!("../scenarios/revoke.toml")).unwrap();
+    let mut run = Run::new(scenario, 7);
+    let north = run.world.scenario.site_index("north").unwrap();
+    let east = run.world.scenario.site_index("east").unwrap();
+    let north_id = run.world.sites[north].id;
+    let east_held_for_north = |run: &Run| {
+        run.world
+            .site_held
+            .get(&(east, north_id))
+            .copied()
+            .unwrap_or(0)
+    };
+    run.advance(hours_us(11.9), hours_us(40.0));
+    assert!(
+        east_held_for_north(&run) > 0,
+        "east held north's chunks before revoking"
+    );
+    let report = run.execute();
+    assert_clean(&report, "revoke scenario");
+    assert_eq!(report.restores_ok, 2);
+}
