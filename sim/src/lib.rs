@@ -14,5 +14,5 @@ pub use run::{Report, Run};
 pub use scenario::Scenario;
 
 /// The scenario `cairn-sim run` uses without `--scenario`: four offices, twelve nodes,
-/// a week of daily backups with crashes, a partition and a lost site.
+/// three days of daily backups with crashes, a lost disk, a partition and a lost site.
 pub const DEFAULT_SCENARIO: &str = include_str!("../scenarios/four-offices.toml");
