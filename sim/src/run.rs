@@ -140,6 +140,8 @@ pub struct Report {
     pub restored_bytes: u64,
     pub trace_hash: String,
     pub sim_hours: f64,
+    /// Chunk bytes pushed between nodes over the whole run (replication and repair).
+    pub push_bytes: u64,
 }
 
 pub struct Run {
@@ -189,6 +191,7 @@ impl Run {
             .violations
             .append(&mut self.world.quota_violations);
         self.report.trace_hash = self.world.trace.finalize().to_hex().to_string();
+        self.report.push_bytes = self.world.stats.by_type.get("push").map_or(0, |(_, b)| *b);
         self.report.sim_hours = self.world.now_us as f64 / HOUR_US as f64;
         self.report
     }

@@ -107,3 +107,53 @@ fn a_revoked_partner_hands_back_what_it_held() {
     assert_clean(&report, "revoke scenario");
     assert_eq!(report.restores_ok, 2);
 }
+
+#[test]
+fn a_flapping_node_moves_at_most_what_it_holds_per_flap() {
+    let mut base = Scenario::parse(include_str!("../scenarios/four-offices.toml")).unwrap();
+    base.days = 1.0;
+    base.faults.clear();
+    for image in &mut base.images {
+        image.size_gib = 0.06;
+        image.snapshot_every_hours = 1000.0;
+    }
+    let quiet = Run::new(base.clone(), 11).execute();
+    assert_clean(&quiet, "no faults");
+    // South's first node drops off six times, each time long enough to be declared dead
+    // (300 s), so every drop starts a repair and every return leaves copies to trim.
+    let n_flaps = 6;
+    let mut flapping = base;
+    flapping.faults = (0..n_flaps)
+        .map(|i| FaultSpec {
+            at_hours: 4.0 + i as f64,
+            kind: FaultKind::Crash {
+                site: "south".into(),
+                node: 0,
+                for_hours: 0.1,
+            },
+        })
+        .collect();
+    let mut run = Run::new(flapping, 11);
+    run.advance(hours_us(3.9), hours_us(40.0));
+    let south = run.world.scenario.site_index("south").unwrap();
+    let node = run.world.sites[south].nodes[0];
+    let held_bytes: u64 = run.world.nodes[node]
+        .disk
+        .chunks
+        .values()
+        .map(|c| c.size_bytes)
+        .sum();
+    assert!(held_bytes > 0);
+    let report = run.execute();
+    assert_clean(&report, "flapping node");
+    let extra = report.push_bytes.saturating_sub(quiet.push_bytes);
+    // Each flap may re-copy what the node held once; more would be a storm.
+    assert!(
+        extra <= n_flaps * held_bytes,
+        "flapping pushed {extra} extra bytes; the node held {held_bytes}"
+    );
+    eprintln!(
+        "flapping: {extra} extra bytes pushed over {n_flaps} flaps, node held {held_bytes} ({:.2} per flap)",
+        extra as f64 / n_flaps as f64 / held_bytes as f64
+    );
+}
