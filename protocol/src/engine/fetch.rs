@@ -11,6 +11,8 @@ use crate::ids::ChunkId;
 
 /// Fetches one engine runs at once.
 pub const FETCHES_MAX: usize = 4096;
+/// Chunk reads waiting for the disk (pushes, fetches, and chunks served to peers).
+pub const READS_MAX: usize = 8192;
 
 #[derive(Clone, Debug)]
 pub(super) struct Fetch {
@@ -117,7 +119,8 @@ impl Engine {
     }
 
     pub(super) fn on_fetch(&mut self, from: NodeId, owner: SiteId, id: ChunkId) {
-        if self.held.get(&id).is_some_and(|h| h.owner == owner) {
+        // A peer asking faster than the disk answers gets "not here" and asks elsewhere.
+        if self.held.get(&id).is_some_and(|h| h.owner == owner) && self.reads.len() < READS_MAX {
             let op = self.next_op();
             self.reads
                 .insert(op, (ReadPurpose::Serve { to: from, owner }, id));
