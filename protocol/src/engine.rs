@@ -500,7 +500,7 @@ impl Engine {
     /// offers, start the pushes the rate limit allows.
     fn after_input(&mut self, now_ms: u64) {
         if self.placement_stale {
-            self.rebuild_placement(now_ms);
+            self.rebuild_placement();
         }
         self.flush_offers();
         self.start_pushes(now_ms);

@@ -54,7 +54,7 @@ impl Engine {
                     deadline_ms: now_ms,
                 },
             );
-            self.rebuild_placement(now_ms);
+            self.rebuild_placement();
         }
         let local = self.held.contains_key(&id) && !exclude.contains(&self.node);
         let mut candidates = self

@@ -196,7 +196,7 @@ impl Engine {
         }
     }
 
-    pub(super) fn rebuild_placement(&mut self, now_ms: u64) {
+    pub(super) fn rebuild_placement(&mut self) {
         self.placement_stale = false;
         let mut owners: BTreeSet<SiteId> = self.used_by_owner.keys().copied().collect();
         owners.insert(self.site);
@@ -222,7 +222,6 @@ impl Engine {
         for id in ids {
             self.place_chunk(id);
         }
-        let _ = now_ms;
     }
 
     /// This site's nodes (with this one) or a partner's, those not declared dead.
@@ -733,7 +732,7 @@ impl Engine {
             return; // not tracked: it still replicates, it is just never acknowledged
         }
         if self.placement_stale {
-            self.rebuild_placement(self.now_ms);
+            self.rebuild_placement();
         }
         let r = self.config.replication_factor;
         let mut pending = PendingSnapshot::default();
