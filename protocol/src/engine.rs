@@ -21,7 +21,7 @@ use std::collections::{BTreeMap, VecDeque};
 use crate::catalog::{Catalog, Insert, RecordKey, TrustSets};
 use crate::identity::{NodeId, SiteId};
 use crate::ids::ChunkId;
-use crate::record::{validate, Record, RecordError};
+use crate::record::{validate, Record, RecordError, TrustView};
 use crate::rng::Rng;
 
 pub use fetch::{FetchError, FETCHES_MAX};
@@ -366,7 +366,7 @@ impl Engine {
             self.push_event(Event::MessageRefused { from });
             return;
         };
-        if !self.trust.is_trusted_site(&peer_site) {
+        if !self.trust.is_trusted(&peer_site) {
             self.push_event(Event::MessageRefused { from });
             return;
         }
@@ -549,7 +549,7 @@ impl Engine {
             let dropped: Vec<SiteId> = self
                 .catalog
                 .authors()
-                .filter(|a| !trust.is_trusted_site(a))
+                .filter(|a| !trust.is_trusted(a))
                 .collect();
             for author in dropped {
                 let keys: Vec<RecordKey> =
@@ -563,17 +563,6 @@ impl Engine {
         }
         self.refresh_peers();
         self.placement_stale = true;
-    }
-}
-
-trait TrustedSite {
-    fn is_trusted_site(&self, site: &SiteId) -> bool;
-}
-
-impl TrustedSite for TrustSets {
-    fn is_trusted_site(&self, site: &SiteId) -> bool {
-        use crate::record::TrustView;
-        self.is_trusted(site)
     }
 }
 

@@ -13,9 +13,10 @@ use std::collections::BTreeMap;
 use super::message::{
     Beat, Message, DIGESTS_PER_MESSAGE_MAX, ENTRIES_PER_MESSAGE_MAX, RECORDS_PER_MESSAGE_MAX,
 };
-use super::{Engine, TrustedSite};
+use super::Engine;
 use crate::catalog::{Entry, RecordKey};
 use crate::identity::{NodeId, SiteId};
+use crate::record::TrustView;
 use crate::record::{Record, RecordKind};
 
 impl Engine {
@@ -68,7 +69,7 @@ impl Engine {
             },
         );
         for (author, digest) in digests {
-            if self.trust.is_trusted_site(&author) && self.catalog.digest(&author) != digest {
+            if self.trust.is_trusted(&author) && self.catalog.digest(&author) != digest {
                 let mut entries = self.catalog.entries(author);
                 entries.truncate(ENTRIES_PER_MESSAGE_MAX);
                 self.send(from, Message::Entries { author, entries });
@@ -77,7 +78,7 @@ impl Engine {
     }
 
     pub(super) fn on_entries(&mut self, from: NodeId, author: SiteId, entries: Vec<Entry>) {
-        if !self.trust.is_trusted_site(&author) {
+        if !self.trust.is_trusted(&author) {
             return;
         }
         let theirs: BTreeMap<(RecordKind, [u8; 32]), Entry> =
@@ -113,7 +114,7 @@ impl Engine {
         author: SiteId,
         keys: Vec<(RecordKind, [u8; 32])>,
     ) {
-        if !self.trust.is_trusted_site(&author) {
+        if !self.trust.is_trusted(&author) {
             return;
         }
         let records: Vec<Record> = keys

@@ -7,8 +7,9 @@
 //! placement, so a slow link causes suspicion, not data movement.
 
 use super::message::{Beat, BEATS_PER_MESSAGE_MAX};
-use super::{Engine, Event, TrustedSite, PEERS_MAX};
+use super::{Engine, Event, PEERS_MAX};
 use crate::identity::{NodeId, SiteId};
+use crate::record::TrustView;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum PeerState {
@@ -35,7 +36,7 @@ impl Engine {
         let mut certified: Vec<(NodeId, SiteId, u64)> = self
             .catalog
             .node_certs()
-            .filter(|c| c.node != self.node && self.trust.is_trusted_site(&c.site))
+            .filter(|c| c.node != self.node && self.trust.is_trusted(&c.site))
             .map(|c| (c.node, c.site, c.capacity_bytes))
             .collect();
         certified.truncate(PEERS_MAX);
