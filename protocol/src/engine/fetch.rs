@@ -43,19 +43,7 @@ impl Engine {
         if self.fetches.len() >= FETCHES_MAX && !self.fetches.contains_key(&id) {
             return Err(FetchError::TooMany);
         }
-        if self.placement_stale || !self.placement.by_owner.contains_key(&owner) {
-            self.fetches.insert(
-                id,
-                Fetch {
-                    owner,
-                    candidates: Vec::new(),
-                    next: 0,
-                    asked: None,
-                    deadline_ms: now_ms,
-                },
-            );
-            self.rebuild_placement();
-        }
+        self.place_owner(owner);
         let local = self.held.contains_key(&id) && !exclude.contains(&self.node);
         let mut candidates = self
             .placement

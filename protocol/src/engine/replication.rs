@@ -163,9 +163,8 @@ impl Engine {
             },
         );
         *self.used_by_owner.entry(chunk.owner).or_insert(0) += chunk.size_bytes;
-        if self.placement_stale || !self.placement.by_owner.contains_key(&chunk.owner) {
-            self.placement_stale = true;
-        } else {
+        if !self.placement_stale {
+            self.place_owner(chunk.owner);
             self.place_chunk(chunk.id);
         }
     }
@@ -200,21 +199,10 @@ impl Engine {
         self.placement_stale = false;
         let mut owners: BTreeSet<SiteId> = self.used_by_owner.keys().copied().collect();
         owners.insert(self.site);
-        owners.extend(self.fetches.values().map(|f| f.owner));
-        let mut by_owner = BTreeMap::new();
-        for owner in owners {
-            let sites: Vec<SiteNodes> = self
-                .catalog
-                .storers_for(owner)
-                .into_iter()
-                .map(|(site, weight)| SiteNodes {
-                    site,
-                    weight,
-                    nodes: self.placeable_nodes(site),
-                })
-                .collect();
-            by_owner.insert(owner, sites);
-        }
+        let by_owner = owners
+            .into_iter()
+            .map(|owner| (owner, self.owner_sites(owner)))
+            .collect();
         self.placement = Placement { by_owner };
         self.pair_digests.clear();
         self.excess.clear();
@@ -222,6 +210,31 @@ impl Engine {
         for id in ids {
             self.place_chunk(id);
         }
+    }
+
+    /// Adds one owner to a placement that is otherwise current (its first chunk here,
+    /// or a restore of it), without re-placing every held chunk.
+    pub(super) fn place_owner(&mut self, owner: SiteId) {
+        if self.placement_stale {
+            self.rebuild_placement();
+        }
+        if !self.placement.by_owner.contains_key(&owner) {
+            let sites = self.owner_sites(owner);
+            self.placement.by_owner.insert(owner, sites);
+        }
+    }
+
+    /// The sites that may hold `owner`'s chunks, with their nodes that are not dead.
+    fn owner_sites(&self, owner: SiteId) -> Vec<SiteNodes> {
+        self.catalog
+            .storers_for(owner)
+            .into_iter()
+            .map(|(site, weight)| SiteNodes {
+                site,
+                weight,
+                nodes: self.placeable_nodes(site),
+            })
+            .collect()
     }
 
     /// This site's nodes (with this one) or a partner's, those not declared dead.
