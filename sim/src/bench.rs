@@ -24,6 +24,8 @@ pub struct DayResult {
     pub events: u64,
     pub engine_calls: u64,
     pub messages: u64,
+    /// Messages lost, cut by a partition, or sent to a stopped node.
+    pub dropped: u64,
     pub by_type: BTreeMap<&'static str, (u64, u64)>,
 }
 
@@ -40,6 +42,7 @@ pub fn one_day(seed: u64) -> DayResult {
         events: run.world.stats.events,
         engine_calls: run.world.stats.engine_calls,
         messages: run.world.stats.messages,
+        dropped: run.world.stats.dropped,
         by_type: run.world.stats.by_type.clone(),
     }
 }
@@ -163,35 +166,6 @@ pub fn repair(seed: u64) -> RepairResult {
         t += step_us;
         run.advance(t, 0);
         let holders = holders_by_site(&run.world);
-        if std::env::var_os("CAIRN_SIM_DEBUG").is_some() {
-            let under = run
-                .world
-                .chunk_sizes
-                .keys()
-                .filter(|id| {
-                    holders
-                        .get(id)
-                        .is_none_or(|s| s.iter().filter(|x| **x != lost_site).count() < want)
-                })
-                .count();
-            let busy: Vec<String> = run
-                .world
-                .sites
-                .iter()
-                .map(|s| format!("{:.0}", (s.uplink_busy_until_us as f64 - t as f64) / 1e6))
-                .collect();
-            let pending: Vec<usize> = run
-                .world
-                .nodes
-                .iter()
-                .filter_map(|n| n.engine.as_ref().map(|e| e.pushes_pending()))
-                .collect();
-            eprintln!(
-                "t+{}s under={under} bytes={} uplink_backlog_s={busy:?} pushes={pending:?}",
-                (t - loss_us) / 1_000_000,
-                run.world.stats.message_bytes
-            );
-        }
         let done = run.world.chunk_sizes.keys().all(|id| {
             holders
                 .get(id)

@@ -149,10 +149,11 @@ fn real_main() -> anyhow::Result<ExitCode> {
                 day.wall_secs
             );
             println!(
-                "  {} events, {} engine calls, {} messages: {:.0} engine calls/s",
+                "  {} events, {} engine calls, {} messages ({} dropped): {:.0} engine calls/s",
                 day.events,
                 day.engine_calls,
                 day.messages,
+                day.dropped,
                 day.engine_calls as f64 / day.wall_secs
             );
             let by_type: Vec<String> = day

@@ -42,7 +42,6 @@ pub fn stand_in(id: &ChunkId) -> Vec<u8> {
 pub struct Snapshot {
     pub key: [u8; 32],
     pub chunks: Vec<ChunkRef>,
-    pub taken_us: u64,
     pub acked_us: Option<u64>,
 }
 
@@ -601,7 +600,6 @@ fn take_snapshot(world: &mut World, image: &mut Image) -> Option<usize> {
     image.snapshots.push(Snapshot {
         key,
         chunks,
-        taken_us: world.now_us,
         acked_us: None,
     });
     Some(image.snapshots.len() - 1)

@@ -142,8 +142,6 @@ pub struct Stats {
     pub message_bytes: u64,
     pub dropped: u64,
     pub engine_calls: u64,
-    pub chunk_writes: u64,
-    pub chunk_deletes: u64,
     /// Messages and bytes sent, by message type.
     pub by_type: BTreeMap<&'static str, (u64, u64)>,
 }
@@ -518,7 +516,6 @@ impl World {
                         body: sealed,
                     },
                 );
-                self.stats.chunk_writes += 1;
                 Some(Completion::Write(op))
             }
             StorageOp::Read { op, id } => {
@@ -531,7 +528,6 @@ impl World {
             }
             StorageOp::Delete { id, .. } => {
                 if let Some(chunk) = self.nodes[node].disk.chunks.remove(&id) {
-                    self.stats.chunk_deletes += 1;
                     self.lose_copy(node, &id, &chunk);
                 }
                 None
