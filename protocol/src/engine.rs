@@ -201,6 +201,8 @@ pub struct Engine {
     fetches: BTreeMap<ChunkId, fetch::Fetch>,
     next_gossip_ms: u64,
     next_sync_ms: u64,
+    /// When extra copies and unconfirmed snapshot chunks are next re-offered or trimmed.
+    next_tidy_ms: u64,
     transmits: VecDeque<(NodeId, Message)>,
     storage: VecDeque<StorageOp>,
     events: VecDeque<Event>,
@@ -241,6 +243,7 @@ impl Engine {
             fetches: BTreeMap::new(),
             next_gossip_ms,
             next_sync_ms,
+            next_tidy_ms: now_ms,
             transmits: VecDeque::new(),
             storage: VecDeque::new(),
             events: VecDeque::new(),

@@ -335,6 +335,7 @@ impl Run {
         let mut under = 0u64;
         let mut under_example = None;
         let mut over = 0u64;
+        let mut above_r = 0u64;
         let mut checked = BTreeSet::new();
         for image in &self.images {
             let owner = world.sites[image.site].id;
@@ -362,6 +363,9 @@ impl Run {
                     }
                     if copies > r + slack {
                         over += 1;
+                    }
+                    if copies > r {
+                        above_r += 1;
                     }
                 }
             }
@@ -417,7 +421,7 @@ impl Run {
             }
         }
         self.report.notes.push(format!(
-            "at rest: {} distinct chunks checked, {} live nodes",
+            "at rest: {} distinct chunks checked, {above_r} with more than R copies, {} live nodes",
             checked.len(),
             live.len()
         ));

@@ -779,8 +779,13 @@ impl Engine {
             self.request_more(source);
         }
         self.sync_with_next_peer();
-        self.reoffer(now_ms);
-        self.trim(now_ms);
+        // Re-offers wait a request timeout anyway and trims an hour's grace, so walking
+        // the extra copies once per request timeout loses nothing and costs far less.
+        if now_ms >= self.next_tidy_ms {
+            self.next_tidy_ms = now_ms + self.config.request_timeout_ms;
+            self.reoffer(now_ms);
+            self.trim(now_ms);
+        }
     }
 
     fn sync_with_next_peer(&mut self) {
