@@ -201,7 +201,8 @@ pub struct Engine {
     fetches: BTreeMap<ChunkId, fetch::Fetch>,
     next_gossip_ms: u64,
     next_sync_ms: u64,
-    /// When extra copies and unconfirmed snapshot chunks are next re-offered or trimmed.
+    /// When extra copies and unconfirmed snapshot chunks are next re-offered or trimmed
+    /// (every quarter of the request timeout).
     next_tidy_ms: u64,
     transmits: VecDeque<(NodeId, Message)>,
     storage: VecDeque<StorageOp>,

@@ -779,10 +779,10 @@ impl Engine {
             self.request_more(source);
         }
         self.sync_with_next_peer();
-        // Re-offers wait a request timeout anyway and trims an hour's grace, so walking
-        // the extra copies once per request timeout loses nothing and costs far less.
+        // Re-offers wait a request timeout anyway and trims an hour's grace, so walking the
+        // extra copies four times per request timeout loses little and costs far less.
         if now_ms >= self.next_tidy_ms {
-            self.next_tidy_ms = now_ms + self.config.request_timeout_ms;
+            self.next_tidy_ms = now_ms + self.config.request_timeout_ms / 4;
             self.reoffer(now_ms);
             self.trim(now_ms);
         }
