@@ -6,6 +6,7 @@ pub mod backup;
 pub mod cli;
 pub mod datadir;
 pub mod join;
+pub mod mesh;
 pub mod records;
 pub mod restore;
 pub mod source;

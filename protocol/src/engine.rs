@@ -291,6 +291,23 @@ impl Engine {
         self.peers.iter().map(|(id, p)| (*id, p.site, p.state))
     }
 
+    /// The sites known to hold a chunk this node holds: its own and every target that
+    /// confirmed it since placement last changed (for status displays).
+    pub fn confirmed_sites(&self, id: &ChunkId) -> Vec<SiteId> {
+        let Some(held) = self.held.get(id) else {
+            return Vec::new();
+        };
+        let mut sites = vec![self.site];
+        for node in &held.confirmed {
+            if let Some(peer) = self.peers.get(node) {
+                if !sites.contains(&peer.site) {
+                    sites.push(peer.site);
+                }
+            }
+        }
+        sites
+    }
+
     /// Pushes queued or waiting for an acknowledgement.
     pub fn pushes_pending(&self) -> usize {
         self.pushes.len()
