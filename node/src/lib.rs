@@ -8,6 +8,7 @@ pub mod datadir;
 pub mod join;
 pub mod records;
 pub mod restore;
+pub mod schedule;
 pub mod source;
 pub mod store;
 pub mod trust;
