@@ -4,6 +4,7 @@
 
 pub mod backup;
 pub mod cli;
+pub mod control;
 pub mod datadir;
 pub mod join;
 pub mod records;
