@@ -11,6 +11,7 @@ pub mod records;
 pub mod restore;
 pub mod schedule;
 pub mod source;
+pub mod status;
 pub mod store;
 pub mod trust;
 pub mod units;
