@@ -34,6 +34,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
 use crate::records;
+use crate::schedule::{Limits, RateLimiter};
 use crate::store::IndexBatch;
 use crate::trust;
 use crate::units::now_unix_ms;
@@ -49,6 +50,10 @@ const REFUSED_BLOCK: Duration = Duration::from_secs(60);
 const RETRY_INTERVAL: Duration = Duration::from_secs(5);
 /// A peer whose dial failed is not dialed again for this long.
 const DIAL_BACKOFF_MS: u64 = 5_000;
+/// What the rate limiters let through at once after a pause.
+const BURST_BYTES: u64 = 4 << 20;
+/// How often the weekly schedule is looked at.
+const SCHEDULE_CHECK: Duration = Duration::from_secs(30);
 /// Catalog key marking a snapshot confirmed at R sites.
 const KEY_ACKED: &[u8] = b"acked/";
 
@@ -67,6 +72,8 @@ pub struct NodeOptions {
     pub name: Option<String>,
     /// Disk this node offers the mesh (0: not stated).
     pub capacity_bytes: u64,
+    /// Upload and download limits, with their weekly schedule.
+    pub limits: Limits,
     pub engine: EngineConfig,
 }
 
@@ -107,6 +114,11 @@ pub struct MeshStatus {
     pub site_names: HashMap<SiteId, String>,
     pub messages_refused: u64,
     pub peers_refused: u64,
+    pub uptime_ms: u64,
+    pub replication_factor: usize,
+    /// In force now; None is unlimited.
+    pub upload_limit: Option<u64>,
+    pub download_limit: Option<u64>,
 }
 
 #[derive(Clone, Debug)]
@@ -186,6 +198,21 @@ struct Node {
     peers_refused: u64,
     /// Peers whose hello this node is answering or asking: no second hello meanwhile.
     hello_sent: HashSet<PeerId>,
+    started_ms: u64,
+    seen_noted_ms: HashMap<SiteId, u64>,
+    limits: Limits,
+    upload: RateLimiter,
+    download: RateLimiter,
+    /// Chunk messages waiting for the upload limit: when each may go, to whom.
+    uploads: VecDeque<(tokio::time::Instant, PeerId, Vec<u8>)>,
+    /// Chunk messages received, waiting for the download limit before the engine sees
+    /// them (so their acknowledgements, and the sender's window, wait too).
+    downloads: VecDeque<(tokio::time::Instant, NodeId, Message)>,
+}
+
+/// Chunk-carrying messages: what the upload and download limits apply to.
+fn is_bulk(message: &Message) -> bool {
+    matches!(message, Message::Push { .. } | Message::FetchReply { .. })
 }
 
 #[derive(Clone, Debug)]
@@ -276,6 +303,21 @@ impl Node {
             messages_refused: 0,
             peers_refused: 0,
             hello_sent: HashSet::new(),
+            started_ms: now,
+            seen_noted_ms: HashMap::new(),
+            upload: RateLimiter::new(
+                options.limits.now().upload,
+                BURST_BYTES,
+                std::time::Instant::now(),
+            ),
+            download: RateLimiter::new(
+                options.limits.now().download,
+                BURST_BYTES,
+                std::time::Instant::now(),
+            ),
+            limits: options.limits.clone(),
+            uploads: VecDeque::new(),
+            downloads: VecDeque::new(),
         };
         // This node's certificate, the wrapped keys (what `cairn recover` fetches from
         // partners) and any record signed while the node was stopped.
@@ -298,10 +340,26 @@ impl Node {
         mut done: mpsc::UnboundedReceiver<Done>,
     ) {
         let mut retry = tokio::time::interval(RETRY_INTERVAL);
+        let mut schedule = tokio::time::interval(SCHEDULE_CHECK);
         loop {
             let deadline = self.engine.poll_timeout();
             let sleep_ms = deadline.saturating_sub(now_ms()).min(60_000);
+            let bulk_at = self
+                .uploads
+                .front()
+                .map(|u| u.0)
+                .into_iter()
+                .chain(self.downloads.front().map(|d| d.0))
+                .min();
             tokio::select! {
+                _ = tokio::time::sleep_until(bulk_at.unwrap_or_else(tokio::time::Instant::now)),
+                    if bulk_at.is_some() => self.release_bulk(),
+                _ = schedule.tick() => {
+                    let now = std::time::Instant::now();
+                    let limits = self.limits.now();
+                    self.upload.set_rate(limits.upload, now);
+                    self.download.set_rate(limits.download, now);
+                }
                 event = self.swarm.select_next_some() => self.on_swarm(event),
                 Some(done) = done.recv() => {
                     let now = now_ms();
@@ -360,6 +418,34 @@ impl Node {
 
     fn send_mesh(&mut self, peer: PeerId, message: &Message) {
         let bytes = message.encode();
+        if is_bulk(message) {
+            let wait = self
+                .upload
+                .take(bytes.len() as u64, std::time::Instant::now());
+            if !wait.is_zero() || !self.uploads.is_empty() {
+                let at = tokio::time::Instant::now() + wait;
+                let at = self.uploads.back().map_or(at, |last| at.max(last.0));
+                self.uploads.push_back((at, peer, bytes));
+                return;
+            }
+        }
+        self.send_bytes(peer, bytes);
+    }
+
+    /// Sends and handles the chunk messages whose time under the limits has come.
+    fn release_bulk(&mut self) {
+        let now = tokio::time::Instant::now();
+        while self.uploads.front().is_some_and(|u| u.0 <= now) {
+            let (_, peer, bytes) = self.uploads.pop_front().expect("checked");
+            self.send_bytes(peer, bytes);
+        }
+        while self.downloads.front().is_some_and(|d| d.0 <= now) {
+            let (_, node, message) = self.downloads.pop_front().expect("checked");
+            self.engine.handle_message(node, message, now_ms());
+        }
+    }
+
+    fn send_bytes(&mut self, peer: PeerId, bytes: Vec<u8>) {
         if let Some(link) = self.links.get_mut(&peer) {
             link.bytes_sent += bytes.len() as u64;
         }
@@ -515,40 +601,12 @@ impl Node {
     }
 
     /// Hands the engine every snapshot of this site not yet confirmed at R sites (again
-    /// after a restart: the engine tracks them in memory only), signing catalog records
-    /// for snapshots made before the node first ran.
+    /// after a restart: the engine tracks them in memory only).
     fn publish_snapshots(&mut self) -> Result<()> {
-        let site = self.vault.dir.site_id();
         let now = now_ms();
-        for (id, body) in self.vault.store.index().snapshots()? {
-            let key = snapshot_key(&id.0);
-            if self
-                .vault
-                .store
-                .index()
-                .catalog_get(&[KEY_ACKED, &key].concat())?
-                .is_some()
-            {
-                continue;
-            }
-            let record = match records::get(self.vault.store.index(), &site, RecordKind::Snapshot, &key)? {
-                Some(record) => record,
-                None => {
-                    let record =
-                        records::sign_next(&self.vault, RecordKind::Snapshot, key, body.clone())?;
-                    self.vault.store.index().commit(IndexBatch {
-                        catalog: vec![records::entry(&record)],
-                        ..IndexBatch::default()
-                    })?;
-                    record
-                }
-            };
-            let chunks = match self.vault.snapshots()?.into_iter().find(|s| s.id == id) {
-                Some(snapshot) => snapshot_chunks(&self.vault, &snapshot)?,
-                None => continue,
-            };
+        for (record, chunks) in snapshots_to_publish(&self.vault, true)? {
             if let Err(e) = self.engine.handle_new_snapshot(record, &chunks, now) {
-                warn!("snapshot {}: {e}", id.short());
+                warn!("a snapshot of this site was refused: {e}");
             }
         }
         Ok(())
@@ -771,6 +829,18 @@ impl Node {
         Ok(node)
     }
 
+    /// Keeps `cairn trust list`'s "last seen" current: at most once a minute per site.
+    fn note_seen(&mut self, node: NodeId, now: u64) {
+        let Some((_, site, _)) = self.engine.peers().find(|(n, _, _)| *n == node) else {
+            return;
+        };
+        let last = self.seen_noted_ms.entry(site).or_insert(0);
+        if now >= *last + 60_000 {
+            *last = now;
+            let _ = self.vault.store.note_seen(&site, now);
+        }
+    }
+
     fn refuse(&mut self, peer: PeerId, why: &str) {
         warn!("refused {peer}: {why}");
         self.peers_refused += 1;
@@ -873,9 +943,24 @@ impl Node {
                 let link = self.links.get_mut(&peer).expect("checked above");
                 link.bytes_received += request.payload.len() as u64;
                 link.last_seen_unix_ms = Some(now);
+                self.note_seen(node, now);
                 match Message::decode(&request.payload) {
                     Ok(message) => {
-                        self.engine.handle_message(node, message, now);
+                        let wait = if is_bulk(&message) {
+                            self.download.take(
+                                request.payload.len() as u64,
+                                std::time::Instant::now(),
+                            )
+                        } else {
+                            Duration::ZERO
+                        };
+                        if wait.is_zero() && self.downloads.is_empty() || !is_bulk(&message) {
+                            self.engine.handle_message(node, message, now);
+                        } else {
+                            let at = tokio::time::Instant::now() + wait;
+                            let at = self.downloads.back().map_or(at, |last| at.max(last.0));
+                            self.downloads.push_back((at, node, message));
+                        }
                         Frame {
                             kind: ANSWER_OK,
                             payload: Vec::new(),
@@ -1038,6 +1123,10 @@ impl Node {
             site_names,
             messages_refused: self.messages_refused,
             peers_refused: self.peers_refused,
+            uptime_ms: now_ms().saturating_sub(self.started_ms),
+            replication_factor: self.engine.config().replication_factor,
+            upload_limit: self.upload.limit().bytes_per_sec(),
+            download_limit: self.download.limit().bytes_per_sec(),
         }
     }
 }
@@ -1160,6 +1249,45 @@ pub fn own_records(vault: &Vault) -> Result<Vec<Record>> {
         .collect())
 }
 
+/// Snapshots of this site for the engine, with their chunks: those without a catalog
+/// record yet (made by a backup: the record is signed and stored now), and with
+/// `unacked` also those not yet confirmed at R sites.
+pub fn snapshots_to_publish(vault: &Vault, unacked: bool) -> Result<Vec<(Record, Vec<ChunkRef>)>> {
+    let site = vault.dir.site_id();
+    let index = vault.store.index();
+    let snapshots = vault.snapshots()?;
+    let mut out = Vec::new();
+    for (id, body) in index.snapshots()? {
+        let key = snapshot_key(&id.0);
+        let record = match records::get(index, &site, RecordKind::Snapshot, &key)? {
+            Some(_) if !unacked => continue,
+            Some(record) => {
+                if index.catalog_get(&[KEY_ACKED, &key].concat())?.is_some() {
+                    continue;
+                }
+                record
+            }
+            None => {
+                let record = records::sign_next(vault, RecordKind::Snapshot, key, body)?;
+                index.commit(IndexBatch {
+                    catalog: vec![records::entry(&record)],
+                    ..IndexBatch::default()
+                })?;
+                record
+            }
+        };
+        let Some(snapshot) = snapshots.iter().find(|s| s.id == id) else {
+            continue;
+        };
+        match snapshot_chunks(vault, snapshot) {
+            Ok(chunks) => out.push((record, chunks)),
+            // A recovered node knows the snapshot but holds none of its chunks yet.
+            Err(e) => debug!("snapshot {} is not published from here: {e:#}", id.short()),
+        }
+    }
+    Ok(out)
+}
+
 /// The catalog key of a snapshot record: its id, zero-padded.
 pub fn snapshot_key(id: &[u8; 16]) -> [u8; 32] {
     let mut key = [0u8; 32];
@@ -1205,6 +1333,83 @@ pub fn snapshot_chunks(vault: &Vault, snapshot: &SnapshotRecord) -> Result<Vec<C
         });
     }
     Ok(out)
+}
+
+/// How long `cairn recover --bootstrap` waits for the nodes it was given.
+const RECOVER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Asks partner nodes for a site's wrapped-keys record, for `cairn recover` on a fresh
+/// machine. Uses a throwaway identity: the machine has no node certificate yet, and the
+/// record is all a node serves to a stranger.
+pub fn fetch_wrapped_keys(site: &SiteId, addresses: &[String]) -> Result<Vec<u8>> {
+    let addresses: Vec<Multiaddr> = addresses
+        .iter()
+        .map(|a| net::multiaddr(a).with_context(|| format!("--bootstrap {a}")))
+        .collect::<Result<_>>()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let key = ed25519_dalek::SigningKey::from_bytes(&crate::datadir::random_bytes());
+        let mut swarm = net::swarm(&key, false)?;
+        for addr in &addresses {
+            let _ = swarm.dial(addr.clone());
+        }
+        let mut refusals = Vec::new();
+        let mut failures = 0;
+        let deadline = tokio::time::sleep(RECOVER_TIMEOUT);
+        tokio::pin!(deadline);
+        loop {
+            let event = tokio::select! {
+                event = swarm.select_next_some() => event,
+                _ = &mut deadline => break,
+            };
+            match event {
+                SwarmEvent::ConnectionEstablished { peer_id, .. } => {
+                    swarm
+                        .behaviour_mut()
+                        .cairn
+                        .send_request(&peer_id, Frame::new(Kind::WrappedKeys, site.0.to_vec()));
+                }
+                SwarmEvent::Behaviour(BehaviourEvent::Cairn(request_response::Event::Message {
+                    peer,
+                    message: request_response::Message::Response { response, .. },
+                    ..
+                })) => {
+                    if response.kind == ANSWER_OK {
+                        return Ok(response.payload);
+                    }
+                    refusals.push(format!(
+                        "{peer}: {}",
+                        String::from_utf8_lossy(&response.payload)
+                    ));
+                }
+                SwarmEvent::OutgoingConnectionError { .. }
+                | SwarmEvent::Behaviour(BehaviourEvent::Cairn(
+                    request_response::Event::OutboundFailure { .. },
+                )) => failures += 1,
+                _ => {}
+            }
+            if refusals.len() + failures >= addresses.len() {
+                break;
+            }
+        }
+        if refusals.is_empty() {
+            anyhow::bail!(
+                "no node answered at {} within {}s",
+                addresses
+                    .iter()
+                    .map(|a| a.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                RECOVER_TIMEOUT.as_secs()
+            );
+        }
+        anyhow::bail!(
+            "no node there holds this site's wrapped keys ({})",
+            refusals.join("; ")
+        )
+    })
 }
 
 fn short(node: &NodeId) -> String {
