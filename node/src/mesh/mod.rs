@@ -401,6 +401,7 @@ impl Node {
     }
 
     fn transmit(&mut self, to: NodeId, message: Message) {
+        tracing::trace!("to {}: {}", short(&to), message_name(&message));
         if let Some(peer) = self.peer_of_node.get(&to).copied() {
             if self.links.get(&peer).is_some_and(|l| l.ready) {
                 self.send_mesh(peer, &message);
@@ -946,6 +947,7 @@ impl Node {
                 self.note_seen(node, now);
                 match Message::decode(&request.payload) {
                     Ok(message) => {
+                        tracing::trace!("from {}: {}", short(&node), message_name(&message));
                         let wait = if is_bulk(&message) {
                             self.download.take(
                                 request.payload.len() as u64,
@@ -1410,6 +1412,12 @@ pub fn fetch_wrapped_keys(site: &SiteId, addresses: &[String]) -> Result<Vec<u8>
             refusals.join("; ")
         )
     })
+}
+
+/// A message's variant, for traces.
+fn message_name(message: &Message) -> String {
+    let text = format!("{message:?}");
+    text.split([' ', '{', '(']).next().unwrap_or_default().to_owned()
 }
 
 fn short(node: &NodeId) -> String {

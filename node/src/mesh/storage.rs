@@ -189,6 +189,12 @@ fn owner_of(vault: &Vault, id: &ChunkId) -> Option<SiteId> {
 /// recovered node learns its site's snapshots from the mesh.
 fn save_record(vault: &Vault, batch: &mut IndexBatch, record: &Record) {
     batch.catalog.push(records::entry(record));
+    tracing::debug!(
+        "saving record kind {:?} of {} version {}",
+        record.kind,
+        record.author,
+        record.version
+    );
     if record.kind == RecordKind::Snapshot && record.author == vault.dir.site_id() {
         let mut id = [0u8; 16];
         id.copy_from_slice(&record.key[..16]);
