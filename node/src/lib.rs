@@ -5,6 +5,7 @@
 pub mod backup;
 pub mod cli;
 pub mod datadir;
+pub mod fetch;
 pub mod join;
 pub mod records;
 pub mod restore;

@@ -10,6 +10,7 @@ use cairn_protocol::{ChunkId, Extent, ImageName, SnapshotId, SnapshotRecord};
 use thiserror::Error;
 
 use crate::datadir::{DataDir, DataDirError};
+use crate::fetch::{fetch_blocking, FetchError, RemoteChunks};
 use crate::store::{ChunkLocation, PackReader, Store, StoreError};
 
 #[derive(Debug, Error)]
@@ -39,6 +40,12 @@ pub enum ChunkError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Seal(#[from] SealError),
+    /// Unusable here, and the mesh did not deliver it either.
+    #[error("{local}; from the mesh: {remote}")]
+    Unavailable {
+        local: Box<ChunkError>,
+        remote: Box<FetchError>,
+    },
 }
 
 pub struct Vault {
@@ -169,11 +176,35 @@ impl Vault {
     pub fn walk_manifest(
         &self,
         record: &SnapshotRecord,
+        each: impl FnMut(u64, Extent) -> bool,
+    ) -> Result<(), (u64, ManifestError<ChunkError>)> {
+        self.walk_manifest_from(record, None, each)
+    }
+
+    /// `walk_manifest`, fetching from `remote` (and waiting for) every manifest node that
+    /// is missing or damaged in the local store.
+    pub fn walk_manifest_from(
+        &self,
+        record: &SnapshotRecord,
+        remote: Option<&dyn RemoteChunks>,
         mut each: impl FnMut(u64, Extent) -> bool,
     ) -> Result<(), (u64, ManifestError<ChunkError>)> {
         let mut reader = self.store.reader();
         let mut opener = Opener::new();
-        let mut load = |id: &ChunkId| self.load_chunk(&mut reader, &mut opener, id);
+        let mut load = |id: &ChunkId| match self.load_chunk(&mut reader, &mut opener, id) {
+            Ok(plain) => Ok(plain),
+            Err(local) => match remote {
+                Some(remote) => {
+                    fetch_blocking(remote, &self.keys, &mut opener, id).map_err(|remote| {
+                        ChunkError::Unavailable {
+                            local: Box::new(local),
+                            remote: Box::new(remote),
+                        }
+                    })
+                }
+                None => Err(local),
+            },
+        };
         let mut walk = ManifestWalk::new(record.manifest_root());
         loop {
             match walk.next(&mut load) {
