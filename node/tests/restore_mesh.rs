@@ -527,3 +527,56 @@ fn without_a_mesh_a_missing_chunk_fails_and_keeps_what_was_written() {
     assert_eq!(summary.resumed_bytes, kept_bytes);
     assert_eq!(mesh.requested(), BTreeSet::from([last]));
 }
+
+#[test]
+fn a_fresh_machine_restores_from_the_catalog_and_the_mesh() {
+    let fixture = Fixture::new(5);
+    // What the mesh carries: the site's snapshot record, gossiped as a catalog record.
+    let record = fixture
+        .vault
+        .snapshot_catalog_record(&fixture.record.id)
+        .unwrap();
+
+    // The office burned: a new machine, recovered from the recovery key, holds nothing.
+    let dir = &fixture.vault.dir;
+    let wrapped = std::fs::read(dir.wrapped_keys_path()).unwrap();
+    let recovery_key = dir.recovery_key.clone().unwrap();
+    let fresh_root = fixture.dir.join("fresh");
+    let recovered = cairn_node::datadir::DataDir::recover(
+        &fresh_root,
+        &dir.site_id(),
+        &recovery_key,
+        &wrapped,
+        Some("Harbour Road"),
+    )
+    .unwrap();
+    let fresh = Vault::from_dir(recovered).unwrap();
+    assert!(fresh.resolve("fileserver").is_err());
+    fresh
+        .store
+        .index()
+        .commit(IndexBatch {
+            catalog: vec![cairn_node::records::entry(&record)],
+            ..IndexBatch::default()
+        })
+        .unwrap();
+    let found = fresh.resolve("fileserver").unwrap();
+    assert_eq!(found.id, fixture.record.id);
+
+    let (mesh, responder) = FakeMesh::start(fixture.sealed.clone(), BTreeSet::new(), usize::MAX);
+    let out = fixture.dir.join("rebuilt.img");
+    let options = RestoreOptions {
+        remote: Some(&*mesh),
+        ..RestoreOptions::local(2)
+    };
+    let summary = restore(&fresh, &found, &out, &options, &|_| {}).unwrap();
+    mesh.stop();
+    responder.join().unwrap();
+    assert_eq!(std::fs::read(&out).unwrap(), fixture.source);
+    assert_eq!(summary.remote_bytes, summary.data_bytes);
+    assert_eq!(summary.local_bytes + summary.resumed_bytes, 0);
+    // Every chunk, manifest nodes included, came from the mesh, each asked for once.
+    let state = mesh.state.lock().unwrap();
+    assert_eq!(state.requests.len(), fixture.sealed.len());
+    assert_eq!(mesh_requested(&state).len(), fixture.sealed.len());
+}
