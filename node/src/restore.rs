@@ -209,7 +209,8 @@ struct Target {
     is_device: bool,
     /// A partial file an interrupted restore left is being continued.
     resuming: bool,
-    /// The partial file, while it is ours to remove (made by this run and nothing kept).
+    /// The partial file, while it is ours to remove: it held nothing when this run began,
+    /// and nothing of this run is worth keeping yet.
     remove_on_drop: Option<PathBuf>,
 }
 
@@ -230,7 +231,6 @@ impl Target {
             return Target::open_device(out, size_bytes);
         }
         let path = partial_path(out);
-        let existed = path.symlink_metadata().is_ok();
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -245,11 +245,7 @@ impl Target {
             resuming: false,
             remove_on_drop: None,
         };
-        // Only once it is ours: never remove a partial file another restore is writing.
         target.lock()?;
-        if !existed || options.fresh {
-            target.remove_on_drop = Some(target.path.clone());
-        }
         target.start(size_bytes, options.fresh)
     }
 
@@ -300,6 +296,11 @@ impl Target {
             self.file.set_len(0).map_err(output_err(&self.path))?;
         }
         self.resuming = !fresh && held_bytes > 0;
+        if !self.resuming {
+            // Holds nothing worth keeping yet. Only set once locked: a partial file another
+            // restore is writing is never removed.
+            self.remove_on_drop = Some(self.path.clone());
+        }
         self.file
             .set_len(size_bytes)
             .map_err(output_err(&self.path))?;

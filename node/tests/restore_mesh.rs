@@ -473,6 +473,15 @@ fn a_partial_file_holding_other_bytes_is_corrected_not_trusted() {
     left.extend(random_bytes(MIB, 9));
     std::fs::write(&partial, &left).unwrap();
 
+    // Another restore writing it: refused, and the file is left alone.
+    let held = std::fs::File::open(&partial).unwrap();
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&held);
+    assert_eq!(unsafe { libc::flock(fd, libc::LOCK_EX) }, 0);
+    let error = fixture.restore(None).unwrap_err();
+    assert!(matches!(error, RestoreError::Busy(_)), "{error}");
+    assert_eq!(std::fs::read(&partial).unwrap(), left);
+    drop(held);
+
     let summary = fixture.restore(None).unwrap();
     assert_eq!(std::fs::read(fixture.out()).unwrap(), fixture.source);
     assert_eq!(summary.local_bytes, fixture.bytes_of(&garbled));
