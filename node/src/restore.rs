@@ -238,7 +238,7 @@ impl Target {
             .truncate(false)
             .open(&path)
             .map_err(output_err(&path))?;
-        let mut target = Target {
+        let target = Target {
             file,
             path,
             is_device: false,
