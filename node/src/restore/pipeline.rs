@@ -291,7 +291,8 @@ impl Pipeline<'_> {
         self.failed.load(Ordering::Acquire)
     }
 
-    /// Keeps the first error and stops everything: the walk, new fetches, the workers.
+    /// Keeps the first error and stops the walk and the fetches; workers still write what
+    /// is already queued to them, then end.
     fn fail(&self, error: RestoreError) {
         self.first_error
             .lock()
