@@ -467,7 +467,7 @@ impl Pipeline<'_> {
             let op = select.select();
             if Some(op.index()) == stop_idx {
                 // A failure: answers still on their way are not waited for, but what is
-                // queued here is still written, so that a rerun has that much less to do.
+                // queued here or has arrived is still written, so a rerun has less to do.
                 let _ = op.recv(&stop);
                 (stop_open, answers_open) = (false, false);
             } else if Some(op.index()) == local_idx {
@@ -486,6 +486,9 @@ impl Pipeline<'_> {
                     Err(_) => answers_open = false,
                 }
             }
+        }
+        while let Ok(answer) = answers.try_recv() {
+            self.answer(answer, &mut worker);
         }
     }
 
@@ -570,7 +573,8 @@ impl Pipeline<'_> {
         }
     }
 
-    /// One answer from the mesh: write it, ask again elsewhere, or fail.
+    /// One answer from the mesh: write it, ask again elsewhere, or fail. After a failure a
+    /// good answer that has already arrived is still written, but nothing is asked again.
     fn answer(&self, answer: Answer, worker: &mut Worker<'_>) {
         let Answer {
             job,
@@ -579,29 +583,25 @@ impl Pipeline<'_> {
             reply,
         } = answer;
         let remote = self.remote.expect("answers come only from a remote source");
-        let slot_bytes = sealed_bytes_max(job.extent.len_bytes);
-        if !self.failed() {
-            let id = job.extent.id;
-            match tries.check(remote, &self.vault.keys, &mut worker.opener, &id, answer) {
-                // The slot stays taken by the retry.
-                Checked::Retry => return issue(remote, &reply, job, tries),
-                Checked::Plain(plain) => {
-                    self.write(&job.extent, &plain, &self.counters.remote_bytes)
-                }
-                Checked::Failed(remote_error) => self.fail(RestoreError::Unavailable {
-                    image: self.record.image.to_string(),
-                    snapshot: self.record.id.short(),
-                    offset: job.extent.offset,
-                    id,
-                    local: Box::new(job.local),
-                    remote: Box::new(remote_error),
-                }),
-            }
-            self.counters
-                .n_refused
-                .fetch_add(u64::from(tries.n_refused), Ordering::Relaxed);
+        let id = job.extent.id;
+        match tries.check(remote, &self.vault.keys, &mut worker.opener, &id, answer) {
+            // The slot stays taken by the retry.
+            Checked::Retry if !self.failed() => return issue(remote, &reply, job, tries),
+            Checked::Retry => {}
+            Checked::Plain(plain) => self.write(&job.extent, &plain, &self.counters.remote_bytes),
+            Checked::Failed(remote_error) => self.fail(RestoreError::Unavailable {
+                image: self.record.image.to_string(),
+                snapshot: self.record.id.short(),
+                offset: job.extent.offset,
+                id,
+                local: Box::new(job.local),
+                remote: Box::new(remote_error),
+            }),
         }
-        self.slots.release(slot_bytes);
+        self.counters
+            .n_refused
+            .fetch_add(u64::from(tries.n_refused), Ordering::Relaxed);
+        self.slots.release(sealed_bytes_max(job.extent.len_bytes));
     }
 
     /// Writes a verified chunk at its offset and counts it under `source`.
