@@ -319,14 +319,12 @@ impl Pipeline<'_> {
     ) {
         let mut last_progress = Instant::now();
         let mut prefetcher = self.vault.store.reader();
-        let zeros = vec![
-            0u8;
-            if self.output.is_device {
-                ZERO_WRITE_BYTES
-            } else {
-                0
-            }
-        ];
+        let zeros_len = if self.output.is_device {
+            ZERO_WRITE_BYTES
+        } else {
+            0
+        };
+        let zeros = vec![0u8; zeros_len];
         let mut written = self.output.resuming.then(|| DataMap::new(self.output.file));
         let walked = self
             .vault
