@@ -92,6 +92,9 @@ enum Command {
         /// Overwrite OUT if it exists
         #[arg(long)]
         force: bool,
+        /// Start over instead of resuming what an interrupted restore left in OUT.cairn-partial
+        #[arg(long)]
+        fresh: bool,
         /// Print the result as JSON, for scripts
         #[arg(long)]
         json: bool,
@@ -572,13 +575,19 @@ fn run(cli: Cli) -> Result<u8> {
             snapshot,
             out,
             force,
+            fresh,
             json,
         } => {
             let vault = open()?;
             let record = vault.resolve(&snapshot)?;
             let out = user_path(out);
             let bar = progress_bar(Some(record.size_bytes), "restoring");
-            let summary = restore::restore(&vault, &record, &out, force, n_workers(), &|done| {
+            let options = restore::RestoreOptions {
+                force,
+                fresh,
+                ..restore::RestoreOptions::local(n_workers())
+            };
+            let summary = restore::restore(&vault, &record, &out, &options, &|done| {
                 bar.set_position(done)
             });
             bar.finish_and_clear();
@@ -595,6 +604,12 @@ fn run(cli: Cli) -> Result<u8> {
                     units::bytes(summary.data_bytes),
                     summary.seconds,
                     units::rate(summary.size_bytes, summary.seconds)
+                );
+                println!(
+                    "  {} resumed from an interrupted restore, {} read here, {} fetched from other nodes",
+                    units::bytes(summary.resumed_bytes),
+                    units::bytes(summary.local_bytes),
+                    units::bytes(summary.remote_bytes)
                 );
             }
         }

@@ -6,6 +6,7 @@ pub mod backup;
 pub mod cli;
 pub mod control;
 pub mod datadir;
+pub mod fetch;
 pub mod join;
 pub mod mesh;
 pub mod records;
