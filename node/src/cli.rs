@@ -582,9 +582,14 @@ fn run(cli: Cli) -> Result<u8> {
             let record = vault.resolve(&snapshot)?;
             let out = user_path(out);
             let bar = progress_bar(Some(record.size_bytes), "restoring");
+            // Inside a node, what the store lacks comes from the mesh.
+            let mesh = context.as_ref().map(|c| c.mesh.clone());
             let options = restore::RestoreOptions {
                 force,
                 fresh,
+                remote: mesh
+                    .as_ref()
+                    .map(|m| m as &dyn crate::fetch::RemoteChunks),
                 ..restore::RestoreOptions::local(n_workers())
             };
             let summary = restore::restore(&vault, &record, &out, &options, &|done| {

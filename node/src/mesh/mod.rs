@@ -93,11 +93,15 @@ pub enum Command {
         owner: SiteId,
         id: ChunkId,
         exclude: Vec<NodeId>,
-        reply: oneshot::Sender<Result<(Vec<u8>, NodeId), String>>,
+        reply: FetchReply,
     },
     /// A picture of the node for `cairn status` and the metrics endpoint.
     Status(oneshot::Sender<MeshStatus>),
 }
+
+/// Called once with a fetched chunk's sealed bytes and sender, or why none came; runs on
+/// the node's loop, so it must not block.
+pub type FetchReply = Box<dyn FnOnce(Result<(Vec<u8>, NodeId), String>) + Send>;
 
 /// What the node's loop knows of the mesh right now.
 #[derive(Clone, Debug, Default)]
@@ -109,7 +113,9 @@ pub struct MeshStatus {
     pub pending_snapshots: usize,
     pub pushes_pending: usize,
     pub held: Vec<ChunkRef>,
-    /// Per chunk of this site: the sites confirmed to hold it (this site included).
+    /// Per chunk of this site's snapshots: the sites holding it (this site included):
+    /// the placement targets once the chunk is confirmed at R, else those confirmed so
+    /// far.
     pub copies: HashMap<ChunkId, Vec<SiteId>>,
     pub site_names: HashMap<SiteId, String>,
     pub messages_refused: u64,
@@ -150,6 +156,7 @@ struct Link {
 /// A handle other threads use to reach the node's loop.
 #[derive(Clone)]
 pub struct MeshHandle {
+    site: SiteId,
     commands: mpsc::UnboundedSender<Command>,
     /// Held while packs are written: backups and the storage thread take turns.
     pub write_lock: Arc<Mutex<()>>,
@@ -171,6 +178,31 @@ impl MeshHandle {
     }
 }
 
+/// Restores inside the node fetch what the store lacks through the engine: this site's
+/// chunks, from the holders placement names first.
+impl crate::fetch::RemoteChunks for MeshHandle {
+    fn request(&self, id: ChunkId, exclude: &[NodeId], done: crate::fetch::FetchDone) {
+        let reply: FetchReply = Box::new(move |answer| {
+            done(
+                answer
+                    .map(|(sealed, from)| crate::fetch::Fetched { sealed, from })
+                    .map_err(crate::fetch::RemoteError),
+            )
+        });
+        let command = Command::Fetch {
+            owner: self.site,
+            id,
+            exclude: exclude.to_vec(),
+            reply,
+        };
+        if let Err(mpsc::error::SendError(Command::Fetch { reply, .. })) =
+            self.commands.send(command)
+        {
+            reply(Err("the node is shutting down".into()));
+        }
+    }
+}
+
 struct Node {
     vault: Arc<Vault>,
     engine: Engine,
@@ -187,7 +219,7 @@ struct Node {
     address_dials: HashMap<ConnectionId, AddressDial>,
     hellos: HashMap<request_response::OutboundRequestId, PeerId>,
     accepts: HashMap<request_response::OutboundRequestId, SiteId>,
-    fetches: HashMap<ChunkId, Vec<oneshot::Sender<Result<(Vec<u8>, NodeId), String>>>>,
+    fetches: HashMap<ChunkId, Vec<FetchReply>>,
     bootstrap: Vec<Multiaddr>,
     /// The peer last reached at each bootstrap address.
     bootstrap_peers: HashMap<Multiaddr, PeerId>,
@@ -198,7 +230,12 @@ struct Node {
     peers_refused: u64,
     /// Peers whose hello this node is answering or asking: no second hello meanwhile.
     hello_sent: HashSet<PeerId>,
+    /// Peers being dialed.
+    dialing: HashSet<PeerId>,
     started_ms: u64,
+    /// The chunks of each snapshot handed to the engine, and those confirmed at R.
+    snapshot_chunks: HashMap<[u8; 32], Vec<ChunkId>>,
+    acked: HashSet<[u8; 32]>,
     seen_noted_ms: HashMap<SiteId, u64>,
     limits: Limits,
     upload: RateLimiter,
@@ -234,6 +271,7 @@ pub fn start(
     runtime: &tokio::runtime::Runtime,
 ) -> Result<MeshHandle> {
     let _enter = runtime.enter();
+    let vault_site = vault.dir.site_id();
     let (commands, command_rx) = mpsc::unbounded_channel();
     let (done_tx, done_rx) = mpsc::unbounded_channel();
     let write_lock = Arc::new(Mutex::new(()));
@@ -253,6 +291,7 @@ pub fn start(
     }
     runtime.spawn(node.run(command_rx, done_rx));
     Ok(MeshHandle {
+        site: vault_site,
         commands,
         write_lock,
     })
@@ -303,7 +342,10 @@ impl Node {
             messages_refused: 0,
             peers_refused: 0,
             hello_sent: HashSet::new(),
+            dialing: HashSet::new(),
             started_ms: now,
+            snapshot_chunks: HashMap::new(),
+            acked: HashSet::new(),
             seen_noted_ms: HashMap::new(),
             upload: RateLimiter::new(
                 options.limits.now().upload,
@@ -330,6 +372,7 @@ impl Node {
         local.extend(own_records(&node.vault)?);
         node.local_records(local);
         node.publish_snapshots()?;
+        node.remember_acked()?;
         node.drain(now);
         Ok(node)
     }
@@ -408,13 +451,30 @@ impl Node {
                 return;
             }
         }
+        if !self.dial_node(to) {
+            self.unreachable(to, message);
+            return;
+        }
         let outbox = self.outbox.entry(to).or_default();
         if outbox.len() >= OUTBOX_MESSAGES_MAX {
             // The engine retries what matters; a peer this far behind gets the newest.
             outbox.pop_front();
         }
         outbox.push_back(message);
-        self.dial_node(to);
+    }
+
+    /// A message that cannot reach its node. A fetch is answered for it at once with
+    /// "not here", as a holder without the chunk would, so a restore moves on to the
+    /// next holder instead of waiting out the request timeout.
+    fn unreachable(&mut self, to: NodeId, message: Message) {
+        if let Message::Fetch { owner, id } = message {
+            let reply = Message::FetchReply {
+                owner,
+                id,
+                sealed: None,
+            };
+            self.engine.handle_message(to, reply, now_ms());
+        }
     }
 
     fn send_mesh(&mut self, peer: PeerId, message: &Message) {
@@ -457,25 +517,25 @@ impl Node {
     }
 
     /// Dials a node the engine wants to talk to, at the addresses its certificate,
-    /// identify or mDNS gave.
-    fn dial_node(&mut self, node: NodeId) {
+    /// identify or mDNS gave. False when it cannot be reached for now.
+    fn dial_node(&mut self, node: NodeId) -> bool {
         let Some(peer) = net::peer_id(&node) else {
-            return;
+            return false;
         };
         self.peer_of_node.insert(node, peer);
         if self.swarm.is_connected(&peer) {
             if !self.links.get(&peer).is_some_and(|l| l.ready) {
                 self.send_hello(peer);
             }
-            return;
+            return true;
         }
         let now = now_ms();
-        if self
-            .dial_failed_ms
-            .get(&peer)
-            .is_some_and(|at| now < at + DIAL_BACKOFF_MS)
-        {
-            return;
+        if let Some(at) = self.dial_failed_ms.get(&peer) {
+            // A dial under way (marked when it started), or one that failed lately.
+            return self.dialing.contains(&peer) || now >= at + DIAL_BACKOFF_MS && {
+                self.dial_failed_ms.remove(&peer);
+                self.dial_node(node)
+            };
         }
         let mut addresses = self.addresses.get(&peer).cloned().unwrap_or_default();
         if let Some(cert) = self.node_cert(&node) {
@@ -488,12 +548,19 @@ impl Node {
             }
         }
         if addresses.is_empty() {
-            return;
+            return false;
         }
-        self.dial_failed_ms.insert(peer, now); // until it connects: one dial at a time
+        self.dial_failed_ms.insert(peer, now);
         let opts = DialOpts::peer_id(peer).addresses(addresses).build();
-        if let Err(e) = self.swarm.dial(opts) {
-            debug!("dial {node}: {e}");
+        match self.swarm.dial(opts) {
+            Ok(()) => {
+                self.dialing.insert(peer);
+                true
+            }
+            Err(e) => {
+                debug!("dial {node}: {e}");
+                false
+            }
         }
     }
 
@@ -551,7 +618,11 @@ impl Node {
             .map(|(n, _)| *n)
             .collect();
         for node in waiting {
-            self.dial_node(node);
+            if !self.dial_node(node) {
+                for message in self.outbox.remove(&node).unwrap_or_default() {
+                    self.unreachable(node, message);
+                }
+            }
         }
     }
 
@@ -571,6 +642,8 @@ impl Node {
         match command {
             Command::LocalRecords(records) => self.local_records(records),
             Command::NewSnapshot { record, chunks } => {
+                self.snapshot_chunks
+                    .insert(record.key, chunks.iter().map(|c| c.id).collect());
                 if let Err(e) = self.engine.handle_new_snapshot(record, &chunks, now) {
                     warn!("the engine refused a new snapshot: {e}");
                 }
@@ -582,9 +655,7 @@ impl Node {
                 reply,
             } => match self.engine.handle_fetch(owner, id, &exclude, now) {
                 Ok(()) => self.fetches.entry(id).or_default().push(reply),
-                Err(e) => {
-                    let _ = reply.send(Err(e.to_string()));
-                }
+                Err(e) => reply(Err(e.to_string())),
             },
             Command::Status(reply) => {
                 let _ = reply.send(self.status());
@@ -606,8 +677,27 @@ impl Node {
     fn publish_snapshots(&mut self) -> Result<()> {
         let now = now_ms();
         for (record, chunks) in snapshots_to_publish(&self.vault, true)? {
+            self.snapshot_chunks
+                .insert(record.key, chunks.iter().map(|c| c.id).collect());
             if let Err(e) = self.engine.handle_new_snapshot(record, &chunks, now) {
                 warn!("a snapshot of this site was refused: {e}");
+            }
+        }
+        Ok(())
+    }
+
+    /// Snapshots confirmed at R before this start, for `cairn status`.
+    fn remember_acked(&mut self) -> Result<()> {
+        for snapshot in self.vault.snapshots()? {
+            let key = snapshot_key(&snapshot.id.0);
+            let index = self.vault.store.index();
+            if index.catalog_get(&[KEY_ACKED, &key].concat())?.is_none() {
+                continue;
+            }
+            if let Ok(chunks) = snapshot_chunks(&self.vault, &snapshot) {
+                self.snapshot_chunks
+                    .insert(key, chunks.iter().map(|c| c.id).collect());
+                self.acked.insert(key);
             }
         }
         Ok(())
@@ -616,6 +706,7 @@ impl Node {
     fn on_event(&mut self, event: Event, now: u64) {
         match event {
             Event::SnapshotReplicated { snapshot } => {
+                self.acked.insert(snapshot);
                 info!(
                     "snapshot {} is at {} sites",
                     hex8(&snapshot),
@@ -630,12 +721,12 @@ impl Node {
                 id, from, sealed, ..
             } => {
                 for reply in self.fetches.remove(&id).unwrap_or_default() {
-                    let _ = reply.send(Ok((sealed.clone(), from)));
+                    reply(Ok((sealed.clone(), from)));
                 }
             }
             Event::FetchFailed { id, .. } => {
                 for reply in self.fetches.remove(&id).unwrap_or_default() {
-                    let _ = reply.send(Err(format!(
+                    reply(Err(format!(
                         "no reachable node holds chunk {}",
                         hex8(&id.0)
                     )));
@@ -669,6 +760,7 @@ impl Node {
                 ..
             } => {
                 self.dial_failed_ms.remove(&peer_id);
+                self.dialing.remove(&peer_id);
                 let link = self.links.entry(peer_id).or_default();
                 link.connections += 1;
                 let addr = endpoint.get_remote_address().clone();
@@ -711,9 +803,18 @@ impl Node {
                 if let Some(peer) = peer_id {
                     debug!("cannot reach {peer}: {error}");
                     self.dial_failed_ms.insert(peer, now_ms());
-                    // What waited for it is dropped; the engine retries what matters.
-                    if let Some(node) = self.links.get(&peer).and_then(|l| l.node) {
-                        self.outbox.remove(&node);
+                    self.dialing.remove(&peer);
+                    // What waited for it is dropped (the engine retries what matters);
+                    // fetches learn at once that this holder cannot answer.
+                    let node = self
+                        .peer_of_node
+                        .iter()
+                        .find(|(_, p)| **p == peer)
+                        .map(|(n, _)| *n);
+                    if let Some(node) = node {
+                        for message in self.outbox.remove(&node).unwrap_or_default() {
+                            self.unreachable(node, message);
+                        }
                     }
                 }
             }
@@ -1109,11 +1210,20 @@ impl Node {
             })
             .collect();
         let held: Vec<ChunkRef> = self.engine.held().collect();
-        let copies = held
-            .iter()
-            .filter(|c| c.owner == own)
-            .map(|c| (c.id, self.engine.confirmed_sites(&c.id)))
-            .collect();
+        let mut copies = HashMap::new();
+        for (snapshot, chunks) in &self.snapshot_chunks {
+            for id in chunks {
+                let sites = match self.engine.chunk_below_r(snapshot, id) {
+                    Some(sites) => sites,
+                    None if self.engine.snapshot_pending(snapshot) => {
+                        self.engine.target_sites(&own, id)
+                    }
+                    None if self.acked.contains(snapshot) => self.engine.target_sites(&own, id),
+                    None => vec![own],
+                };
+                copies.insert(*id, sites);
+            }
+        }
         MeshStatus {
             node: Some(self.vault.dir.node_id()),
             listen: self.listen.iter().map(|a| a.to_string()).collect(),
