@@ -309,6 +309,8 @@ pub struct Engine {
     /// The earliest end of a cut-off or placement exclusion (`u64::MAX`: none).
     next_penalty_end_ms: u64,
     counters: EngineCounters,
+    /// Checks blobs against their owners' signatures, remembering recent ones.
+    blobs: crate::blob::BlobVerifier,
     transmits: VecDeque<(NodeId, Message)>,
     storage: VecDeque<StorageOp>,
     events: VecDeque<Event>,
@@ -360,6 +362,7 @@ impl Engine {
             scrub_cursor: None,
             next_penalty_end_ms: u64::MAX,
             counters: EngineCounters::default(),
+            blobs: crate::blob::BlobVerifier::default(),
             transmits: VecDeque::new(),
             storage: VecDeque::new(),
             events: VecDeque::new(),
