@@ -15,6 +15,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use cairn_protocol::blob::sign_blob;
 use cairn_protocol::engine::{ChunkRef, Event};
 use cairn_protocol::identity::SiteId;
 use cairn_protocol::ids::ChunkId;
@@ -34,7 +35,8 @@ const RESTORE_FETCHES_IN_FLIGHT: usize = 256;
 const RESTORE_DEADLINE_US: u64 = 48 * HOUR_US;
 
 /// The stand-in sealed bytes of a chunk: short, and a function of its id, so a restore
-/// can be checked byte for byte.
+/// can be checked byte for byte. On disk and on the wire they travel as a blob signed by
+/// the owner site (`cairn_protocol::blob`), which every engine checks.
 pub fn stand_in(id: &ChunkId) -> Vec<u8> {
     blake3::hash(&id.0).as_bytes()[..16].to_vec()
 }
@@ -578,7 +580,11 @@ fn take_snapshot(world: &mut World, image: &mut Image) -> Option<usize> {
                 DiskChunk {
                     owner,
                     size_bytes: chunk.size_bytes,
-                    body: stand_in(&chunk.id),
+                    body: sign_blob(
+                        &world.sites[image.site].key,
+                        &chunk.id,
+                        &stand_in(&chunk.id),
+                    ),
                 },
             );
         }

@@ -38,7 +38,8 @@ pub struct SiteState {
     pub node_capacity_bytes: u64,
 }
 
-/// A chunk on a simulated disk: a short stand-in body, with the real sealed size.
+/// A chunk on a simulated disk: a short stand-in blob (sealed bytes and the owner's
+/// signature), with the real size.
 #[derive(Clone, Debug)]
 pub struct DiskChunk {
     pub owner: SiteId,
@@ -864,5 +865,7 @@ pub fn message_type(message: &Message) -> &'static str {
         Message::SyncIds { .. } => "sync-ids",
         Message::Fetch { .. } => "fetch",
         Message::FetchReply { .. } => "fetch-reply",
+        Message::Audit { .. } => "audit",
+        Message::AuditReply { .. } => "audit-reply",
     }
 }
