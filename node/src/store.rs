@@ -30,7 +30,6 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use cairn_protocol::identity::SiteId;
-use cairn_protocol::seal::SEALED_BYTES_MAX;
 use cairn_protocol::ChunkId;
 use thiserror::Error;
 
@@ -41,7 +40,7 @@ const PACK_MAGIC: &[u8; 8] = b"CAIRNPAK";
 pub const PACK_VERSION: u8 = 1;
 /// Largest entry a pack holds: a sealed chunk, plus its owner's 64-byte signature when
 /// it is a partner's chunk stored as the mesh carries it.
-pub const ENTRY_BYTES_MAX: usize = SEALED_BYTES_MAX + 64;
+pub const ENTRY_BYTES_MAX: usize = cairn_protocol::blob::BLOB_BYTES_MAX;
 const PACK_HEADER_BYTES: u64 = 16;
 const ENTRY_MAGIC: u32 = 0xCA1C_0E01;
 const ENTRY_HEAD_BYTES: u64 = 4 + 32 + 4;

@@ -644,6 +644,21 @@ impl Node {
             Command::NewSnapshot { record, chunks } => {
                 self.snapshot_chunks
                     .insert(record.key, chunks.iter().map(|c| c.id).collect());
+                // Gossip would carry the record in a few rounds; it goes to every
+                // connected peer now, so it is at other sites well before its chunks
+                // are, and an office lost right after the acknowledgement loses nothing.
+                let ready: Vec<PeerId> = self
+                    .links
+                    .iter()
+                    .filter(|(_, l)| l.ready)
+                    .map(|(p, _)| *p)
+                    .collect();
+                let message = Message::Records {
+                    records: vec![record.clone()],
+                };
+                for peer in ready {
+                    self.send_mesh(peer, &message);
+                }
                 if let Err(e) = self.engine.handle_new_snapshot(record, &chunks, now) {
                     warn!("the engine refused a new snapshot: {e}");
                 }
@@ -718,10 +733,17 @@ impl Node {
                 });
             }
             Event::Fetched {
-                id, from, sealed, ..
+                owner,
+                id,
+                from,
+                sealed,
             } => {
+                // The engine checked the owner's signature and removed it; restore
+                // checks the sealed bytes against the id with the vault key.
+                let _ = owner;
+                let answer: Result<(Vec<u8>, NodeId), String> = Ok((sealed, from));
                 for reply in self.fetches.remove(&id).unwrap_or_default() {
-                    reply(Ok((sealed.clone(), from)));
+                    reply(answer.clone());
                 }
             }
             Event::FetchFailed { id, .. } => {
@@ -861,7 +883,9 @@ impl Node {
     /// This node's certificate and every grant it holds to or from its site: all a
     /// partner needs to check it, and all a recovered node needs to trust its partners
     /// again.
-    fn hello_payload(&self) -> Vec<u8> {
+    /// In an answer, `peer_site`'s own records come too: a node recovered on a fresh
+    /// machine learns its site's snapshots and grants from its first partner at once.
+    fn hello_payload(&self, peer_site: Option<SiteId>) -> Vec<u8> {
         let own = self.vault.dir.site_id();
         let mut records = vec![self.own_cert.clone()];
         for author in self.engine.catalog().authors() {
@@ -872,6 +896,9 @@ impl Node {
                 }
             }
         }
+        if let Some(site) = peer_site.filter(|s| *s != own) {
+            records.extend(self.engine.catalog().by_author(site).cloned());
+        }
         records.truncate(cairn_protocol::engine::message::RECORDS_PER_MESSAGE_MAX);
         Message::Records { records }.encode()
     }
@@ -880,7 +907,7 @@ impl Node {
         if !self.hello_sent.insert(peer) {
             return;
         }
-        let payload = self.hello_payload();
+        let payload = self.hello_payload(None);
         let id = self
             .swarm
             .behaviour_mut()
@@ -1023,10 +1050,17 @@ impl Node {
         };
         match Kind::from_u8(request.kind) {
             Some(Kind::Hello) => match self.check_hello(peer, &request.payload) {
-                Ok(_) => Frame {
-                    kind: ANSWER_OK,
-                    payload: self.hello_payload(),
-                },
+                Ok(node) => {
+                    let site = self
+                        .engine
+                        .peers()
+                        .find(|(n, _, _)| *n == node)
+                        .map(|(_, s, _)| s);
+                    Frame {
+                        kind: ANSWER_OK,
+                        payload: self.hello_payload(site),
+                    }
+                }
                 Err(why) => {
                     self.refuse(peer, &why);
                     refused(&why)
@@ -1070,8 +1104,11 @@ impl Node {
                         }
                     }
                     Err(e) => {
+                        // The engine counts it against the peer and cuts off a peer
+                        // that keeps sending them.
                         self.messages_refused += 1;
                         debug!("malformed message from {}: {e}", short(&node));
+                        self.engine.handle_message_bytes(node, &request.payload, now);
                         refused("malformed message")
                     }
                 }

@@ -123,7 +123,13 @@ fn run(
             let _guard = write_lock.lock().unwrap_or_else(|e| e.into_inner());
             write_chunks(vault, writes, &mut held_delta)
         };
-        let committed = vault.store.index().commit(batch).is_ok();
+        let committed = match vault.store.index().commit(batch) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!("the index refused a batch of the engine's changes: {e}");
+                false
+            }
+        };
         for (owner, delta) in held_delta {
             if owner != own {
                 let _ = vault.store.add_held_for(&owner, delta);
@@ -202,13 +208,14 @@ fn save_record(vault: &Vault, batch: &mut IndexBatch, record: &Record) {
     }
 }
 
-/// This site's sealed chunk as the mesh carries it.
-pub fn own_blob(_vault: &Vault, _id: &ChunkId, sealed: Vec<u8>) -> Vec<u8> {
-    sealed
+/// This site's sealed chunk as the mesh carries it: signed with the site key, so every
+/// holder can check it without the vault key.
+pub fn own_blob(vault: &Vault, id: &ChunkId, sealed: Vec<u8>) -> Vec<u8> {
+    cairn_protocol::blob::sign_blob(&vault.dir.site_key, id, &sealed)
 }
 
 /// Bytes a blob adds to the sealed chunk.
-pub const BLOB_EXTRA_BYTES: u64 = 0;
+pub const BLOB_EXTRA_BYTES: u64 = cairn_protocol::blob::BLOB_SIGNATURE_BYTES as u64;
 
 /// Every chunk on this node's disk, with its owner, for `Engine::load_chunk`.
 pub fn held_chunks(vault: &Vault) -> Result<Vec<ChunkRef>, StoreError> {
