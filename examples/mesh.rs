@@ -80,18 +80,22 @@ fn run() -> Result<()> {
         out.lines().next().unwrap_or_default()
     ));
 
-    wait_for(
-        Duration::from_secs(600),
-        "every chunk at 3 sites",
-        || Ok(at_r(&a1.status()?, "fileserver")),
-    )?;
+    wait_for(Duration::from_secs(600), "every chunk at 3 sites", || {
+        Ok(at_r(&a1.status()?, "fileserver"))
+    })?;
     let status = a1.status()?;
     let row = image_status(&status, "fileserver").context("image in status")?;
     let copies: Vec<String> = row["copies"]
         .as_array()
         .into_iter()
         .flatten()
-        .map(|c| format!("{} {} chunks", c["site_name"].as_str().unwrap_or("?"), c["chunks"]))
+        .map(|c| {
+            format!(
+                "{} {} chunks",
+                c["site_name"].as_str().unwrap_or("?"),
+                c["chunks"]
+            )
+        })
         .collect();
     step(&format!(
         "every chunk is at R = 3 sites: {}",
@@ -109,9 +113,15 @@ fn run() -> Result<()> {
     step("a fresh machine recovered office A's keys from its recovery key, through a partner");
 
     recovered.start(&mesh.addresses_outside(0))?;
-    wait_for(Duration::from_secs(120), "the snapshot record from the mesh", || {
-        Ok(recovered.ok(&["snapshots", "fileserver"])?.contains("fileserver"))
-    })?;
+    wait_for(
+        Duration::from_secs(120),
+        "the snapshot record from the mesh",
+        || {
+            Ok(recovered
+                .ok(&["snapshots", "fileserver"])?
+                .contains("fileserver"))
+        },
+    )?;
     step("its node joined the mesh and learnt office A's snapshots from the partners");
 
     let restored = root.join("restored.img");

@@ -51,6 +51,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once per process: the size of `node run`'s flags does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Create a new site in the data dir, with fresh site and vault keys
@@ -458,7 +460,9 @@ fn run(cli: Cli) -> Result<u8> {
             let source = if source == "-" {
                 source
             } else {
-                user_path(PathBuf::from(source)).to_string_lossy().into_owned()
+                user_path(PathBuf::from(source))
+                    .to_string_lossy()
+                    .into_owned()
             };
             let source = Source::open(&source)?;
             let vault = open()?;
@@ -558,7 +562,10 @@ fn run(cli: Cli) -> Result<u8> {
             } else {
                 outln!(
                     "{:<24} {:<10} {:<20} {:>10}",
-                    "IMAGE", "SNAPSHOT", "TIME (UTC)", "SIZE"
+                    "IMAGE",
+                    "SNAPSHOT",
+                    "TIME (UTC)",
+                    "SIZE"
                 );
                 for r in &records {
                     outln!(
@@ -587,9 +594,7 @@ fn run(cli: Cli) -> Result<u8> {
             let options = restore::RestoreOptions {
                 force,
                 fresh,
-                remote: mesh
-                    .as_ref()
-                    .map(|m| m as &dyn crate::fetch::RemoteChunks),
+                remote: mesh.as_ref().map(|m| m as &dyn crate::fetch::RemoteChunks),
                 ..restore::RestoreOptions::local(n_workers())
             };
             let summary = restore::restore(&vault, &record, &out, &options, &|done| {
@@ -762,7 +767,10 @@ fn run_trust(vault: &Vault, command: TrustCommand) -> Result<u8> {
             } else {
                 outln!(
                     "{:<24} {:<39} {:>24} {:>24}  LAST SEEN",
-                    "PARTNER", "FINGERPRINT", "THEY STORE FOR US", "WE STORE FOR THEM"
+                    "PARTNER",
+                    "FINGERPRINT",
+                    "THEY STORE FOR US",
+                    "WE STORE FOR THEM"
                 );
                 for p in &partners {
                     let ours = if p.revoked {

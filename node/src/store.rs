@@ -439,7 +439,10 @@ pub struct PackWriter<'s> {
 
 impl PackWriter<'_> {
     pub fn append(&mut self, id: &ChunkId, sealed: &[u8]) -> Result<ChunkLocation, StoreError> {
-        assert!(sealed.len() <= ENTRY_BYTES_MAX, "sealer and mesh bound chunk size");
+        assert!(
+            sealed.len() <= ENTRY_BYTES_MAX,
+            "sealer and mesh bound chunk size"
+        );
         if self
             .open
             .as_ref()

@@ -422,7 +422,10 @@ impl Engine {
     /// sites confirmed so far.
     pub fn chunk_below_r(&self, snapshot: &[u8; 32], id: &ChunkId) -> Option<Vec<SiteId>> {
         let pending = self.pending_snapshots.get(snapshot)?;
-        pending.chunks.get(id).map(|sites| sites.iter().copied().collect())
+        pending
+            .chunks
+            .get(id)
+            .map(|sites| sites.iter().copied().collect())
     }
 
     /// True while a snapshot waits for some chunk to reach R sites.

@@ -35,7 +35,10 @@ pub enum Request {
         width: u16,
     },
     /// The user's answer to a `Confirm`.
-    Answer { ticket: u64, yes: bool },
+    Answer {
+        ticket: u64,
+        yes: bool,
+    },
     Status,
 }
 

@@ -284,7 +284,9 @@ pub fn start(
             .with_context(|| format!("cannot listen on {addr}"))?;
     }
     for relay in node.relays.clone() {
-        let circuit = relay.clone().with(libp2p::core::multiaddr::Protocol::P2pCircuit);
+        let circuit = relay
+            .clone()
+            .with(libp2p::core::multiaddr::Protocol::P2pCircuit);
         if let Err(e) = node.swarm.listen_on(circuit) {
             warn!("cannot reserve a slot on relay {relay}: {e}");
         }
@@ -532,10 +534,11 @@ impl Node {
         let now = now_ms();
         if let Some(at) = self.dial_failed_ms.get(&peer) {
             // A dial under way (marked when it started), or one that failed lately.
-            return self.dialing.contains(&peer) || now >= at + DIAL_BACKOFF_MS && {
-                self.dial_failed_ms.remove(&peer);
-                self.dial_node(node)
-            };
+            return self.dialing.contains(&peer)
+                || now >= at + DIAL_BACKOFF_MS && {
+                    self.dial_failed_ms.remove(&peer);
+                    self.dial_node(node)
+                };
         }
         let mut addresses = self.addresses.get(&peer).cloned().unwrap_or_default();
         if let Some(cert) = self.node_cert(&node) {
@@ -890,8 +893,7 @@ impl Node {
         let mut records = vec![self.own_cert.clone()];
         for author in self.engine.catalog().authors() {
             for record in self.engine.catalog().by_author(author) {
-                if record.kind == RecordKind::TrustGrant && (author == own || record.key == own.0)
-                {
+                if record.kind == RecordKind::TrustGrant && (author == own || record.key == own.0) {
                     records.push(record.clone());
                 }
             }
@@ -984,10 +986,9 @@ impl Node {
         match event {
             E::Message {
                 peer,
-                message:
-                    M::Request {
-                        request, channel, ..
-                    },
+                message: M::Request {
+                    request, channel, ..
+                },
                 ..
             } => {
                 let answer = self.on_request(peer, request);
@@ -1084,10 +1085,8 @@ impl Node {
                     Ok(message) => {
                         tracing::trace!("from {}: {}", short(&node), message_name(&message));
                         let wait = if is_bulk(&message) {
-                            self.download.take(
-                                request.payload.len() as u64,
-                                std::time::Instant::now(),
-                            )
+                            self.download
+                                .take(request.payload.len() as u64, std::time::Instant::now())
                         } else {
                             Duration::ZERO
                         };
@@ -1108,7 +1107,8 @@ impl Node {
                         // that keeps sending them.
                         self.messages_refused += 1;
                         debug!("malformed message from {}: {e}", short(&node));
-                        self.engine.handle_message_bytes(node, &request.payload, now);
+                        self.engine
+                            .handle_message_bytes(node, &request.payload, now);
                         refused("malformed message")
                     }
                 }
@@ -1169,8 +1169,7 @@ impl Node {
         let now = now_ms();
         let request: AcceptRequest =
             serde_json::from_slice(payload).map_err(|_| "malformed invite completion")?;
-        let token =
-            InviteToken::from_text(&request.invite, now).map_err(|e| e.to_string())?;
+        let token = InviteToken::from_text(&request.invite, now).map_err(|e| e.to_string())?;
         let grant = Record::decode(&request.grant).map_err(|e| e.to_string())?;
         let ours = trust::complete_invite(&self.vault, &token, &grant, &request.site_name)
             .map_err(|e| e.to_string())?;
@@ -1520,11 +1519,13 @@ pub fn fetch_wrapped_keys(site: &SiteId, addresses: &[String]) -> Result<Vec<u8>
                         .cairn
                         .send_request(&peer_id, Frame::new(Kind::WrappedKeys, site.0.to_vec()));
                 }
-                SwarmEvent::Behaviour(BehaviourEvent::Cairn(request_response::Event::Message {
-                    peer,
-                    message: request_response::Message::Response { response, .. },
-                    ..
-                })) => {
+                SwarmEvent::Behaviour(BehaviourEvent::Cairn(
+                    request_response::Event::Message {
+                        peer,
+                        message: request_response::Message::Response { response, .. },
+                        ..
+                    },
+                )) => {
                     if response.kind == ANSWER_OK {
                         return Ok(response.payload);
                     }
@@ -1564,7 +1565,10 @@ pub fn fetch_wrapped_keys(site: &SiteId, addresses: &[String]) -> Result<Vec<u8>
 /// A message's variant, for traces.
 fn message_name(message: &Message) -> String {
     let text = format!("{message:?}");
-    text.split([' ', '{', '(']).next().unwrap_or_default().to_owned()
+    text.split([' ', '{', '('])
+        .next()
+        .unwrap_or_default()
+        .to_owned()
 }
 
 fn short(node: &NodeId) -> String {

@@ -280,7 +280,9 @@ mod tests {
             "/ip6/::1/udp/9/quic-v1"
         );
         assert_eq!(
-            multiaddr("/ip4/10.0.0.1/udp/1/quic-v1").unwrap().to_string(),
+            multiaddr("/ip4/10.0.0.1/udp/1/quic-v1")
+                .unwrap()
+                .to_string(),
             "/ip4/10.0.0.1/udp/1/quic-v1"
         );
         assert!(multiaddr("nonsense").is_err());

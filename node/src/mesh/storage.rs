@@ -101,19 +101,15 @@ fn run(
                     }
                     if let Ok(Some(location)) = vault.store.index().chunk(&id) {
                         batch.removed_chunks.push(id);
-                        batch
-                            .removed_catalog
-                            .push([KEY_HELD_CHUNK, &id.0].concat());
+                        batch.removed_catalog.push([KEY_HELD_CHUNK, &id.0].concat());
                         held_delta.push((owner, -i64::from(location.len_bytes)));
                     }
                 }
                 StorageOp::SaveRecord(record) => save_record(vault, &mut batch, &record),
                 StorageOp::DropRecord(key) => {
-                    batch.removed_catalog.push(records::key_of(
-                        &key.author,
-                        key.kind,
-                        &key.key,
-                    ));
+                    batch
+                        .removed_catalog
+                        .push(records::key_of(&key.author, key.kind, &key.key));
                 }
             }
         }
