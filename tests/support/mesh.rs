@@ -80,19 +80,34 @@ impl Node {
             .args(["--name", &self.name])
             .args(FAST)
             .args(&self.extra_args)
-            .env("RUST_LOG", std::env::var("CAIRN_TEST_LOG").unwrap_or_else(|_| "info,libp2p=warn".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("CAIRN_TEST_LOG").unwrap_or_else(|_| "info,libp2p=warn".into()),
+            )
             .stdout(log.try_clone()?)
             .stderr(log);
         for b in bootstrap {
             command.args(["--bootstrap", b]);
         }
         self.child = Some(command.spawn().context("start cairn node run")?);
-        wait_for(Duration::from_secs(30), &format!("{} to start", self.name), || {
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                bail!("{} exited at start ({status}): {}", self.name, self.log_tail());
-            }
-            Ok(self.run(&["status", "--json"]).status.success())
-        })
+        wait_for(
+            Duration::from_secs(30),
+            &format!("{} to start", self.name),
+            || {
+                if let Some(status) = self
+                    .child
+                    .as_mut()
+                    .and_then(|c| c.try_wait().ok().flatten())
+                {
+                    bail!(
+                        "{} exited at start ({status}): {}",
+                        self.name,
+                        self.log_tail()
+                    );
+                }
+                Ok(self.run(&["status", "--json"]).status.success())
+            },
+        )
     }
 
     /// Stops the node the way an admin does (SIGTERM) and waits for it.
@@ -183,7 +198,8 @@ impl Mesh {
                 &site_name(s),
                 "--json",
             ])?)?;
-            mesh.site_ids.push(init["site_id"].as_str().unwrap_or_default().into());
+            mesh.site_ids
+                .push(init["site_id"].as_str().unwrap_or_default().into());
             mesh.recovery_keys
                 .push(init["recovery_key"].as_str().unwrap_or_default().into());
             mesh.sites.push(vec![node]);
@@ -223,9 +239,9 @@ impl Mesh {
             }
             // Grants both ways show as peers at every first node.
             Ok(mesh.sites.iter().all(|site| {
-                site[0].status().is_ok_and(|s| {
-                    s["peers"].as_array().map_or(0, |p| p.len()) >= n_sites - 1
-                })
+                site[0]
+                    .status()
+                    .is_ok_and(|s| s["peers"].as_array().map_or(0, |p| p.len()) >= n_sites - 1)
             }))
         })?;
         step("every site is a partner of every other");
