@@ -1,7 +1,8 @@
 //! A mesh of real `cairn node run` processes on loopback, for the end-to-end tests and
 //! the runnable example: sites made with `cairn init`, partnered with invites, second
 //! nodes added with join tokens, every node a process of its own. Only 127.0.0.1 is
-//! used, mDNS is off, and every wait is bounded.
+//! used (or, when a test asks, addresses inside network namespaces it made), mDNS is
+//! off, and every wait is bounded.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -32,7 +33,12 @@ pub struct Node {
     pub site: usize,
     pub name: String,
     pub data_dir: PathBuf,
+    /// The IP it listens on: 127.0.0.1 unless a test runs it in a network namespace.
+    pub host: String,
     pub port: u16,
+    /// The network namespace `cairn node run` runs in (`ip netns exec`); the other
+    /// commands reach the node through its control socket, a file, from anywhere.
+    pub netns: Option<String>,
     pub log: PathBuf,
     pub extra_args: Vec<String>,
     child: Option<Child>,
@@ -40,7 +46,7 @@ pub struct Node {
 
 impl Node {
     pub fn address(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        format!("{}:{}", self.host, self.port)
     }
 
     pub fn command(&self, args: &[&str]) -> Command {
@@ -74,7 +80,20 @@ impl Node {
     pub fn start(&mut self, bootstrap: &[String]) -> Result<()> {
         assert!(self.child.is_none(), "{} runs already", self.name);
         let log = std::fs::File::create(&self.log)?;
-        let mut command = self.command(&["node", "run", "--no-mdns", "--listen"]);
+        let mut command = match &self.netns {
+            None => Command::new(cairn_bin()),
+            Some(netns) => {
+                // `ip netns exec` execs the binary: the child's pid is the node's.
+                let mut command = Command::new("ip");
+                command.args(["netns", "exec", netns]).arg(cairn_bin());
+                command
+            }
+        };
+        command
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .args(["node", "run", "--no-mdns", "--listen"])
+            .stdin(Stdio::null());
         command
             .arg(self.address())
             .args(["--name", &self.name])
@@ -149,6 +168,61 @@ impl Node {
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(30)..].join("\n")
     }
+
+    /// The node's whole log so far (this run's: `start` truncates it).
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The node id, as `cairn status --json` prints it.
+    pub fn node_id(&self) -> Result<String> {
+        let status = self.status()?;
+        Ok(status["node_id"]
+            .as_str()
+            .context("status has node_id")?
+            .to_owned())
+    }
+
+    /// Damages every chunk in this node's pack files: one byte flipped in the middle of
+    /// each entry's sealed bytes, so the packs still parse but no copy matches its
+    /// signature. The node must be stopped. Returns how many entries were damaged.
+    pub fn corrupt_packs(&self) -> Result<usize> {
+        assert!(self.child.is_none(), "{} must be stopped", self.name);
+        let dir = self.data_dir.join("store/packs");
+        let mut n_damaged = 0;
+        for entry in std::fs::read_dir(&dir).with_context(|| format!("{}", dir.display()))? {
+            let path = entry?.path();
+            if path.extension().is_some_and(|e| e == "pack") {
+                n_damaged += corrupt_pack(&path)?;
+            }
+        }
+        Ok(n_damaged)
+    }
+}
+
+/// Pack format 1 (node/src/store.rs): a 16-byte header, then entries of
+/// `u32 magic | [32] id | u32 sealed_len | sealed | [16] checksum`, little-endian.
+fn corrupt_pack(path: &Path) -> Result<usize> {
+    const HEADER_BYTES: usize = 16;
+    const HEAD_BYTES: usize = 4 + 32 + 4;
+    const CHECKSUM_BYTES: usize = 16;
+    let mut bytes = std::fs::read(path)?;
+    let mut at = HEADER_BYTES;
+    let mut n_damaged = 0;
+    while at + HEAD_BYTES <= bytes.len() {
+        let len_at = at + 4 + 32;
+        let sealed_len =
+            u32::from_le_bytes(bytes[len_at..len_at + 4].try_into().expect("4 bytes")) as usize;
+        let end = at + HEAD_BYTES + sealed_len + CHECKSUM_BYTES;
+        if sealed_len == 0 || end > bytes.len() {
+            break;
+        }
+        bytes[at + HEAD_BYTES + sealed_len / 2] ^= 0x5a;
+        n_damaged += 1;
+        at = end;
+    }
+    std::fs::write(path, &bytes)?;
+    Ok(n_damaged)
 }
 
 impl Drop for Node {
@@ -184,6 +258,18 @@ impl Mesh {
         nodes_per_site: usize,
         step: &mut dyn FnMut(&str),
     ) -> Result<Mesh> {
+        Mesh::build_with(root, n_sites, nodes_per_site, &mut |_| {}, step)
+    }
+
+    /// As `build`, with `configure` called on every node before it first starts (to set
+    /// `extra_args`, `host`, `netns`).
+    pub fn build_with(
+        root: &Path,
+        n_sites: usize,
+        nodes_per_site: usize,
+        configure: &mut dyn FnMut(&mut Node),
+        step: &mut dyn FnMut(&str),
+    ) -> Result<Mesh> {
         let mut mesh = Mesh {
             root: root.to_owned(),
             sites: Vec::new(),
@@ -191,7 +277,8 @@ impl Mesh {
             recovery_keys: Vec::new(),
         };
         for s in 0..n_sites {
-            let node = mesh.new_node(s, 0);
+            let mut node = mesh.new_node(s, 0);
+            configure(&mut node);
             let init: serde_json::Value = serde_json::from_str(&node.ok(&[
                 "init",
                 "--site-name",
@@ -248,6 +335,7 @@ impl Mesh {
         for s in 0..n_sites {
             for n in 1..nodes_per_site {
                 let mut node = mesh.new_node(s, n);
+                configure(&mut node);
                 let node_id = node.ok(&["join"])?;
                 let node_id = node_id
                     .split_whitespace()
@@ -288,10 +376,43 @@ impl Mesh {
             data_dir: self.root.join(&name),
             log: self.root.join(format!("{name}.log")),
             name,
+            host: "127.0.0.1".into(),
             port: free_port(),
+            netns: None,
             extra_args: Vec::new(),
             child: None,
         }
+    }
+
+    /// A node of a site of its own, made with `cairn init` under `root` and partnered
+    /// with no one: it may know every address of the mesh and still be nobody to it.
+    pub fn stranger(&self, name: &str, site_name: &str) -> Result<Node> {
+        let node = Node {
+            site: usize::MAX,
+            name: name.into(),
+            data_dir: self.root.join(name),
+            host: "127.0.0.1".into(),
+            port: free_port(),
+            netns: None,
+            log: self.root.join(format!("{name}.log")),
+            extra_args: Vec::new(),
+            child: None,
+        };
+        node.ok(&["init", "--site-name", site_name])?;
+        Ok(node)
+    }
+
+    /// Every node, site by site.
+    pub fn nodes(&self) -> impl Iterator<Item = &Node> {
+        self.sites.iter().flatten()
+    }
+
+    /// The last lines of every node's log, for a failure message.
+    pub fn log_tails(&self) -> String {
+        self.nodes()
+            .map(|n| format!("--- {} ({})\n{}", n.name, n.log.display(), n.log_tail()))
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 
     /// Every node's address but those of `site`.
@@ -359,6 +480,39 @@ pub fn image_status(status: &serde_json::Value, image: &str) -> Option<serde_jso
         .iter()
         .find(|i| i["image"] == image)
         .cloned()
+}
+
+/// Chunks of `site_id` that a node's status says it stores for that partner site.
+pub fn held_for(status: &serde_json::Value, site_id: &str) -> u64 {
+    status["held_for_partners"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| p["site_id"] == site_id)
+        .map(|p| p["chunks"].as_u64().unwrap_or(0))
+        .sum()
+}
+
+/// Chunks of an image that a node's status counts at `site_id` (0 when not listed).
+pub fn copies_at(status: &serde_json::Value, image: &str, site_id: &str) -> u64 {
+    image_status(status, image)
+        .and_then(|i| {
+            i["copies"]
+                .as_array()?
+                .iter()
+                .find(|c| c["site_id"] == site_id)
+                .map(|c| c["chunks"].as_u64().unwrap_or(0))
+        })
+        .unwrap_or(0)
+}
+
+/// The state ("live", "suspect", "dead") a node's status gives a peer, if it lists it.
+pub fn peer_state(status: &serde_json::Value, node_id: &str) -> Option<String> {
+    status["peers"]
+        .as_array()?
+        .iter()
+        .find(|p| p["node_id"] == node_id)
+        .and_then(|p| p["state"].as_str().map(str::to_owned))
 }
 
 /// True once every chunk of the image's latest snapshot is at R sites.
