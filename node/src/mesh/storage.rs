@@ -147,26 +147,34 @@ fn write_chunks(
     writes: Vec<(u64, SiteId, ChunkId, Vec<u8>)>,
     held_delta: &mut Vec<(SiteId, i64)>,
 ) -> Vec<(u64, bool)> {
-    let mut writer = vault.store.writer();
-    let mut owners = IndexBatch::default();
     let mut results = Vec::new();
+    let (writes, too_big): (Vec<_>, Vec<_>) = writes
+        .into_iter()
+        .partition(|(_, _, _, blob)| blob.len() <= ENTRY_BYTES_MAX);
+    results.extend(too_big.into_iter().map(|(op, ..)| (op, false)));
+    // Owners first: an owner entry without its chunk is harmless, but a chunk indexed
+    // without its owner (a crash between two commits, or an entry re-indexed when the
+    // pack is reopened) would be taken for this site's own.
+    let owners = IndexBatch {
+        catalog: writes
+            .iter()
+            .map(|(_, owner, id, _)| ([KEY_HELD_CHUNK, &id.0].concat(), owner.0.to_vec()))
+            .collect(),
+        ..IndexBatch::default()
+    };
+    if vault.store.index().commit(owners).is_err() {
+        results.extend(writes.into_iter().map(|(op, ..)| (op, false)));
+        return results;
+    }
+    let mut writer = vault.store.writer();
     let mut appended = Vec::new();
     for (op, owner, id, blob) in writes {
-        if blob.len() > ENTRY_BYTES_MAX {
-            results.push((op, false));
-            continue;
-        }
         match writer.append(&id, &blob) {
-            Ok(_) => {
-                owners
-                    .catalog
-                    .push(([KEY_HELD_CHUNK, &id.0].concat(), owner.0.to_vec()));
-                appended.push((op, owner, blob.len() as i64));
-            }
+            Ok(_) => appended.push((op, owner, blob.len() as i64)),
             Err(_) => results.push((op, false)),
         }
     }
-    let ok = writer.commit().is_ok() && vault.store.index().commit(owners).is_ok();
+    let ok = writer.commit().is_ok();
     for (op, owner, len) in appended {
         if ok {
             held_delta.push((owner, len));
