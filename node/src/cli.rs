@@ -615,7 +615,7 @@ fn run(cli: Cli) -> Result<u8> {
                     summary.seconds,
                     units::rate(summary.size_bytes, summary.seconds)
                 );
-                println!(
+                outln!(
                     "  {} resumed from an interrupted restore, {} read here, {} fetched from other nodes",
                     units::bytes(summary.resumed_bytes),
                     units::bytes(summary.local_bytes),
