@@ -298,6 +298,8 @@ pub struct Engine {
     excess: std::collections::BTreeSet<ChunkId>,
     pending_snapshots: BTreeMap<[u8; 32], PendingSnapshot>,
     fetches: BTreeMap<ChunkId, fetch::Fetch>,
+    /// Fetches waiting on each peer.
+    fetch_load: BTreeMap<NodeId, u32>,
     next_gossip_ms: u64,
     next_sync_ms: u64,
     /// When extra copies and unconfirmed snapshot chunks are next re-offered or trimmed
@@ -359,6 +361,7 @@ impl Engine {
             pulls: pull::Pulls::default(),
             pending_snapshots: BTreeMap::new(),
             fetches: BTreeMap::new(),
+            fetch_load: BTreeMap::new(),
             next_gossip_ms,
             next_sync_ms,
             next_tidy_ms: now_ms,

@@ -1,6 +1,11 @@
-//! Restores: fetching a chunk from the mesh. The local copy first; otherwise the chunk's
-//! placement targets, then every other node that may hold the owner's chunks, one at a
-//! time with a timeout each. The engine checks the owner's signature on every blob it gets
+//! Restores: fetching a chunk from the mesh. The local copy first; otherwise one holder at
+//! a time, with a timeout each, chosen when it is asked (`next_candidate`): peers that
+//! have answered this node before, then peers merely believed alive, then suspected ones;
+//! within a class the chunk's placement targets before other nodes of the owner's
+//! partners; among those, the one expected to answer first given the fetches already
+//! waiting on it and how fast it answered before. So a restore draws on every holder at
+//! once, the fastest most, and a burnt office's nodes (not yet declared dead) are asked
+//! only when nobody else has the chunk. The engine checks the owner's signature on every blob it gets
 //! (a bad one is a strike, and the next holder is asked); the caller opens the sealed
 //! bytes (only it has the vault key) and asks again, excluding a node whose bytes do not
 //! open.
@@ -16,12 +21,16 @@ pub const FETCHES_MAX: usize = 4096;
 /// Chunk reads waiting for the disk (pushes, fetches, and chunks served to peers).
 pub const READS_MAX: usize = 8192;
 
+/// A fetch's guess of a holder's answer time before it has answered one.
+const FETCH_MS_UNKNOWN: u64 = 1;
+
 #[derive(Clone, Debug)]
 pub(super) struct Fetch {
     pub owner: SiteId,
-    pub candidates: Vec<NodeId>,
-    pub next: usize,
+    /// Nodes not asked yet, and whether each is one of the chunk's placement targets.
+    pub candidates: Vec<(NodeId, bool)>,
     pub asked: Option<NodeId>,
+    pub asked_at_ms: u64,
     pub deadline_ms: u64,
 }
 
@@ -47,22 +56,24 @@ impl Engine {
         }
         self.place_owner(owner);
         let local = self.held.contains_key(&id) && !exclude.contains(&self.node);
-        let mut candidates = self
+        let targets = self
             .placement
             .targets(&owner, &id, self.config.replication_factor);
+        let mut candidates: Vec<(NodeId, bool)> = targets.iter().map(|n| (*n, true)).collect();
         for node in self.placement.storer_nodes(&owner) {
-            if !candidates.contains(&node) {
-                candidates.push(node);
+            if !targets.contains(&node) {
+                candidates.push((node, false));
             }
         }
-        candidates.retain(|n| *n != self.node && !exclude.contains(n));
+        candidates.retain(|(n, _)| *n != self.node && !exclude.contains(n));
+        self.unask(&id); // a fetch asked again (the caller excludes a node) starts over
         self.fetches.insert(
             id,
             Fetch {
                 owner,
                 candidates,
-                next: 0,
                 asked: None,
+                asked_at_ms: now_ms,
                 deadline_ms: now_ms,
             },
         );
@@ -83,28 +94,77 @@ impl Engine {
 
     /// Asks the next candidate, or gives up.
     pub(super) fn fetch_remote(&mut self, owner: SiteId, id: ChunkId, now_ms: u64) {
-        let timeout_ms = self.config.request_timeout_ms;
-        loop {
-            let Some(fetch) = self.fetches.get_mut(&id) else {
-                return;
-            };
-            let Some(node) = fetch.candidates.get(fetch.next).copied() else {
-                self.fetches.remove(&id);
+        self.unask(&id);
+        let Some(node) = self.next_candidate(&id, now_ms) else {
+            if self.fetches.remove(&id).is_some() {
                 self.push_event(Event::FetchFailed { owner, id });
-                return;
-            };
-            fetch.next += 1;
-            if self
-                .peers
-                .get(&node)
-                .is_none_or(|p| p.state == PeerState::Dead || p.is_cut_off(now_ms))
-            {
-                continue;
             }
-            fetch.asked = Some(node);
-            fetch.deadline_ms = now_ms + timeout_ms;
-            self.send(node, Message::Fetch { owner, id });
             return;
+        };
+        let fetch = self.fetches.get_mut(&id).expect("a candidate was found");
+        fetch.asked = Some(node);
+        fetch.asked_at_ms = now_ms;
+        fetch.deadline_ms = now_ms + self.config.request_timeout_ms;
+        *self.fetch_load.entry(node).or_insert(0) += 1;
+        self.send(node, Message::Fetch { owner, id });
+    }
+
+    /// Takes the best candidate not asked yet out of the fetch (see the module text);
+    /// dead and cut-off peers are dropped.
+    fn next_candidate(&mut self, id: &ChunkId, now_ms: u64) -> Option<NodeId> {
+        let fetch = self.fetches.get_mut(id)?;
+        let peers = &self.peers;
+        fetch.candidates.retain(|(node, _)| {
+            peers
+                .get(node)
+                .is_some_and(|p| p.state != PeerState::Dead && !p.is_cut_off(now_ms))
+        });
+        let load = &self.fetch_load;
+        let (best, _) = fetch
+            .candidates
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, (node, target))| {
+                let peer = &peers[node];
+                let class = match peer.state {
+                    PeerState::Live if peer.answered_at_ms > 0 => 0,
+                    PeerState::Live => 1,
+                    _ => 2,
+                };
+                let waiting = u64::from(load.get(node).copied().unwrap_or(0));
+                let answer_ms = peer.fetch_ms.max(FETCH_MS_UNKNOWN);
+                (
+                    class,
+                    !target,
+                    (waiting + 1).saturating_mul(answer_ms),
+                    *node,
+                )
+            })?;
+        Some(fetch.candidates.swap_remove(best).0)
+    }
+
+    /// Forgets whom a fetch asked (answered, timed out or given up).
+    fn unask(&mut self, id: &ChunkId) {
+        let Some(node) = self.fetches.get_mut(id).and_then(|f| f.asked.take()) else {
+            return;
+        };
+        if let Some(load) = self.fetch_load.get_mut(&node) {
+            *load -= 1;
+            if *load == 0 {
+                self.fetch_load.remove(&node);
+            }
+        }
+    }
+
+    /// Folds one answer time (or a timeout) into the peer's estimate, 1/8 at a time.
+    fn time_fetch(&mut self, node: NodeId, took_ms: u64) {
+        if let Some(peer) = self.peers.get_mut(&node) {
+            let took_ms = took_ms.max(FETCH_MS_UNKNOWN);
+            peer.fetch_ms = if peer.fetch_ms == 0 {
+                took_ms
+            } else {
+                (peer.fetch_ms * 7 + took_ms) / 8
+            };
         }
     }
 
@@ -141,12 +201,15 @@ impl Engine {
         if fetch.asked != Some(from) || fetch.owner != owner {
             return; // a late answer from a node already given up on
         }
+        let took_ms = now_ms.saturating_sub(fetch.asked_at_ms);
         let Some(blob) = sealed else {
             return self.fetch_remote(owner, id, now_ms);
         };
         match self.blobs.verify(&owner, &id, &blob) {
             Some(sealed) => {
                 let sealed = sealed.to_vec();
+                self.time_fetch(from, took_ms);
+                self.unask(&id);
                 self.fetches.remove(&id);
                 self.push_event(Event::Fetched {
                     owner,
@@ -168,13 +231,15 @@ impl Engine {
     }
 
     pub(super) fn expire_fetches(&mut self, now_ms: u64) {
-        let expired: Vec<(ChunkId, SiteId)> = self
+        let expired: Vec<(ChunkId, SiteId, NodeId)> = self
             .fetches
             .iter()
-            .filter(|(_, f)| f.deadline_ms <= now_ms && f.asked.is_some())
-            .map(|(id, f)| (*id, f.owner))
+            .filter(|(_, f)| f.deadline_ms <= now_ms)
+            .filter_map(|(id, f)| Some((*id, f.owner, f.asked?)))
             .collect();
-        for (id, owner) in expired {
+        for (id, owner, asked) in expired {
+            // A holder that let the request time out is expected to be that slow again.
+            self.time_fetch(asked, self.config.request_timeout_ms);
             self.fetch_remote(owner, id, now_ms);
         }
     }

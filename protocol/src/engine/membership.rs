@@ -41,6 +41,8 @@ pub(super) struct Peer {
     /// When the peer last answered something this node sent (a gossip reply, an
     /// acknowledgement, a fetch or audit reply...): proof that the link works both ways.
     pub answered_at_ms: u64,
+    /// How long the peer takes to answer a fetch, smoothed (0: it has not answered one).
+    pub fetch_ms: u64,
 }
 
 impl Peer {
@@ -81,6 +83,7 @@ impl Engine {
                 excluded_until_ms: 0,
                 audits_answering: 0,
                 answered_at_ms: 0,
+                fetch_ms: 0,
             });
             peer.site = site;
             peer.capacity_bytes = capacity_bytes;

@@ -441,7 +441,10 @@ fn a_chunk_held_for_one_owner_is_not_acknowledged_to_another() {
     };
     let message = push(first, &net.sites[0].key.clone());
     let answers = net.send(0, 1, message);
-    assert!(matches!(answers[..], [Message::PushAck { stored: true, .. }]));
+    assert!(matches!(
+        answers[..],
+        [Message::PushAck { stored: true, .. }]
+    ));
     // The same id pushed for another owner: held, but not for that owner.
     let message = push(second, &net.sites[2].key.clone());
     let answers = net.send(2, 1, message);
@@ -454,6 +457,67 @@ fn a_chunk_held_for_one_owner_is_not_acknowledged_to_another() {
         }]
     );
     assert_eq!(net.nodes[1].disk.len(), 1, "the first owner's copy is kept");
+}
+
+/// A fresh machine restoring (node 0 excluding itself): a peer believed alive that has
+/// never answered (a burnt office's node, not yet declared dead; here one that answers
+/// nothing) is not asked while a holder that answers has the chunk, and the fetches are
+/// spread over the holders that answer.
+#[test]
+fn a_restore_asks_holders_that_answer_and_spreads_over_them() {
+    let mut config = test_config();
+    config.replication_factor = 3;
+    let mut net = Net::new(4, config);
+    net.hostile.insert(3, Hostile::Mute);
+    let chunks = net.backup(0, 24, 8);
+    net.run_for(60_000);
+    let now_ms = net.now_ms;
+    for chunk in &chunks {
+        net.nodes[0]
+            .engine
+            .handle_fetch(chunk.owner, chunk.id, &[node_id(0)], now_ms)
+            .expect("room for fetches");
+    }
+    net.pump(0);
+    let asked: Vec<(usize, ChunkId)> = net
+        .queue
+        .iter()
+        .filter_map(|(from, to, m)| match m {
+            Message::Fetch { id, .. } if *from == 0 => Some((*to, *id)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(asked.len(), chunks.len(), "one ask per chunk at first");
+    let mute_targets = chunks
+        .iter()
+        .filter(|c| {
+            net.nodes[0]
+                .engine
+                .target_sites(&c.owner, &c.id)
+                .contains(&net.sites[3].id)
+        })
+        .count();
+    assert!(
+        mute_targets > 0,
+        "the silent node is a target of some chunks"
+    );
+    for (to, id) in &asked {
+        assert_ne!(*to, 3, "{id:?} asked of the node that never answered");
+        assert!(
+            net.nodes[*to].disk.contains_key(id),
+            "{id:?} asked of a non-holder"
+        );
+    }
+    let per_node = |n| asked.iter().filter(|(to, _)| *to == n).count();
+    assert!(
+        per_node(1) >= chunks.len() / 3 && per_node(2) >= chunks.len() / 3,
+        "spread over both holders: {} and {}",
+        per_node(1),
+        per_node(2)
+    );
+    net.deliver_all();
+    let fetched = count(net.events(0), |e| matches!(e, Event::Fetched { .. }));
+    assert_eq!(fetched, chunks.len());
 }
 
 #[test]
