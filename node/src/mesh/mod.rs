@@ -23,7 +23,7 @@ use anyhow::{Context, Result};
 use cairn_protocol::engine::{ChunkRef, Engine, EngineConfig, Event, Message, PeerState};
 use cairn_protocol::identity::{NodeId, SiteId};
 use cairn_protocol::ids::ChunkId;
-use cairn_protocol::record::{NodeCert, Record, RecordKind};
+use cairn_protocol::record::{NodeCert, Record, RecordKind, TrustGrant};
 use cairn_protocol::token::InviteToken;
 use cairn_protocol::SnapshotRecord;
 use futures::StreamExt;
@@ -46,6 +46,10 @@ use storage::{Done, Storage};
 const OUTBOX_MESSAGES_MAX: usize = 4096;
 /// How long a peer refused at hello is kept from connecting again.
 const REFUSED_BLOCK: Duration = Duration::from_secs(60);
+/// How long a refused peer's connection is kept for its refusal answer to go out.
+const REFUSAL_SEND_MAX: Duration = Duration::from_secs(5);
+/// Refusal answers on their way at once; past it, refused peers are cut off unanswered.
+const REFUSING_MAX: usize = 1024;
 /// How often bootstrap addresses and unfinished invites are retried.
 const RETRY_INTERVAL: Duration = Duration::from_secs(5);
 /// A peer whose dial failed is not dialed again for this long.
@@ -225,6 +229,8 @@ struct Node {
     bootstrap_peers: HashMap<Multiaddr, PeerId>,
     relays: Vec<Multiaddr>,
     blocked_until: Vec<(PeerId, tokio::time::Instant)>,
+    /// Peers refused at hello whose refusal answer is on its way (`refuse_after_answer`).
+    refusing: Vec<(PeerId, tokio::time::Instant)>,
     listen: Vec<Multiaddr>,
     messages_refused: u64,
     peers_refused: u64,
@@ -340,6 +346,7 @@ impl Node {
             accepts: HashMap::new(),
             fetches: HashMap::new(),
             blocked_until: Vec::new(),
+            refusing: Vec::new(),
             listen: Vec::new(),
             messages_refused: 0,
             peers_refused: 0,
@@ -588,6 +595,15 @@ impl Node {
         for peer in unblock {
             self.swarm.behaviour_mut().blocked.unblock_peer(peer);
         }
+        let overdue: Vec<PeerId> = self
+            .refusing
+            .iter()
+            .filter(|(_, until)| *until <= now)
+            .map(|(p, _)| *p)
+            .collect();
+        for peer in overdue {
+            self.refusal_sent(peer);
+        }
         // Bootstrap addresses are dialed whenever nothing is connected through them.
         for addr in self.bootstrap.clone() {
             let up = self
@@ -650,18 +666,9 @@ impl Node {
                 // Gossip would carry the record in a few rounds; it goes to every
                 // connected peer now, so it is at other sites well before its chunks
                 // are, and an office lost right after the acknowledgement loses nothing.
-                let ready: Vec<PeerId> = self
-                    .links
-                    .iter()
-                    .filter(|(_, l)| l.ready)
-                    .map(|(p, _)| *p)
-                    .collect();
-                let message = Message::Records {
+                self.send_to_peers(&Message::Records {
                     records: vec![record.clone()],
-                };
-                for peer in ready {
-                    self.send_mesh(peer, &message);
-                }
+                });
                 if let Err(e) = self.engine.handle_new_snapshot(record, &chunks, now) {
                     warn!("the engine refused a new snapshot: {e}");
                 }
@@ -681,8 +688,55 @@ impl Node {
         }
     }
 
+    /// Sends a message to every peer that said hello.
+    fn send_to_peers(&mut self, message: &Message) {
+        let ready: Vec<PeerId> = self
+            .links
+            .iter()
+            .filter(|(_, l)| l.ready)
+            .map(|(p, _)| *p)
+            .collect();
+        for peer in ready {
+            self.send_mesh(peer, message);
+        }
+    }
+
     fn local_records(&mut self, records: Vec<Record>) {
         let now = now_ms();
+        // New wrapped keys (a changed recovery key) go to every peer at once, as at hello.
+        let wrapped: Vec<Record> = records
+            .iter()
+            .filter(|r| r.kind == RecordKind::WrappedKeys)
+            .cloned()
+            .collect();
+        if !wrapped.is_empty() {
+            self.send_to_peers(&Message::Records { records: wrapped });
+        }
+        // A revocation goes to the revoked site's nodes before the engine stops talking
+        // to them, so they learn it now and hand back what they hold, even where no third
+        // partner relays it.
+        let own = self.vault.dir.site_id();
+        for record in &records {
+            let revoked = (record.kind == RecordKind::TrustGrant && record.author == own)
+                .then(|| TrustGrant::decode(&record.body).ok())
+                .flatten()
+                .filter(|g| g.revoked);
+            let Some(grant) = revoked else { continue };
+            let nodes: Vec<NodeId> = self
+                .engine
+                .peers()
+                .filter(|(_, site, _)| *site == grant.grantee)
+                .map(|(node, _, _)| node)
+                .collect();
+            let message = Message::Records {
+                records: vec![record.clone()],
+            };
+            for node in nodes {
+                if let Some(peer) = self.peer_of_node.get(&node).copied() {
+                    self.send_mesh(peer, &message);
+                }
+            }
+        }
         for record in records {
             if let Err(e) = self.engine.handle_local_record(record, now) {
                 warn!("a record of this site was refused: {e}");
@@ -893,7 +947,12 @@ impl Node {
         let mut records = vec![self.own_cert.clone()];
         for author in self.engine.catalog().authors() {
             for record in self.engine.catalog().by_author(author) {
-                if record.kind == RecordKind::TrustGrant && (author == own || record.key == own.0) {
+                // The grants between the two sites, and this site's wrapped keys: a peer
+                // holds them from the first contact, so an office lost before gossip ran
+                // can still be recovered through any partner.
+                let grant = record.kind == RecordKind::TrustGrant
+                    && (author == own || record.key == own.0);
+                if grant || (record.kind == RecordKind::WrappedKeys && author == own) {
                     records.push(record.clone());
                 }
             }
@@ -972,9 +1031,38 @@ impl Node {
         }
     }
 
+    /// Refuses a peer whose hello this node asked for: there is no answer to send it, so
+    /// it is cut off at once.
     fn refuse(&mut self, peer: PeerId, why: &str) {
         warn!("refused {peer}: {why}");
         self.peers_refused += 1;
+        self.block(peer);
+    }
+
+    /// Refuses a peer whose hello this node is answering: it is cut off once the refusal
+    /// (which says why) is sent, or after `REFUSAL_SEND_MAX` if it never is.
+    fn refuse_after_answer(&mut self, peer: PeerId, why: &str) {
+        warn!("refused {peer}: {why}");
+        self.peers_refused += 1;
+        if self.refusing.len() >= REFUSING_MAX {
+            self.block(peer);
+        } else if !self.refusing.iter().any(|(p, _)| *p == peer) {
+            self.refusing
+                .push((peer, tokio::time::Instant::now() + REFUSAL_SEND_MAX));
+        }
+    }
+
+    /// A refusal answer went out (or failed to): the peer is cut off now.
+    fn refusal_sent(&mut self, peer: PeerId) {
+        let before = self.refusing.len();
+        self.refusing.retain(|(p, _)| *p != peer);
+        if self.refusing.len() < before {
+            self.block(peer);
+        }
+    }
+
+    /// Drops a refused peer's connections and keeps it out for `REFUSED_BLOCK`.
+    fn block(&mut self, peer: PeerId) {
         self.swarm.behaviour_mut().blocked.block_peer(peer);
         self.blocked_until
             .push((peer, tokio::time::Instant::now() + REFUSED_BLOCK));
@@ -992,19 +1080,16 @@ impl Node {
                 ..
             } => {
                 let answer = self.on_request(peer, request);
-                let refused = answer.kind == ANSWER_REFUSED;
                 let _ = self
                     .swarm
                     .behaviour_mut()
                     .cairn
                     .send_response(channel, answer);
-                if refused {
-                    // After the answer is queued, so the peer learns why.
-                    let swarm_peer = peer;
-                    if !self.links.get(&swarm_peer).is_some_and(|l| l.ready) {
-                        self.peers_refused += 1;
-                    }
-                }
+            }
+            E::ResponseSent { peer, .. } => self.refusal_sent(peer),
+            E::InboundFailure { peer, error, .. } => {
+                debug!("answer to {peer} failed: {error}");
+                self.refusal_sent(peer);
             }
             E::Message {
                 peer,
@@ -1039,7 +1124,6 @@ impl Node {
                 self.accepts.remove(&request_id);
                 debug!("request to {peer} failed: {error}");
             }
-            other => debug!("{other:?}"),
         }
     }
 
@@ -1063,7 +1147,7 @@ impl Node {
                     }
                 }
                 Err(why) => {
-                    self.refuse(peer, &why);
+                    self.refuse_after_answer(peer, &why);
                     refused(&why)
                 }
             },
