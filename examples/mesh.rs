@@ -5,17 +5,25 @@
 //! partners, restores the image from the mesh and compares it byte for byte.
 //!
 //!   cargo run --release --example mesh [-- SIZE_MIB]     (default 64 MiB)
+//!
+//! With `CAIRN_EXAMPLE_BENCH=1` it also measures, before office A burns, a local restore
+//! on a1 (every chunk in its own pack store) against a restore on a fresh machine of
+//! office A that fetches from all three sites, and prints the bytes each site sent.
 
+use std::collections::BTreeMap;
+use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use cairn::mesh::{at_r, image_status, wait_for, Mesh};
+use cairn::mesh::{at_r, image_status, site_name, wait_for, Mesh, Node};
 use cairn::{assert_same_file, random_bytes, text_bytes, write};
 
 /// Set in the nodes this example starts: they are this same executable running the
 /// `cairn` CLI, so `cargo run --example mesh` needs no other binary built first.
 const AS_CLI: &str = "CAIRN_EXAMPLE_AS_CLI";
+/// Local and mesh restores the benchmark alternates.
+const BENCH_ROUNDS: usize = 3;
 
 fn main() -> ExitCode {
     if std::env::var_os(AS_CLI).is_some() {
@@ -102,6 +110,10 @@ fn run() -> Result<()> {
         copies.join(", ")
     ));
 
+    if std::env::var_os("CAIRN_EXAMPLE_BENCH").is_some() {
+        bench_three_sites(&mesh, &image, &mut step)?;
+    }
+
     for node in &mut mesh.sites[0] {
         node.kill();
         std::fs::remove_dir_all(&node.data_dir)?;
@@ -134,4 +146,111 @@ fn run() -> Result<()> {
     step("the restored image matches the original byte for byte");
     println!("\nall done in {:.1}s", started.elapsed().as_secs_f64());
     Ok(())
+}
+
+/// The restore benchmark: a local restore on a1, then a fresh machine of office A (its
+/// nodes still running) that restores from the mesh, drawing on all three sites.
+fn bench_three_sites(mesh: &Mesh, image: &Path, step: &mut dyn FnMut(&str)) -> Result<()> {
+    let root = image
+        .parent()
+        .context("the image is in the example's dir")?;
+    let timed_restore = |node: &Node, out: &Path| -> Result<(f64, serde_json::Value)> {
+        let started = Instant::now();
+        let json = node.ok(&["restore", "fileserver", utf8(out)?, "--json"])?;
+        let secs = started.elapsed().as_secs_f64();
+        assert_same_file(image, out);
+        std::fs::remove_file(out)?;
+        Ok((secs, serde_json::from_str(&json)?))
+    };
+    let mib = |bytes: &serde_json::Value| bytes.as_u64().unwrap_or(0) as f64 / f64::from(1 << 20);
+
+    let a1 = &mesh.sites[0][0];
+    let mut fresh = mesh.recover(0, &root.join("a-bench-machine"))?;
+    fresh.name = "a-bench".into();
+    fresh.log = root.join("a-bench.log");
+    let everyone: Vec<String> = mesh.nodes().map(Node::address).collect();
+    fresh.start(&everyone)?;
+    wait_for(
+        Duration::from_secs(120),
+        "the bench machine to learn the snapshot",
+        || {
+            Ok(fresh
+                .ok(&["snapshots", "fileserver"])?
+                .contains("fileserver"))
+        },
+    )?;
+    // Every node must have said hello before the clock starts.
+    wait_for(
+        Duration::from_secs(60),
+        "the bench machine to see every node",
+        || {
+            let status = fresh.status()?;
+            let live = status["peers"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|p| p["state"] == "live" && p["last_seen_unix_ms"].is_u64())
+                .count();
+            Ok(live >= mesh.nodes().count())
+        },
+    )?;
+    step("bench: a fresh machine of office A runs beside a1, connected to every node");
+
+    // Local and mesh restores alternate, so both see the same background load.
+    let mut ratios = Vec::new();
+    for round in 1..=BENCH_ROUNDS {
+        let (local_secs, local) = timed_restore(a1, &root.join("bench-local.img"))?;
+        step(&format!(
+            "bench {round}: local restore on a1 in {local_secs:.2}s, {:.1} MiB/s ({:.0} MiB from its own store, {:.0} MiB remote)",
+            mib(&local["data_bytes"]) / local_secs,
+            mib(&local["local_bytes"]),
+            mib(&local["remote_bytes"]),
+        ));
+        let before = received_by_site(mesh, &fresh.status()?);
+        let (mesh_secs, remote) = timed_restore(&fresh, &root.join("bench-mesh.img"))?;
+        let after = received_by_site(mesh, &fresh.status()?);
+        let from: Vec<String> = after
+            .iter()
+            .map(|(site, bytes)| {
+                let sent = bytes - before.get(site).copied().unwrap_or(0);
+                format!("{site} {:.0} MiB", sent as f64 / f64::from(1 << 20))
+            })
+            .collect();
+        ratios.push(local_secs / mesh_secs);
+        step(&format!(
+            "bench {round}: fresh machine restored in {mesh_secs:.2}s, {:.1} MiB/s ({:.0} MiB fetched, {:.0} MiB local; wire bytes from {}): {:.0}% of the local rate",
+            mib(&remote["data_bytes"]) / mesh_secs,
+            mib(&remote["remote_bytes"]),
+            mib(&remote["local_bytes"]),
+            from.join(", "),
+            100.0 * local_secs / mesh_secs,
+        ));
+    }
+    ratios.sort_by(f64::total_cmp);
+    step(&format!(
+        "bench: mesh restore at {:.0}% of the local rate (median of {BENCH_ROUNDS}; range {:.0}% to {:.0}%)",
+        100.0 * ratios[ratios.len() / 2],
+        100.0 * ratios[0],
+        100.0 * ratios[ratios.len() - 1],
+    ));
+    fresh.kill();
+    Ok(())
+}
+
+/// Bytes a node received from each site's nodes, by site name.
+fn received_by_site(mesh: &Mesh, status: &serde_json::Value) -> BTreeMap<String, u64> {
+    let mut by_site = BTreeMap::new();
+    for peer in status["peers"].as_array().into_iter().flatten() {
+        let id = peer["site_id"].as_str().unwrap_or("?");
+        let site = match mesh.site_ids.iter().position(|s| s == id) {
+            Some(i) => site_name(i),
+            None => id.to_owned(),
+        };
+        *by_site.entry(site).or_insert(0) += peer["received_bytes"].as_u64().unwrap_or(0);
+    }
+    by_site
+}
+
+fn utf8(path: &Path) -> Result<&str> {
+    path.to_str().context("utf-8 path")
 }

@@ -950,8 +950,8 @@ impl Node {
                 // The grants between the two sites, and this site's wrapped keys: a peer
                 // holds them from the first contact, so an office lost before gossip ran
                 // can still be recovered through any partner.
-                let grant = record.kind == RecordKind::TrustGrant
-                    && (author == own || record.key == own.0);
+                let grant =
+                    record.kind == RecordKind::TrustGrant && (author == own || record.key == own.0);
                 if grant || (record.kind == RecordKind::WrappedKeys && author == own) {
                     records.push(record.clone());
                 }
