@@ -25,6 +25,11 @@
 //!               or  {"error": "why"}    the node could not serve the request
 //! ```
 //!
+//! A request may carry one open file descriptor (`"fd": true` in the envelope): right
+//! after the request frame the command sends one byte with the descriptor attached
+//! (`SCM_RIGHTS`), and the handler gets it. This is how `cairn backup IMAGE -` reads the
+//! command's own stdin inside the node.
+//!
 //! A connection that closes before "end" was cut off (the node stopped or crashed), and
 //! the command says so instead of taking a partial answer for a whole one. REQ and RESP
 //! are the daemon's types; this module only carries them.
@@ -33,7 +38,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::ops::ControlFlow;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
-use std::os::unix::io::AsRawFd;
+use std::os::unix::io::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::panic::{self, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
@@ -117,6 +122,9 @@ fn io_error(path: &Path) -> impl FnOnce(io::Error) -> ControlError + '_ {
 struct RequestEnvelope<R> {
     version: u32,
     request: R,
+    /// A descriptor follows the frame (see the module text).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    fd: bool,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -222,6 +230,17 @@ pub fn node_running(data_dir: &Path) -> bool {
 pub fn call<Req: Serialize, Resp: DeserializeOwned>(
     data_dir: &Path,
     request: &Req,
+    on_frame: impl FnMut(Resp) -> ControlFlow<()>,
+) -> Result<(), ControlError> {
+    call_with_fd(data_dir, request, None, on_frame)
+}
+
+/// `call`, handing the node an open descriptor of this process along with the request
+/// (the node gets its own copy; this one stays open).
+pub fn call_with_fd<Req: Serialize, Resp: DeserializeOwned>(
+    data_dir: &Path,
+    request: &Req,
+    fd: Option<BorrowedFd<'_>>,
     mut on_frame: impl FnMut(Resp) -> ControlFlow<()>,
 ) -> Result<(), ControlError> {
     let path = socket_path(data_dir);
@@ -233,10 +252,14 @@ pub fn call<Req: Serialize, Resp: DeserializeOwned>(
     let envelope = RequestEnvelope {
         version: CONTROL_VERSION,
         request,
+        fd: fd.is_some(),
     };
     // If this fails, the node may have refused us and closed before we finished sending:
     // its reason, read below, matters more than our failed write.
     let mut send_error = write_frame(&mut stream, &envelope).err();
+    if let (None, Some(fd)) = (&send_error, fd) {
+        send_error = send_fd(&stream, fd).err().map(FrameError::Io);
+    }
     loop {
         let reply = match read_frame::<Reply<Resp>>(&mut stream) {
             Ok(Some(reply)) => reply,
@@ -366,12 +389,13 @@ impl ControlServer {
     /// Serves until stopped: each connection on its own thread (at most
     /// `CONNECTIONS_MAX`), one request each. `handler` gets the request and a `send` for
     /// response frames; `send` fails once the command has gone, and the handler should
-    /// then give up. A handler that panics is reported to the command as a failure.
+    /// then give up. A handler that panics is reported to the command as a failure. The
+    /// descriptor a request carried, if any, comes with it.
     pub fn serve<Req, Resp, H>(self, handler: H) -> Result<(), ControlError>
     where
         Req: DeserializeOwned + 'static,
         Resp: Serialize + 'static,
-        H: Fn(Req, &mut dyn FnMut(Resp) -> io::Result<()>) + Send + Sync + 'static,
+        H: Fn(Req, Option<OwnedFd>, &mut dyn FnMut(Resp) -> io::Result<()>) + Send + Sync + 'static,
     {
         let handler = Arc::new(handler);
         let n_active = Arc::new(AtomicUsize::new(0));
@@ -518,7 +542,7 @@ fn serve_connection<Req, Resp, H>(mut stream: UnixStream, owner_uid: u32, handle
 where
     Req: DeserializeOwned,
     Resp: Serialize,
-    H: Fn(Req, &mut dyn FnMut(Resp) -> io::Result<()>),
+    H: Fn(Req, Option<OwnedFd>, &mut dyn FnMut(Resp) -> io::Result<()>),
 {
     let _ = stream.set_read_timeout(Some(Duration::from_millis(REQUEST_TIMEOUT_MS)));
     let _ = stream.set_write_timeout(Some(Duration::from_millis(WRITE_TIMEOUT_MS)));
@@ -550,6 +574,10 @@ where
             return refuse(&mut stream, why);
         }
     };
+    let fd = match envelope.fd.then(|| recv_fd(&stream)).transpose() {
+        Ok(fd) => fd,
+        Err(e) => return refuse(&mut stream, format!("cannot receive the file it sent: {e}")),
+    };
     let outcome = {
         let mut send = |response: Resp| -> io::Result<()> {
             write_frame(&mut stream, &Reply::Frame(response)).map_err(|e| match e {
@@ -557,13 +585,114 @@ where
                 other => io::Error::new(io::ErrorKind::InvalidData, other),
             })
         };
-        panic::catch_unwind(AssertUnwindSafe(|| handler(request, &mut send)))
+        panic::catch_unwind(AssertUnwindSafe(|| handler(request, fd, &mut send)))
     };
     let last = match outcome {
         Ok(()) => Reply::<()>::End,
         Err(_) => Reply::Error("the node failed while answering; see its log".into()),
     };
     let _ = write_frame(&mut stream, &last);
+}
+
+/// Room for the control message that carries one descriptor.
+const FD_CMSG_BYTES: usize = 64;
+
+/// Sends one byte with `fd` attached (`SCM_RIGHTS`).
+fn send_fd(stream: &UnixStream, fd: BorrowedFd<'_>) -> io::Result<()> {
+    let mut byte = [0u8; 1];
+    let mut iov = libc::iovec {
+        iov_base: byte.as_mut_ptr().cast(),
+        iov_len: 1,
+    };
+    let mut control = [0u64; FD_CMSG_BYTES / 8];
+    // SAFETY: msghdr is plain data; every pointer set below points into locals that
+    // outlive the call, and the control buffer (8-byte aligned) is larger than
+    // CMSG_SPACE of one int, which the assertion checks.
+    unsafe {
+        let space = libc::CMSG_SPACE(std::mem::size_of::<libc::c_int>() as u32) as usize;
+        assert!(
+            space <= FD_CMSG_BYTES,
+            "one descriptor fits the control buffer"
+        );
+        let mut message: libc::msghdr = std::mem::zeroed();
+        message.msg_iov = &mut iov;
+        message.msg_iovlen = 1;
+        message.msg_control = control.as_mut_ptr().cast();
+        message.msg_controllen = space as _;
+        let header = libc::CMSG_FIRSTHDR(&message);
+        (*header).cmsg_level = libc::SOL_SOCKET;
+        (*header).cmsg_type = libc::SCM_RIGHTS;
+        (*header).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<libc::c_int>() as u32) as _;
+        libc::CMSG_DATA(header)
+            .cast::<libc::c_int>()
+            .write_unaligned(fd.as_raw_fd());
+        loop {
+            if libc::sendmsg(stream.as_raw_fd(), &message, 0) == 1 {
+                return Ok(());
+            }
+            let error = io::Error::last_os_error();
+            if error.kind() != io::ErrorKind::Interrupted {
+                return Err(error);
+            }
+        }
+    }
+}
+
+/// Receives the byte `send_fd` sent and the descriptor attached to it.
+fn recv_fd(stream: &UnixStream) -> io::Result<OwnedFd> {
+    let mut byte = [0u8; 1];
+    let mut iov = libc::iovec {
+        iov_base: byte.as_mut_ptr().cast(),
+        iov_len: 1,
+    };
+    let mut control = [0u64; FD_CMSG_BYTES / 8];
+    // SAFETY: as in `send_fd`; the kernel writes at most msg_controllen bytes of control
+    // data, and a descriptor is read only from a header it says is SCM_RIGHTS with room
+    // for one.
+    unsafe {
+        let mut message: libc::msghdr = std::mem::zeroed();
+        message.msg_iov = &mut iov;
+        message.msg_iovlen = 1;
+        message.msg_control = control.as_mut_ptr().cast();
+        message.msg_controllen = FD_CMSG_BYTES as _;
+        #[cfg(any(target_os = "linux", target_os = "android"))]
+        let flags = libc::MSG_CMSG_CLOEXEC;
+        #[cfg(not(any(target_os = "linux", target_os = "android")))]
+        let flags = 0;
+        let n = loop {
+            let n = libc::recvmsg(stream.as_raw_fd(), &mut message, flags);
+            if n >= 0 {
+                break n;
+            }
+            let error = io::Error::last_os_error();
+            if error.kind() != io::ErrorKind::Interrupted {
+                return Err(error);
+            }
+        };
+        // Every descriptor that came is taken into ownership, so extra ones are closed.
+        let mut fds = Vec::new();
+        let mut header = libc::CMSG_FIRSTHDR(&message);
+        while !header.is_null() {
+            if (*header).cmsg_level == libc::SOL_SOCKET && (*header).cmsg_type == libc::SCM_RIGHTS {
+                let data = libc::CMSG_DATA(header).cast::<libc::c_int>();
+                let n_bytes = (*header).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
+                for i in 0..n_bytes / std::mem::size_of::<libc::c_int>() {
+                    fds.push(OwnedFd::from_raw_fd(data.add(i).read_unaligned()));
+                }
+            }
+            header = libc::CMSG_NXTHDR(&message, header);
+        }
+        match (n, fds.len()) {
+            (1, 1) => Ok(fds.pop().expect("one")),
+            _ => Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "expected one file descriptor with the request, got {}",
+                    fds.len()
+                ),
+            )),
+        }
+    }
 }
 
 #[cfg(any(target_os = "linux", target_os = "android"))]
@@ -628,13 +757,18 @@ fn peer_uid(_stream: &UnixStream) -> io::Result<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::AsFd;
     use std::sync::Mutex;
     use std::thread::JoinHandle;
 
     #[derive(Serialize, Deserialize, Debug, PartialEq)]
     enum Request {
-        Count { to: u32 },
+        Count {
+            to: u32,
+        },
         Echo(String),
+        /// Reads the descriptor that came with the request to its end.
+        ReadFd,
         Big,
         Panic,
         Wait,
@@ -678,7 +812,7 @@ mod tests {
         let stopper = server.stopper();
         let gate = Mutex::new(gate);
         let thread = std::thread::spawn(move || {
-            server.serve(move |request: Request, send| match request {
+            server.serve(move |request: Request, fd, send| match request {
                 Request::Count { to } => {
                     for n in 1..=to {
                         if send(Response::Progress(n)).is_err() {
@@ -688,6 +822,11 @@ mod tests {
                     send(Response::Done(format!("counted to {to}"))).unwrap();
                 }
                 Request::Echo(text) => send(Response::Done(text)).unwrap(),
+                Request::ReadFd => {
+                    let mut text = String::new();
+                    let read = fd.map(|fd| File::from(fd).read_to_string(&mut text));
+                    send(Response::Done(format!("{read:?}: {text}"))).unwrap();
+                }
                 Request::Big => {
                     let error =
                         send(Response::Done("x".repeat(FRAME_BYTES_MAX as usize))).unwrap_err();
@@ -726,6 +865,38 @@ mod tests {
             ControlFlow::Continue(())
         })?;
         Ok(frames)
+    }
+
+    #[test]
+    fn a_request_carries_a_descriptor_the_handler_reads() {
+        let dir = private_dir();
+        let running = start(ControlServer::bind(dir.path()).unwrap(), None);
+        let file_path = dir.path().join("input");
+        fs::write(&file_path, "bytes only the command could open").unwrap();
+        let file = File::open(&file_path).unwrap();
+        let mut frames = Vec::new();
+        call_with_fd(
+            dir.path(),
+            &Request::ReadFd,
+            Some(file.as_fd()),
+            |r: Response| {
+                frames.push(r);
+                ControlFlow::Continue(())
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            frames,
+            vec![Response::Done(
+                "Some(Ok(33)): bytes only the command could open".into()
+            )]
+        );
+        // Without one, the handler gets none.
+        assert_eq!(
+            collect(dir.path(), &Request::ReadFd).unwrap(),
+            vec![Response::Done("None: ".into())]
+        );
+        running.stop().unwrap();
     }
 
     #[test]
