@@ -8,8 +8,9 @@
 //! shows the tail of every node's log (CAIRN_TEST_KEEP=1 keeps the dir, CAIRN_TEST_LOG
 //! sets the nodes' log filter).
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
@@ -284,6 +285,51 @@ fn a_node_restarted_mid_replication_catches_up() {
             "b1 counts {own} chunks as its own site's, which backed up nothing"
         );
         step("b1 caught up: every chunk at R, b1 holds all of them");
+        Ok(())
+    });
+}
+
+/// `cairn backup IMAGE -` on a data dir whose node runs: the command hands its stdin to
+/// the node, which reads the pipe itself; the snapshot restores byte for byte and goes to
+/// the partner.
+#[test]
+fn a_backup_from_a_pipe_goes_through_the_running_node() {
+    scenario("stdin", |root, step| {
+        let mut configure = |node: &mut Node| {
+            node.extra_args = vec!["--replication".into(), "2".into()];
+        };
+        let mesh = Mesh::build_with(root, 2, 1, &mut configure, step)?;
+        let a1 = &mesh.sites[0][0];
+        let image = make_image(root, "piped.img", 6, 41);
+        let mut child = a1
+            .command(&["backup", "piped", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let mut pipe = child.stdin.take().context("a pipe to the command")?;
+        let bytes = std::fs::read(&image)?;
+        let writer = std::thread::spawn(move || pipe.write_all(&bytes));
+        let out = child.wait_with_output()?;
+        let written = writer.join().expect("the writer thread");
+        ensure!(
+            out.status.success(),
+            "backup from a pipe failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        written.context("writing the image into the pipe")?;
+        let said = String::from_utf8_lossy(&out.stdout);
+        ensure!(
+            said.contains("backed up piped@"),
+            "the backup should name its snapshot: {said}"
+        );
+        step("a 6 MiB image piped into `cairn backup piped -` while the node runs");
+
+        let restored = root.join("restored.img");
+        a1.ok(&["restore", "piped", utf8(&restored)?])?;
+        assert_same_file(&image, &restored);
+        wait_at_r(a1, "piped", 60)?;
+        step("restored byte for byte, and every chunk reached the partner");
         Ok(())
     });
 }

@@ -307,15 +307,9 @@ fn forward_or_run(cli: Cli) -> Result<u8> {
             | Command::Node { .. }
     );
     if needs_store && crate::control::node_running(&data_dir) {
-        if let Command::Backup { source, .. } = &cli.command {
-            if source == "-" {
-                anyhow::bail!(
-                    "a node is running on {}: it cannot read this terminal's stdin; back up from a file or device, or stop the node",
-                    data_dir.display()
-                );
-            }
-        }
-        return remote::forward(&data_dir, std::env::args().skip(1).collect());
+        // A backup of stdin inside the node reads this process's stdin, handed over.
+        let send_stdin = matches!(&cli.command, Command::Backup { source, .. } if source == "-");
+        return remote::forward(&data_dir, std::env::args().skip(1).collect(), send_stdin);
     }
     if let Command::Status { .. } = cli.command {
         return Err(crate::control::ControlError::NotRunning(data_dir).into());
@@ -464,7 +458,16 @@ fn run(cli: Cli) -> Result<u8> {
                     .to_string_lossy()
                     .into_owned()
             };
-            let source = Source::open(&source)?;
+            let source = match (&context, source.as_str()) {
+                // Inside a node, `-` is the command's stdin, which it sent along.
+                (Some(c), "-") => {
+                    let stdin = c
+                        .take_stdin()
+                        .context("the command's stdin did not reach the node")?;
+                    Source::stream("stdin", Box::new(stdin))
+                }
+                _ => Source::open(&source)?,
+            };
             let vault = open()?;
             // Inside a node, the storage thread and this backup take turns at the packs.
             let write_lock = context.as_ref().map(|c| c.mesh.write_lock.clone());

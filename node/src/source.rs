@@ -53,14 +53,19 @@ pub enum Piece {
 }
 
 impl Source {
+    /// A stream read once, front to back, of unknown size (a pipe).
+    pub fn stream(name: &str, input: Box<dyn Read + Send>) -> Source {
+        Source {
+            path: name.into(),
+            input: Input::Stream(input),
+            size_bytes: None,
+        }
+    }
+
     /// Opens `spec`: a path, or `-` for standard input.
     pub fn open(spec: &str) -> Result<Source, SourceError> {
         if spec == "-" {
-            return Ok(Source {
-                path: "stdin".into(),
-                input: Input::Stream(Box::new(io::stdin())),
-                size_bytes: None,
-            });
+            return Ok(Source::stream("stdin", Box::new(io::stdin())));
         }
         let path = PathBuf::from(spec);
         let open_err = |source| SourceError::Open {

@@ -233,8 +233,8 @@ pub fn run(data_dir: &Path, command: NodeCommand) -> Result<u8> {
         std::thread::Builder::new()
             .name("cairn-control".into())
             .spawn(move || {
-                let served = control.serve(move |request: Request, send| {
-                    serve(&vault, &mesh, &answers, request, send)
+                let served = control.serve(move |request: Request, fd, send| {
+                    serve(&vault, &mesh, &answers, request, fd, send)
                 });
                 if let Err(e) = served {
                     tracing::error!("the control socket stopped: {e}");
@@ -260,6 +260,7 @@ fn serve(
     mesh: &MeshHandle,
     answers: &Arc<remote::Answers>,
     request: Request,
+    fd: Option<std::os::fd::OwnedFd>,
     send: &mut dyn FnMut(Response) -> std::io::Result<()>,
 ) {
     match request {
@@ -289,6 +290,7 @@ fn serve(
                 width,
                 out: tx,
                 answers: answers.clone(),
+                stdin: Arc::new(std::sync::Mutex::new(fd.map(std::fs::File::from))),
             };
             let worker = std::thread::Builder::new()
                 .name("cairn-command".into())

@@ -8,6 +8,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::io::{IsTerminal, Write};
 use std::ops::ControlFlow;
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -75,6 +76,15 @@ pub struct Context {
     pub width: u16,
     pub out: Sender<Response>,
     pub answers: Arc<Answers>,
+    /// The command's stdin, when it sent it (`cairn backup IMAGE -`); taken once.
+    pub stdin: Arc<Mutex<Option<std::fs::File>>>,
+}
+
+impl Context {
+    /// The stdin the command sent, if any and not taken yet.
+    pub fn take_stdin(&self) -> Option<std::fs::File> {
+        self.stdin.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
 }
 
 thread_local! {
@@ -208,8 +218,9 @@ impl indicatif::TermLike for RemoteTerm {
 }
 
 /// The client: runs this process's command line in the node of `data_dir` and plays
-/// back what it prints. Returns the command's exit code.
-pub fn forward(data_dir: &Path, args: Vec<String>) -> Result<u8> {
+/// back what it prints. With `send_stdin` the node gets this process's stdin and reads
+/// it itself (a backup from a pipe). Returns the command's exit code.
+pub fn forward(data_dir: &Path, args: Vec<String>, send_stdin: bool) -> Result<u8> {
     let request = Request::Cli {
         args,
         cwd: std::env::current_dir()?,
@@ -219,7 +230,9 @@ pub fn forward(data_dir: &Path, args: Vec<String>) -> Result<u8> {
     };
     let mut code = 1;
     let mut stderr = std::io::stderr();
-    control::call(data_dir, &request, |response: Response| {
+    let stdin = std::io::stdin();
+    let fd = send_stdin.then(|| stdin.as_fd());
+    control::call_with_fd(data_dir, &request, fd, |response: Response| {
         match response {
             Response::Out(text) => {
                 print!("{text}");
