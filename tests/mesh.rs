@@ -330,6 +330,36 @@ fn a_backup_from_a_pipe_goes_through_the_running_node() {
         assert_same_file(&image, &restored);
         wait_at_r(a1, "piped", 60)?;
         step("restored byte for byte, and every chunk reached the partner");
+
+        // `trust list` counts both ways from what the mesh did: B's store holds A's
+        // chunks, and A's node counts them as held by B.
+        let site_b = mesh.site_ids[1].clone();
+        let row = |node: &Node, site: &str| -> Result<serde_json::Value> {
+            let list: serde_json::Value =
+                serde_json::from_str(&node.ok(&["trust", "list", "--json"])?)?;
+            list.as_array()
+                .into_iter()
+                .flatten()
+                .find(|p| p["site_id"] == site)
+                .cloned()
+                .with_context(|| format!("{site} in trust list: {list}"))
+        };
+        wait_for(
+            Duration::from_secs(60),
+            "trust list to count what each side holds for the other",
+            || {
+                let they_hold = row(a1, &site_b)?["they_hold_for_us_bytes"].as_u64();
+                let we_hold =
+                    row(&mesh.sites[1][0], &mesh.site_ids[0])?["we_hold_for_them_bytes"].as_u64();
+                // A counts chunk sizes, B its pack entries (the blob's signature and
+                // an entry header more): the same within a percent.
+                Ok(match (they_hold, we_hold) {
+                    (Some(a), Some(b)) => a > 0 && a.abs_diff(b) * 100 <= b,
+                    _ => false,
+                })
+            },
+        )?;
+        step("trust list on both sides agrees (within 1%) on what B holds for A");
         Ok(())
     });
 }

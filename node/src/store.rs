@@ -326,10 +326,12 @@ impl Store {
         self.add_counter(KEY_HELD_FOR, owner, delta_bytes)
     }
 
-    /// Counts `delta_bytes` more (or fewer) of this site's sealed bytes held by `holder`,
-    /// as the mesh learns of copies placed there or dropped.
-    pub fn add_held_by(&self, holder: &SiteId, delta_bytes: i64) -> Result<u64, StoreError> {
-        self.add_counter(KEY_HELD_BY, holder, delta_bytes)
+    /// Sets how many of this site's sealed bytes `holder` holds, as the running node
+    /// last counted them from the copies the mesh confirmed.
+    pub fn set_held_by(&self, holder: &SiteId, bytes: u64) -> Result<(), StoreError> {
+        let key = [KEY_HELD_BY, &holder.0].concat();
+        self.index.catalog_update_u64(&key, &|_| bytes)?;
+        Ok(())
     }
 
     /// Notes that `site` was heard from at `now_unix_ms` (an older time changes nothing).
@@ -673,7 +675,8 @@ mod tests {
         assert_eq!(store.usage(&partner).unwrap(), SiteUsage::default());
         assert_eq!(store.add_held_for(&partner, 100).unwrap(), 100);
         assert_eq!(store.add_held_for(&partner, -30).unwrap(), 70);
-        assert_eq!(store.add_held_by(&partner, 5).unwrap(), 5);
+        store.set_held_by(&partner, 9).unwrap();
+        store.set_held_by(&partner, 5).unwrap();
         store.note_seen(&partner, 2_000).unwrap();
         store.note_seen(&partner, 1_000).unwrap();
         assert_eq!(

@@ -48,6 +48,8 @@ const OUTBOX_MESSAGES_MAX: usize = 4096;
 const REFUSED_BLOCK: Duration = Duration::from_secs(60);
 /// How long a refused peer's connection is kept for its refusal answer to go out.
 const REFUSAL_SEND_MAX: Duration = Duration::from_secs(5);
+/// How often what partners hold for this site is counted again for `cairn trust list`.
+const HELD_BY_INTERVAL: Duration = Duration::from_secs(30);
 /// Refusal answers on their way at once; past it, refused peers are cut off unanswered.
 const REFUSING_MAX: usize = 1024;
 /// How often bootstrap addresses and unfinished invites are retried.
@@ -231,6 +233,8 @@ struct Node {
     blocked_until: Vec<(PeerId, tokio::time::Instant)>,
     /// Peers refused at hello whose refusal answer is on its way (`refuse_after_answer`).
     refusing: Vec<(PeerId, tokio::time::Instant)>,
+    /// When `note_held_by` last ran.
+    held_by_noted_at: tokio::time::Instant,
     listen: Vec<Multiaddr>,
     messages_refused: u64,
     peers_refused: u64,
@@ -347,6 +351,7 @@ impl Node {
             fetches: HashMap::new(),
             blocked_until: Vec::new(),
             refusing: Vec::new(),
+            held_by_noted_at: tokio::time::Instant::now(),
             listen: Vec::new(),
             messages_refused: 0,
             peers_refused: 0,
@@ -585,6 +590,10 @@ impl Node {
 
     fn retry(&mut self) {
         let now = tokio::time::Instant::now();
+        if now >= self.held_by_noted_at + HELD_BY_INTERVAL {
+            self.held_by_noted_at = now;
+            self.note_held_by();
+        }
         let unblock: Vec<PeerId> = self
             .blocked_until
             .iter()
@@ -1297,6 +1306,52 @@ impl Node {
 
     // ---- status -----------------------------------------------------------------------
 
+    /// Where each chunk of this site's tracked snapshots is, as the engine knows it:
+    /// placement targets once a snapshot is confirmed, else the sites confirmed so far.
+    fn copies(&self) -> HashMap<ChunkId, Vec<SiteId>> {
+        let own = self.vault.dir.site_id();
+        let mut copies = HashMap::new();
+        for (snapshot, chunks) in &self.snapshot_chunks {
+            for id in chunks {
+                let sites = match self.engine.chunk_below_r(snapshot, id) {
+                    Some(sites) => sites,
+                    None if self.engine.snapshot_pending(snapshot) => {
+                        self.engine.target_sites(&own, id)
+                    }
+                    None if self.acked.contains(snapshot) => self.engine.target_sites(&own, id),
+                    None => vec![own],
+                };
+                copies.insert(*id, sites);
+            }
+        }
+        copies
+    }
+
+    /// Keeps `cairn trust list`'s "they hold for us" current: this site's bytes at each
+    /// partner, counted over the chunks this node holds.
+    fn note_held_by(&mut self) {
+        let own = self.vault.dir.site_id();
+        let copies = self.copies();
+        let mut by_site: HashMap<SiteId, u64> = HashMap::new();
+        for chunk in self.engine.held().filter(|c| c.owner == own) {
+            for site in copies.get(&chunk.id).into_iter().flatten() {
+                *by_site.entry(*site).or_default() += chunk.size_bytes;
+            }
+        }
+        let Ok(partners) = trust::partners(&self.vault) else {
+            return;
+        };
+        for partner in partners {
+            let Ok(site) = partner.site_id.parse::<SiteId>() else {
+                continue;
+            };
+            let bytes = by_site.get(&site).copied().unwrap_or(0);
+            if let Err(e) = self.vault.store.set_held_by(&site, bytes) {
+                debug!("cannot note what {site} holds: {e}");
+            }
+        }
+    }
+
     fn status(&self) -> MeshStatus {
         let own = self.vault.dir.site_id();
         let mut site_names = HashMap::new();
@@ -1330,20 +1385,7 @@ impl Node {
             })
             .collect();
         let held: Vec<ChunkRef> = self.engine.held().collect();
-        let mut copies = HashMap::new();
-        for (snapshot, chunks) in &self.snapshot_chunks {
-            for id in chunks {
-                let sites = match self.engine.chunk_below_r(snapshot, id) {
-                    Some(sites) => sites,
-                    None if self.engine.snapshot_pending(snapshot) => {
-                        self.engine.target_sites(&own, id)
-                    }
-                    None if self.acked.contains(snapshot) => self.engine.target_sites(&own, id),
-                    None => vec![own],
-                };
-                copies.insert(*id, sites);
-            }
-        }
+        let copies = self.copies();
         MeshStatus {
             node: Some(self.vault.dir.node_id()),
             listen: self.listen.iter().map(|a| a.to_string()).collect(),
