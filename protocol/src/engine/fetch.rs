@@ -202,12 +202,15 @@ impl Engine {
             return; // a late answer from a node already given up on
         }
         let took_ms = now_ms.saturating_sub(fetch.asked_at_ms);
-        let Some(blob) = sealed else {
+        let Some(mut blob) = sealed else {
             return self.fetch_remote(owner, id, now_ms);
         };
-        match self.blobs.verify(&owner, &id, &blob) {
-            Some(sealed) => {
-                let sealed = sealed.to_vec();
+        match self.blobs.verify(&owner, &id, &blob).map(<[u8]>::len) {
+            Some(sealed_len) => {
+                // The sealed bytes are the blob's front: drop the signature in place
+                // rather than copy a chunk per fetch.
+                blob.truncate(sealed_len);
+                let sealed = blob;
                 self.time_fetch(from, took_ms);
                 self.unask(&id);
                 self.fetches.remove(&id);
