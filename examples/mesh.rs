@@ -154,16 +154,6 @@ fn bench_three_sites(mesh: &Mesh, image: &Path, step: &mut dyn FnMut(&str)) -> R
     let root = image
         .parent()
         .context("the image is in the example's dir")?;
-    let timed_restore = |node: &Node, out: &Path| -> Result<(f64, serde_json::Value)> {
-        let started = Instant::now();
-        let json = node.ok(&["restore", "fileserver", utf8(out)?, "--json"])?;
-        let secs = started.elapsed().as_secs_f64();
-        assert_same_file(image, out);
-        std::fs::remove_file(out)?;
-        Ok((secs, serde_json::from_str(&json)?))
-    };
-    let mib = |bytes: &serde_json::Value| bytes.as_u64().unwrap_or(0) as f64 / f64::from(1 << 20);
-
     let a1 = &mesh.sites[0][0];
     let mut fresh = mesh.recover(0, &root.join("a-bench-machine"))?;
     fresh.name = "a-bench".into();
@@ -194,20 +184,39 @@ fn bench_three_sites(mesh: &Mesh, image: &Path, step: &mut dyn FnMut(&str)) -> R
             Ok(live >= mesh.nodes().count())
         },
     )?;
+    // Wall time, and the CPU time every node process used meanwhile: what the machine
+    // spent on the restore, senders included.
+    let cpu = || -> Duration {
+        mesh.nodes()
+            .chain(std::iter::once(&fresh))
+            .filter_map(Node::cpu_time)
+            .sum()
+    };
+    let timed_restore = |node: &Node, out: &Path| -> Result<(f64, f64, serde_json::Value)> {
+        let (started, cpu_before) = (Instant::now(), cpu());
+        let json = node.ok(&["restore", "fileserver", utf8(out)?, "--json"])?;
+        let secs = started.elapsed().as_secs_f64();
+        let cpu_secs = (cpu() - cpu_before).as_secs_f64();
+        assert_same_file(image, out);
+        std::fs::remove_file(out)?;
+        Ok((secs, cpu_secs, serde_json::from_str(&json)?))
+    };
+    let mib = |bytes: &serde_json::Value| bytes.as_u64().unwrap_or(0) as f64 / f64::from(1 << 20);
+
     step("bench: a fresh machine of office A runs beside a1, connected to every node");
 
     // Local and mesh restores alternate, so both see the same background load.
     let mut ratios = Vec::new();
     for round in 1..=BENCH_ROUNDS {
-        let (local_secs, local) = timed_restore(a1, &root.join("bench-local.img"))?;
+        let (local_secs, local_cpu, local) = timed_restore(a1, &root.join("bench-local.img"))?;
         step(&format!(
-            "bench {round}: local restore on a1 in {local_secs:.2}s, {:.1} MiB/s ({:.0} MiB from its own store, {:.0} MiB remote)",
+            "bench {round}: local restore on a1 in {local_secs:.2}s ({local_cpu:.2}s CPU), {:.1} MiB/s ({:.0} MiB from its own store, {:.0} MiB remote)",
             mib(&local["data_bytes"]) / local_secs,
             mib(&local["local_bytes"]),
             mib(&local["remote_bytes"]),
         ));
         let before = received_by_site(mesh, &fresh.status()?);
-        let (mesh_secs, remote) = timed_restore(&fresh, &root.join("bench-mesh.img"))?;
+        let (mesh_secs, mesh_cpu, remote) = timed_restore(&fresh, &root.join("bench-mesh.img"))?;
         let after = received_by_site(mesh, &fresh.status()?);
         let from: Vec<String> = after
             .iter()
@@ -218,7 +227,7 @@ fn bench_three_sites(mesh: &Mesh, image: &Path, step: &mut dyn FnMut(&str)) -> R
             .collect();
         ratios.push(local_secs / mesh_secs);
         step(&format!(
-            "bench {round}: fresh machine restored in {mesh_secs:.2}s, {:.1} MiB/s ({:.0} MiB fetched, {:.0} MiB local; wire bytes from {}): {:.0}% of the local rate",
+            "bench {round}: fresh machine restored in {mesh_secs:.2}s ({mesh_cpu:.2}s CPU, all nodes), {:.1} MiB/s ({:.0} MiB fetched, {:.0} MiB local; wire bytes from {}): {:.0}% of the local rate",
             mib(&remote["data_bytes"]) / mesh_secs,
             mib(&remote["remote_bytes"]),
             mib(&remote["local_bytes"]),

@@ -158,6 +158,22 @@ impl Node {
         self.child.is_some()
     }
 
+    /// CPU time (user and system, every thread) the running node process has used so
+    /// far, from Linux's `/proc/PID/stat`; `None` when it is not running or the system
+    /// does not say.
+    pub fn cpu_time(&self) -> Option<Duration> {
+        let pid = self.child.as_ref()?.id();
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // The fields after the command name, which is in parentheses and may hold spaces:
+        // utime and stime are the 14th and 15th of the line, the 12th and 13th after it.
+        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+        let ticks: u64 =
+            fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+        // SAFETY: sysconf only reads a system constant.
+        let per_sec = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).ok()?;
+        Some(Duration::from_millis(ticks * 1000 / per_sec.max(1)))
+    }
+
     /// `cairn status --json`, parsed.
     pub fn status(&self) -> Result<serde_json::Value> {
         Ok(serde_json::from_str(&self.ok(&["status", "--json"])?)?)
