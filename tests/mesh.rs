@@ -465,7 +465,7 @@ fn an_outsider_is_refused() {
 #[test]
 fn a_revoked_partner_loses_its_place() {
     scenario("revoke", |root, step| {
-        let mesh = Mesh::build(root, 4, 1, step)?;
+        let mesh = Mesh::build_with(root, 4, 1, &mut log_records, step)?;
         let a1 = &mesh.sites[0][0];
         let image = make_image(root, "erp.img", 8, 21);
         backup(a1, "erp", &image)?;
@@ -484,6 +484,23 @@ fn a_revoked_partner_loses_its_place() {
         let out = a1.ok(&["trust", "revoke", &mesh.site_ids[revoked]])?;
         ensure!(out.contains("revoked"), "trust revoke says: {out}");
         step(&format!("A revoked office {revoked}"));
+
+        // The revoked site is told: its node saves A's grant of the new version.
+        let list: serde_json::Value = serde_json::from_str(&a1.ok(&["trust", "list", "--json"])?)?;
+        let version = list
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|p| p["site_id"] == mesh.site_ids[revoked].as_str())
+            .and_then(|p| p["grant_version"].as_u64())
+            .with_context(|| format!("the revoked site in A's trust list: {list}"))?;
+        let told = format!("kind TrustGrant of {} version {version}", mesh.site_ids[0]);
+        wait_for(
+            Duration::from_secs(30),
+            "the revoked site to be told",
+            || Ok(mesh.sites[revoked][0].log_text().contains(&told)),
+        )?;
+        step("the revoked site holds A's revocation");
 
         let others: Vec<usize> = (1..4).filter(|s| *s != revoked).collect();
         wait_for(
