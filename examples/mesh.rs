@@ -192,14 +192,17 @@ fn bench_three_sites(mesh: &Mesh, image: &Path, step: &mut dyn FnMut(&str)) -> R
             .filter_map(Node::cpu_time)
             .sum()
     };
-    let timed_restore = |node: &Node, out: &Path| -> Result<(f64, f64, serde_json::Value)> {
+    // (wall s, CPU s of every node, CPU s of the restoring node, the restore's summary)
+    let timed_restore = |node: &Node, out: &Path| -> Result<(f64, f64, f64, serde_json::Value)> {
         let (started, cpu_before) = (Instant::now(), cpu());
+        let own_before = node.cpu_time().unwrap_or_default();
         let json = node.ok(&["restore", "fileserver", utf8(out)?, "--json"])?;
         let secs = started.elapsed().as_secs_f64();
         let cpu_secs = (cpu() - cpu_before).as_secs_f64();
+        let own_secs = (node.cpu_time().unwrap_or_default() - own_before).as_secs_f64();
         assert_same_file(image, out);
         std::fs::remove_file(out)?;
-        Ok((secs, cpu_secs, serde_json::from_str(&json)?))
+        Ok((secs, cpu_secs, own_secs, serde_json::from_str(&json)?))
     };
     let mib = |bytes: &serde_json::Value| bytes.as_u64().unwrap_or(0) as f64 / f64::from(1 << 20);
 
@@ -208,15 +211,17 @@ fn bench_three_sites(mesh: &Mesh, image: &Path, step: &mut dyn FnMut(&str)) -> R
     // Local and mesh restores alternate, so both see the same background load.
     let mut ratios = Vec::new();
     for round in 1..=BENCH_ROUNDS {
-        let (local_secs, local_cpu, local) = timed_restore(a1, &root.join("bench-local.img"))?;
+        let (local_secs, local_cpu, a1_cpu, local) =
+            timed_restore(a1, &root.join("bench-local.img"))?;
         step(&format!(
-            "bench {round}: local restore on a1 in {local_secs:.2}s ({local_cpu:.2}s CPU), {:.1} MiB/s ({:.0} MiB from its own store, {:.0} MiB remote)",
+            "bench {round}: local restore on a1 in {local_secs:.2}s ({local_cpu:.2}s CPU in all nodes, {a1_cpu:.2}s in a1), {:.1} MiB/s ({:.0} MiB from its own store, {:.0} MiB remote)",
             mib(&local["data_bytes"]) / local_secs,
             mib(&local["local_bytes"]),
             mib(&local["remote_bytes"]),
         ));
         let before = received_by_site(mesh, &fresh.status()?);
-        let (mesh_secs, mesh_cpu, remote) = timed_restore(&fresh, &root.join("bench-mesh.img"))?;
+        let (mesh_secs, mesh_cpu, fresh_cpu, remote) =
+            timed_restore(&fresh, &root.join("bench-mesh.img"))?;
         let after = received_by_site(mesh, &fresh.status()?);
         let from: Vec<String> = after
             .iter()
@@ -227,7 +232,7 @@ fn bench_three_sites(mesh: &Mesh, image: &Path, step: &mut dyn FnMut(&str)) -> R
             .collect();
         ratios.push(local_secs / mesh_secs);
         step(&format!(
-            "bench {round}: fresh machine restored in {mesh_secs:.2}s ({mesh_cpu:.2}s CPU, all nodes), {:.1} MiB/s ({:.0} MiB fetched, {:.0} MiB local; wire bytes from {}): {:.0}% of the local rate",
+            "bench {round}: fresh machine restored in {mesh_secs:.2}s ({mesh_cpu:.2}s CPU in all nodes, {fresh_cpu:.2}s in the restoring one), {:.1} MiB/s ({:.0} MiB fetched, {:.0} MiB local; wire bytes from {}): {:.0}% of the local rate",
             mib(&remote["data_bytes"]) / mesh_secs,
             mib(&remote["remote_bytes"]),
             mib(&remote["local_bytes"]),
