@@ -136,6 +136,7 @@ fn real_main() -> anyhow::Result<ExitCode> {
                     slowest.seed, slowest.wall_secs
                 );
             }
+            print_swarm_coverage(&results);
             Ok(if failed.is_empty() {
                 ExitCode::SUCCESS
             } else {
@@ -226,6 +227,38 @@ fn load(path: Option<&PathBuf>, swarm: bool, seed: u64) -> anyhow::Result<(Scena
     }
 }
 
+/// Every coverage counter summed over the seeds, with how many seeds reached it; the
+/// rare paths no seed reached are called out.
+fn print_swarm_coverage(results: &[swarm::SeedResult]) {
+    let mut total = cairn_sim::coverage::Coverage::default();
+    for result in results {
+        total.add(&result.report.coverage);
+    }
+    println!("coverage (total over seeds; seeds that reached it):");
+    for (idx, (name, n, rare)) in total.rows().into_iter().enumerate() {
+        let seeds = results
+            .iter()
+            .filter(|r| r.report.coverage.rows()[idx].1 > 0)
+            .count();
+        let flag = if rare && n == 0 {
+            "  <- NEVER REACHED"
+        } else {
+            ""
+        };
+        println!("  {name:28} {n:>12} {seeds:>6}{flag}");
+    }
+    let converged: Vec<f64> = results
+        .iter()
+        .filter_map(|r| r.report.converged_after_hours)
+        .collect();
+    let worst = converged.iter().copied().fold(0.0, f64::max);
+    println!(
+        "liveness: {} of {} seeds converged within the bound, the slowest {worst:.0} h after the heal",
+        converged.len(),
+        results.len()
+    );
+}
+
 fn print_report(scenario: &Scenario, seed: u64, report: &Report, wall_secs: f64) {
     println!(
         "scenario {} seed {seed}: {:.1} simulated hours in {wall_secs:.1} s",
@@ -242,6 +275,21 @@ fn print_report(scenario: &Scenario, seed: u64, report: &Report, wall_secs: f64)
     for note in &report.notes {
         println!("  {note}");
     }
+    match report.converged_after_hours {
+        Some(h) => println!("liveness: converged and at R {h:.0} h into the liveness phase"),
+        None => println!("liveness: not converged by the end of the liveness phase"),
+    }
+    for (excuse, n) in &report.excuses {
+        println!("  excused below R: {n} chunks: {excuse}");
+    }
+    let reached: Vec<String> = report
+        .coverage
+        .rows()
+        .into_iter()
+        .filter(|(_, n, _)| *n > 0)
+        .map(|(name, n, _)| format!("{name} {n}"))
+        .collect();
+    println!("coverage: {}", reached.join(", "));
     for loss in &report.losses_beyond_budget {
         println!("LOSS BEYOND FAULT BUDGET: {loss}");
     }

@@ -1,0 +1,237 @@
+//! Invariants checked as things happen, at the point where the simulator sees them:
+//! - quotas and revocations, on every chunk stored (invariant 5);
+//! - a corrupted copy is never served as good: an honest node never sends a chunk whose
+//!   bytes are wrong, and never stores one it received (invariant 6);
+//! - nothing from the outsider or a revoked site is accepted: no record it signed, no
+//!   chunk it sent, no message sent back to it (invariant 8);
+//! - every record a node saves was really signed by its author, and never replaces a
+//!   newer version of itself (invariant 9: forged and replayed records are refused, and an
+//!   old disk's catalog does not bring back older grants);
+//! - every peer is attributed to the site that really certified it (invariant 10).
+
+use cairn_protocol::catalog::RecordKey;
+use cairn_protocol::engine::{ChunkRef, Event, Message};
+use cairn_protocol::identity::NodeId;
+use cairn_protocol::ids::ChunkId;
+use cairn_protocol::record::{Record, RecordKind};
+
+use super::{message_type, World, GRANT_PROPAGATION_US};
+
+/// The hash under which a genuine record is remembered.
+pub fn record_hash(record: &Record) -> [u8; 32] {
+    *blake3::hash(&record.encode()).as_bytes()
+}
+
+impl World {
+    /// Whether `node`'s site changed its grant to `owner` lately, or `node` itself has
+    /// just restarted: either way it may act on the older grant for a while.
+    fn within_grant_grace(&self, node: usize, owner_site: Option<usize>) -> bool {
+        let site = self.nodes[node].site;
+        let restarted = self.now_us < self.nodes[node].started_us + GRANT_PROPAGATION_US;
+        let changed = owner_site.is_some_and(|owner| {
+            self.grant_changed_at
+                .get(&(site, self.sites[owner].id))
+                .is_some_and(|at| self.now_us < at + GRANT_PROPAGATION_US)
+        });
+        restarted || changed
+    }
+
+    /// `by` revoked `of` more than the propagation grace ago.
+    fn revoked_settled(&self, by: usize, of: usize) -> bool {
+        self.revoked_at
+            .get(&(by, of))
+            .is_some_and(|at| self.now_us >= at + GRANT_PROPAGATION_US)
+    }
+
+    pub(super) fn check_event(&mut self, node: usize, event: &Event) {
+        match event {
+            Event::ChunkStored { chunk, from } => {
+                self.check_quota(node, chunk);
+                self.check_chunk_source(node, from);
+            }
+            Event::ChunkLost { .. } => self.coverage.chunks_lost_noticed += 1,
+            Event::RecordRejected { .. } => self.coverage.records_rejected += 1,
+            Event::MessageRefused { from } => {
+                if self
+                    .node_index
+                    .get(from)
+                    .is_some_and(|n| self.is_outsider(*n))
+                {
+                    self.coverage.outsider_messages_refused += 1;
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Invariant 5 as the writes happen: a site never holds more for an owner than it
+    /// grants, and nothing for an owner it revoked.
+    fn check_quota(&mut self, node: usize, chunk: &ChunkRef) {
+        let site = self.nodes[node].site;
+        let site_id = self.sites[site].id;
+        if chunk.owner == site_id || self.within_grant_grace(node, self.site_of(&chunk.owner)) {
+            return;
+        }
+        let grant = self.truth.grant(site_id, chunk.owner);
+        let held = self
+            .site_held
+            .get(&(site, chunk.owner))
+            .copied()
+            .unwrap_or(0);
+        let name = &self.sites[site].name;
+        let violation = match grant {
+            None => Some(format!(
+                "invariant 5: site {name} stored a chunk for a site it never trusted"
+            )),
+            Some(g) if g.revoked => Some(format!(
+                "invariant 5: site {name} stored a chunk for a site it revoked"
+            )),
+            Some(g) if held > g.quota_bytes => Some(format!(
+                "invariant 5: site {name} holds {held} bytes for a partner, over its quota of {}",
+                g.quota_bytes
+            )),
+            Some(_) => None,
+        };
+        if let Some(text) = violation {
+            self.add_violation(text);
+        }
+    }
+
+    /// Invariant 8: a chunk stored from the outsider, or from a site this one revoked.
+    fn check_chunk_source(&mut self, node: usize, from: &NodeId) {
+        let Some(&sender) = self.node_index.get(from) else {
+            return;
+        };
+        let (site, from_site) = (self.nodes[node].site, self.nodes[sender].site);
+        if self.is_outsider(sender) {
+            self.add_violation(format!(
+                "invariant 8: a node of site {} stored a chunk the outsider sent",
+                self.sites[site].name
+            ));
+        } else if self.revoked_settled(site, from_site) && !self.within_grant_grace(node, None) {
+            self.add_violation(format!(
+                "invariant 8: site {} stored a chunk sent by site {}, which it revoked",
+                self.sites[site].name, self.sites[from_site].name
+            ));
+        }
+    }
+
+    /// Invariant 6, at the receiving end: an honest node stores only true bytes. (A node
+    /// making false claims stores garbage on purpose.)
+    pub(super) fn check_write(&mut self, node: usize, id: &ChunkId, good: bool) {
+        if good || !self.bodies.contains_key(id) || self.lies_now(node) {
+            return;
+        }
+        self.add_violation(format!(
+            "invariant 6: node {node} of site {} stored a corrupted copy of chunk {id:?}",
+            self.sites[self.nodes[node].site].name
+        ));
+    }
+
+    /// Invariants 6 and 8 at the sending end, for what an engine asked to send.
+    pub(super) fn check_outgoing(&mut self, from: usize, to: &NodeId, message: &Message) {
+        if self
+            .node_index
+            .get(to)
+            .is_some_and(|n| self.is_outsider(*n))
+        {
+            self.add_violation(format!(
+                "invariant 8: node {from} of site {} sent a {} message to the outsider",
+                self.sites[self.nodes[from].site].name,
+                message_type(message)
+            ));
+        }
+        let (id, body, what) = match message {
+            Message::Push { id, sealed, .. } => (id, sealed, "pushed"),
+            Message::FetchReply {
+                id,
+                sealed: Some(sealed),
+                ..
+            } => (id, sealed, "served"),
+            _ => return,
+        };
+        if self.lies_now(from) || !self.bodies.contains_key(id) || self.is_good(id, body) {
+            return;
+        }
+        self.add_violation(format!(
+            "invariant 6: node {from} of site {} {what} a corrupted copy of chunk {id:?} as good",
+            self.sites[self.nodes[from].site].name
+        ));
+    }
+
+    /// Invariants 8 and 9 for a record a node is about to persist.
+    pub(super) fn check_saved_record(&mut self, node: usize, record: &Record) {
+        let site = self.nodes[node].site;
+        let name = self.sites[site].name.clone();
+        if !self.genuine.contains(&record_hash(record)) {
+            self.add_violation(format!(
+                "invariant 9: node {node} of site {name} accepted a forged {:?} record",
+                record.kind
+            ));
+        }
+        let author = self.site_of(&record.author);
+        if let Some(outsider) = &self.outsider {
+            let about_outsider =
+                record.kind == RecordKind::NodeCert && record.key == self.nodes[outsider.node].id.0;
+            if author == Some(outsider.site) || about_outsider {
+                self.add_violation(format!(
+                    "invariant 8: node {node} of site {name} accepted a record of the outsider"
+                ));
+            }
+        }
+        if let Some(author) = author {
+            if self.revoked_settled(site, author) && !self.within_grant_grace(node, None) {
+                self.add_violation(format!(
+                    "invariant 8: node {node} of site {name} accepted a record of site {}, which it revoked",
+                    self.sites[author].name
+                ));
+            }
+        }
+        let key = RecordKey::of(record);
+        if let Some(held) = self.nodes[node].disk.records.get(&key) {
+            if held.version > record.version {
+                self.add_violation(format!(
+                    "invariant 9: node {node} of site {name} replaced version {} of a {:?} record with the older version {}",
+                    held.version, record.kind, record.version
+                ));
+            }
+        }
+    }
+
+    /// Invariant 10: every live engine attributes each peer to the site that certified
+    /// it. Checked hourly and at the end.
+    pub fn check_peer_sites(&mut self) {
+        let mut wrong = Vec::new();
+        for (idx, node) in self.nodes.iter().enumerate() {
+            let Some(engine) = node.engine.as_ref() else {
+                continue;
+            };
+            for (peer, site, _) in engine.peers() {
+                let Some(&peer_idx) = self.node_index.get(&peer) else {
+                    continue;
+                };
+                let real = self.sites[self.nodes[peer_idx].site].id;
+                if real != site || self.is_outsider(peer_idx) {
+                    wrong.push((idx, peer_idx, site));
+                }
+            }
+        }
+        for (idx, peer_idx, site) in wrong {
+            if self.is_outsider(peer_idx) {
+                self.add_violation(format!(
+                    "invariant 8: node {idx} has the outsider in its peer table"
+                ));
+                continue;
+            }
+            let claimed = self
+                .site_of(&site)
+                .map_or("an unknown site".to_string(), |s| {
+                    self.sites[s].name.clone()
+                });
+            self.add_violation(format!(
+                "invariant 10: node {idx} takes node {peer_idx} of site {} for a node of {claimed}",
+                self.sites[self.nodes[peer_idx].site].name
+            ));
+        }
+    }
+}
