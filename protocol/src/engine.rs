@@ -5,16 +5,27 @@
 //! and everything it wants done comes out of the `poll_*` methods. The node runs it over
 //! libp2p and a pack store; the simulator runs hundreds of them on a virtual network.
 //!
-//! Submodules: `message` (the wire messages), `membership` (heartbeats and failure
+//! Submodules: `message` (the wire messages), `guard` (checks on every message, strikes
+//! and cut-offs for peers that send bad ones), `membership` (heartbeats and failure
 //! detection), `gossip` (catalog anti-entropy), `replication` (placement, sync, pushes,
-//! trims, snapshots acknowledged), `fetch` (restores).
+//! trims, snapshots acknowledged), `audit` (holders prove they keep what they hold),
+//! `scrub` (this node re-reads its own copies), `fetch` (restores).
+//!
+//! Chunks travel and are stored as blobs (`crate::blob`): the sealed bytes signed by the
+//! owner site. The engine checks the signature of every blob it receives and of every
+//! copy it reads from its own disk, and never stores, serves or pushes one that fails.
 
+mod audit;
 mod fetch;
 mod gossip;
+mod guard;
 mod membership;
 pub mod message;
 mod pull;
 mod replication;
+mod scrub;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{BTreeMap, VecDeque};
 
@@ -24,12 +35,18 @@ use crate::ids::ChunkId;
 use crate::record::{validate, Record, RecordError, TrustView};
 use crate::rng::Rng;
 
+pub use audit::{
+    AUDITS_IN_FLIGHT_MAX, AUDIT_ANSWERS_PER_PEER_MAX, AUDIT_EXCLUSION_MS, AUDIT_FAILURE_POINTS,
+    AUDIT_PASS_POINTS, AUDIT_POINTS_MAX,
+};
 pub use fetch::{FetchError, FETCHES_MAX};
+pub use guard::{CUT_OFF_MS, STRIKES_MAX, STRIKE_MEMORY_MS};
 use membership::Peer;
 pub use membership::PeerState;
 pub use message::Message;
 pub use pull::PULLS_PER_SOURCE_MAX;
 use replication::{Held, PendingSnapshot, PushQueue, ReadPurpose};
+pub use scrub::SCRUB_READ_INTERVAL_MIN_MS;
 
 /// How many peers one engine tracks.
 pub const PEERS_MAX: usize = 4096;
@@ -60,8 +77,13 @@ pub struct EngineConfig {
     /// How long a copy beyond R is kept before it is deleted (only once every target
     /// confirmed it holds the chunk).
     pub trim_grace_ms: u64,
-    /// How long a push or fetch waits for an answer before giving up on that peer.
+    /// How long a push, fetch or audit waits for an answer before giving up on that peer.
     pub request_timeout_ms: u64,
+    /// How often this node audits one co-holder of one chunk it holds itself.
+    pub audit_interval_ms: u64,
+    /// How long one pass of the scrub (re-reading every chunk this node holds) takes; the
+    /// reads are spread evenly, at most one per `SCRUB_READ_INTERVAL_MIN_MS`.
+    pub scrub_period_ms: u64,
 }
 
 impl Default for EngineConfig {
@@ -76,11 +98,14 @@ impl Default for EngineConfig {
             pushes_in_flight_max: 32,
             trim_grace_ms: 3_600_000,
             request_timeout_ms: 60_000,
+            audit_interval_ms: 300_000,
+            scrub_period_ms: 7 * 24 * 3_600_000,
         }
     }
 }
 
-/// A chunk as the engine knows it: whose it is, its id, and its sealed size.
+/// A chunk as the engine knows it: whose it is, its id, and its size as a blob (the
+/// sealed bytes and the owner's signature).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ChunkRef {
     pub owner: SiteId,
@@ -91,14 +116,16 @@ pub struct ChunkRef {
 /// What the caller must do to the node's disk.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum StorageOp {
-    /// Store a sealed chunk durably, then call `handle_write_done(op, ..)`.
+    /// Store a chunk's blob durably, as it is, then call `handle_write_done(op, ..)`. The
+    /// engine has checked the owner's signature.
     Write {
         op: u64,
         owner: SiteId,
         id: ChunkId,
         sealed: Vec<u8>,
     },
-    /// Read a sealed chunk, then call `handle_read_done(op, ..)`.
+    /// Read a chunk's blob, then call `handle_read_done(op, ..)`. For this site's own
+    /// chunks the caller signs the sealed bytes it reads (`crate::blob::sign_blob`).
     Read {
         op: u64,
         id: ChunkId,
@@ -131,15 +158,18 @@ pub enum Event {
         to: NodeId,
         id: ChunkId,
     },
-    /// This node's copy of a chunk could not be read back; it is forgotten so repair
-    /// brings it back from another site.
+    /// This node's copy of a chunk could not be read back, or no longer matches its
+    /// owner's signature; it is forgotten (and a damaged copy deleted) so repair brings it
+    /// back from another site.
     ChunkLost {
         id: ChunkId,
     },
     Trimmed {
         id: ChunkId,
     },
-    /// A fetched chunk; the caller checks it and, if bad, fetches again excluding `from`.
+    /// A fetched chunk: its sealed bytes, the owner's signature checked and removed. The
+    /// caller opens them with the vault key and, if they do not open, fetches again
+    /// excluding `from`.
     Fetched {
         owner: SiteId,
         id: ChunkId,
@@ -159,6 +189,67 @@ pub enum Event {
     MessageRefused {
         from: NodeId,
     },
+    /// A message (or a record or blob in it) from a peer failed a check: malformed,
+    /// oversized, forged, or not the sender's to send. It changed nothing and counts as a
+    /// strike against the peer.
+    MessageDropped {
+        from: NodeId,
+        reason: String,
+    },
+    /// A peer reached `STRIKES_MAX` strikes: its messages are refused until `until_ms`.
+    PeerCutOff {
+        node: NodeId,
+        until_ms: u64,
+    },
+    /// A co-holder did not prove it holds a chunk.
+    AuditFailed {
+        node: NodeId,
+        id: ChunkId,
+        failure: AuditFailure,
+    },
+    /// A co-holder failed audits repeatedly (`AUDIT_POINTS_MAX`): this node places no
+    /// chunks on it until `until_ms`, so its chunks are copied elsewhere.
+    HolderExcluded {
+        node: NodeId,
+        until_ms: u64,
+    },
+}
+
+/// How an audit failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AuditFailure {
+    /// The proof did not match this node's own copy.
+    Wrong,
+    /// The holder said it does not have the chunk.
+    Missing,
+    /// No answer within `request_timeout_ms`.
+    Late,
+}
+
+/// What this engine counted since it started, for reports and metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EngineCounters {
+    /// Messages that failed a check (each one a strike; `Event::MessageDropped`).
+    pub messages_dropped: u64,
+    /// Messages refused unread: from unknown or untrusted nodes, or peers cut off.
+    pub messages_refused: u64,
+    /// Times a peer was cut off (`Event::PeerCutOff`).
+    pub peers_cut_off: u64,
+    /// Blobs from peers (pushes, fetch replies) whose signature did not hold.
+    pub bad_blobs_received: u64,
+    /// Records from peers that failed validation (`Event::RecordRejected`).
+    pub records_rejected: u64,
+    pub audits_sent: u64,
+    pub audits_passed: u64,
+    pub audits_failed: u64,
+    /// Audits of this node's copies it answered with a proof.
+    pub audits_answered: u64,
+    /// Times a holder was excluded from placement (`Event::HolderExcluded`).
+    pub holders_excluded: u64,
+    pub scrub_reads: u64,
+    /// Copies on this node's disk found damaged (by the scrub, an audit, a push or a
+    /// fetch reading them).
+    pub corrupt_chunks_found: u64,
 }
 
 /// One node's replication state machine.
@@ -204,6 +295,20 @@ pub struct Engine {
     /// When extra copies and unconfirmed snapshot chunks are next re-offered or trimmed
     /// (every quarter of the request timeout).
     next_tidy_ms: u64,
+    /// The audit in flight to each co-holder (at most one each).
+    audits: BTreeMap<NodeId, audit::PendingAudit>,
+    /// The sync root each co-holder last sent for the chunks of an owner we should both
+    /// hold: equal to ours, it is the peer's claim to hold every one of them.
+    their_roots: BTreeMap<(NodeId, SiteId), u64>,
+    next_audit_ms: u64,
+    /// The last chunk picked for an audit.
+    audit_cursor: Option<ChunkId>,
+    next_scrub_ms: u64,
+    /// The last chunk the scrub read.
+    scrub_cursor: Option<ChunkId>,
+    /// The earliest end of a cut-off or placement exclusion (`u64::MAX`: none).
+    next_penalty_end_ms: u64,
+    counters: EngineCounters,
     transmits: VecDeque<(NodeId, Message)>,
     storage: VecDeque<StorageOp>,
     events: VecDeque<Event>,
@@ -217,6 +322,8 @@ impl Engine {
         // Spread the first rounds so engines started together do not beat in lockstep.
         let next_gossip_ms = now_ms + rng.below(config.gossip_interval_ms.max(1));
         let next_sync_ms = now_ms + rng.below(config.sync_interval_ms.max(1));
+        let next_audit_ms = now_ms + rng.below(config.audit_interval_ms.max(1));
+        let next_scrub_ms = now_ms + SCRUB_READ_INTERVAL_MIN_MS;
         Engine {
             trust: Catalog::default().trust(site),
             pushes: PushQueue::new(config.push_bytes_per_sec, now_ms),
@@ -245,6 +352,14 @@ impl Engine {
             next_gossip_ms,
             next_sync_ms,
             next_tidy_ms: now_ms,
+            audits: BTreeMap::new(),
+            their_roots: BTreeMap::new(),
+            next_audit_ms,
+            audit_cursor: None,
+            next_scrub_ms,
+            scrub_cursor: None,
+            next_penalty_end_ms: u64::MAX,
+            counters: EngineCounters::default(),
             transmits: VecDeque::new(),
             storage: VecDeque::new(),
             events: VecDeque::new(),
@@ -298,6 +413,24 @@ impl Engine {
 
     pub fn pending_snapshots(&self) -> usize {
         self.pending_snapshots.len()
+    }
+
+    pub fn counters(&self) -> EngineCounters {
+        self.counters
+    }
+
+    /// True while messages from `node` are refused for sending bad ones.
+    pub fn is_cut_off(&self, node: &NodeId) -> bool {
+        self.peers
+            .get(node)
+            .is_some_and(|p| p.is_cut_off(self.now_ms))
+    }
+
+    /// True while `node` is left out of placement for failing audits.
+    pub fn is_excluded(&self, node: &NodeId) -> bool {
+        self.peers
+            .get(node)
+            .is_some_and(|p| p.is_excluded(self.now_ms))
     }
 
     // ---- inputs -------------------------------------------------------------------
@@ -364,14 +497,43 @@ impl Engine {
         Ok(())
     }
 
+    /// A message as it came off the wire: refused unread from a node that is not a
+    /// trusted peer or is cut off, dropped (a strike) when oversized or malformed, and
+    /// otherwise handled as `handle_message`.
+    pub fn handle_message_bytes(&mut self, from: NodeId, bytes: &[u8], now_ms: u64) {
+        self.now_ms = self.now_ms.max(now_ms);
+        if !self.admits(from) {
+            return;
+        }
+        if bytes.len() > message::MESSAGE_BYTES_MAX {
+            self.strike(
+                from,
+                format!(
+                    "message of {} bytes, over the limit of {}",
+                    bytes.len(),
+                    message::MESSAGE_BYTES_MAX
+                ),
+            );
+        } else {
+            match Message::decode(bytes) {
+                Ok(message) => return self.handle_message(from, message, now_ms),
+                Err(error) => self.strike(from, format!("malformed message: {error}")),
+            }
+        }
+        self.after_input(now_ms);
+    }
+
+    /// A decoded message. It is checked (`guard`) before it changes anything: from a
+    /// node that is not a trusted peer, or one cut off, it is refused; one that breaks a
+    /// rule is dropped and counts against its sender.
     pub fn handle_message(&mut self, from: NodeId, message: Message, now_ms: u64) {
         self.now_ms = self.now_ms.max(now_ms);
-        let Some(peer_site) = self.peers.get(&from).map(|p| p.site) else {
-            self.push_event(Event::MessageRefused { from });
+        if !self.admits(from) {
             return;
-        };
-        if !self.trust.is_trusted(&peer_site) {
-            self.push_event(Event::MessageRefused { from });
+        }
+        if let Err(reason) = self.check_message(from, &message) {
+            self.strike(from, reason);
+            self.after_input(now_ms);
             return;
         }
         self.heard_from(from, now_ms);
@@ -382,12 +544,7 @@ impl Engine {
                 reply,
             } => self.on_gossip(from, beats, digests, reply, now_ms),
             Message::Entries { author, entries } => self.on_entries(from, author, entries),
-            Message::Records { records } => {
-                for record in records {
-                    // A failure here is reported as an event; the rest still merge.
-                    let _ = self.accept_record(record, from, now_ms);
-                }
-            }
+            Message::Records { records } => self.on_records(from, records, now_ms),
             Message::Want { author, keys } => self.on_want(from, author, keys),
             Message::Offer { owner, ids } => self.on_offer(from, owner, ids),
             Message::Need { owner, need, have } => self.on_need(from, owner, need, have),
@@ -409,6 +566,13 @@ impl Engine {
             Message::FetchReply { owner, id, sealed } => {
                 self.on_fetch_reply(from, owner, id, sealed, now_ms)
             }
+            Message::Audit { owner, id, nonce } => self.on_audit(from, owner, id, nonce),
+            Message::AuditReply {
+                owner,
+                id,
+                nonce,
+                proof,
+            } => self.on_audit_reply(from, owner, id, nonce, proof),
         }
         self.after_input(now_ms);
     }
@@ -416,6 +580,7 @@ impl Engine {
     pub fn handle_timeout(&mut self, now_ms: u64) {
         self.now_ms = self.now_ms.max(now_ms);
         self.check_liveness(now_ms);
+        self.end_penalties(now_ms);
         if now_ms >= self.next_gossip_ms {
             self.next_gossip_ms = now_ms + self.config.gossip_interval_ms;
             self.gossip_round(now_ms);
@@ -424,7 +589,16 @@ impl Engine {
             self.next_sync_ms = now_ms + self.config.sync_interval_ms;
             self.sync_round(now_ms);
         }
+        if now_ms >= self.next_audit_ms {
+            self.next_audit_ms = now_ms + self.config.audit_interval_ms.max(1);
+            self.start_audit(now_ms);
+        }
+        if now_ms >= self.next_scrub_ms {
+            self.next_scrub_ms = now_ms + self.scrub_read_interval_ms();
+            self.scrub_next();
+        }
         self.expire_fetches(now_ms);
+        self.expire_audits(now_ms);
         self.after_input(now_ms);
     }
 
@@ -436,7 +610,8 @@ impl Engine {
         self.after_input(now_ms);
     }
 
-    /// `sealed` is `None` when the chunk could not be read or no longer opens.
+    /// `sealed` is the chunk's blob as read, or `None` when it could not be read. The
+    /// engine checks the blob's signature before using it.
     pub fn handle_read_done(&mut self, op: u64, sealed: Option<Vec<u8>>, now_ms: u64) {
         self.now_ms = self.now_ms.max(now_ms);
         if let Some((purpose, id)) = self.reads.remove(&op) {
@@ -461,7 +636,14 @@ impl Engine {
 
     /// When `handle_timeout` must next be called.
     pub fn poll_timeout(&self) -> u64 {
-        let mut next = self.next_gossip_ms.min(self.next_sync_ms);
+        let mut next = self
+            .next_gossip_ms
+            .min(self.next_sync_ms)
+            .min(self.next_audit_ms)
+            .min(self.next_scrub_ms);
+        if let Some(at) = self.audits.values().map(|a| a.deadline_ms).min() {
+            next = next.min(at);
+        }
         if let Some(at) = self.pushes.ready_at() {
             next = next.min(at);
         }
@@ -519,6 +701,7 @@ impl Engine {
     ) -> Result<(), RecordError> {
         if let Err(error) = validate(&record, &self.trust) {
             if from != self.node {
+                self.counters.records_rejected += 1;
                 self.push_event(Event::RecordRejected {
                     from,
                     error: error.to_string(),
@@ -526,6 +709,45 @@ impl Engine {
             }
             return Err(error);
         }
+        self.merge_valid_record(record, from, now_ms)
+    }
+
+    /// Records a peer relayed. A record from an author this node does not trust is
+    /// refused (trust differs between sites, so an honest peer may send one); a record
+    /// that fails any check independent of trust (signature, body, author's right to
+    /// state it) can only come from a forger, and counts as one strike per message.
+    fn on_records(&mut self, from: NodeId, records: Vec<Record>, now_ms: u64) {
+        let mut forged = None;
+        for record in records {
+            match validate(&record, &self.trust) {
+                Ok(()) => {
+                    // Only "catalog full" fails here; it is not the sender's fault.
+                    let _ = self.merge_valid_record(record, from, now_ms);
+                }
+                Err(error) => {
+                    self.counters.records_rejected += 1;
+                    if !matches!(error, RecordError::UntrustedAuthor(_)) {
+                        forged.get_or_insert_with(|| error.to_string());
+                    }
+                    self.push_event(Event::RecordRejected {
+                        from,
+                        error: error.to_string(),
+                    });
+                }
+            }
+        }
+        if let Some(reason) = forged {
+            self.strike(from, format!("forged or invalid record: {reason}"));
+        }
+    }
+
+    /// Merges a record `validate` accepted.
+    fn merge_valid_record(
+        &mut self,
+        record: Record,
+        from: NodeId,
+        now_ms: u64,
+    ) -> Result<(), RecordError> {
         let kind = record.kind;
         match self.catalog.insert(record.clone()) {
             Insert::New | Insert::Replaced => {

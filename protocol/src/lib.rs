@@ -5,7 +5,8 @@
 //! The modules follow the data path of a backup: `chunk` cuts an image into pieces and names
 //! them, `seal` compresses and encrypts each piece, `manifest` records the ordered list of
 //! pieces as a tree of sealed nodes, and `snapshot` is the small record that points at a
-//! manifest root.
+//! manifest root. `blob` is a sealed chunk as the mesh carries it: signed by its owner
+//! site, so holders without the vault key can check it.
 //!
 //! Identity and trust: `identity` names sites and nodes (and prints their ids so people can
 //! read them aloud, via `humanid`), `record` is the signed, versioned fact the catalog will
@@ -18,6 +19,7 @@
 //! and `engine` is the sans-IO state machine that gossips, detects failures, replicates,
 //! repairs and trims; `rng` is the seeded generator it and the simulator draw from.
 
+pub mod blob;
 pub mod catalog;
 pub mod chunk;
 pub mod codec;

@@ -884,5 +884,7 @@ pub fn message_type(message: &Message) -> &'static str {
         Message::SyncIds { .. } => "sync-ids",
         Message::Fetch { .. } => "fetch",
         Message::FetchReply { .. } => "fetch-reply",
+        Message::Audit { .. } => "audit",
+        Message::AuditReply { .. } => "audit-reply",
     }
 }

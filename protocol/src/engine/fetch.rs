@@ -1,11 +1,14 @@
 //! Restores: fetching a chunk from the mesh. The local copy first; otherwise the chunk's
 //! placement targets, then every other node that may hold the owner's chunks, one at a
-//! time with a timeout each. The caller checks the bytes (only it has the vault key) and
-//! asks again, excluding the node that sent bad ones.
+//! time with a timeout each. The engine checks the owner's signature on every blob it gets
+//! (a bad one is a strike, and the next holder is asked); the caller opens the sealed
+//! bytes (only it has the vault key) and asks again, excluding a node whose bytes do not
+//! open.
 
 use super::message::Message;
 use super::replication::ReadPurpose;
 use super::{Engine, Event, PeerState, StorageOp};
+use crate::blob::verify_blob;
 use crate::identity::{NodeId, SiteId};
 use crate::ids::ChunkId;
 
@@ -95,7 +98,7 @@ impl Engine {
             if self
                 .peers
                 .get(&node)
-                .is_none_or(|p| p.state == PeerState::Dead)
+                .is_none_or(|p| p.state == PeerState::Dead || p.is_cut_off(now_ms))
             {
                 continue;
             }
@@ -139,8 +142,12 @@ impl Engine {
         if fetch.asked != Some(from) || fetch.owner != owner {
             return; // a late answer from a node already given up on
         }
-        match sealed {
+        let Some(blob) = sealed else {
+            return self.fetch_remote(owner, id, now_ms);
+        };
+        match verify_blob(&owner, &id, &blob) {
             Some(sealed) => {
+                let sealed = sealed.to_vec();
                 self.fetches.remove(&id);
                 self.push_event(Event::Fetched {
                     owner,
@@ -149,7 +156,15 @@ impl Engine {
                     sealed,
                 });
             }
-            None => self.fetch_remote(owner, id, now_ms),
+            None => {
+                // Not the owner's chunk: never handed on; the next holder is asked.
+                self.counters.bad_blobs_received += 1;
+                self.strike(
+                    from,
+                    format!("fetch reply for chunk {id:?} with a bad signature"),
+                );
+                self.fetch_remote(owner, id, now_ms);
+            }
         }
     }
 

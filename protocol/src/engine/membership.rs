@@ -27,6 +27,27 @@ pub(super) struct Peer {
     /// When that heartbeat arrived, on this node's clock.
     pub heard_at_ms: u64,
     pub state: PeerState,
+    /// Messages that failed a check recently (`guard`), and when the last one came.
+    pub strikes: u32,
+    pub last_strike_ms: u64,
+    /// Until then every message from the peer is refused unread (0: not cut off).
+    pub cut_off_until_ms: u64,
+    /// Audit failures weigh more than passes earn back (`audit`); at
+    /// `AUDIT_POINTS_MAX` the peer is no longer placed on until `excluded_until_ms`.
+    pub audit_points: u32,
+    pub excluded_until_ms: u64,
+    /// The peer's audits this node is reading its copy to answer.
+    pub audits_answering: u32,
+}
+
+impl Peer {
+    pub fn is_cut_off(&self, now_ms: u64) -> bool {
+        now_ms < self.cut_off_until_ms
+    }
+
+    pub fn is_excluded(&self, now_ms: u64) -> bool {
+        now_ms < self.excluded_until_ms
+    }
 }
 
 impl Engine {
@@ -50,6 +71,12 @@ impl Engine {
                 beat_ms: 0,
                 heard_at_ms: now_ms,
                 state: PeerState::Live,
+                strikes: 0,
+                last_strike_ms: 0,
+                cut_off_until_ms: 0,
+                audit_points: 0,
+                excluded_until_ms: 0,
+                audits_answering: 0,
             });
             peer.site = site;
             peer.capacity_bytes = capacity_bytes;
@@ -154,9 +181,11 @@ impl Engine {
     /// A random peer to gossip with: usually a live one, sometimes a dead one, so two
     /// halves of a healed partition find each other again.
     pub(super) fn gossip_target(&mut self) -> Option<NodeId> {
+        let now_ms = self.now_ms;
         let (alive, dead): (Vec<(&NodeId, &super::Peer)>, Vec<_>) = self
             .peers
             .iter()
+            .filter(|(_, p)| !p.is_cut_off(now_ms))
             .partition(|(_, p)| p.state != PeerState::Dead);
         let pool: Vec<NodeId> = if !dead.is_empty() && (alive.is_empty() || self.rng.below(8) == 0)
         {

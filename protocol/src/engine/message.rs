@@ -6,8 +6,8 @@
 //! order of the enum below, lists as `u32 count | items`, byte strings as
 //! `u32 length | bytes`.
 
+use crate::blob::BLOB_BYTES_MAX;
 use crate::catalog::Entry;
-use crate::chunk::CHUNK_BYTES_MAX;
 use crate::codec::{DecodeError, Reader, Writer};
 use crate::identity::{NodeId, SiteId};
 use crate::ids::ChunkId;
@@ -21,8 +21,13 @@ pub const DIGESTS_PER_MESSAGE_MAX: usize = 1024;
 pub const ENTRIES_PER_MESSAGE_MAX: usize = 8192;
 pub const RECORDS_PER_MESSAGE_MAX: usize = 256;
 pub const IDS_PER_MESSAGE_MAX: usize = 4096;
-/// A sealed chunk: the largest plaintext chunk plus sealing overhead.
-pub const SEALED_BYTES_MAX: usize = CHUNK_BYTES_MAX + 1024;
+/// The largest chunk body a message carries: a blob (sealed bytes and the owner's
+/// signature, see `crate::blob`).
+pub const SEALED_BYTES_MAX: usize = BLOB_BYTES_MAX;
+/// The largest encoded message a node accepts; anything longer is dropped unread and
+/// counts against its sender. The largest honest message is a push of the largest blob
+/// (a `Records` of 256 full records is about 4.3 MB).
+pub const MESSAGE_BYTES_MAX: usize = BLOB_BYTES_MAX + 1024;
 
 /// A node's heartbeat: the node's clock when it last said it was alive. The node is
 /// named by the first bytes of its id, which is plenty to tell peers apart and keeps a
@@ -72,9 +77,10 @@ pub enum Message {
         need: Vec<ChunkId>,
         have: Vec<ChunkId>,
     },
-    /// A chunk for the receiver to store. `size_bytes` is the sealed size the receiver
-    /// charges to the owner's quota; the body may not be longer (the simulator sends short
-    /// stand-in bodies for chunks of real sizes).
+    /// A chunk for the receiver to store, as a blob (`crate::blob`): the receiver checks
+    /// the owner's signature before storing it. `size_bytes` is the blob's size the
+    /// receiver charges to the owner's quota; the body may not be longer (the simulator
+    /// sends short stand-in bodies for chunks of real sizes).
     Push {
         owner: SiteId,
         id: ChunkId,
@@ -103,10 +109,26 @@ pub enum Message {
         owner: SiteId,
         id: ChunkId,
     },
+    /// The chunk's blob, or `None` when the sender does not have it.
     FetchReply {
         owner: SiteId,
         id: ChunkId,
         sealed: Option<Vec<u8>>,
+    },
+    /// "Prove you hold chunk `id` of `owner`": the receiver answers with
+    /// `crate::blob::audit_proof` over this fresh nonce and its sealed bytes.
+    Audit {
+        owner: SiteId,
+        id: ChunkId,
+        nonce: [u8; 32],
+    },
+    /// The answer to an `Audit`; `proof` is `None` when the receiver does not hold the
+    /// chunk (or found its copy damaged).
+    AuditReply {
+        owner: SiteId,
+        id: ChunkId,
+        nonce: [u8; 32],
+        proof: Option<[u8; 32]>,
     },
 }
 
@@ -218,11 +240,47 @@ impl Message {
                     }
                 }
             }
+            Message::Audit { owner, id, nonce } => {
+                w.u8(13);
+                w.array(&owner.0);
+                w.array(&id.0);
+                w.array(nonce);
+            }
+            Message::AuditReply {
+                owner,
+                id,
+                nonce,
+                proof,
+            } => {
+                w.u8(14);
+                w.array(&owner.0);
+                w.array(&id.0);
+                w.array(nonce);
+                match proof {
+                    None => w.u8(0),
+                    Some(proof) => {
+                        w.u8(1);
+                        w.array(proof);
+                    }
+                }
+            }
         }
-        w.finish()
+        let bytes = w.finish();
+        assert!(
+            bytes.len() <= MESSAGE_BYTES_MAX,
+            "callers bound what a message carries"
+        );
+        bytes
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Message, DecodeError> {
+        if bytes.len() > MESSAGE_BYTES_MAX {
+            return Err(DecodeError::TooMany {
+                what: "message bytes",
+                count: bytes.len() as u64,
+                max: MESSAGE_BYTES_MAX as u64,
+            });
+        }
         let mut r = Reader::new(bytes);
         r.version("message", MESSAGE_VERSION)?;
         let message = match r.u8()? {
@@ -304,6 +362,21 @@ impl Message {
                     0 => None,
                     1 => Some(get_bytes(&mut r, SEALED_BYTES_MAX)?.to_vec()),
                     other => return Err(invalid("fetch reply", format!("flag {other}"))),
+                },
+            },
+            13 => Message::Audit {
+                owner: SiteId(r.array()?),
+                id: ChunkId(r.array()?),
+                nonce: r.array()?,
+            },
+            14 => Message::AuditReply {
+                owner: SiteId(r.array()?),
+                id: ChunkId(r.array()?),
+                nonce: r.array()?,
+                proof: match r.u8()? {
+                    0 => None,
+                    1 => Some(r.array()?),
+                    other => return Err(invalid("audit reply", format!("flag {other}"))),
                 },
             },
             other => return Err(invalid("message type", format!("unknown type {other}"))),
@@ -450,6 +523,19 @@ mod tests {
                     id: ChunkId(id),
                     sealed
                 }),
+            (arb_id(), arb_id(), arb_id()).prop_map(|(o, id, nonce)| Message::Audit {
+                owner: SiteId(o),
+                id: ChunkId(id),
+                nonce
+            }),
+            (arb_id(), arb_id(), arb_id(), prop::option::of(arb_id())).prop_map(
+                |(o, id, nonce, proof)| Message::AuditReply {
+                    owner: SiteId(o),
+                    id: ChunkId(id),
+                    nonce,
+                    proof
+                }
+            ),
             (arb_id(), 1u8..=4, arb_id(), any::<u64>(), any::<u64>()).prop_map(
                 |(a, k, key, version, tag)| Message::Entries {
                     author: SiteId(a),
@@ -481,6 +567,34 @@ mod tests {
             let cut = cut.index(bytes.len());
             prop_assert!(Message::decode(&bytes[..cut]).is_err());
         }
+    }
+
+    #[test]
+    fn an_oversized_message_or_chunk_body_is_refused() {
+        let too_long = vec![0u8; MESSAGE_BYTES_MAX + 1];
+        assert!(matches!(
+            Message::decode(&too_long),
+            Err(DecodeError::TooMany { .. })
+        ));
+        // A push claiming a body one byte over the largest blob.
+        let mut w = Writer::default();
+        w.u8(MESSAGE_VERSION);
+        w.u8(7);
+        w.array(&[0; 32]);
+        w.array(&[0; 32]);
+        w.u64(0);
+        w.u32(BLOB_BYTES_MAX as u32 + 1);
+        assert!(matches!(
+            Message::decode(&w.finish()),
+            Err(DecodeError::TooMany { .. })
+        ));
+        // An audit reply with a flag that is neither 0 nor 1.
+        let mut w = Writer::default();
+        w.u8(MESSAGE_VERSION);
+        w.u8(14);
+        w.array(&[0; 96]);
+        w.u8(2);
+        assert!(Message::decode(&w.finish()).is_err());
     }
 
     #[test]

@@ -23,6 +23,7 @@ use super::{
     chunk_hash, partition_of, partition_start, ChunkRef, Engine, Event, PeerState, StorageOp,
     HELD_CHUNKS_MAX, PENDING_SNAPSHOTS_MAX,
 };
+use crate::blob::verify_blob;
 use crate::identity::{NodeId, SiteId};
 use crate::ids::ChunkId;
 use crate::placement::{self, Candidate, SiteNodes};
@@ -53,9 +54,28 @@ pub(super) struct PendingSnapshot {
 
 #[derive(Clone, Debug)]
 pub(super) enum ReadPurpose {
-    Push { to: NodeId },
-    Serve { to: NodeId, owner: SiteId },
-    Fetch { owner: SiteId },
+    Push {
+        to: NodeId,
+    },
+    Serve {
+        to: NodeId,
+        owner: SiteId,
+    },
+    Fetch {
+        owner: SiteId,
+    },
+    /// This node's copy, to check it is still good.
+    Scrub,
+    /// This node's copy, to know what `to` must answer to an audit.
+    Audit {
+        to: NodeId,
+    },
+    /// This node's copy, to answer an audit from `to`.
+    AuditAnswer {
+        to: NodeId,
+        owner: SiteId,
+        nonce: [u8; 32],
+    },
 }
 
 /// Per owner: the sites that may hold its chunks and their nodes that are not dead.
@@ -205,6 +225,7 @@ impl Engine {
             .collect();
         self.placement = Placement { by_owner };
         self.pair_digests.clear();
+        self.their_roots.clear();
         self.excess.clear();
         let ids: Vec<ChunkId> = self.held.keys().copied().collect();
         for id in ids {
@@ -237,12 +258,14 @@ impl Engine {
             .collect()
     }
 
-    /// This site's nodes (with this one) or a partner's, those not declared dead.
+    /// This site's nodes (with this one) or a partner's, those not declared dead and not
+    /// excluded for failing audits.
     fn placeable_nodes(&self, site: SiteId) -> Vec<Candidate<NodeId>> {
+        let now_ms = self.now_ms;
         let mut nodes: Vec<Candidate<NodeId>> = self
             .peers
             .iter()
-            .filter(|(_, p)| p.site == site && p.state != PeerState::Dead)
+            .filter(|(_, p)| p.site == site && p.state != PeerState::Dead && !p.is_excluded(now_ms))
             .map(|(id, p)| Candidate {
                 id: *id,
                 key: id.0,
@@ -291,7 +314,7 @@ impl Engine {
         }
     }
 
-    fn offer(&mut self, to: NodeId, owner: SiteId, id: ChunkId) {
+    pub(super) fn offer(&mut self, to: NodeId, owner: SiteId, id: ChunkId) {
         if let Some(held) = self.held.get_mut(&id) {
             held.offered_at_ms = Some(self.now_ms);
         }
@@ -407,6 +430,21 @@ impl Engine {
         for id in have {
             self.confirm(from, &id);
         }
+        if need.is_empty() {
+            return;
+        }
+        // Chunks go only to sites that may hold the owner's chunks (this node's view).
+        let from_site = self.peers.get(&from).map(|p| p.site);
+        let may_hold = from_site == Some(owner)
+            || self
+                .catalog
+                .storers_for(owner)
+                .iter()
+                .any(|(site, _)| Some(*site) == from_site);
+        if !may_hold {
+            self.counters.messages_refused += 1;
+            return;
+        }
         for id in need {
             if self.held.get(&id).is_some_and(|h| h.owner == owner) {
                 self.queue_push(from, id);
@@ -441,6 +479,23 @@ impl Engine {
             && self.writes.len() < WRITES_IN_FLIGHT_MAX
             && self.quota_left(&owner) >= size_bytes;
         if !fits {
+            self.send(
+                from,
+                Message::PushAck {
+                    owner,
+                    id,
+                    stored: false,
+                },
+            );
+            return;
+        }
+        // The bytes must be the owner's chunk `id` before they are stored; a holder
+        // cannot open them, but it can check the owner's signature.
+        if verify_blob(&owner, &id, &sealed).is_none() {
+            self.counters.bad_blobs_received += 1;
+            // The request goes back to the pool when it times out, and the other holders
+            // are asked first.
+            self.strike(from, format!("push of chunk {id:?} with a bad signature"));
             self.send(
                 from,
                 Message::PushAck {
@@ -509,6 +564,9 @@ impl Engine {
             .copied()
             .unwrap_or([0; PARTITIONS]);
         if digests.len() == 1 {
+            if self.pair_digests.contains_key(&(from, owner)) {
+                self.their_roots.insert((from, owner), digests[0]);
+            }
             if digests[0] != root_of(&mine) {
                 self.send(
                     from,
@@ -633,7 +691,7 @@ impl Engine {
             if self
                 .peers
                 .get(&to)
-                .is_none_or(|p| p.state == PeerState::Dead)
+                .is_none_or(|p| p.state == PeerState::Dead || p.is_cut_off(now_ms))
             {
                 continue;
             }
@@ -647,38 +705,36 @@ impl Engine {
         }
     }
 
+    /// A read of this node's own copy finished. The blob is checked against its owner's
+    /// signature before anything uses it: a copy that cannot be read or fails the check is
+    /// lost (a damaged one deleted), and is never pushed, served or audited from.
     pub(super) fn read_done(
         &mut self,
         purpose: ReadPurpose,
         id: ChunkId,
-        sealed: Option<Vec<u8>>,
+        blob: Option<Vec<u8>>,
         now_ms: u64,
     ) {
-        let Some(sealed) = sealed else {
-            if let ReadPurpose::Push { to } = purpose {
-                self.pushes.in_flight.remove(&(to, id));
-            }
-            if self.held.contains_key(&id) {
+        let held = self.held.get(&id).map(|h| (h.owner, h.size_bytes));
+        let good = match (&blob, held) {
+            (Some(blob), Some((owner, _))) => verify_blob(&owner, &id, blob).is_some(),
+            _ => false,
+        };
+        if !good {
+            if let Some((owner, _)) = held {
                 self.unhold(&id);
+                if blob.is_some() {
+                    self.counters.corrupt_chunks_found += 1;
+                    self.push_storage(StorageOp::Delete { owner, id });
+                }
                 self.push_event(Event::ChunkLost { id });
             }
-            match purpose {
-                ReadPurpose::Serve { to, owner } => self.send(
-                    to,
-                    Message::FetchReply {
-                        owner,
-                        id,
-                        sealed: None,
-                    },
-                ),
-                ReadPurpose::Fetch { owner } => self.fetch_remote(owner, id, now_ms),
-                ReadPurpose::Push { .. } => {}
-            }
+            self.read_failed(purpose, id, now_ms);
             return;
-        };
-        let Some((owner, size_bytes)) = self.held.get(&id).map(|h| (h.owner, h.size_bytes)) else {
-            return;
-        };
+        }
+        let blob = blob.expect("checked good above");
+        let (owner, size_bytes) = held.expect("checked good above");
+        let sealed = || &blob[..blob.len() - crate::blob::BLOB_SIGNATURE_BYTES];
         match purpose {
             ReadPurpose::Push { to } => self.send(
                 to,
@@ -686,7 +742,7 @@ impl Engine {
                     owner,
                     id,
                     size_bytes,
-                    sealed,
+                    sealed: blob,
                 },
             ),
             ReadPurpose::Serve { to, owner } => self.send(
@@ -694,10 +750,11 @@ impl Engine {
                 Message::FetchReply {
                     owner,
                     id,
-                    sealed: Some(sealed),
+                    sealed: Some(blob),
                 },
             ),
             ReadPurpose::Fetch { owner } => {
+                let sealed = sealed().to_vec();
                 self.fetches.remove(&id);
                 self.push_event(Event::Fetched {
                     owner,
@@ -706,13 +763,41 @@ impl Engine {
                     sealed,
                 });
             }
+            ReadPurpose::Scrub => {}
+            ReadPurpose::Audit { to } => self.audit_read(to, id, sealed()),
+            ReadPurpose::AuditAnswer { to, owner, nonce } => {
+                self.answer_audit(to, owner, id, nonce, Some(sealed()))
+            }
+        }
+    }
+
+    /// What a read that found no good copy means for the one who asked for it.
+    fn read_failed(&mut self, purpose: ReadPurpose, id: ChunkId, now_ms: u64) {
+        match purpose {
+            ReadPurpose::Push { to } => {
+                self.pushes.in_flight.remove(&(to, id));
+            }
+            ReadPurpose::Serve { to, owner } => self.send(
+                to,
+                Message::FetchReply {
+                    owner,
+                    id,
+                    sealed: None,
+                },
+            ),
+            ReadPurpose::Fetch { owner } => self.fetch_remote(owner, id, now_ms),
+            ReadPurpose::Scrub => {}
+            ReadPurpose::Audit { to } => self.audit_read_failed(to, id),
+            ReadPurpose::AuditAnswer { to, owner, nonce } => {
+                self.answer_audit(to, owner, id, nonce, None)
+            }
         }
     }
 
     // ---- confirmations, snapshots, trims ------------------------------------------
 
     /// `node` said it holds `id`.
-    fn confirm(&mut self, node: NodeId, id: &ChunkId) {
+    pub(super) fn confirm(&mut self, node: NodeId, id: &ChunkId) {
         let Some(site) = self.peers.get(&node).map(|p| p.site) else {
             return;
         };
@@ -890,7 +975,7 @@ impl Engine {
 }
 
 /// The digest of a whole shared set: XOR of its partitions' digests.
-fn root_of(digests: &[u64; PARTITIONS]) -> u64 {
+pub(super) fn root_of(digests: &[u64; PARTITIONS]) -> u64 {
     digests.iter().fold(0, |acc, d| acc ^ d)
 }
 

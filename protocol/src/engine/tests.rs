@@ -1,0 +1,984 @@
+//! Engine tests: a few engines on an instant in-memory network, one node per site, with
+//! disks the tests can damage and peers the tests can make hostile.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use ed25519_dalek::SigningKey;
+
+use super::message::{Message, MESSAGE_BYTES_MAX, PARTITIONS};
+use super::*;
+use crate::blob::{sign_blob, verify_blob};
+use crate::record::{NodeCert, RecordKind, TrustGrant};
+
+struct TestSite {
+    key: SigningKey,
+    id: SiteId,
+}
+
+struct TestNode {
+    engine: Engine,
+    /// Blobs by id, as the node stores them.
+    disk: BTreeMap<ChunkId, Vec<u8>>,
+    events: Vec<Event>,
+}
+
+/// What a hostile node does to the audit answers it sends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Hostile {
+    WrongProofs,
+    Silent,
+}
+
+struct Net {
+    sites: Vec<TestSite>,
+    nodes: Vec<TestNode>,
+    records: Vec<Record>,
+    now_ms: u64,
+    queue: VecDeque<(usize, usize, Message)>,
+    hostile: BTreeMap<usize, Hostile>,
+    /// Every push delivered: (from, to, id, whether its blob verified).
+    pushes: Vec<(usize, usize, ChunkId, bool)>,
+}
+
+const QUOTA_BYTES: u64 = 1 << 40;
+
+fn test_config() -> EngineConfig {
+    EngineConfig {
+        replication_factor: 2,
+        audit_interval_ms: 1_000,
+        request_timeout_ms: 5_000,
+        // Scrub only where a test asks for it, so audits see the damage first.
+        scrub_period_ms: u64::MAX / 4,
+        ..EngineConfig::default()
+    }
+}
+
+fn site_key(i: usize) -> SigningKey {
+    SigningKey::from_bytes(&[i as u8 + 1; 32])
+}
+
+fn node_id(i: usize) -> NodeId {
+    NodeId([0x80 + i as u8; 32])
+}
+
+fn grant(author: &SigningKey, grantee: SiteId, version: u64, revoked: bool) -> Record {
+    let body = TrustGrant {
+        grantee,
+        quota_bytes: if revoked { 0 } else { QUOTA_BYTES },
+        revoked,
+    }
+    .encode();
+    Record::sign(author, RecordKind::TrustGrant, grantee.0, version, body)
+}
+
+fn node_cert(key: &SigningKey, node: NodeId) -> Record {
+    let cert = NodeCert {
+        node,
+        site: SiteId(key.verifying_key().to_bytes()),
+        name: "test node".into(),
+        addresses: Vec::new(),
+        capacity_bytes: 1 << 40,
+    };
+    Record::sign(key, RecordKind::NodeCert, node.0, 1, cert.encode())
+}
+
+impl Net {
+    /// `n_sites` sites of one node each, every pair granting the other storage.
+    fn new(n_sites: usize, config: EngineConfig) -> Net {
+        Net::with_configs(n_sites, |_| config.clone())
+    }
+
+    fn with_configs(n_sites: usize, config: impl Fn(usize) -> EngineConfig) -> Net {
+        let sites: Vec<TestSite> = (0..n_sites)
+            .map(|i| {
+                let key = site_key(i);
+                let id = SiteId(key.verifying_key().to_bytes());
+                TestSite { key, id }
+            })
+            .collect();
+        let mut records = Vec::new();
+        for (i, a) in sites.iter().enumerate() {
+            records.push(node_cert(&a.key, node_id(i)));
+            for b in &sites {
+                if a.id != b.id {
+                    records.push(grant(&a.key, b.id, 1, false));
+                }
+            }
+        }
+        let nodes = (0..n_sites)
+            .map(|i| {
+                let mut engine = Engine::new(config(i), node_id(i), sites[i].id, i as u64, 0);
+                engine.load_records(records.iter().cloned());
+                TestNode {
+                    engine,
+                    disk: BTreeMap::new(),
+                    events: Vec::new(),
+                }
+            })
+            .collect();
+        let mut net = Net {
+            sites,
+            nodes,
+            records,
+            now_ms: 0,
+            queue: VecDeque::new(),
+            hostile: BTreeMap::new(),
+            pushes: Vec::new(),
+        };
+        for i in 0..n_sites {
+            net.pump(i);
+        }
+        net
+    }
+
+    /// Carries out what node `i` asked for; the disk answers at once.
+    fn pump(&mut self, i: usize) {
+        loop {
+            let node = &mut self.nodes[i];
+            let mut writes = Vec::new();
+            let mut reads = Vec::new();
+            while let Some(op) = node.engine.poll_storage() {
+                match op {
+                    StorageOp::Write { op, id, sealed, .. } => {
+                        node.disk.insert(id, sealed);
+                        writes.push(op);
+                    }
+                    StorageOp::Read { op, id } => reads.push((op, node.disk.get(&id).cloned())),
+                    StorageOp::Delete { id, .. } => {
+                        node.disk.remove(&id);
+                    }
+                    StorageOp::SaveRecord(_) | StorageOp::DropRecord(_) => {}
+                }
+            }
+            while let Some(event) = node.engine.poll_event() {
+                node.events.push(event);
+            }
+            while let Some((to, message)) = node.engine.poll_transmit() {
+                let message = match (self.hostile.get(&i), message) {
+                    (Some(Hostile::Silent), Message::AuditReply { .. }) => continue,
+                    (
+                        Some(Hostile::WrongProofs),
+                        Message::AuditReply {
+                            owner,
+                            id,
+                            nonce,
+                            proof: Some(mut proof),
+                        },
+                    ) => {
+                        proof[0] ^= 1;
+                        Message::AuditReply {
+                            owner,
+                            id,
+                            nonce,
+                            proof: Some(proof),
+                        }
+                    }
+                    (_, message) => message,
+                };
+                let to = usize::from(to.0[0] - 0x80);
+                self.queue.push_back((i, to, message));
+            }
+            if writes.is_empty() && reads.is_empty() {
+                return;
+            }
+            let now_ms = self.now_ms;
+            let engine = &mut self.nodes[i].engine;
+            for op in writes {
+                engine.handle_write_done(op, true, now_ms);
+            }
+            for (op, blob) in reads {
+                engine.handle_read_done(op, blob, now_ms);
+            }
+        }
+    }
+
+    fn deliver_all(&mut self) {
+        let mut n = 0;
+        while let Some((from, to, message)) = self.queue.pop_front() {
+            n += 1;
+            assert!(n < 1_000_000, "the test network never quiets down");
+            if let Message::Push {
+                owner, id, sealed, ..
+            } = &message
+            {
+                let good = verify_blob(owner, id, sealed).is_some();
+                self.pushes.push((from, to, *id, good));
+            }
+            let now_ms = self.now_ms;
+            self.nodes[to]
+                .engine
+                .handle_message(node_id(from), message, now_ms);
+            self.pump(to);
+        }
+    }
+
+    /// Runs every timer due up to `until_ms`, delivering messages at once.
+    fn run_until(&mut self, until_ms: u64) {
+        loop {
+            self.deliver_all();
+            let next = self
+                .nodes
+                .iter()
+                .map(|n| n.engine.poll_timeout())
+                .min()
+                .expect("nodes");
+            if next > until_ms {
+                break;
+            }
+            self.now_ms = self.now_ms.max(next);
+            for i in 0..self.nodes.len() {
+                if self.nodes[i].engine.poll_timeout() <= self.now_ms {
+                    let now_ms = self.now_ms;
+                    self.nodes[i].engine.handle_timeout(now_ms);
+                    self.pump(i);
+                }
+            }
+        }
+        self.now_ms = until_ms;
+    }
+
+    fn run_for(&mut self, ms: u64) {
+        let until_ms = self.now_ms + ms;
+        self.run_until(until_ms);
+    }
+
+    /// A backup on node `i` (its site's only node): `n` chunks written to its disk as
+    /// blobs signed by its site, then handed to its engine as a snapshot.
+    fn backup(&mut self, i: usize, n: usize, seed: u8) -> Vec<ChunkRef> {
+        let key = self.sites[i].key.clone();
+        let owner = self.sites[i].id;
+        let mut chunks = Vec::new();
+        for c in 0..n {
+            let mut id = [0u8; 32];
+            id[0] = (c * 256 / n.max(1)) as u8;
+            id[1] = seed;
+            id[2] = i as u8;
+            id[3] = c as u8;
+            let id = ChunkId(*blake3::hash(&id).as_bytes());
+            let sealed = format!("sealed bytes of chunk {c} of site {i}, seed {seed}").into_bytes();
+            let blob = sign_blob(&key, &id, &sealed);
+            chunks.push(ChunkRef {
+                owner,
+                id,
+                size_bytes: blob.len() as u64,
+            });
+            self.nodes[i].disk.insert(id, blob);
+        }
+        let record = Record::sign(&key, RecordKind::Snapshot, [seed; 32], 1, vec![seed; 48]);
+        let now_ms = self.now_ms;
+        self.nodes[i]
+            .engine
+            .handle_new_snapshot(record, &chunks, now_ms)
+            .expect("the site's own snapshot record is valid");
+        self.pump(i);
+        chunks
+    }
+
+    fn holders(&self, id: &ChunkId) -> Vec<usize> {
+        (0..self.nodes.len())
+            .filter(|i| self.nodes[*i].disk.contains_key(id))
+            .collect()
+    }
+
+    fn events(&self, i: usize) -> &[Event] {
+        &self.nodes[i].events
+    }
+
+    fn counters(&self, i: usize) -> EngineCounters {
+        self.nodes[i].engine.counters()
+    }
+
+    /// Node `to` gets raw bytes from node `from`, as off the wire.
+    fn send_bytes(&mut self, from: usize, to: usize, bytes: &[u8]) {
+        let now_ms = self.now_ms;
+        self.nodes[to]
+            .engine
+            .handle_message_bytes(node_id(from), bytes, now_ms);
+        self.pump(to);
+    }
+
+    /// Node `to` gets a message from node `from`; returns what `to` sent back at once.
+    fn send(&mut self, from: usize, to: usize, message: Message) -> Vec<Message> {
+        let now_ms = self.now_ms;
+        self.nodes[to]
+            .engine
+            .handle_message(node_id(from), message, now_ms);
+        self.pump(to);
+        let mut answers = Vec::new();
+        self.queue.retain(|(sender, receiver, message)| {
+            if *sender == to && *receiver == from {
+                answers.push(message.clone());
+                false
+            } else {
+                true
+            }
+        });
+        answers
+    }
+}
+
+fn count(events: &[Event], matches: impl Fn(&Event) -> bool) -> usize {
+    events.iter().filter(|e| matches(e)).count()
+}
+
+fn dropped(events: &[Event]) -> usize {
+    count(events, |e| matches!(e, Event::MessageDropped { .. }))
+}
+
+// ---- chunks are blobs -----------------------------------------------------------
+
+#[test]
+fn replication_pushes_only_good_blobs_and_honest_audits_pass() {
+    let mut net = Net::new(3, test_config());
+    let chunks = net.backup(0, 24, 1);
+    net.run_for(120_000);
+    for chunk in &chunks {
+        let holders = net.holders(&chunk.id);
+        assert_eq!(
+            holders.len(),
+            2,
+            "R = 2 copies of {:?}: {holders:?}",
+            chunk.id
+        );
+        for i in holders {
+            let blob = &net.nodes[i].disk[&chunk.id];
+            assert!(verify_blob(&chunk.owner, &chunk.id, blob).is_some());
+        }
+    }
+    assert!(!net.pushes.is_empty());
+    assert!(
+        net.pushes.iter().all(|(.., good)| *good),
+        "a bad blob was pushed"
+    );
+    let (mut sent, mut passed, mut failed) = (0, 0, 0);
+    for i in 0..3 {
+        let c = net.counters(i);
+        sent += c.audits_sent;
+        passed += c.audits_passed;
+        failed += c.audits_failed;
+        assert_eq!(dropped(net.events(i)), 0, "node {i}: {:?}", net.events(i));
+    }
+    assert!(passed >= 50, "{sent} audits sent, {passed} passed");
+    assert_eq!(failed, 0);
+    assert!(net
+        .events(0)
+        .iter()
+        .any(|e| matches!(e, Event::SnapshotReplicated { .. })));
+}
+
+#[test]
+fn a_push_with_a_bad_blob_is_never_stored_and_counts_against_the_sender() {
+    let mut net = Net::new(3, test_config());
+    let owner = net.sites[0].id;
+    let id = ChunkId([7; 32]);
+    let mut blob = sign_blob(&net.sites[0].key, &id, b"the real sealed bytes");
+    let good = blob.clone();
+    blob[3] ^= 0x10;
+    let forged = sign_blob(&net.sites[1].key, &id, b"the real sealed bytes");
+    for bad in [blob, forged] {
+        let answers = net.send(
+            2,
+            1,
+            Message::Push {
+                owner,
+                id,
+                size_bytes: bad.len() as u64,
+                sealed: bad,
+            },
+        );
+        assert_eq!(
+            answers,
+            vec![Message::PushAck {
+                owner,
+                id,
+                stored: false
+            }]
+        );
+    }
+    assert!(net.nodes[1].disk.is_empty(), "nothing stored");
+    assert!(!net.nodes[1].engine.holds(&id));
+    assert_eq!(net.counters(1).bad_blobs_received, 2);
+    assert_eq!(dropped(net.events(1)), 2);
+    // The same chunk with its real signature is stored.
+    let answers = net.send(
+        2,
+        1,
+        Message::Push {
+            owner,
+            id,
+            size_bytes: good.len() as u64,
+            sealed: good.clone(),
+        },
+    );
+    assert_eq!(
+        answers[0],
+        Message::PushAck {
+            owner,
+            id,
+            stored: true
+        }
+    );
+    assert_eq!(net.nodes[1].disk.get(&id), Some(&good));
+}
+
+#[test]
+fn a_fetch_reply_with_a_bad_blob_is_refused_and_the_next_holder_asked() {
+    let mut config = test_config();
+    config.replication_factor = 3;
+    let mut net = Net::new(3, config);
+    let chunks = net.backup(0, 4, 2);
+    net.run_for(60_000);
+    let chunk = chunks[0];
+    assert_eq!(net.holders(&chunk.id).len(), 3);
+    // A fresh machine of site 0 would fetch; node 0 excludes itself to fetch remotely.
+    let now_ms = net.now_ms;
+    net.nodes[0]
+        .engine
+        .handle_fetch(chunk.owner, chunk.id, &[node_id(0)], now_ms)
+        .expect("room for a fetch");
+    net.pump(0);
+    let at = net
+        .queue
+        .iter()
+        .position(|(from, _, m)| *from == 0 && matches!(m, Message::Fetch { .. }))
+        .expect("a fetch went out");
+    let (_, to, _) = net.queue.remove(at).expect("found above");
+    let mut bad = net.nodes[to].disk[&chunk.id].clone();
+    bad[0] ^= 1;
+    net.send(
+        to,
+        0,
+        Message::FetchReply {
+            owner: chunk.owner,
+            id: chunk.id,
+            sealed: Some(bad),
+        },
+    );
+    assert_eq!(net.counters(0).bad_blobs_received, 1);
+    assert!(!net
+        .events(0)
+        .iter()
+        .any(|e| matches!(e, Event::Fetched { .. })));
+    // The other holder is asked and its good copy arrives, the signature removed.
+    net.deliver_all();
+    let fetched: Vec<&Event> = net
+        .events(0)
+        .iter()
+        .filter(|e| matches!(e, Event::Fetched { .. }))
+        .collect();
+    assert_eq!(fetched.len(), 1);
+    let Event::Fetched { from, sealed, .. } = fetched[0] else {
+        unreachable!()
+    };
+    assert_ne!(*from, node_id(to));
+    assert_eq!(
+        Some(&sealed[..]),
+        verify_blob(&chunk.owner, &chunk.id, &net.nodes[0].disk[&chunk.id])
+    );
+}
+
+#[test]
+fn a_damaged_local_copy_is_never_pushed_or_served() {
+    let mut net = Net::new(3, test_config());
+    let chunks = net.backup(0, 8, 3);
+    // Rot on the owner's disk before anything was replicated.
+    let rotten = chunks[5].id;
+    net.nodes[0].disk.get_mut(&rotten).expect("written")[2] ^= 4;
+    net.run_for(60_000);
+    assert!(net.pushes.iter().all(|(.., good)| *good));
+    assert!(net.pushes.iter().all(|(_, _, id, _)| *id != rotten));
+    assert!(
+        net.holders(&rotten).is_empty(),
+        "the damaged copy is deleted"
+    );
+    assert!(net.events(0).contains(&Event::ChunkLost { id: rotten }));
+    assert_eq!(net.counters(0).corrupt_chunks_found, 1);
+    // Rot at a holder: asked to serve the chunk, it says it has none.
+    let chunk = chunks[2];
+    let holder = *net
+        .holders(&chunk.id)
+        .iter()
+        .find(|i| **i != 0)
+        .expect("replicated");
+    net.nodes[holder].disk.get_mut(&chunk.id).expect("held")[0] ^= 1;
+    let answers = net.send(
+        0,
+        holder,
+        Message::Fetch {
+            owner: chunk.owner,
+            id: chunk.id,
+        },
+    );
+    assert_eq!(
+        answers,
+        vec![Message::FetchReply {
+            owner: chunk.owner,
+            id: chunk.id,
+            sealed: None
+        }]
+    );
+    assert!(net
+        .events(holder)
+        .contains(&Event::ChunkLost { id: chunk.id }));
+    assert!(!net.nodes[holder].disk.contains_key(&chunk.id));
+}
+
+// ---- scrub ----------------------------------------------------------------------
+
+#[test]
+fn scrub_finds_a_damaged_copy_and_repair_brings_it_back() {
+    let mut config = test_config();
+    config.scrub_period_ms = 60_000;
+    config.audit_interval_ms = u64::MAX / 4;
+    let mut net = Net::new(3, config);
+    let chunks = net.backup(0, 16, 4);
+    net.run_for(30_000);
+    let chunk = chunks[3];
+    let holder = *net
+        .holders(&chunk.id)
+        .iter()
+        .find(|i| **i != 0)
+        .expect("replicated");
+    let good = net.nodes[holder].disk[&chunk.id].clone();
+    let last = good.len() - 1;
+    net.nodes[holder].disk.get_mut(&chunk.id).expect("held")[last] ^= 0x80;
+    net.run_for(10 * 60_000);
+    assert!(net
+        .events(holder)
+        .contains(&Event::ChunkLost { id: chunk.id }));
+    assert_eq!(net.counters(holder).corrupt_chunks_found, 1);
+    assert!(net.counters(holder).scrub_reads >= 16);
+    assert_eq!(
+        net.nodes[holder].disk.get(&chunk.id),
+        Some(&good),
+        "repair brought the good copy back"
+    );
+}
+
+// ---- audits ---------------------------------------------------------------------
+
+#[test]
+fn a_holder_that_lost_a_chunk_fails_its_audit_and_gets_the_chunk_back() {
+    // Only node 0 audits, so node 1 learns of its loss from node 0's audit.
+    let mut net = Net::with_configs(2, |i| EngineConfig {
+        audit_interval_ms: if i == 0 { 1_000 } else { u64::MAX / 4 },
+        ..test_config()
+    });
+    let chunks = net.backup(0, 8, 5);
+    net.run_for(30_000);
+    // Two copies vanish from node 1's disk; its engine does not know.
+    let lost = [chunks[1].id, chunks[6].id];
+    for id in &lost {
+        net.nodes[1].disk.remove(id).expect("replicated");
+    }
+    net.run_for(10 * 60_000);
+    for id in &lost {
+        assert!(net.events(0).contains(&Event::AuditFailed {
+            node: node_id(1),
+            id: *id,
+            failure: AuditFailure::Missing,
+        }));
+        assert!(net.events(1).contains(&Event::ChunkLost { id: *id }));
+        assert!(
+            net.nodes[1].disk.contains_key(id),
+            "repair brought {id:?} back"
+        );
+    }
+    let counters = net.counters(0);
+    assert_eq!(counters.audits_failed, 2);
+    assert!(counters.audits_passed > 100);
+    assert!(!net.nodes[0].engine.is_excluded(&node_id(1)));
+}
+
+/// Every site backs up, so every pair of sites shares chunks and audits each other.
+fn three_sites_backing_up(hostile: Hostile) -> (Net, Vec<ChunkRef>) {
+    let mut net = Net::new(3, test_config());
+    let mut chunks = Vec::new();
+    for i in 0..3 {
+        chunks.extend(net.backup(i, 24, 6));
+    }
+    net.run_for(60_000);
+    for chunk in &chunks {
+        assert_eq!(net.holders(&chunk.id).len(), 2);
+    }
+    net.hostile.insert(1, hostile);
+    (net, chunks)
+}
+
+fn assert_moved_off_the_excluded_holder(net: &mut Net, chunks: &[ChunkRef]) {
+    for i in [0, 2] {
+        assert!(
+            net.nodes[i].engine.is_excluded(&node_id(1)),
+            "node {i} still places on node 1: {:?}",
+            net.events(i)
+        );
+        assert_eq!(
+            count(net.events(i), |e| matches!(
+                e,
+                Event::HolderExcluded { node, .. } if *node == node_id(1)
+            )),
+            1
+        );
+    }
+    // With node 1 left out, the chunks of sites 0 and 2 are copied to each other.
+    net.run_for(10 * 60_000);
+    for chunk in chunks {
+        if chunk.owner != net.sites[1].id {
+            assert_eq!(
+                {
+                    let mut h = net.holders(&chunk.id);
+                    h.retain(|i| *i != 1);
+                    h
+                },
+                vec![0, 2],
+                "{:?} at two honest sites",
+                chunk.id
+            );
+        }
+    }
+}
+
+#[test]
+fn a_holder_that_answers_audits_wrongly_is_no_longer_placed_on() {
+    let (mut net, chunks) = three_sites_backing_up(Hostile::WrongProofs);
+    net.run_for(10 * 60_000);
+    let wrong = count(net.events(0), |e| {
+        matches!(
+            e,
+            Event::AuditFailed {
+                failure: AuditFailure::Wrong,
+                node,
+                ..
+            } if *node == node_id(1)
+        )
+    });
+    assert!(wrong >= 3, "{wrong} wrong answers seen");
+    assert!(
+        count(
+            net.events(0),
+            |e| matches!(e, Event::AuditFailed { node, .. } if *node == node_id(2))
+        ) == 0
+    );
+    assert_moved_off_the_excluded_holder(&mut net, &chunks);
+}
+
+#[test]
+fn a_holder_that_never_answers_times_out_and_is_no_longer_placed_on() {
+    let (mut net, chunks) = three_sites_backing_up(Hostile::Silent);
+    net.run_for(10 * 60_000);
+    let late = count(net.events(2), |e| {
+        matches!(
+            e,
+            Event::AuditFailed {
+                failure: AuditFailure::Late,
+                ..
+            }
+        )
+    });
+    assert!(late >= 3, "{late} late answers seen");
+    assert_moved_off_the_excluded_holder(&mut net, &chunks);
+    // The exclusion ends after its period, and node 1 is placed on again.
+    let later_ms = net.now_ms + AUDIT_EXCLUSION_MS;
+    net.nodes[0].engine.handle_timeout(later_ms);
+    assert!(!net.nodes[0].engine.is_excluded(&node_id(1)));
+}
+
+#[test]
+fn a_stray_or_replayed_audit_reply_changes_nothing() {
+    let mut net = Net::new(2, test_config());
+    let chunks = net.backup(0, 4, 7);
+    net.run_for(30_000);
+    let before = net.counters(0);
+    net.send(
+        1,
+        0,
+        Message::AuditReply {
+            owner: chunks[0].owner,
+            id: chunks[0].id,
+            nonce: [9; 32],
+            proof: None,
+        },
+    );
+    let after = net.counters(0);
+    assert_eq!(before.audits_failed, after.audits_failed);
+    assert_eq!(before.audits_passed, after.audits_passed);
+}
+
+// ---- hostile messages -----------------------------------------------------------
+
+#[test]
+fn malformed_messages_are_dropped_and_cut_the_peer_off_for_a_while() {
+    let mut net = Net::new(2, test_config());
+    net.run_for(5_000);
+    let gossip = Message::Gossip {
+        beats: Vec::new(),
+        digests: Vec::new(),
+        reply: false,
+    };
+    assert!(!net.send(1, 0, gossip.clone()).is_empty(), "answered");
+    for n in 1..=STRIKES_MAX {
+        net.send_bytes(1, 0, &[MESSAGE_VERSION_FOR_TESTS, 0xee, 1, 2, 3]);
+        assert_eq!(dropped(net.events(0)), n as usize);
+        assert_eq!(
+            net.nodes[0].engine.is_cut_off(&node_id(1)),
+            n == STRIKES_MAX
+        );
+    }
+    assert_eq!(net.counters(0).peers_cut_off, 1);
+    assert!(net
+        .events(0)
+        .iter()
+        .any(|e| matches!(e, Event::PeerCutOff { node, .. } if *node == node_id(1))));
+    // While cut off, even a good message is refused unread.
+    let refused = net.counters(0).messages_refused;
+    assert!(net.send(1, 0, gossip.clone()).is_empty());
+    assert_eq!(net.counters(0).messages_refused, refused + 1);
+    // After the period it is heard again.
+    net.hostile.clear();
+    net.queue.clear();
+    let until_ms = net.now_ms + CUT_OFF_MS;
+    net.now_ms = until_ms;
+    net.nodes[0].engine.handle_timeout(until_ms);
+    net.pump(0);
+    net.queue.clear();
+    assert!(!net.nodes[0].engine.is_cut_off(&node_id(1)));
+    assert!(!net.send(1, 0, gossip).is_empty(), "answered again");
+}
+
+const MESSAGE_VERSION_FOR_TESTS: u8 = super::message::MESSAGE_VERSION;
+
+#[test]
+fn an_oversized_message_is_dropped_unread() {
+    let mut net = Net::new(2, test_config());
+    net.send_bytes(1, 0, &vec![0u8; MESSAGE_BYTES_MAX + 1]);
+    assert_eq!(net.counters(0).messages_dropped, 1);
+    assert!(net.events(0).iter().any(
+        |e| matches!(e, Event::MessageDropped { reason, .. } if reason.contains("over the limit"))
+    ));
+}
+
+#[test]
+fn strikes_far_apart_never_add_up_to_a_cut_off() {
+    let mut net = Net::new(2, test_config());
+    for _ in 0..3 * STRIKES_MAX {
+        net.send_bytes(1, 0, &[0xff]);
+        net.now_ms += STRIKE_MEMORY_MS + 1;
+    }
+    assert_eq!(net.counters(0).messages_dropped, 3 * u64::from(STRIKES_MAX));
+    assert_eq!(net.counters(0).peers_cut_off, 0);
+}
+
+#[test]
+fn messages_that_break_the_rules_are_strikes() {
+    let mut net = Net::new(3, test_config());
+    let owner = net.sites[0].id;
+    let bad = [
+        Message::SyncDigest {
+            owner,
+            digests: vec![0; 3],
+        },
+        Message::SyncIds {
+            owner,
+            partition: PARTITIONS as u16,
+            ids: Vec::new(),
+            reply: false,
+        },
+        Message::SyncIds {
+            owner,
+            partition: 0,
+            ids: vec![ChunkId([0xff; 32])],
+            reply: false,
+        },
+        Message::Push {
+            owner,
+            id: ChunkId([1; 32]),
+            size_bytes: 10,
+            sealed: vec![0; 100],
+        },
+        // Node 2 (site 2) asking for site 0's chunk: only site 0 restores it.
+        Message::Fetch {
+            owner,
+            id: ChunkId([1; 32]),
+        },
+    ];
+    for message in bad.iter().cloned() {
+        let answers = net.send(2, 1, message);
+        assert!(answers.is_empty());
+    }
+    assert_eq!(dropped(net.events(1)), bad.len());
+    assert!(net.nodes[1].engine.is_cut_off(&node_id(2)));
+}
+
+#[test]
+fn strangers_are_refused_and_not_counted_against_anyone() {
+    let mut net = Net::new(2, test_config());
+    let stranger = NodeId([0x11; 32]);
+    let now_ms = net.now_ms;
+    net.nodes[0]
+        .engine
+        .handle_message_bytes(stranger, &[0xff], now_ms);
+    net.pump(0);
+    assert_eq!(net.counters(0).messages_refused, 1);
+    assert_eq!(net.counters(0).messages_dropped, 0);
+    assert!(net
+        .events(0)
+        .contains(&Event::MessageRefused { from: stranger }));
+}
+
+// ---- records --------------------------------------------------------------------
+
+#[test]
+fn records_of_a_revoked_site_are_never_stored_or_relayed() {
+    let mut net = Net::new(3, test_config());
+    // Site 0 revokes site 2; sites 1 and 2 still trust each other.
+    let revoke = grant(&net.sites[0].key, net.sites[2].id, 2, true);
+    let now_ms = net.now_ms;
+    net.nodes[0]
+        .engine
+        .handle_local_record(revoke, now_ms)
+        .expect("valid");
+    net.pump(0);
+    assert!(!net.nodes[0].engine.trust().is_trusted(&net.sites[2].id));
+    assert_eq!(
+        net.nodes[0]
+            .engine
+            .catalog()
+            .by_author(net.sites[2].id)
+            .count(),
+        0
+    );
+    // Node 1 relays a new record of site 2 (a new node certificate).
+    let cert = node_cert(&net.sites[2].key, NodeId([0x33; 32]));
+    net.send(
+        1,
+        0,
+        Message::Records {
+            records: vec![cert],
+        },
+    );
+    assert_eq!(
+        net.nodes[0]
+            .engine
+            .catalog()
+            .by_author(net.sites[2].id)
+            .count(),
+        0
+    );
+    assert!(net
+        .events(0)
+        .iter()
+        .any(|e| matches!(e, Event::RecordRejected { .. })));
+    assert_eq!(dropped(net.events(0)), 0, "an honest relay is not a forger");
+    // Node 0 relays nothing of site 2: asked for its records, it sends none.
+    let answers = net.send(
+        1,
+        0,
+        Message::Want {
+            author: net.sites[2].id,
+            keys: vec![(RecordKind::NodeCert, node_id(2).0)],
+        },
+    );
+    assert!(answers.is_empty(), "{answers:?}");
+    // Node 2 itself is no longer a peer: its messages are refused, its pushes unstored.
+    let id = ChunkId([5; 32]);
+    let blob = sign_blob(&net.sites[2].key, &id, b"site 2's data");
+    let answers = net.send(
+        2,
+        0,
+        Message::Push {
+            owner: net.sites[2].id,
+            id,
+            size_bytes: blob.len() as u64,
+            sealed: blob.clone(),
+        },
+    );
+    assert!(answers.is_empty());
+    assert!(net.nodes[0].disk.is_empty());
+    // Relayed by a trusted peer, site 2's chunk is refused too.
+    let answers = net.send(
+        1,
+        0,
+        Message::Push {
+            owner: net.sites[2].id,
+            id,
+            size_bytes: blob.len() as u64,
+            sealed: blob,
+        },
+    );
+    assert!(matches!(
+        answers[..],
+        [Message::PushAck { stored: false, .. }]
+    ));
+    assert!(net.nodes[0].disk.is_empty());
+}
+
+#[test]
+fn a_replayed_older_grant_never_undoes_a_revocation() {
+    let mut net = Net::new(3, test_config());
+    let old_grant = net
+        .records
+        .iter()
+        .find(|r| {
+            r.kind == RecordKind::TrustGrant
+                && r.author == net.sites[0].id
+                && r.key == net.sites[2].id.0
+        })
+        .cloned()
+        .expect("site 0's grant to site 2");
+    let revoke = grant(&net.sites[0].key, net.sites[2].id, 2, true);
+    let now_ms = net.now_ms;
+    net.nodes[0]
+        .engine
+        .handle_local_record(revoke.clone(), now_ms)
+        .expect("valid");
+    net.pump(0);
+    net.run_for(30_000);
+    assert!(!net.nodes[1]
+        .engine
+        .catalog()
+        .trust(net.sites[0].id)
+        .partners
+        .contains(&net.sites[2].id));
+    // Node 1 replays the old grant to node 0 and hears it from node 0's gossip too.
+    for to in [0, 1] {
+        net.send(
+            if to == 0 { 1 } else { 0 },
+            to,
+            Message::Records {
+                records: vec![old_grant.clone()],
+            },
+        );
+        let key = crate::catalog::RecordKey::of(&revoke);
+        assert_eq!(
+            net.nodes[to].engine.catalog().get(&key),
+            Some(&revoke),
+            "node {to} keeps the revocation"
+        );
+    }
+    assert!(!net.nodes[0].engine.trust().is_trusted(&net.sites[2].id));
+}
+
+#[test]
+fn a_forged_record_is_a_strike() {
+    let mut net = Net::new(2, test_config());
+    let mut forged = grant(&net.sites[0].key, SiteId([0x44; 32]), 9, false);
+    forged.version = 10; // the signature no longer covers it
+    net.send(
+        1,
+        0,
+        Message::Records {
+            records: vec![forged],
+        },
+    );
+    assert_eq!(dropped(net.events(0)), 1);
+    assert_eq!(net.counters(0).records_rejected, 1);
+    assert!(net.nodes[0]
+        .engine
+        .catalog()
+        .get(&crate::catalog::RecordKey {
+            author: net.sites[0].id,
+            kind: RecordKind::TrustGrant,
+            key: [0x44; 32],
+        })
+        .is_none());
+}
