@@ -15,8 +15,15 @@ macro_rules! counters {
                 vec![$( (stringify!($name), self.$name, $rare), )*]
             }
 
+            /// Adds another run's counters; those named `*_max` keep the larger.
             pub fn add(&mut self, other: &Coverage) {
-                $( self.$name += other.$name; )*
+                $(
+                    if stringify!($name).ends_with("_max") {
+                        self.$name = self.$name.max(other.$name);
+                    } else {
+                        self.$name += other.$name;
+                    }
+                )*
             }
         }
     };
@@ -35,6 +42,8 @@ counters! {
     /// Audits that failed, and those of them aimed at a node that was lying then.
     false audits_failed,
     false lies_caught,
+    /// The longest a lie went before an honest node's audit named the liar, seconds.
+    false lie_caught_after_secs_max,
     /// Chunks an engine found unreadable or bad on its own disk and forgot.
     false chunks_lost_noticed,
     /// Chunk bytes flipped on disks by corruption faults.
@@ -59,8 +68,11 @@ counters! {
     false outsider_attempts,
     false outsider_connects_refused,
     false outsider_messages_refused,
-    /// Peers engines cut off for misbehaving.
+    /// Messages engines dropped as malformed, forged or against the rules (strikes),
+    /// peers they cut off, and holders they left out of placement after failed audits.
+    false messages_dropped,
     false peers_cut_off,
+    false holders_excluded,
     /// Restore drills run while faults ran, the fetches they made, those that failed
     /// (no reachable holder) and bad copies they routed around.
     false drills,

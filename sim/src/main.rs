@@ -34,6 +34,9 @@ enum Command {
         /// Run twice and compare the hashes of the two event traces.
         #[arg(long)]
         check_determinism: bool,
+        /// With --swarm: cut every image to at most this size.
+        #[arg(long, requires = "swarm")]
+        image_gib_max: Option<f64>,
     },
     /// Run many seeds, each with its own scenario and fault mix, on every core.
     Swarm {
@@ -44,6 +47,17 @@ enum Command {
         /// Threads; all cores by default.
         #[arg(long)]
         jobs: Option<usize>,
+        /// Cut every image to at most this size (quick runs).
+        #[arg(long)]
+        image_gib_max: Option<f64>,
+    },
+    /// Print the scenario swarm testing draws from a seed.
+    Show {
+        #[arg(long)]
+        seed: u64,
+        /// Cut every image of the swarm's scenario to at most this size.
+        #[arg(long)]
+        image_gib_max: Option<f64>,
     },
     /// Measure the engine and the mesh and print the numbers.
     Bench {
@@ -72,8 +86,9 @@ fn real_main() -> anyhow::Result<ExitCode> {
             swarm,
             seed,
             check_determinism,
+            image_gib_max,
         } => {
-            let (loaded, replay) = load(scenario.as_ref(), swarm, seed)?;
+            let (loaded, replay) = load(scenario.as_ref(), swarm, seed, image_gib_max)?;
             let started = Instant::now();
             let report = Run::new(loaded.clone(), seed).execute();
             let wall = started.elapsed().as_secs_f64();
@@ -100,11 +115,13 @@ fn real_main() -> anyhow::Result<ExitCode> {
             seeds,
             first_seed,
             jobs,
+            image_gib_max,
         } => {
             let jobs =
                 jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
             let started = Instant::now();
-            let results = swarm::run_seeds(first_seed, seeds, jobs, true);
+            let results = swarm::run_seeds(first_seed, seeds, jobs, image_gib_max, true);
+            let cap = image_gib_max.map_or(String::new(), |g| format!(" --image-gib-max {g}"));
             let failed: Vec<&swarm::SeedResult> = results
                 .iter()
                 .filter(|r| !r.report.violations.is_empty())
@@ -114,7 +131,10 @@ fn real_main() -> anyhow::Result<ExitCode> {
                 for v in &result.report.violations {
                     println!("  {v}");
                 }
-                println!("  replay: cairn-sim run --swarm --seed {}", result.seed);
+                println!(
+                    "  replay: cairn-sim run --swarm --seed {}{cap}",
+                    result.seed
+                );
             }
             let slowest = results
                 .iter()
@@ -142,6 +162,16 @@ fn real_main() -> anyhow::Result<ExitCode> {
             } else {
                 ExitCode::from(1)
             })
+        }
+        Command::Show {
+            seed,
+            image_gib_max,
+        } => {
+            println!(
+                "{:#?}",
+                swarm::scenario_for_seed_capped(seed, image_gib_max)
+            );
+            Ok(ExitCode::SUCCESS)
         }
         Command::Bench { seed, spread } => {
             let day = bench::one_day(seed);
@@ -202,11 +232,17 @@ fn real_main() -> anyhow::Result<ExitCode> {
     }
 }
 
-fn load(path: Option<&PathBuf>, swarm: bool, seed: u64) -> anyhow::Result<(Scenario, String)> {
+fn load(
+    path: Option<&PathBuf>,
+    swarm: bool,
+    seed: u64,
+    image_gib_max: Option<f64>,
+) -> anyhow::Result<(Scenario, String)> {
     if swarm {
+        let cap = image_gib_max.map_or(String::new(), |g| format!(" --image-gib-max {g}"));
         return Ok((
-            swarm::scenario_for_seed(seed),
-            format!("cairn-sim run --swarm --seed {seed}"),
+            swarm::scenario_for_seed_capped(seed, image_gib_max),
+            format!("cairn-sim run --swarm --seed {seed}{cap}"),
         ));
     }
     match path {

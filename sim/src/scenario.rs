@@ -150,6 +150,10 @@ pub struct EngineSpec {
     pub sync_interval_ms: Option<u64>,
     pub push_mbit: Option<f64>,
     pub trim_grace_ms: Option<u64>,
+    pub audit_interval_ms: Option<u64>,
+    /// How long one scrub pass over a node's chunks takes (the engine's default is a
+    /// week, longer than most runs).
+    pub scrub_period_ms: Option<u64>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Deserialize)]

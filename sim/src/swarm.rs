@@ -15,8 +15,8 @@ use cairn_protocol::rng::Rng;
 
 use crate::run::{Report, Run};
 use crate::scenario::{
-    Behaviour, FaultKind, FaultSpec, HostileSpec, ImageSpec, NetworkSpec, OutsiderSpec, Scenario,
-    SiteSpec,
+    Behaviour, EngineSpec, FaultKind, FaultSpec, HostileSpec, ImageSpec, NetworkSpec, OutsiderSpec,
+    Scenario, SiteSpec,
 };
 
 const DAYS: f64 = 2.0;
@@ -97,6 +97,12 @@ pub fn scenario_for_seed(seed: u64) -> Scenario {
         every_secs: [1.0, 5.0, 20.0][draw.rng.below(3) as usize],
     });
     let drill_every_hours = Some([3.0, 5.0, 8.0][draw.rng.below(3) as usize]);
+    // The engine's scrub takes a week by default; a two-day run scrubs faster.
+    let engine = EngineSpec {
+        audit_interval_ms: Some([60_000, 300_000][draw.rng.below(2) as usize]),
+        scrub_period_ms: Some([6, 12][draw.rng.below(2) as usize] * 3_600_000),
+        ..EngineSpec::default()
+    };
     Scenario {
         name: format!("swarm seed {seed}"),
         days: DAYS,
@@ -104,7 +110,7 @@ pub fn scenario_for_seed(seed: u64) -> Scenario {
         sites: draw.sites,
         images,
         network,
-        engine: Default::default(),
+        engine,
         faults: draw.faults,
         settle_hours: SETTLE_HOURS,
         repair_window_hours: 12.0,
@@ -299,8 +305,26 @@ pub struct SeedResult {
     pub wall_secs: f64,
 }
 
+/// The scenario of one swarm seed with every image cut to at most `image_gib_max`, for
+/// quick runs (the fixed seeds of `cargo test`, a first look at a failure).
+pub fn scenario_for_seed_capped(seed: u64, image_gib_max: Option<f64>) -> Scenario {
+    let mut scenario = scenario_for_seed(seed);
+    if let Some(cap) = image_gib_max {
+        for image in &mut scenario.images {
+            image.size_gib = image.size_gib.min(cap);
+        }
+    }
+    scenario
+}
+
 /// Runs seeds `first..first + count` on `jobs` threads; results in seed order.
-pub fn run_seeds(first: u64, count: u64, jobs: usize, progress: bool) -> Vec<SeedResult> {
+pub fn run_seeds(
+    first: u64,
+    count: u64,
+    jobs: usize,
+    image_gib_max: Option<f64>,
+    progress: bool,
+) -> Vec<SeedResult> {
     let next = AtomicU64::new(first);
     let results = Mutex::new(Vec::new());
     std::thread::scope(|scope| {
@@ -311,7 +335,8 @@ pub fn run_seeds(first: u64, count: u64, jobs: usize, progress: bool) -> Vec<See
                     break;
                 }
                 let started = Instant::now();
-                let report = Run::new(scenario_for_seed(seed), seed).execute();
+                let scenario = scenario_for_seed_capped(seed, image_gib_max);
+                let report = Run::new(scenario, seed).execute();
                 let wall_secs = started.elapsed().as_secs_f64();
                 if progress {
                     let verdict = if report.violations.is_empty() {

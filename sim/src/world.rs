@@ -20,6 +20,7 @@ mod hostile;
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 
+use cairn_protocol::blob::sign_blob;
 use cairn_protocol::catalog::{Catalog, RecordKey};
 use cairn_protocol::engine::{ChunkRef, Engine, EngineConfig, Event, Message, StorageOp};
 use cairn_protocol::identity::{NodeId, SiteId};
@@ -33,7 +34,7 @@ use crate::scenario::Scenario;
 
 pub use checks::record_hash;
 pub use faults::Undo;
-pub use hostile::{HostileState, Outsider};
+pub use hostile::{HostileState, Lies, Outsider};
 
 pub const GIB: f64 = (1u64 << 30) as f64;
 pub const HOUR_US: u64 = 3_600_000_000;
@@ -57,14 +58,17 @@ pub struct SiteState {
     pub outsider: bool,
 }
 
-/// A chunk on a simulated disk: a short stand-in body, with the real sealed size.
+/// A chunk on a simulated disk: a short stand-in blob (sealed bytes and the owner's
+/// signature, `cairn_protocol::blob`), with the real size.
 #[derive(Clone, Debug)]
 pub struct DiskChunk {
     pub owner: SiteId,
     pub size_bytes: u64,
     pub body: Vec<u8>,
-    /// The body is the chunk's true bytes (not rotted, not a liar's garbage).
+    /// The body is the chunk's true blob (not rotted, not a liar's garbage).
     pub good: bool,
+    /// When a bad body became bad (rot, or a liar's write).
+    pub bad_since_us: u64,
 }
 
 #[derive(Clone, Default)]
@@ -149,6 +153,8 @@ enum Completion {
 pub struct Reported {
     pub node: usize,
     pub event: Event,
+    /// The node's site was cut off from another by a partition when it happened.
+    pub partitioned: bool,
 }
 
 pub struct World {
@@ -197,6 +203,21 @@ pub struct World {
     /// Pushes of each chunk on the wire.
     pub pushes_in_flight: BTreeMap<ChunkId, u32>,
     pub outsider: Option<Outsider>,
+    /// Nodes that claimed chunks they did not keep: what they claim, and when an audit
+    /// last caught them.
+    pub liars: BTreeMap<usize, Lies>,
+    /// `CAIRN_SIM_TRACE_CHUNK=<hex prefix>`: print everything that happens to the chunks
+    /// whose id starts so (a debugging aid; it changes nothing in the run).
+    trace_chunk: Option<String>,
+    /// `CAIRN_SIM_TRACE_PENALTIES=1`: print every strike, cut-off, failed audit and
+    /// exclusion, with who did it to whom.
+    trace_penalties: bool,
+    /// `CAIRN_SIM_TRACE_TYPES=audit,audit-reply`: print every message of those types
+    /// sent, dropped and delivered.
+    trace_types: Vec<String>,
+    /// When the last penalty an engine imposed during the faults ends (a cut-off or a
+    /// placement exclusion): the liveness phase lasts at least until then.
+    pub penalties_until_us: u64,
     /// The liveness phase has started: faults are over.
     pub healed: bool,
     pub heal_us: u64,
@@ -294,6 +315,13 @@ impl World {
             disk_images: BTreeMap::new(),
             pushes_in_flight: BTreeMap::new(),
             outsider: None,
+            liars: BTreeMap::new(),
+            trace_chunk: std::env::var("CAIRN_SIM_TRACE_CHUNK").ok(),
+            trace_penalties: std::env::var_os("CAIRN_SIM_TRACE_PENALTIES").is_some(),
+            trace_types: std::env::var("CAIRN_SIM_TRACE_TYPES")
+                .map(|v| v.split(',').map(str::to_string).collect())
+                .unwrap_or_default(),
+            penalties_until_us: 0,
             healed: false,
             heal_us: 0,
             site_held: BTreeMap::new(),
@@ -335,24 +363,44 @@ impl World {
         self.sites.iter().position(|s| s.id == *id)
     }
 
+    /// Prints `what` when `id` is the chunk being traced.
+    pub fn trace(&self, id: &ChunkId, what: impl FnOnce() -> String) {
+        if let Some(prefix) = &self.trace_chunk {
+            if format!("{id:?}").contains(prefix.as_str()) {
+                println!(
+                    "{:>10.4} h {id:?}: {}",
+                    self.now_us as f64 / HOUR_US as f64,
+                    what()
+                );
+            }
+        }
+    }
+
     pub fn add_violation(&mut self, text: String) {
         if self.violations.len() < VIOLATIONS_MAX && !self.violations.contains(&text) {
             self.violations.push(text);
         }
     }
 
-    /// Registers a chunk of a new snapshot: its size and its true bytes.
-    pub fn register_chunk(&mut self, _owner_site: usize, chunk: &ChunkRef) -> Vec<u8> {
+    /// Registers a chunk of a new snapshot: its size and its true blob, the stand-in
+    /// sealed bytes signed by the owner site.
+    pub fn register_chunk(&mut self, owner_site: usize, chunk: &ChunkRef) -> Vec<u8> {
         self.chunk_sizes.insert(chunk.id, chunk.size_bytes);
+        let key = &self.sites[owner_site].key;
         self.bodies
             .entry(chunk.id)
-            .or_insert_with(|| crate::run::stand_in(&chunk.id))
+            .or_insert_with(|| sign_blob(key, &chunk.id, &crate::run::stand_in(&chunk.id)))
             .clone()
     }
 
-    /// Whether `body` is the true content of chunk `id` (unknown ids are junk: false).
-    pub fn is_good(&self, id: &ChunkId, body: &[u8]) -> bool {
-        self.bodies.get(id).is_some_and(|b| b[..] == body[..])
+    /// Whether `blob` is the true blob of chunk `id` (unknown ids are junk: false).
+    pub fn is_good(&self, id: &ChunkId, blob: &[u8]) -> bool {
+        self.bodies.get(id).is_some_and(|b| b[..] == blob[..])
+    }
+
+    /// Whether `sealed` (a fetch's answer, signature removed) is chunk `id`'s true bytes.
+    pub fn is_good_sealed(&self, id: &ChunkId, sealed: &[u8]) -> bool {
+        self.bodies.contains_key(id) && crate::run::stand_in(id) == sealed
     }
 
     fn sign_initial_records(&mut self) {
@@ -473,10 +521,14 @@ impl World {
             self.lose_copy(node, id, chunk);
         }
         self.nodes[node].disk.records.clear();
+        self.liars.remove(&node);
     }
 
     /// Accounts for a copy that left a disk (already removed from it).
     fn lose_copy(&mut self, node: usize, id: &ChunkId, chunk: &DiskChunk) {
+        self.trace(id, || {
+            format!("node {node} copy gone (good: {})", chunk.good)
+        });
         let held = self
             .site_held
             .entry((self.nodes[node].site, chunk.owner))
@@ -513,6 +565,9 @@ impl World {
     /// Removes a chunk from a node's disk (a deletion, or a write undone).
     pub fn remove_copy(&mut self, node: usize, id: &ChunkId) -> Option<DiskChunk> {
         let chunk = self.nodes[node].disk.chunks.remove(id)?;
+        if let Some(lies) = self.liars.get_mut(&node) {
+            lies.outstanding.remove(id);
+        }
         self.lose_copy(node, id, &chunk);
         Some(chunk)
     }
@@ -579,6 +634,9 @@ impl World {
             self.stats.dropped += 1;
             return;
         }
+        if !self.trace_types.is_empty() {
+            self.trace_type("delivered", from, to, &message);
+        }
         self.capture(to, &message);
         let from_id = self.nodes[from].id;
         let knows_sender = self.nodes[to]
@@ -623,10 +681,58 @@ impl World {
                 .filter_map(|op| self.apply_storage(node, op))
                 .collect();
             for event in events {
+                if self.trace_chunk.is_some() {
+                    let id = match &event {
+                        Event::ChunkStored { chunk, .. } => Some(chunk.id),
+                        Event::ChunkLost { id }
+                        | Event::Trimmed { id }
+                        | Event::PushRefused { id, .. }
+                        | Event::AuditFailed { id, .. }
+                        | Event::Fetched { id, .. }
+                        | Event::FetchFailed { id, .. } => Some(*id),
+                        _ => None,
+                    };
+                    if let Some(id) = id {
+                        self.trace(&id, || {
+                            let engine = self.nodes[node].engine.as_ref().expect("live");
+                            let view: Vec<String> = engine
+                                .peers()
+                                .filter_map(|(peer, _, state)| {
+                                    let idx = self.node_index.get(&peer)?;
+                                    let excluded = engine.is_excluded(&peer);
+                                    let cut = engine.is_cut_off(&peer);
+                                    (excluded
+                                        || cut
+                                        || state != cairn_protocol::engine::PeerState::Live)
+                                        .then(|| {
+                                            format!(
+                                                "{idx}:{state:?}{}{}",
+                                                if excluded { "+excluded" } else { "" },
+                                                if cut { "+cut" } else { "" }
+                                            )
+                                        })
+                                })
+                                .collect();
+                            format!("node {node} event {event:?}; peers not live: {view:?}")
+                        });
+                    }
+                }
+                if self.trace_penalties {
+                    self.trace_penalty(node, &event);
+                }
                 self.check_event(node, &event);
-                self.reported.push(Reported { node, event });
+                let site = self.nodes[node].site;
+                let partitioned = self.blocked.iter().any(|(a, b)| *a == site || *b == site);
+                self.reported.push(Reported {
+                    node,
+                    event,
+                    partitioned,
+                });
             }
             for (to, message) in sends {
+                if self.trace_chunk.is_some() {
+                    self.trace_message(node, &to, &message);
+                }
                 self.check_outgoing(node, &to, &message);
                 let message = self.rewrite_outgoing(node, message);
                 self.send(node, to, message);
@@ -649,6 +755,21 @@ impl World {
 
     /// The simulated disk: every operation completes at once.
     fn apply_storage(&mut self, node: usize, op: StorageOp) -> Option<Completion> {
+        if self.trace_chunk.is_some() {
+            match &op {
+                StorageOp::Write { id, .. }
+                | StorageOp::Read { id, .. }
+                | StorageOp::Delete { id, .. } => {
+                    let kind = format!("{op:?}");
+                    let kind = kind.split([' ', '{']).next().unwrap_or("").to_string();
+                    let held = self.nodes[node].disk.chunks.get(id).map(|c| c.good);
+                    self.trace(id, || {
+                        format!("node {node} storage {kind} (disk holds: {held:?})")
+                    });
+                }
+                _ => {}
+            }
+        }
         match op {
             StorageOp::Write {
                 op,
@@ -672,6 +793,7 @@ impl World {
                         size_bytes,
                         body,
                         good,
+                        bad_since_us: self.now_us,
                     },
                 );
                 Some(Completion::Write(op))
@@ -737,11 +859,25 @@ impl World {
         }
     }
 
+    /// Prints a message of a traced type at one step of its way.
+    fn trace_type(&self, step: &str, from: usize, to: usize, message: &Message) {
+        if self.trace_types.iter().any(|t| t == message_type(message)) {
+            let text: String = format!("{message:?}").chars().take(120).collect();
+            println!(
+                "{:>10.4} h {step} {from} -> {to}: {text}",
+                self.now_us as f64 / HOUR_US as f64
+            );
+        }
+    }
+
     fn send(&mut self, from: usize, to_id: NodeId, message: Message) {
         let Some(&to) = self.node_index.get(&to_id) else {
             self.stats.dropped += 1;
             return;
         };
+        if !self.trace_types.is_empty() {
+            self.trace_type("sent", from, to, &message);
+        }
         let encoded = message.encode();
         let bytes = self.wire_bytes(&message, encoded.len() as u64);
         let bulk = matches!(
@@ -788,6 +924,9 @@ impl World {
             }
             if self.rng.chance(self.scenario.network.loss) {
                 self.stats.dropped += 1;
+                if !self.trace_types.is_empty() {
+                    self.trace_type("lost", from, to, &message);
+                }
                 return;
             }
         }
@@ -829,6 +968,50 @@ impl World {
         );
     }
 
+    fn trace_penalty(&self, node: usize, event: &Event) {
+        let (about, what) = match event {
+            Event::MessageDropped { from, reason } => {
+                (from, format!("dropped a message: {reason}"))
+            }
+            Event::PeerCutOff { node, .. } => (node, "cut off".to_string()),
+            Event::AuditFailed { node, failure, .. } => {
+                (node, format!("audit failed: {failure:?}"))
+            }
+            Event::HolderExcluded { node, .. } => (node, "excluded from placement".to_string()),
+            _ => return,
+        };
+        let about = self.node_index.get(about).copied().unwrap_or(usize::MAX);
+        let hostile = self
+            .hostile_now(about)
+            .map_or(String::new(), |b| format!(" ({})", b.name()));
+        println!(
+            "{:>10.4} h node {node} about node {about}{hostile}: {what}",
+            self.now_us as f64 / HOUR_US as f64
+        );
+    }
+
+    fn trace_message(&self, from: usize, to: &NodeId, message: &Message) {
+        let to = self.node_index.get(to).copied().unwrap_or(usize::MAX);
+        let ids: Vec<ChunkId> = match message {
+            Message::Offer { ids, .. } | Message::SyncIds { ids, .. } => ids.clone(),
+            Message::Need { need, have, .. } => need.iter().chain(have).copied().collect(),
+            Message::Push { id, .. }
+            | Message::PushAck { id, .. }
+            | Message::Fetch { id, .. }
+            | Message::FetchReply { id, .. }
+            | Message::Audit { id, .. }
+            | Message::AuditReply { id, .. } => vec![*id],
+            _ => return,
+        };
+        for id in ids {
+            self.trace(&id, || {
+                let text = format!("{message:?}");
+                let text: String = text.chars().take(100).collect();
+                format!("node {from} -> {to}: {text}")
+            });
+        }
+    }
+
     pub fn live_nodes_of(&self, site: usize) -> Vec<usize> {
         self.sites[site]
             .nodes
@@ -866,6 +1049,12 @@ fn engine_config(scenario: &Scenario) -> EngineConfig {
     }
     if let Some(v) = e.trim_grace_ms {
         config.trim_grace_ms = v;
+    }
+    if let Some(v) = e.audit_interval_ms {
+        config.audit_interval_ms = v;
+    }
+    if let Some(v) = e.scrub_period_ms {
+        config.scrub_period_ms = v;
     }
     config
 }

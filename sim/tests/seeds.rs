@@ -1,19 +1,16 @@
 //! The simulator's fixed seeds, run by `cargo test`: small scenarios that still reach
-//! every fault kind, a determinism check, proof that the loss checker fires, and a
-//! revocation that must move data. The long runs are `cairn-sim swarm --seeds N`.
+//! every fault kind and hostile behaviour, a determinism check, proof that the loss
+//! checker fires, a revocation that must move data, and the swarm's fault budget. The
+//! long runs are `cairn-sim swarm --seeds N`.
 
 use cairn_sim::run::Run;
 use cairn_sim::scenario::{FaultKind, FaultSpec, Scenario};
-use cairn_sim::swarm::scenario_for_seed;
+use cairn_sim::swarm::{scenario_for_seed, scenario_for_seed_capped};
 use cairn_sim::world::hours_us;
 
 /// The swarm's scenario for a seed, with images cut down so a debug build runs it fast.
 fn small(seed: u64) -> Scenario {
-    let mut scenario = scenario_for_seed(seed);
-    for image in &mut scenario.images {
-        image.size_gib = image.size_gib.min(0.06);
-    }
-    scenario
+    scenario_for_seed_capped(seed, Some(0.06))
 }
 
 fn assert_clean(report: &cairn_sim::Report, what: &str) {
@@ -45,6 +42,50 @@ fn fixed_swarm_seeds_hold_every_invariant() {
     }
     // The fixed seeds between them exercise crashes, partitions and data loss.
     assert!(kinds.len() >= 3, "only {} fault kinds reached", kinds.len());
+}
+
+/// The swarm keeps destructive faults inside the budget: they fall on fewer than R
+/// distinct sites, whatever the seed draws.
+#[test]
+fn swarm_draws_keep_destructive_faults_on_fewer_than_r_sites() {
+    let mut kinds = std::collections::BTreeSet::new();
+    for seed in 1..=2000 {
+        let scenario = scenario_for_seed(seed);
+        let mut hit = std::collections::BTreeSet::new();
+        for fault in &scenario.faults {
+            let name = format!("{:?}", fault.kind);
+            kinds.insert(name.split([' ', '{']).next().unwrap().to_string());
+            match &fault.kind {
+                FaultKind::DiskLoss { site, .. }
+                | FaultKind::Corrupt { site, .. }
+                | FaultKind::LostWrites { site, .. }
+                | FaultKind::OldDisk { site, .. }
+                | FaultKind::DestroySite { site } => {
+                    hit.insert(site.clone());
+                }
+                FaultKind::Revoke { by, of } => {
+                    hit.insert(by.clone());
+                    hit.insert(of.clone());
+                }
+                _ => {}
+            }
+        }
+        for hostile in &scenario.hostile {
+            kinds.insert(hostile.behaviour.name().to_string());
+            if hostile.behaviour.destroys_data() {
+                hit.insert(hostile.site.clone());
+            }
+        }
+        if scenario.outsider.is_some() {
+            kinds.insert("outsider".into());
+        }
+        assert!(
+            hit.len() < scenario.replication_factor,
+            "seed {seed} hits {hit:?}"
+        );
+    }
+    // Every fault kind and behaviour is drawn by some seed.
+    assert_eq!(kinds.len(), 16, "{kinds:?}");
 }
 
 #[test]

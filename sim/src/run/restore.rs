@@ -94,7 +94,7 @@ impl Run {
     }
 
     pub(super) fn drill_event(&mut self, reported: Reported) {
-        let node = reported.node;
+        let (node, partitioned) = (reported.node, reported.partitioned);
         match reported.event {
             Event::Fetched {
                 id, from, sealed, ..
@@ -103,14 +103,8 @@ impl Run {
                 let Some((chunk, mut excluded)) = drill.outstanding.remove(&id) else {
                     return;
                 };
-                if self.world.is_good(&id, &sealed) {
-                    let site = self.world.nodes[node].site;
-                    if self
-                        .world
-                        .blocked
-                        .iter()
-                        .any(|(a, b)| *a == site || *b == site)
-                    {
+                if self.world.is_good_sealed(&id, &sealed) {
+                    if partitioned {
                         self.world.coverage.restore_during_partition += 1;
                     }
                     return;
@@ -199,7 +193,7 @@ impl Run {
                         let Some(mut excluded) = in_flight.remove(&id) else {
                             continue;
                         };
-                        if self.world.is_good(&id, &sealed) {
+                        if self.world.is_good_sealed(&id, &sealed) {
                             done += 1;
                             self.report.restored_bytes += self.world.chunk_sizes[&id];
                         } else {

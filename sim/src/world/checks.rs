@@ -17,6 +17,10 @@ use cairn_protocol::record::{Record, RecordKind};
 
 use super::{message_type, World, GRANT_PROPAGATION_US};
 
+/// How soon some honest node's audit must name a node that claims a chunk it does not
+/// hold (invariant 7).
+pub const LIE_CAUGHT_WITHIN_US: u64 = 24 * super::HOUR_US;
+
 /// The hash under which a genuine record is remembered.
 pub fn record_hash(record: &Record) -> [u8; 32] {
     *blake3::hash(&record.encode()).as_bytes()
@@ -49,7 +53,48 @@ impl World {
                 self.check_quota(node, chunk);
                 self.check_chunk_source(node, from);
             }
-            Event::ChunkLost { .. } => self.coverage.chunks_lost_noticed += 1,
+            Event::ChunkLost { id } => {
+                self.coverage.chunks_lost_noticed += 1;
+                if let Some(lies) = self.liars.get_mut(&node) {
+                    lies.outstanding.remove(id);
+                }
+            }
+            Event::AuditFailed {
+                node: held_by, id, ..
+            } => {
+                self.coverage.audits_failed += 1;
+                if self.hostile_now(node).is_some() {
+                    return; // a hostile auditor's verdicts prove nothing
+                }
+                let below_r = self
+                    .copies
+                    .get(id)
+                    .is_none_or(|n| (*n as usize) < self.scenario.replication_factor);
+                if below_r || self.pushes_in_flight.contains_key(id) {
+                    self.coverage.audit_failed_mid_repair += 1;
+                }
+                let liar = self.node_index.get(held_by).copied();
+                if let Some(lies) = liar.and_then(|n| self.liars.get_mut(&n)) {
+                    let caught_us = lies.caught_us.unwrap_or(0);
+                    if let Some(since) = lies.outstanding.values().filter(|s| **s > caught_us).min()
+                    {
+                        self.coverage.lies_caught += 1;
+                        let delay_s = (self.now_us - since) / 1_000_000;
+                        self.coverage.lie_caught_after_secs_max =
+                            self.coverage.lie_caught_after_secs_max.max(delay_s);
+                    }
+                    lies.caught_us = Some(self.now_us);
+                }
+            }
+            Event::PeerCutOff { until_ms, .. } => {
+                self.coverage.peers_cut_off += 1;
+                self.penalty_until(*until_ms);
+            }
+            Event::HolderExcluded { until_ms, .. } => {
+                self.coverage.holders_excluded += 1;
+                self.penalty_until(*until_ms);
+            }
+            Event::MessageDropped { .. } => self.coverage.messages_dropped += 1,
             Event::RecordRejected { .. } => self.coverage.records_rejected += 1,
             Event::MessageRefused { from } => {
                 if self
@@ -61,6 +106,12 @@ impl World {
                 }
             }
             _ => {}
+        }
+    }
+
+    fn penalty_until(&mut self, until_ms: u64) {
+        if !self.healed {
+            self.penalties_until_us = self.penalties_until_us.max(until_ms * 1000);
         }
     }
 
@@ -196,6 +247,44 @@ impl World {
                 ));
             }
         }
+    }
+
+    /// Invariant 7 for false claimers: a node that claims a chunk it does not hold is
+    /// named by a failed audit within `lie_caught_within_us` of the claim. Checked hourly
+    /// and at the heal.
+    pub fn check_lies(&mut self) {
+        let bound_us = self.lie_caught_within_us();
+        let mut late = Vec::new();
+        for (node, lies) in &self.liars {
+            let caught_us = lies.caught_us.unwrap_or(0);
+            let oldest = lies
+                .outstanding
+                .values()
+                .filter(|since| **since > caught_us)
+                .min();
+            if let Some(since) = oldest {
+                if self.now_us > since + bound_us {
+                    late.push((*node, *since));
+                }
+            }
+        }
+        for (node, since) in late {
+            self.add_violation(format!(
+                "invariant 7: node {node} of site {} has claimed a chunk it does not hold since {:.2} h, and no audit named it within {:.1} h",
+                self.sites[self.nodes[node].site].name,
+                since as f64 / super::HOUR_US as f64,
+                bound_us as f64 / super::HOUR_US as f64
+            ));
+        }
+    }
+
+    /// The stated time within which audits catch a holder that lies. Every node audits
+    /// one co-holder of one of its chunks per round, picking the chunk evenly among all
+    /// it holds, so a liar that lies about a few recent chunks among many honest old
+    /// ones is named only when a round lands on one of them: hours, not rounds (the
+    /// swarm reports the longest it took as `lie_caught_after_secs_max`).
+    pub fn lie_caught_within_us(&self) -> u64 {
+        LIE_CAUGHT_WITHIN_US
     }
 
     /// Invariant 10: every live engine attributes each peer to the site that certified

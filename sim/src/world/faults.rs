@@ -193,7 +193,14 @@ impl World {
             let at = self.rng.below(chunk.body.len() as u64) as usize;
             chunk.body[at] ^= 1 << self.rng.below(8);
             if chunk.good {
+                self.trace(&id, || format!("node {node} copy rots"));
+                let chunk = self.nodes[node]
+                    .disk
+                    .chunks
+                    .get_mut(&id)
+                    .expect("listed above");
                 chunk.good = false;
+                chunk.bad_since_us = self.now_us;
                 self.coverage.copies_corrupted += 1;
                 self.lose_good_copy(&id);
             }

@@ -16,6 +16,8 @@
 //! connects with its own certificate or one forged in a trusted site's name, gossips,
 //! pushes chunks (its own, or real ones it replays), fetches real chunks, and offers.
 
+use std::collections::BTreeMap;
+
 use cairn_protocol::catalog::RecordKey;
 use cairn_protocol::engine::message::Beat;
 use cairn_protocol::engine::Message;
@@ -36,6 +38,14 @@ const JUNK_ITEMS: usize = 64;
 /// Record messages a replayer keeps to replay.
 const CAPTURED_MAX: usize = 16;
 const OUTSIDER_LATENCY_US: u64 = 30_000;
+
+/// What a false claimer claims: chunks it acknowledged but keeps as garbage, since when,
+/// and when an audit last named it.
+#[derive(Clone, Debug, Default)]
+pub struct Lies {
+    pub outstanding: BTreeMap<ChunkId, u64>,
+    pub caught_us: Option<u64>,
+}
 
 #[derive(Clone, Debug)]
 pub struct HostileState {
@@ -191,10 +201,16 @@ impl World {
         self.truth.get(&key).cloned()
     }
 
-    /// A replayer keeps record messages it receives, to send them on later.
+    /// A replayer keeps record messages it receives, to send them on later. Only genuine
+    /// ones: relaying a forger's records would make it a forger too.
     pub(super) fn capture(&mut self, to: usize, message: &Message) {
-        if !matches!(message, Message::Records { .. })
-            || self.hostile_now(to) != Some(Behaviour::ReplayRecords)
+        let Message::Records { records } = message else {
+            return;
+        };
+        if self.hostile_now(to) != Some(Behaviour::ReplayRecords)
+            || !records
+                .iter()
+                .all(|r| self.genuine.contains(&record_hash(r)))
         {
             return;
         }
@@ -217,17 +233,44 @@ impl World {
             return sealed;
         }
         self.coverage.false_claims_made += 1;
-        let _ = id;
+        self.liars
+            .entry(node)
+            .or_default()
+            .outstanding
+            .insert(id, self.now_us);
         let mut garbage = vec![0u8; sealed.len().max(1)];
         self.rng.fill(&mut garbage);
         garbage
     }
 
-    /// A wrong-bytes node's chunks leave with one byte flipped.
+    /// A wrong-bytes node's chunks leave with one byte flipped; a false claimer answers
+    /// audits of chunks it does not have with a made-up proof.
     pub(super) fn rewrite_outgoing(&mut self, node: usize, message: Message) -> Message {
-        if self.hostile_now(node) != Some(Behaviour::WrongBytes) {
-            return message;
+        match self.hostile_now(node) {
+            Some(Behaviour::WrongBytes) => self.flip_chunk_bytes(message),
+            Some(Behaviour::FalseClaims) => match message {
+                Message::AuditReply {
+                    owner,
+                    id,
+                    nonce,
+                    proof: None,
+                } => {
+                    let mut proof = [0u8; 32];
+                    self.rng.fill(&mut proof);
+                    Message::AuditReply {
+                        owner,
+                        id,
+                        nonce,
+                        proof: Some(proof),
+                    }
+                }
+                other => other,
+            },
+            _ => message,
         }
+    }
+
+    fn flip_chunk_bytes(&mut self, message: Message) -> Message {
         match message {
             Message::Push {
                 owner,
