@@ -16,7 +16,9 @@
 //! `audit_proof` is what a holder answers an audit with: a hash over a fresh nonce and
 //! the sealed bytes, which only a node holding those bytes can compute.
 
-use ed25519_dalek::SigningKey;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use ed25519_dalek::{Signature, SigningKey, Verifier, VerifyingKey};
 
 use crate::identity::{sign, SiteId};
 use crate::ids::ChunkId;
@@ -63,6 +65,79 @@ pub fn verify_blob<'a>(owner: &SiteId, id: &ChunkId, blob: &'a [u8]) -> Option<&
     owner
         .verifies(BLOB_CONTEXT, &signed_message(id, sealed), signature)
         .then_some(sealed)
+}
+
+/// Blobs a `BlobVerifier` remembers having verified.
+pub const VERIFIED_BLOBS_MAX: usize = 8192;
+/// Owner keys a `BlobVerifier` keeps decompressed.
+pub const OWNER_KEYS_MAX: usize = 1024;
+
+/// `verify_blob` for a node that checks the same blobs again and again (read before
+/// each push, audit and scrub): it keeps owners' keys decompressed and remembers the
+/// last `VERIFIED_BLOBS_MAX` blobs that verified, by a hash over the owner, the id, the
+/// hash of the sealed bytes and the signature. Signature checking is a pure function of
+/// those, so a remembered blob needs no second check; its sealed bytes are still hashed
+/// every time, so rot is still found.
+pub struct BlobVerifier {
+    keys: BTreeMap<SiteId, Option<VerifyingKey>>,
+    verified: BTreeSet<[u8; 32]>,
+    verified_order: VecDeque<[u8; 32]>,
+    verified_max: usize,
+}
+
+impl Default for BlobVerifier {
+    fn default() -> BlobVerifier {
+        BlobVerifier::remembering(VERIFIED_BLOBS_MAX)
+    }
+}
+
+impl BlobVerifier {
+    fn remembering(verified_max: usize) -> BlobVerifier {
+        assert!(verified_max > 0);
+        BlobVerifier {
+            keys: BTreeMap::new(),
+            verified: BTreeSet::new(),
+            verified_order: VecDeque::new(),
+            verified_max,
+        }
+    }
+
+    /// The same answer as `verify_blob`, usually faster.
+    pub fn verify<'a>(&mut self, owner: &SiteId, id: &ChunkId, blob: &'a [u8]) -> Option<&'a [u8]> {
+        if blob.len() < BLOB_SIGNATURE_BYTES || blob.len() > BLOB_BYTES_MAX {
+            return None;
+        }
+        let (sealed, signature) = blob.split_at(blob.len() - BLOB_SIGNATURE_BYTES);
+        let message = signed_message(id, sealed);
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(&owner.0);
+        hasher.update(&message);
+        hasher.update(signature);
+        let memo = *hasher.finalize().as_bytes();
+        if self.verified.contains(&memo) {
+            return Some(sealed);
+        }
+        if !self.keys.contains_key(owner) && self.keys.len() >= OWNER_KEYS_MAX {
+            self.keys.clear();
+        }
+        let key = self
+            .keys
+            .entry(*owner)
+            .or_insert_with(|| VerifyingKey::from_bytes(&owner.0).ok())
+            .as_ref()?;
+        let signature = Signature::from_bytes(signature.try_into().expect("split at 64"));
+        key.verify(&[BLOB_CONTEXT, &message[..]].concat(), &signature)
+            .ok()?;
+        if self.verified_order.len() >= self.verified_max {
+            if let Some(oldest) = self.verified_order.pop_front() {
+                self.verified.remove(&oldest);
+            }
+        }
+        if self.verified.insert(memo) {
+            self.verified_order.push_back(memo);
+        }
+        Some(sealed)
+    }
 }
 
 /// A holder's answer to an audit of chunk `id` with `nonce`: only computable from the
@@ -141,6 +216,51 @@ mod tests {
         let mut rotted = sealed.clone();
         rotted[99] ^= 1;
         assert_ne!(audit_proof(&[0; 32], &id, &rotted), proof);
+    }
+
+    #[test]
+    fn the_remembering_verifier_agrees_with_verify_blob() {
+        let (id, owner) = (ChunkId([3; 32]), site(&key(2)));
+        let blob = sign_blob(&key(2), &id, b"0123456789abcdef");
+        let mut verifier = BlobVerifier::default();
+        for _ in 0..2 {
+            assert_eq!(
+                verifier.verify(&owner, &id, &blob),
+                Some(&b"0123456789abcdef"[..])
+            );
+            // Having seen the good blob, it still refuses every altered one.
+            for bit in 0..blob.len() * 8 {
+                let mut bad = blob.clone();
+                bad[bit / 8] ^= 1 << (bit % 8);
+                assert_eq!(
+                    verifier.verify(&owner, &id, &bad),
+                    None,
+                    "bit {bit} flipped"
+                );
+            }
+            assert_eq!(verifier.verify(&owner, &ChunkId([4; 32]), &blob), None);
+            assert_eq!(verifier.verify(&site(&key(5)), &id, &blob), None);
+            assert_eq!(verifier.verify(&SiteId([0xff; 32]), &id, &blob), None);
+        }
+    }
+
+    #[test]
+    fn the_remembering_verifier_forgets_the_oldest_and_stays_right() {
+        let owner = site(&key(2));
+        let mut verifier = BlobVerifier::remembering(2);
+        let blobs: Vec<(ChunkId, Vec<u8>)> = (0..3u8)
+            .map(|i| {
+                (
+                    ChunkId([i; 32]),
+                    sign_blob(&key(2), &ChunkId([i; 32]), &[i; 8]),
+                )
+            })
+            .collect();
+        for (id, blob) in blobs.iter().chain(&blobs) {
+            assert_eq!(verifier.verify(&owner, id, blob), Some(&blob[..8]));
+            assert!(verifier.verified.len() <= 2);
+            assert_eq!(verifier.verified.len(), verifier.verified_order.len());
+        }
     }
 
     proptest! {

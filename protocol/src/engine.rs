@@ -222,8 +222,13 @@ pub enum AuditFailure {
     Wrong,
     /// The holder said it does not have the chunk.
     Missing,
-    /// No answer within `request_timeout_ms`.
+    /// No answer within `request_timeout_ms`, though the holder answered other requests
+    /// meanwhile.
     Late,
+    /// No answer, and no answer to anything else this node sent either: the link (a
+    /// one-way partition) may be at fault rather than the holder, so it does not count
+    /// against the holder.
+    Unreachable,
 }
 
 /// What this engine counted since it started, for reports and metrics.
@@ -241,7 +246,10 @@ pub struct EngineCounters {
     pub records_rejected: u64,
     pub audits_sent: u64,
     pub audits_passed: u64,
+    /// Audits failed wrong, missing or late (`AuditFailure::Unreachable` is not counted).
     pub audits_failed: u64,
+    /// Audits unanswered by a peer that answered nothing else either.
+    pub audits_unreachable: u64,
     /// Audits of this node's copies it answered with a proof.
     pub audits_answered: u64,
     /// Times a holder was excluded from placement (`Event::HolderExcluded`).
@@ -309,6 +317,8 @@ pub struct Engine {
     /// The earliest end of a cut-off or placement exclusion (`u64::MAX`: none).
     next_penalty_end_ms: u64,
     counters: EngineCounters,
+    /// Checks blobs against their owners' signatures, remembering recent ones.
+    blobs: crate::blob::BlobVerifier,
     transmits: VecDeque<(NodeId, Message)>,
     storage: VecDeque<StorageOp>,
     events: VecDeque<Event>,
@@ -360,6 +370,7 @@ impl Engine {
             scrub_cursor: None,
             next_penalty_end_ms: u64::MAX,
             counters: EngineCounters::default(),
+            blobs: crate::blob::BlobVerifier::default(),
             transmits: VecDeque::new(),
             storage: VecDeque::new(),
             events: VecDeque::new(),
@@ -537,6 +548,11 @@ impl Engine {
             return;
         }
         self.heard_from(from, now_ms);
+        if message.is_answer() {
+            if let Some(peer) = self.peers.get_mut(&from) {
+                peer.answered_at_ms = now_ms;
+            }
+        }
         match message {
             Message::Gossip {
                 beats,

@@ -10,7 +10,9 @@
 //! with the proof, or `None` when it has no good copy.
 //!
 //! A wrong proof, a `None`, or no answer within `request_timeout_ms` is
-//! `Event::AuditFailed`. The holder loses its confirmation; one that said it lacks the
+//! `Event::AuditFailed`. No answer counts against the holder only when it answered other
+//! requests meanwhile (`Late`); a peer that answered nothing at all may sit behind a
+//! one-way partition, which is the link's fault, not its disk's (`Unreachable`). The holder loses its confirmation; one that said it lacks the
 //! chunk is offered it again. A failure adds `AUDIT_FAILURE_POINTS` to the holder's
 //! score and a pass takes `AUDIT_PASS_POINTS` off, so a holder that fails more than one
 //! audit in three climbs; at `AUDIT_POINTS_MAX` (three failures in a row) this node
@@ -57,6 +59,8 @@ pub(super) struct PendingAudit {
     /// (the audit is not sent yet).
     pub expected: Option<[u8; 32]>,
     pub deadline_ms: u64,
+    /// When the audit went out.
+    pub sent_at_ms: u64,
 }
 
 impl Engine {
@@ -113,6 +117,7 @@ impl Engine {
                     nonce,
                     expected: None,
                     deadline_ms: now_ms + self.config.request_timeout_ms,
+                    sent_at_ms: now_ms,
                 },
             );
             let op = self.next_op();
@@ -146,7 +151,8 @@ impl Engine {
 
     /// This node read and checked its own copy for an audit of `to`: send the audit.
     pub(super) fn audit_read(&mut self, to: NodeId, id: ChunkId, sealed: &[u8]) {
-        let deadline_ms = self.now_ms + self.config.request_timeout_ms;
+        let now_ms = self.now_ms;
+        let deadline_ms = now_ms + self.config.request_timeout_ms;
         let Some(pending) = self
             .audits
             .get_mut(&to)
@@ -156,6 +162,7 @@ impl Engine {
         };
         pending.expected = Some(audit_proof(&pending.nonce, &id, sealed));
         pending.deadline_ms = deadline_ms;
+        pending.sent_at_ms = now_ms;
         let (owner, nonce) = (pending.owner, pending.nonce);
         self.counters.audits_sent += 1;
         self.send(to, Message::Audit { owner, id, nonce });
@@ -283,8 +290,22 @@ impl Engine {
             .collect();
         for (node, audit) in expired {
             self.audits.remove(&node);
-            if audit.expected.is_some() {
+            if audit.expected.is_none() {
+                continue; // never sent
+            }
+            let answered_since = self
+                .peers
+                .get(&node)
+                .is_some_and(|p| p.answered_at_ms > audit.sent_at_ms);
+            if answered_since {
                 self.audit_failed(node, audit.owner, audit.id, AuditFailure::Late);
+            } else {
+                self.counters.audits_unreachable += 1;
+                self.push_event(Event::AuditFailed {
+                    node,
+                    id: audit.id,
+                    failure: AuditFailure::Unreachable,
+                });
             }
         }
     }

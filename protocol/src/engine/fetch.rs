@@ -8,7 +8,6 @@
 use super::message::Message;
 use super::replication::ReadPurpose;
 use super::{Engine, Event, PeerState, StorageOp};
-use crate::blob::verify_blob;
 use crate::identity::{NodeId, SiteId};
 use crate::ids::ChunkId;
 
@@ -145,7 +144,7 @@ impl Engine {
         let Some(blob) = sealed else {
             return self.fetch_remote(owner, id, now_ms);
         };
-        match verify_blob(&owner, &id, &blob) {
+        match self.blobs.verify(&owner, &id, &blob) {
             Some(sealed) => {
                 let sealed = sealed.to_vec();
                 self.fetches.remove(&id);

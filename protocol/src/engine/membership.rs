@@ -38,6 +38,9 @@ pub(super) struct Peer {
     pub excluded_until_ms: u64,
     /// The peer's audits this node is reading its copy to answer.
     pub audits_answering: u32,
+    /// When the peer last answered something this node sent (a gossip reply, an
+    /// acknowledgement, a fetch or audit reply...): proof that the link works both ways.
+    pub answered_at_ms: u64,
 }
 
 impl Peer {
@@ -77,6 +80,7 @@ impl Engine {
                 audit_points: 0,
                 excluded_until_ms: 0,
                 audits_answering: 0,
+                answered_at_ms: 0,
             });
             peer.site = site;
             peer.capacity_bytes = capacity_bytes;

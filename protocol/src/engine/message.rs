@@ -133,6 +133,26 @@ pub enum Message {
 }
 
 impl Message {
+    /// True for a message only sent in answer to one from the receiver: its arrival shows
+    /// that the link from the receiver to the sender works.
+    pub fn is_answer(&self) -> bool {
+        match self {
+            Message::Gossip { reply, .. } | Message::SyncIds { reply, .. } => *reply,
+            Message::SyncDigest { digests, .. } => digests.len() == PARTITIONS,
+            Message::Entries { .. }
+            | Message::Need { .. }
+            | Message::PushAck { .. }
+            | Message::FetchReply { .. }
+            | Message::AuditReply { .. } => true,
+            Message::Records { .. }
+            | Message::Want { .. }
+            | Message::Offer { .. }
+            | Message::Push { .. }
+            | Message::Fetch { .. }
+            | Message::Audit { .. } => false,
+        }
+    }
+
     pub fn encode(&self) -> Vec<u8> {
         let mut w = Writer::with_capacity(64);
         w.u8(MESSAGE_VERSION);

@@ -23,7 +23,6 @@ use super::{
     chunk_hash, partition_of, partition_start, ChunkRef, Engine, Event, PeerState, StorageOp,
     HELD_CHUNKS_MAX, PENDING_SNAPSHOTS_MAX,
 };
-use crate::blob::verify_blob;
 use crate::identity::{NodeId, SiteId};
 use crate::ids::ChunkId;
 use crate::placement::{self, Candidate, SiteNodes};
@@ -491,7 +490,7 @@ impl Engine {
         }
         // The bytes must be the owner's chunk `id` before they are stored; a holder
         // cannot open them, but it can check the owner's signature.
-        if verify_blob(&owner, &id, &sealed).is_none() {
+        if self.blobs.verify(&owner, &id, &sealed).is_none() {
             self.counters.bad_blobs_received += 1;
             // The request goes back to the pool when it times out, and the other holders
             // are asked first.
@@ -717,7 +716,7 @@ impl Engine {
     ) {
         let held = self.held.get(&id).map(|h| (h.owner, h.size_bytes));
         let good = match (&blob, held) {
-            (Some(blob), Some((owner, _))) => verify_blob(&owner, &id, blob).is_some(),
+            (Some(blob), Some((owner, _))) => self.blobs.verify(&owner, &id, blob).is_some(),
             _ => false,
         };
         if !good {

@@ -26,7 +26,10 @@ struct TestNode {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Hostile {
     WrongProofs,
+    /// Drops its audit answers, answers everything else.
     Silent,
+    /// Answers nothing, as behind a one-way partition, but still sends its own gossip.
+    Mute,
 }
 
 struct Net {
@@ -156,6 +159,7 @@ impl Net {
             while let Some((to, message)) = node.engine.poll_transmit() {
                 let message = match (self.hostile.get(&i), message) {
                     (Some(Hostile::Silent), Message::AuditReply { .. }) => continue,
+                    (Some(Hostile::Mute), message) if message.is_answer() => continue,
                     (
                         Some(Hostile::WrongProofs),
                         Message::AuditReply {
@@ -681,6 +685,32 @@ fn a_holder_that_never_answers_times_out_and_is_no_longer_placed_on() {
     let later_ms = net.now_ms + AUDIT_EXCLUSION_MS;
     net.nodes[0].engine.handle_timeout(later_ms);
     assert!(!net.nodes[0].engine.is_excluded(&node_id(1)));
+}
+
+#[test]
+fn a_holder_that_answers_nothing_at_all_is_not_blamed_for_it() {
+    // A one-way partition looks like this: the peer's own gossip arrives, none of its
+    // answers do. That is the link's fault, not the holder's disk's.
+    let (mut net, _) = three_sites_backing_up(Hostile::Mute);
+    net.run_for(10 * 60_000);
+    for i in [0, 2] {
+        let unreachable = count(net.events(i), |e| {
+            matches!(
+                e,
+                Event::AuditFailed {
+                    failure: AuditFailure::Unreachable,
+                    node,
+                    ..
+                } if *node == node_id(1)
+            )
+        });
+        assert!(
+            unreachable >= 3,
+            "node {i}: {unreachable} unanswered audits"
+        );
+        assert_eq!(net.counters(i).audits_unreachable, unreachable as u64);
+        assert!(!net.nodes[i].engine.is_excluded(&node_id(1)));
+    }
 }
 
 #[test]
