@@ -39,8 +39,10 @@ counters! {
     /// An audit failed for a chunk that was being repaired (below R good copies, or a
     /// push of it on the wire).
     true audit_failed_mid_repair,
-    /// Audits that failed, and those of them aimed at a node that was lying then.
+    /// Audits that failed (wrong, missing or late), those unanswered by a peer that
+    /// answered nothing else either (not held against it), and those that named a liar.
     false audits_failed,
+    false audits_unreachable,
     false lies_caught,
     /// The longest a lie went before an honest node's audit named the liar, seconds.
     false lie_caught_after_secs_max,

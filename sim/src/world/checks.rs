@@ -10,7 +10,7 @@
 //! - every peer is attributed to the site that really certified it (invariant 10).
 
 use cairn_protocol::catalog::RecordKey;
-use cairn_protocol::engine::{ChunkRef, Event, Message};
+use cairn_protocol::engine::{AuditFailure, ChunkRef, Event, Message};
 use cairn_protocol::identity::NodeId;
 use cairn_protocol::ids::ChunkId;
 use cairn_protocol::record::{Record, RecordKind};
@@ -59,6 +59,10 @@ impl World {
                     lies.outstanding.remove(id);
                 }
             }
+            Event::AuditFailed {
+                failure: AuditFailure::Unreachable,
+                ..
+            } => self.coverage.audits_unreachable += 1,
             Event::AuditFailed {
                 node: held_by, id, ..
             } => {
