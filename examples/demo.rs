@@ -12,7 +12,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use cairn::{assert_same_file, random_bytes, text_bytes};
 use cairn_node::backup::{backup, BackupOptions, BackupSummary};
-use cairn_node::restore::restore;
+use cairn_node::restore::{restore, RestoreOptions};
 use cairn_node::source::Source;
 use cairn_node::units::bytes;
 use cairn_node::Vault;
@@ -56,7 +56,13 @@ fn main() -> Result<()> {
     let snapshots = vault.snapshots()?;
     for (n, (record, original)) in snapshots.iter().zip([&v1_copy, &image_path]).enumerate() {
         let out = tmp.path().join(format!("restored-v{}.img", n + 1));
-        let summary = restore(&vault, record, &out, false, workers, &|_| {})?;
+        let summary = restore(
+            &vault,
+            record,
+            &out,
+            &RestoreOptions::local(workers),
+            &|_| {},
+        )?;
         assert_same_file(original, &out);
         println!(
             "{}. restored {}@{} in {:.2}s: byte-for-byte equal to v{}",

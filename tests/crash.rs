@@ -1,8 +1,9 @@
 //! A backup killed with SIGKILL at any point leaves a store that opens cleanly, lists no
 //! half-made snapshot, verifies, and reuses what was already stored when the backup runs
-//! again.
+//! again. A restore killed midway resumes from its partial file.
 
 use std::io::Write;
+use std::os::unix::fs::MetadataExt;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -156,4 +157,50 @@ fn kill_backup_after(site: &Site, source: &std::path::Path, delay: Duration) -> 
         assert_eq!(n_after, n_before, "a killed backup left a snapshot");
     }
     !finished
+}
+
+#[test]
+fn a_restore_killed_midway_resumes_where_it_stopped() {
+    let site = Site::new();
+    let source = site.path("big.img");
+    write(&source, &random_bytes(128 * MIB, 31));
+    site.backup("big", &source);
+    let out = site.path("big.out");
+    let partial = site.path("big.out.cairn-partial");
+    let allocated = || std::fs::metadata(&partial).map_or(0, |m| m.blocks() * 512);
+    // Kill once some of it is written; a restore that wins the race is run again.
+    let mut killed = false;
+    for _attempt in 0..5 {
+        let _ = std::fs::remove_file(&out);
+        let mut child = site
+            .command(&["restore", "big", out.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        while allocated() < 8 * MIB as u64 && child.try_wait().unwrap().is_none() {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        child.kill().unwrap(); // SIGKILL
+        if !child.wait().unwrap().success() {
+            killed = true;
+            break;
+        }
+    }
+    assert!(killed, "every restore finished before it could be killed");
+    assert!(
+        !out.exists(),
+        "a killed restore left a file that looks whole"
+    );
+    let kept = allocated();
+    assert!(kept > 0);
+
+    let summary: serde_json::Value =
+        serde_json::from_str(&site.ok(&["restore", "big", out.to_str().unwrap(), "--json"]))
+            .unwrap();
+    assert_same_file(&source, &out);
+    assert!(!partial.exists());
+    let resumed = summary["resumed_bytes"].as_u64().unwrap();
+    let local = summary["local_bytes"].as_u64().unwrap();
+    assert!(resumed > 0 && local > 0, "{summary}");
+    assert_eq!(resumed + local, 128 * MIB as u64, "{summary}");
 }

@@ -1,9 +1,13 @@
 //! The `cairn` command line. Errors from the library become one line on stderr and a
 //! non-zero exit; `--json` gives scripts the same facts on stdout.
 
+mod node;
+pub mod remote;
+
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use cairn_protocol::identity::{NodeId, RecoveryKey, SiteId};
@@ -21,6 +25,18 @@ use crate::units::{self, parse_duration_ms, parse_size};
 use crate::vault::Vault;
 use crate::{restore, verify};
 
+/// A line of output: stdout here, or the terminal of the command's user when it runs
+/// inside a node.
+macro_rules! outln {
+    () => { $crate::cli::remote::out(String::new()) };
+    ($($t:tt)*) => { $crate::cli::remote::out(format!($($t)*)) };
+}
+
+/// A line on stderr (or the command's user's stderr).
+macro_rules! errln {
+    ($($t:tt)*) => { $crate::cli::remote::err(format!($($t)*)) };
+}
+
 #[derive(Parser)]
 #[command(
     name = "cairn",
@@ -35,6 +51,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once per process: the size of `node run`'s flags does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Create a new site in the data dir, with fresh site and vault keys
@@ -76,6 +94,9 @@ enum Command {
         /// Overwrite OUT if it exists
         #[arg(long)]
         force: bool,
+        /// Start over instead of resuming what an interrupted restore left in OUT.cairn-partial
+        #[arg(long)]
+        fresh: bool,
         /// Print the result as JSON, for scripts
         #[arg(long)]
         json: bool,
@@ -110,6 +131,10 @@ enum Command {
         /// Name for the site when recovering into a new data dir
         #[arg(long)]
         site_name: Option<String>,
+        /// Fetch the wrapped-keys record from a partner's node at HOST:PORT (repeatable)
+        /// instead of a file; the node then also starts from these addresses
+        #[arg(long, value_name = "ADDR", conflicts_with = "from")]
+        bootstrap: Vec<String>,
         /// Print the result as JSON, for scripts
         #[arg(long)]
         json: bool,
@@ -122,6 +147,17 @@ enum Command {
         /// Do not ask for confirmation
         #[arg(long)]
         yes: bool,
+        /// Print the result as JSON, for scripts
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run this machine's node, or manage it
+    Node {
+        #[command(subcommand)]
+        command: node::NodeCommand,
+    },
+    /// What the running node knows: images and their copies, peers, limits
+    Status {
         /// Print the result as JSON, for scripts
         #[arg(long)]
         json: bool,
@@ -234,8 +270,8 @@ enum KeyCommand {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    match run(cli) {
-        Ok(code) => code,
+    match forward_or_run(cli) {
+        Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
@@ -256,19 +292,73 @@ fn n_workers() -> usize {
     std::thread::available_parallelism().map_or(2, |n| n.get())
 }
 
-fn run(cli: Cli) -> Result<ExitCode> {
-    let data_dir = match cli.data_dir {
-        Some(dir) => dir,
+/// Runs the command here, or inside the data dir's running node when there is one (it
+/// holds the store open).
+fn forward_or_run(cli: Cli) -> Result<u8> {
+    let data_dir = match &cli.data_dir {
+        Some(dir) => dir.clone(),
         None => default_data_dir()?,
     };
-    let open = || -> Result<Vault> {
+    let needs_store = !matches!(
+        cli.command,
+        Command::Init { .. }
+            | Command::Join { .. }
+            | Command::Recover { .. }
+            | Command::Node { .. }
+    );
+    if needs_store && crate::control::node_running(&data_dir) {
+        if let Command::Backup { source, .. } = &cli.command {
+            if source == "-" {
+                anyhow::bail!(
+                    "a node is running on {}: it cannot read this terminal's stdin; back up from a file or device, or stop the node",
+                    data_dir.display()
+                );
+            }
+        }
+        return remote::forward(&data_dir, std::env::args().skip(1).collect());
+    }
+    if let Command::Status { .. } = cli.command {
+        return Err(crate::control::ControlError::NotRunning(data_dir).into());
+    }
+    run(cli)
+}
+
+/// Runs a parsed command. Inside a node (see `remote`), the node's open vault is used
+/// and relative paths are the command's user's.
+fn run(cli: Cli) -> Result<u8> {
+    let context = remote::context();
+    let data_dir = match (&context, cli.data_dir) {
+        (Some(c), _) => c.vault.dir.root().to_owned(),
+        (None, Some(dir)) => dir,
+        (None, None) => default_data_dir()?,
+    };
+    let user_path = |path: PathBuf| match &context {
+        Some(c) => c.cwd.join(path),
+        None => path,
+    };
+    let open = || -> Result<Arc<Vault>> {
+        if let Some(c) = &context {
+            return Ok(c.vault.clone());
+        }
         let vault = Vault::open(&data_dir)?;
         for warning in &vault.store.warnings {
-            eprintln!("warning: {warning}");
+            errln!("warning: {warning}");
         }
-        Ok(vault)
+        Ok(Arc::new(vault))
     };
     match cli.command {
+        Command::Node { command } => return node::run(&data_dir, command),
+        Command::Status { json } => {
+            let Some(c) = &context else {
+                return Err(crate::control::ControlError::NotRunning(data_dir).into());
+            };
+            let status = node::status(&c.vault, &c.mesh)?;
+            if json {
+                print_json(&status);
+            } else {
+                outln!("{}", crate::status::render_text(&status).trim_end());
+            }
+        }
         Command::Init { site_name, json } => {
             let vault = Vault::init(&data_dir, &site_name)?;
             let site_id = vault.dir.site_id();
@@ -286,15 +376,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     "data_dir": data_dir,
                 }));
             } else {
-                println!("created site {site_name:?} in {}", data_dir.display());
-                println!("site id:     {site_id}");
-                println!("fingerprint: {}", site_id.fingerprint());
-                println!();
+                outln!("created site {site_name:?} in {}", data_dir.display());
+                outln!("site id:     {site_id}");
+                outln!("fingerprint: {}", site_id.fingerprint());
+                outln!();
                 print_recovery_sheet(&site_id, &recovery_key);
             }
         }
-        Command::Trust { command } => return run_trust(&open()?, command),
-        Command::Site { command } => return run_site(&open()?, command),
+        Command::Trust { command } => return run_trust(&*open()?, command),
+        Command::Site { command } => return run_site(&*open()?, command),
         Command::Join { token, yes, json } => return run_join(&data_dir, token, yes, json),
         Command::Key {
             command: KeyCommand::RecoverySheet { yes },
@@ -315,22 +405,27 @@ fn run(cli: Cli) -> Result<ExitCode> {
             recovery_key,
             from,
             site_name,
+            bootstrap,
             json,
         } => {
             let site: SiteId = site.parse().context("--site")?;
             let recovery_key: RecoveryKey = recovery_key.parse().context("--recovery-key")?;
-            let from = from.unwrap_or_else(|| data_dir.clone());
-            let record_path = if from.is_dir() {
-                from.join("wrapped-keys.rec")
+            let record = if bootstrap.is_empty() {
+                let from = from.unwrap_or_else(|| data_dir.clone());
+                let record_path = if from.is_dir() {
+                    from.join("wrapped-keys.rec")
+                } else {
+                    from
+                };
+                std::fs::read(&record_path).with_context(|| {
+                    format!(
+                        "cannot read the wrapped-keys record {}",
+                        record_path.display()
+                    )
+                })?
             } else {
-                from
+                crate::mesh::fetch_wrapped_keys(&site, &bootstrap)?
             };
-            let record = std::fs::read(&record_path).with_context(|| {
-                format!(
-                    "cannot read the wrapped-keys record {}",
-                    record_path.display()
-                )
-            })?;
             let dir = DataDir::recover(
                 &data_dir,
                 &site,
@@ -338,6 +433,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 &record,
                 site_name.as_deref(),
             )?;
+            if !bootstrap.is_empty() {
+                node::remember_bootstrap(&data_dir, &bootstrap)?;
+            }
             if json {
                 print_json(&serde_json::json!({
                     "site_name": dir.site_name,
@@ -345,7 +443,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     "data_dir": data_dir,
                 }));
             } else {
-                println!(
+                outln!(
                     "recovered site {:?} ({site}) into {}",
                     dir.site_name,
                     data_dir.display()
@@ -359,8 +457,20 @@ fn run(cli: Cli) -> Result<ExitCode> {
             json,
         } => {
             let image = ImageName::new(&image)?;
+            let source = if source == "-" {
+                source
+            } else {
+                user_path(PathBuf::from(source))
+                    .to_string_lossy()
+                    .into_owned()
+            };
             let source = Source::open(&source)?;
             let vault = open()?;
+            // Inside a node, the storage thread and this backup take turns at the packs.
+            let write_lock = context.as_ref().map(|c| c.mesh.write_lock.clone());
+            let _writing = write_lock
+                .as_ref()
+                .map(|l| l.lock().unwrap_or_else(|e| e.into_inner()));
             let bar = progress_bar(source.size_bytes, "backing up");
             let options = BackupOptions {
                 zstd_level,
@@ -371,10 +481,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
             });
             bar.finish_and_clear();
             let summary = summary?;
+            drop(_writing);
+            if let Some(c) = &context {
+                // The new snapshot goes to the mesh now, not at the node's next start.
+                node::publish(&c.vault, &c.mesh)?;
+            }
             if json {
                 print_json(&summary);
             } else {
-                println!(
+                outln!(
                     "backed up {}@{}: {} in {:.1}s ({})",
                     summary.image,
                     summary.snapshot,
@@ -382,7 +497,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     summary.seconds,
                     units::rate(summary.size_bytes, summary.seconds)
                 );
-                println!(
+                outln!(
                     "  read {} ({} zeros or holes, never stored); {} chunks, {} new",
                     units::bytes(summary.read_bytes),
                     units::bytes(summary.zero_bytes),
@@ -390,9 +505,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     summary.n_chunks_new
                 );
                 if summary.n_chunks_new == 0 {
-                    println!("  nothing new to store: every chunk was already in the vault");
+                    outln!("  nothing new to store: every chunk was already in the vault");
                 } else {
-                    println!(
+                    outln!(
                         "  new data {} stored as {}: dedup {:.2}x, compression {:.2}x",
                         units::bytes(summary.new_bytes),
                         units::bytes(summary.stored_bytes),
@@ -409,7 +524,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             let (records, damaged_records) = vault.snapshots_checked()?;
             for e in &damaged_records {
-                eprintln!("warning: {e}; `cairn verify` reports it too");
+                errln!("warning: {e}; `cairn verify` reports it too");
             }
             let records: Vec<_> = records
                 .into_iter()
@@ -443,14 +558,17 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     .collect();
                 print_json(&rows);
             } else if records.is_empty() {
-                println!("no snapshots yet: `cairn backup IMAGE SOURCE` makes one");
+                outln!("no snapshots yet: `cairn backup IMAGE SOURCE` makes one");
             } else {
-                println!(
+                outln!(
                     "{:<24} {:<10} {:<20} {:>10}",
-                    "IMAGE", "SNAPSHOT", "TIME (UTC)", "SIZE"
+                    "IMAGE",
+                    "SNAPSHOT",
+                    "TIME (UTC)",
+                    "SIZE"
                 );
                 for r in &records {
-                    println!(
+                    outln!(
                         "{:<24} {:<10} {:<20} {:>10}",
                         r.image.as_str(),
                         r.id.short(),
@@ -464,12 +582,22 @@ fn run(cli: Cli) -> Result<ExitCode> {
             snapshot,
             out,
             force,
+            fresh,
             json,
         } => {
             let vault = open()?;
             let record = vault.resolve(&snapshot)?;
+            let out = user_path(out);
             let bar = progress_bar(Some(record.size_bytes), "restoring");
-            let summary = restore::restore(&vault, &record, &out, force, n_workers(), &|done| {
+            // Inside a node, what the store lacks comes from the mesh.
+            let mesh = context.as_ref().map(|c| c.mesh.clone());
+            let options = restore::RestoreOptions {
+                force,
+                fresh,
+                remote: mesh.as_ref().map(|m| m as &dyn crate::fetch::RemoteChunks),
+                ..restore::RestoreOptions::local(n_workers())
+            };
+            let summary = restore::restore(&vault, &record, &out, &options, &|done| {
                 bar.set_position(done)
             });
             bar.finish_and_clear();
@@ -477,7 +605,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             if json {
                 print_json(&summary);
             } else {
-                println!(
+                outln!(
                     "restored {}@{} to {}: {} ({} of data) in {:.1}s ({})",
                     summary.image,
                     summary.snapshot,
@@ -486,6 +614,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     units::bytes(summary.data_bytes),
                     summary.seconds,
                     units::rate(summary.size_bytes, summary.seconds)
+                );
+                outln!(
+                    "  {} resumed from an interrupted restore, {} read here, {} fetched from other nodes",
+                    units::bytes(summary.resumed_bytes),
+                    units::bytes(summary.local_bytes),
+                    units::bytes(summary.remote_bytes)
                 );
             }
         }
@@ -511,7 +645,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             bar.finish_and_clear();
             let damaged = !report.damage.is_empty() || !damaged_records.is_empty();
             for e in &damaged_records {
-                eprintln!("DAMAGED {e}");
+                errln!("DAMAGED {e}");
             }
             if json {
                 print_json(&report);
@@ -522,7 +656,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         .as_deref()
                         .map(|c| format!(" chunk {}", &c[..16]))
                         .unwrap_or_default();
-                    println!(
+                    outln!(
                         "DAMAGED {}@{} bytes {}..{}{}: {}",
                         d.image,
                         d.snapshot,
@@ -532,7 +666,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         d.why
                     );
                 }
-                println!(
+                outln!(
                     "verified {} snapshots: {} chunks, {} in {:.1}s: {}",
                     report.n_snapshots,
                     report.n_chunks_checked,
@@ -546,14 +680,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 );
             }
             if damaged {
-                return Ok(ExitCode::from(3));
+                return Ok(3);
             }
         }
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(0)
 }
 
-fn run_trust(vault: &Vault, command: TrustCommand) -> Result<ExitCode> {
+fn run_trust(vault: &Vault, command: TrustCommand) -> Result<u8> {
     let now = units::now_unix_ms();
     match command {
         TrustCommand::Invite {
@@ -570,14 +704,14 @@ fn run_trust(vault: &Vault, command: TrustCommand) -> Result<ExitCode> {
                     "quota_bytes": quota,
                 }));
             } else {
-                println!("{}", token.to_text());
-                println!();
-                println!(
+                outln!("{}", token.to_text());
+                outln!();
+                outln!(
                     "Send this to your partner; it offers {} of storage and expires {} UTC.",
                     units::bytes(quota),
                     units::utc(token.expires_unix_ms)
                 );
-                println!(
+                outln!(
                     "They will see your fingerprint: {}",
                     vault.dir.site_id().fingerprint()
                 );
@@ -593,18 +727,18 @@ fn run_trust(vault: &Vault, command: TrustCommand) -> Result<ExitCode> {
             let quota = quota.unwrap_or(token.quota_bytes);
             if !yes {
                 require_terminal()?;
-                eprintln!("Invite from {:?}", token.inviter_name);
-                eprintln!("  site id:     {}", token.inviter);
-                eprintln!("  fingerprint: {}", token.inviter.fingerprint());
+                errln!("Invite from {:?}", token.inviter_name);
+                errln!("  site id:     {}", token.inviter);
+                errln!("  fingerprint: {}", token.inviter.fingerprint());
                 if !token.addresses.is_empty() {
-                    eprintln!("  addresses:   {}", token.addresses.join(", "));
+                    errln!("  addresses:   {}", token.addresses.join(", "));
                 }
-                eprintln!(
+                errln!(
                     "  they offer to store up to {} for this site; this site will store up to {} for them",
                     units::bytes(token.quota_bytes),
                     units::bytes(quota)
                 );
-                eprintln!("Compare the fingerprint with them (by phone) before you accept.");
+                errln!("Compare the fingerprint with them (by phone) before you accept.");
                 confirm("Trust this site?")?;
             }
             trust::accept(vault, &token, quota)?;
@@ -617,7 +751,7 @@ fn run_trust(vault: &Vault, command: TrustCommand) -> Result<ExitCode> {
                     "we_store_for_them_bytes": quota,
                 }));
             } else {
-                println!(
+                outln!(
                     "now partners with {:?} ({})",
                     token.inviter_name,
                     token.inviter.fingerprint()
@@ -629,11 +763,14 @@ fn run_trust(vault: &Vault, command: TrustCommand) -> Result<ExitCode> {
             if json {
                 print_json(&partners);
             } else if partners.is_empty() {
-                println!("no partners yet: `cairn trust invite` makes an invite to send one");
+                outln!("no partners yet: `cairn trust invite` makes an invite to send one");
             } else {
-                println!(
+                outln!(
                     "{:<24} {:<39} {:>24} {:>24}  LAST SEEN",
-                    "PARTNER", "FINGERPRINT", "THEY STORE FOR US", "WE STORE FOR THEM"
+                    "PARTNER",
+                    "FINGERPRINT",
+                    "THEY STORE FOR US",
+                    "WE STORE FOR THEM"
                 );
                 for p in &partners {
                     let ours = if p.revoked {
@@ -641,7 +778,7 @@ fn run_trust(vault: &Vault, command: TrustCommand) -> Result<ExitCode> {
                     } else {
                         used_of(p.we_hold_for_them_bytes, p.we_store_for_them_bytes)
                     };
-                    println!(
+                    outln!(
                         "{:<24} {:<39} {:>24} {:>24}  {}",
                         p.name,
                         p.fingerprint,
@@ -651,13 +788,13 @@ fn run_trust(vault: &Vault, command: TrustCommand) -> Result<ExitCode> {
                             .map_or("never".into(), |t| format!("{} UTC", units::utc(t)))
                     );
                 }
-                println!("(used / quota; the mesh fills in use and last seen once nodes connect)");
+                outln!("(used / quota; the mesh fills in use and last seen once nodes connect)");
             }
         }
         TrustCommand::Quota { site, size } => {
             let site: SiteId = site.parse().context("SITE")?;
             trust::set_quota(vault, &site, size)?;
-            println!(
+            outln!(
                 "this site now stores up to {} for {site}",
                 units::bytes(size)
             );
@@ -665,10 +802,10 @@ fn run_trust(vault: &Vault, command: TrustCommand) -> Result<ExitCode> {
         TrustCommand::Revoke { site } => {
             let site: SiteId = site.parse().context("SITE")?;
             trust::revoke(vault, &site)?;
-            println!("revoked {site}: this site stores nothing more for it");
+            outln!("revoked {site}: this site stores nothing more for it");
         }
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(0)
 }
 
 /// "1.2 GiB of 2.0 TiB": bytes used of a quota.
@@ -680,7 +817,7 @@ fn used_of(used_bytes: u64, quota_bytes: u64) -> String {
     )
 }
 
-fn run_site(vault: &Vault, command: SiteCommand) -> Result<ExitCode> {
+fn run_site(vault: &Vault, command: SiteCommand) -> Result<u8> {
     match command {
         SiteCommand::Show { json } => show_site(vault, json)?,
         SiteCommand::AddNode {
@@ -702,11 +839,11 @@ fn run_site(vault: &Vault, command: SiteCommand) -> Result<ExitCode> {
             let cert = join::check_new_node(vault, new)?;
             if !yes {
                 require_terminal()?;
-                eprintln!(
+                errln!(
                     "Node {node} ({:?}) will get the keys of site {:?} and can read every backup of it.",
                     cert.name, vault.dir.site_name
                 );
-                eprintln!("Check that this is the id `cairn join` shows on the new machine.");
+                errln!("Check that this is the id `cairn join` shows on the new machine.");
                 confirm("Add this node?")?;
             }
             let token = join::add_node(vault, cert, expires, units::now_unix_ms())?;
@@ -718,12 +855,12 @@ fn run_site(vault: &Vault, command: SiteCommand) -> Result<ExitCode> {
                     "expires_unix_ms": token.expires_unix_ms,
                 }));
             } else {
-                println!("{}", token.to_text());
-                println!();
-                println!(
+                outln!("{}", token.to_text());
+                outln!();
+                outln!(
                     "On the new machine, run: cairn join <the token above>. It is sealed to node {node}"
                 );
-                println!(
+                outln!(
                     "({}), no other machine can use it, and it expires {} UTC.",
                     token.node_cert.name,
                     units::utc(token.expires_unix_ms)
@@ -731,7 +868,7 @@ fn run_site(vault: &Vault, command: SiteCommand) -> Result<ExitCode> {
             }
         }
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(0)
 }
 
 fn show_site(vault: &Vault, json: bool) -> Result<()> {
@@ -778,10 +915,10 @@ fn show_site(vault: &Vault, json: bool) -> Result<()> {
         }));
         return Ok(());
     }
-    println!("site:        {}", vault.dir.site_name);
-    println!("site id:     {site_id}");
-    println!("fingerprint: {}", site_id.fingerprint());
-    println!("nodes:");
+    outln!("site:        {}", vault.dir.site_name);
+    outln!("site id:     {site_id}");
+    outln!("fingerprint: {}", site_id.fingerprint());
+    outln!("nodes:");
     for node in &nodes {
         let mut about = Vec::new();
         if let Some(name) = &node.name {
@@ -793,9 +930,9 @@ fn show_site(vault: &Vault, json: bool) -> Result<()> {
         if node.capacity_bytes > 0 {
             about.push(format!("offers {}", units::bytes(node.capacity_bytes)));
         }
-        println!("  {}  ({})", node.node_id, about.join(", "));
+        outln!("  {}  ({})", node.node_id, about.join(", "));
         for address in &node.addresses {
-            println!("      {address}");
+            outln!("      {address}");
         }
     }
     Ok(())
@@ -806,7 +943,7 @@ fn run_join(
     token: Option<String>,
     yes: bool,
     json: bool,
-) -> Result<ExitCode> {
+) -> Result<u8> {
     let Some(token) = token else {
         let node = join::begin(data_dir)?;
         if json {
@@ -815,22 +952,22 @@ fn run_join(
                 "data_dir": data_dir,
             }));
         } else {
-            println!("this machine's node id: {node}");
-            println!();
-            println!("On a node of your site, run: cairn site add-node {node}");
-            println!("then run `cairn join TOKEN` here with the token it prints.");
+            outln!("this machine's node id: {node}");
+            outln!();
+            outln!("On a node of your site, run: cairn site add-node {node}");
+            outln!("then run `cairn join TOKEN` here with the token it prints.");
         }
-        return Ok(ExitCode::SUCCESS);
+        return Ok(0);
     };
     let checked = join::check(data_dir, &token, units::now_unix_ms())?;
     let site = checked.token.site;
     if !yes {
         require_terminal()?;
-        eprintln!("Join site {:?}", checked.token.site_name);
-        eprintln!("  site id:     {site}");
-        eprintln!("  fingerprint: {}", site.fingerprint());
-        eprintln!("  as node {:?}", checked.token.node_cert.name);
-        eprintln!("Check the fingerprint against `cairn site show` on a node of the site.");
+        errln!("Join site {:?}", checked.token.site_name);
+        errln!("  site id:     {site}");
+        errln!("  fingerprint: {}", site.fingerprint());
+        errln!("  as node {:?}", checked.token.node_cert.name);
+        errln!("Check the fingerprint against `cairn site show` on a node of the site.");
         confirm("Join this site?")?;
     }
     let node_name = checked.token.node_cert.name.clone();
@@ -844,28 +981,32 @@ fn run_join(
             "node_name": node_name,
         }));
     } else {
-        println!(
+        outln!(
             "this machine is now node {node_name:?} of site {:?} ({})",
             vault.dir.site_name,
             site.fingerprint()
         );
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(0)
 }
 
 fn print_recovery_sheet(site_id: &SiteId, recovery_key: &RecoveryKey) {
-    println!("RECOVERY KEY for site {site_id}:");
-    println!();
-    println!("    {recovery_key}");
-    println!();
-    println!("Write it down and keep it offline, away from this office. With the site id and this");
-    println!("key, `cairn recover` brings the site back on a fresh machine if this one is lost;");
-    println!("without it, a lost office means lost keys. Anyone holding it can read every backup.");
+    outln!("RECOVERY KEY for site {site_id}:");
+    outln!();
+    outln!("    {recovery_key}");
+    outln!();
+    outln!("Write it down and keep it offline, away from this office. With the site id and this");
+    outln!("key, `cairn recover` brings the site back on a fresh machine if this one is lost;");
+    outln!("without it, a lost office means lost keys. Anyone holding it can read every backup.");
 }
 
 /// Refuses, before anything is shown, when there is no terminal to confirm on.
 fn require_terminal() -> Result<()> {
-    if !std::io::stdin().is_terminal() {
+    let terminal = match remote::context() {
+        Some(c) => c.stdin_terminal,
+        None => std::io::stdin().is_terminal(),
+    };
+    if !terminal {
         anyhow::bail!("no terminal to confirm on: pass --yes to go ahead");
     }
     Ok(())
@@ -874,6 +1015,12 @@ fn require_terminal() -> Result<()> {
 /// Asks on the terminal; refuses when there is none, since nothing could answer.
 fn confirm(question: &str) -> Result<()> {
     require_terminal()?;
+    if let Some(c) = remote::context() {
+        if !remote::ask(&c, question) {
+            anyhow::bail!("cancelled");
+        }
+        return Ok(());
+    }
     eprint!("{question} [y/N] ");
     let mut answer = String::new();
     std::io::stdin().read_line(&mut answer)?;
@@ -884,7 +1031,7 @@ fn confirm(question: &str) -> Result<()> {
 }
 
 fn print_json(value: &impl Serialize) {
-    println!(
+    outln!(
         "{}",
         serde_json::to_string_pretty(value).expect("summaries serialise")
     );
@@ -892,7 +1039,12 @@ fn print_json(value: &impl Serialize) {
 
 /// A progress bar on stderr when it is a terminal; hidden otherwise.
 fn progress_bar(total_bytes: Option<u64>, what: &str) -> ProgressBar {
-    if !std::io::stderr().is_terminal() {
+    let context = remote::context();
+    let terminal = match &context {
+        Some(c) => c.stderr_terminal,
+        None => std::io::stderr().is_terminal(),
+    };
+    if !terminal {
         return ProgressBar::hidden();
     }
     let bar = match total_bytes {
@@ -908,6 +1060,11 @@ fn progress_bar(total_bytes: Option<u64>, what: &str) -> ProgressBar {
                 .expect("template is valid"),
         ),
     };
+    if let Some(c) = &context {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::term_like(Box::new(
+            remote::RemoteTerm::new(c),
+        )));
+    }
     bar.set_message(what.to_owned());
     bar.enable_steady_tick(std::time::Duration::from_millis(200));
     bar

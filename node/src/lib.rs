@@ -4,11 +4,16 @@
 
 pub mod backup;
 pub mod cli;
+pub mod control;
 pub mod datadir;
+pub mod fetch;
 pub mod join;
+pub mod mesh;
 pub mod records;
 pub mod restore;
+pub mod schedule;
 pub mod source;
+pub mod status;
 pub mod store;
 pub mod trust;
 pub mod units;

@@ -14,10 +14,26 @@ fn prefix(author: &SiteId, kind: RecordKind) -> Vec<u8> {
     [KEY_RECORD, &author.0, &[kind as u8]].concat()
 }
 
+/// The catalog key of the record (author, kind, key).
+pub fn key_of(author: &SiteId, kind: RecordKind, key: &[u8; 32]) -> Vec<u8> {
+    [prefix(author, kind), key.to_vec()].concat()
+}
+
 /// The catalog entry that stores `record`.
 pub fn entry(record: &Record) -> (Vec<u8>, Vec<u8>) {
-    let key = [prefix(&record.author, record.kind), record.key.to_vec()].concat();
-    (key, record.encode())
+    (
+        key_of(&record.author, record.kind, &record.key),
+        record.encode(),
+    )
+}
+
+/// Every stored record, of every author and kind.
+pub fn all(index: &dyn MetaIndex) -> Result<Vec<Record>, StoreError> {
+    index
+        .catalog_scan(KEY_RECORD)?
+        .iter()
+        .map(|(key, bytes)| decode(key, bytes))
+        .collect()
 }
 
 fn decode(key: &[u8], bytes: &[u8]) -> Result<Record, StoreError> {
@@ -38,7 +54,7 @@ pub fn get(
     kind: RecordKind,
     key: &[u8; 32],
 ) -> Result<Option<Record>, StoreError> {
-    let catalog_key = [prefix(author, kind), key.to_vec()].concat();
+    let catalog_key = key_of(author, kind, key);
     index
         .catalog_get(&catalog_key)?
         .map(|bytes| decode(&catalog_key, &bytes))

@@ -1,32 +1,26 @@
-//! Restore: rebuilds a snapshot into a file or block device on every core. This thread walks
-//! the manifest and hands data extents to workers, which read, open (decrypt, decompress,
-//! check the id) and write each chunk at its offset. Zero extents become holes in a regular
-//! file; on a block device they are written as zeros. A regular file is written under a
-//! temporary name and renamed into place only when complete, so an interrupted restore
-//! never leaves a file that looks whole.
+//! Restore: rebuilds a snapshot into a file or block device on every core, from the local
+//! store first and, for chunks missing or damaged there, from the mesh (`fetch.rs`),
+//! verifying every chunk. This file owns the output: a regular file is written under a
+//! temporary name (`OUT.cairn-partial`) and renamed into place only when complete, so an
+//! interrupted restore never leaves a file that looks whole. The partial file is kept when
+//! a restore is interrupted, and the next run resumes it: every chunk whose bytes are
+//! already in place is skipped (see `pipeline.rs` for how that is checked, and why).
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use cairn_protocol::seal::Opener;
-use cairn_protocol::{ChunkId, Extent, SnapshotRecord};
-use crossbeam_channel::bounded;
+use cairn_protocol::{ChunkId, SnapshotRecord};
 use serde::Serialize;
 use thiserror::Error;
 
-use crate::store::ChunkLocation;
+use crate::fetch::{FetchError, RemoteChunks};
+use crate::units;
 use crate::vault::{ChunkError, Vault};
 
-/// Extents queued to restore workers: bounds memory to this many small records.
-const RESTORE_QUEUE_MAX: usize = 256;
-/// Largest block of zeros written at once to a block device.
-const ZERO_WRITE_BYTES: usize = 1 << 20;
-/// Restored data between nudges to the kernel to write back what is dirty.
-const WRITEBACK_EVERY_BYTES: u64 = 128 << 20;
+mod pipeline;
 
 #[derive(Debug, Error)]
 pub enum RestoreError {
@@ -40,6 +34,8 @@ pub enum RestoreError {
         device_bytes: u64,
         image_bytes: u64,
     },
+    #[error("{0} is being written by another restore; wait for it to finish or stop it")]
+    Busy(PathBuf),
     #[error("{path}: {source}")]
     Output { path: PathBuf, source: io::Error },
     #[error("manifest of {image}@{snapshot} is unreadable at byte {offset}: {why}")]
@@ -58,6 +54,18 @@ pub enum RestoreError {
         source: Box<ChunkError>,
     },
     #[error(
+        "chunk {id} at byte {offset} of {image}@{snapshot} could not be restored: {local}; from the mesh: {remote}"
+    )]
+    Unavailable {
+        image: String,
+        snapshot: String,
+        offset: u64,
+        id: ChunkId,
+        /// Why the local copy could not be used (missing or damaged).
+        local: Box<ChunkError>,
+        remote: Box<FetchError>,
+    },
+    #[error(
         "chunk {id} at byte {offset} opened to {actual} bytes, but the manifest says {expected}"
     )]
     Length {
@@ -65,6 +73,16 @@ pub enum RestoreError {
         offset: u64,
         expected: u32,
         actual: usize,
+    },
+    /// Any of the above after some of the image was written: the partial file is kept.
+    #[error(
+        "{source}; the {} restored so far stay in {}: run the same restore again to resume, or pass --fresh to start over",
+        units::bytes(*kept_bytes), partial.display()
+    )]
+    Interrupted {
+        source: Box<RestoreError>,
+        partial: PathBuf,
+        kept_bytes: u64,
     },
 }
 
@@ -83,6 +101,39 @@ impl RestoreError {
             source: Box::new(source),
         }
     }
+
+    /// The error itself, without the note that a partial file was kept.
+    pub fn cause(&self) -> &RestoreError {
+        match self {
+            RestoreError::Interrupted { source, .. } => source.cause(),
+            other => other,
+        }
+    }
+}
+
+/// How to restore.
+#[derive(Clone, Copy)]
+pub struct RestoreOptions<'a> {
+    /// Overwrite OUT if it exists.
+    pub force: bool,
+    /// Ignore what an interrupted restore left in `OUT.cairn-partial` and start over.
+    pub fresh: bool,
+    pub n_workers: usize,
+    /// Where chunks missing or damaged in the local store come from. Without it a restore
+    /// uses the local store alone, and a missing or damaged chunk fails it.
+    pub remote: Option<&'a dyn RemoteChunks>,
+}
+
+impl RestoreOptions<'_> {
+    /// Local store only, no overwriting, resuming a partial file if there is one.
+    pub fn local(n_workers: usize) -> RestoreOptions<'static> {
+        RestoreOptions {
+            force: false,
+            fresh: false,
+            n_workers,
+            remote: None,
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -91,7 +142,16 @@ pub struct RestoreSummary {
     pub snapshot: String,
     pub output: String,
     pub size_bytes: u64,
+    /// Bytes of data chunks in the image (zero runs excluded): the sum of the next three.
     pub data_bytes: u64,
+    /// Already in place in the partial file an interrupted restore left.
+    pub resumed_bytes: u64,
+    /// Read from this node's store.
+    pub local_bytes: u64,
+    /// Fetched from other nodes.
+    pub remote_bytes: u64,
+    /// Answers from other nodes refused because they failed verification.
+    pub n_refused: u64,
     pub seconds: f64,
 }
 
@@ -99,175 +159,24 @@ pub fn restore(
     vault: &Vault,
     record: &SnapshotRecord,
     out: &Path,
-    force: bool,
-    n_workers: usize,
+    options: &RestoreOptions<'_>,
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<RestoreSummary, RestoreError> {
     let started = Instant::now();
-    let output_err = |path: &Path| {
-        let path = path.to_owned();
-        move |source| RestoreError::Output { path, source }
+    let mut target = Target::open(out, record.size_bytes, options)?;
+    let output = pipeline::Output {
+        file: &target.file,
+        path: &target.path,
+        is_device: target.is_device,
+        resuming: target.resuming,
     };
-    let out_meta = std::fs::metadata(out).ok();
-    let is_device = out_meta
-        .as_ref()
-        .is_some_and(|m| m.file_type().is_block_device());
-    if out_meta.as_ref().is_some_and(|m| m.is_dir()) {
-        return Err(RestoreError::IsDirectory(out.to_owned()));
+    let (counts, error) = pipeline::run(vault, record, &output, options, progress);
+    let kept_bytes = counts.resumed_bytes + counts.local_bytes + counts.remote_bytes;
+    if let Some(error) = error {
+        return Err(target.abandon(error, kept_bytes));
     }
-    if !force && out.symlink_metadata().is_ok() {
-        return Err(RestoreError::Exists(out.to_owned()));
-    }
-    let target = if is_device {
-        out.to_owned()
-    } else {
-        partial_path(out)
-    };
-    // Removes the partial file on every way out but success.
-    let mut partial = PartialFile(if is_device {
-        None
-    } else {
-        Some(target.clone())
-    });
-    let file = if is_device {
-        let file = OpenOptions::new()
-            .write(true)
-            .open(&target)
-            .map_err(output_err(&target))?;
-        let device_bytes = std::io::Seek::seek(&mut &file, std::io::SeekFrom::End(0))
-            .map_err(output_err(&target))?;
-        if device_bytes < record.size_bytes {
-            return Err(RestoreError::DeviceTooSmall {
-                path: target,
-                device_bytes,
-                image_bytes: record.size_bytes,
-            });
-        }
-        file
-    } else {
-        let file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&target)
-            .map_err(output_err(&target))?;
-        file.set_len(record.size_bytes)
-            .map_err(output_err(&target))?;
-        file
-    };
-
-    let data_bytes = Mutex::new(0u64);
-    let first_error: Mutex<Option<RestoreError>> = Mutex::new(None);
-    let fail = |e: RestoreError| {
-        first_error.lock().expect("not poisoned").get_or_insert(e);
-    };
-    let (tx, rx) = bounded::<(u64, ChunkId, u32, ChunkLocation)>(RESTORE_QUEUE_MAX);
-    std::thread::scope(|scope| {
-        for _ in 0..n_workers.max(1) {
-            let rx = rx.clone();
-            let (file, target, fail, data_bytes) = (&file, &target, &fail, &data_bytes);
-            scope.spawn(move || {
-                let mut reader = vault.store.reader();
-                let mut opener = Opener::new();
-                for (offset, id, len_bytes, location) in rx {
-                    let plain = match vault.load_chunk_at(&mut reader, &mut opener, &id, &location)
-                    {
-                        Ok(plain) => plain,
-                        Err(source) => {
-                            fail(RestoreError::chunk(record, offset, id, source));
-                            return;
-                        }
-                    };
-                    if plain.len() != len_bytes as usize {
-                        fail(RestoreError::Length {
-                            id,
-                            offset,
-                            expected: len_bytes,
-                            actual: plain.len(),
-                        });
-                        return;
-                    }
-                    if let Err(e) = file.write_all_at(&plain, offset) {
-                        fail(RestoreError::Output {
-                            path: target.clone(),
-                            source: e,
-                        });
-                        return;
-                    }
-                    let total = {
-                        let mut data_bytes = data_bytes.lock().expect("not poisoned");
-                        *data_bytes += plain.len() as u64;
-                        *data_bytes
-                    };
-                    if total / WRITEBACK_EVERY_BYTES
-                        != (total - plain.len() as u64) / WRITEBACK_EVERY_BYTES
-                    {
-                        start_writeback(file);
-                    }
-                }
-            });
-        }
-        drop(rx);
-        let mut last_progress = Instant::now();
-        let mut prefetcher = vault.store.reader();
-        let zeros = vec![0u8; if is_device { ZERO_WRITE_BYTES } else { 0 }];
-        let walked = vault.walk_manifest(record, |offset, extent| {
-            if first_error.lock().expect("not poisoned").is_some() {
-                return false;
-            }
-            if last_progress.elapsed() > Duration::from_millis(100) {
-                progress(offset);
-                last_progress = Instant::now();
-            }
-            match extent {
-                // Prefetching here, RESTORE_QUEUE_MAX chunks ahead of the workers, keeps the
-                // disk busy with many reads at once.
-                Extent::Data { id, len_bytes } => match prefetcher.prefetch(&id) {
-                    Ok(location) => tx.send((offset, id, len_bytes, location)).is_ok(),
-                    Err(source) => {
-                        fail(RestoreError::chunk(record, offset, id, source.into()));
-                        false
-                    }
-                },
-                Extent::Zero { len_bytes } if is_device => {
-                    match write_zeros(&file, &zeros, offset, len_bytes) {
-                        Ok(()) => true,
-                        Err(e) => {
-                            fail(RestoreError::Output {
-                                path: target.clone(),
-                                source: e,
-                            });
-                            false
-                        }
-                    }
-                }
-                Extent::Zero { .. } => true,
-            }
-        });
-        drop(tx);
-        if let Err((offset, e)) = walked {
-            fail(RestoreError::Manifest {
-                image: record.image.to_string(),
-                snapshot: record.id.short(),
-                offset,
-                why: e.to_string(),
-            });
-        }
-    });
-    if let Some(e) = first_error.into_inner().expect("not poisoned") {
-        return Err(e);
-    }
-    file.sync_all().map_err(output_err(&target))?;
-    if !is_device {
-        std::fs::rename(&target, out).map_err(output_err(out))?;
-        partial.0 = None;
-        let dir = out
-            .parent()
-            .filter(|d| !d.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(output_err(dir))?;
+    if let Err(error) = target.finish(out) {
+        return Err(target.abandon(error, kept_bytes));
     }
     progress(record.size_bytes);
     Ok(RestoreSummary {
@@ -275,50 +184,175 @@ pub fn restore(
         snapshot: record.id.short(),
         output: out.display().to_string(),
         size_bytes: record.size_bytes,
-        data_bytes: data_bytes.into_inner().expect("not poisoned"),
+        data_bytes: kept_bytes,
+        resumed_bytes: counts.resumed_bytes,
+        local_bytes: counts.local_bytes,
+        remote_bytes: counts.remote_bytes,
+        n_refused: counts.n_refused,
         seconds: started.elapsed().as_secs_f64(),
     })
 }
 
-/// Asks the kernel to start writing dirty pages now, without waiting, so the final fsync
-/// finds little left to do instead of the whole image.
-fn start_writeback(file: &File) {
-    // SAFETY: sync_file_range on an fd we own, whole file; a failure only loses the head start.
-    unsafe {
-        libc::sync_file_range(
-            std::os::fd::AsRawFd::as_raw_fd(file),
-            0,
-            0,
-            libc::SYNC_FILE_RANGE_WRITE,
-        );
+fn output_err(path: &Path) -> impl FnOnce(io::Error) -> RestoreError + '_ {
+    move |source| RestoreError::Output {
+        path: path.to_owned(),
+        source,
     }
 }
 
-struct PartialFile(Option<PathBuf>);
+/// Where the image goes: a block device, written in place, or a partial file renamed
+/// into place at the end.
+struct Target {
+    file: File,
+    /// The path written: the device, or the partial file.
+    path: PathBuf,
+    is_device: bool,
+    /// A partial file an interrupted restore left is being continued.
+    resuming: bool,
+    /// The partial file, while it is ours to remove: it held nothing when this run began,
+    /// and nothing of this run is worth keeping yet.
+    remove_on_drop: Option<PathBuf>,
+}
 
-impl Drop for PartialFile {
+impl Target {
+    fn open(
+        out: &Path,
+        size_bytes: u64,
+        options: &RestoreOptions<'_>,
+    ) -> Result<Target, RestoreError> {
+        let out_meta = std::fs::metadata(out).ok();
+        if out_meta.as_ref().is_some_and(|m| m.is_dir()) {
+            return Err(RestoreError::IsDirectory(out.to_owned()));
+        }
+        if !options.force && out.symlink_metadata().is_ok() {
+            return Err(RestoreError::Exists(out.to_owned()));
+        }
+        if out_meta.is_some_and(|m| m.file_type().is_block_device()) {
+            return Target::open_device(out, size_bytes);
+        }
+        let path = partial_path(out);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(output_err(&path))?;
+        let target = Target {
+            file,
+            path,
+            is_device: false,
+            resuming: false,
+            remove_on_drop: None,
+        };
+        target.lock()?;
+        target.start(size_bytes, options.fresh)
+    }
+
+    fn open_device(out: &Path, size_bytes: u64) -> Result<Target, RestoreError> {
+        let file = OpenOptions::new()
+            .write(true)
+            .open(out)
+            .map_err(output_err(out))?;
+        let device_bytes =
+            io::Seek::seek(&mut &file, io::SeekFrom::End(0)).map_err(output_err(out))?;
+        if device_bytes < size_bytes {
+            return Err(RestoreError::DeviceTooSmall {
+                path: out.to_owned(),
+                device_bytes,
+                image_bytes: size_bytes,
+            });
+        }
+        // A device cannot tell written regions from old contents without reading all of
+        // it, so a restore to a device always writes every chunk.
+        Ok(Target {
+            file,
+            path: out.to_owned(),
+            is_device: true,
+            resuming: false,
+            remove_on_drop: None,
+        })
+    }
+
+    /// Two restores writing one partial file would each skip what the other wrote half of.
+    fn lock(&self) -> Result<(), RestoreError> {
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&self.file);
+        // SAFETY: flock on an fd we own; the lock goes with the fd when the file closes.
+        if unsafe { libc::flock(fd, libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() == io::ErrorKind::WouldBlock {
+            Err(RestoreError::Busy(self.path.clone()))
+        } else {
+            Err(output_err(&self.path)(e))
+        }
+    }
+
+    /// Sizes the partial file; anything it already holds is resumed unless `fresh`.
+    fn start(mut self, size_bytes: u64, fresh: bool) -> Result<Target, RestoreError> {
+        let held_bytes = self.file.metadata().map_err(output_err(&self.path))?.len();
+        if fresh && held_bytes > 0 {
+            self.file.set_len(0).map_err(output_err(&self.path))?;
+        }
+        self.resuming = !fresh && held_bytes > 0;
+        if !self.resuming {
+            // Holds nothing worth keeping yet. Only set once locked: a partial file another
+            // restore is writing is never removed.
+            self.remove_on_drop = Some(self.path.clone());
+        }
+        self.file
+            .set_len(size_bytes)
+            .map_err(output_err(&self.path))?;
+        Ok(self)
+    }
+
+    /// Makes the finished image durable and puts it in place.
+    fn finish(&mut self, out: &Path) -> Result<(), RestoreError> {
+        self.file.sync_all().map_err(output_err(&self.path))?;
+        if self.is_device {
+            return Ok(());
+        }
+        std::fs::rename(&self.path, out).map_err(output_err(out))?;
+        self.remove_on_drop = None;
+        let dir = out
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(output_err(dir))
+    }
+
+    /// Gives up: a partial file with something in it stays for the next run to resume;
+    /// one this run made and wrote nothing to goes.
+    fn abandon(&mut self, error: RestoreError, kept_bytes: u64) -> RestoreError {
+        if self.is_device || kept_bytes == 0 {
+            return error;
+        }
+        self.remove_on_drop = None;
+        RestoreError::Interrupted {
+            source: Box::new(error),
+            partial: self.path.clone(),
+            kept_bytes,
+        }
+    }
+}
+
+impl Drop for Target {
     fn drop(&mut self) {
-        if let Some(path) = &self.0 {
+        if let Some(path) = &self.remove_on_drop {
             let _ = std::fs::remove_file(path);
         }
     }
 }
 
-fn partial_path(out: &Path) -> PathBuf {
+/// The name an image is written under until it is complete.
+pub fn partial_path(out: &Path) -> PathBuf {
     let mut name = out
         .file_name()
         .map(|n| n.to_os_string())
         .unwrap_or_default();
     name.push(".cairn-partial");
     out.with_file_name(name)
-}
-
-fn write_zeros(file: &File, zeros: &[u8], offset: u64, len_bytes: u64) -> io::Result<()> {
-    let mut done = 0u64;
-    while done < len_bytes {
-        let n = (len_bytes - done).min(zeros.len() as u64) as usize;
-        file.write_all_at(&zeros[..n], offset + done)?;
-        done += n as u64;
-    }
-    Ok(())
 }

@@ -30,7 +30,6 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use cairn_protocol::identity::SiteId;
-use cairn_protocol::seal::SEALED_BYTES_MAX;
 use cairn_protocol::ChunkId;
 use thiserror::Error;
 
@@ -39,6 +38,9 @@ pub use index::{ChunkLocation, IndexBatch, MetaIndex, SledIndex};
 
 const PACK_MAGIC: &[u8; 8] = b"CAIRNPAK";
 pub const PACK_VERSION: u8 = 1;
+/// Largest entry a pack holds: a sealed chunk, plus its owner's 64-byte signature when
+/// it is a partner's chunk stored as the mesh carries it.
+pub const ENTRY_BYTES_MAX: usize = cairn_protocol::blob::BLOB_BYTES_MAX;
 const PACK_HEADER_BYTES: u64 = 16;
 const ENTRY_MAGIC: u32 = 0xCA1C_0E01;
 const ENTRY_HEAD_BYTES: u64 = 4 + 32 + 4;
@@ -406,7 +408,7 @@ fn read_entry(reader: &mut impl Read, remaining: u64) -> Option<(ChunkId, u64)> 
     }
     let id = ChunkId(head[4..36].try_into().ok()?);
     let sealed_len = u64::from(u32::from_le_bytes(head[36..].try_into().ok()?));
-    if sealed_len > SEALED_BYTES_MAX as u64
+    if sealed_len > ENTRY_BYTES_MAX as u64
         || ENTRY_HEAD_BYTES + sealed_len + ENTRY_CHECKSUM_BYTES > remaining
     {
         return None;
@@ -437,7 +439,10 @@ pub struct PackWriter<'s> {
 
 impl PackWriter<'_> {
     pub fn append(&mut self, id: &ChunkId, sealed: &[u8]) -> Result<ChunkLocation, StoreError> {
-        assert!(sealed.len() <= SEALED_BYTES_MAX, "sealer bounds chunk size");
+        assert!(
+            sealed.len() <= ENTRY_BYTES_MAX,
+            "sealer and mesh bound chunk size"
+        );
         if self
             .open
             .as_ref()

@@ -4,7 +4,9 @@
 //! catalog entry in the store's index; the mesh will gossip the records.
 
 use cairn_protocol::identity::SiteId;
-use cairn_protocol::record::{check_addresses, Record, RecordError, RecordKind, TrustGrant};
+use cairn_protocol::record::{
+    check_addresses, is_valid_name, Record, RecordError, RecordKind, TrustGrant,
+};
 use cairn_protocol::token::{InviteToken, TokenError};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -34,6 +36,8 @@ pub enum TrustError {
     Reused(String),
     #[error("site {0} is not a partner of this site (`cairn trust list` shows partners)")]
     UnknownSite(SiteId),
+    #[error("this site never sent that invite (or it is from another site)")]
+    NotOurInvite,
     #[error("a site cannot revoke itself")]
     RevokeSelf,
     #[error("this node already holds {} for {name}; a quota of {} would be below that: give at least that much, or revoke them", units::bytes(*held_bytes), units::bytes(*quota_bytes))]
@@ -152,6 +156,81 @@ pub fn accept(vault: &Vault, token: &InviteToken, quota_bytes: u64) -> Result<()
         .push(([KEY_USED_TOKEN, &token.token_id].concat(), Vec::new()));
     vault.store.index().commit(batch)?;
     Ok(())
+}
+
+/// The invite text this site accepted from `inviter`, when it was the acceptor (the
+/// node sends it back to the inviter to complete the partnership).
+pub fn accepted_invite(vault: &Vault, inviter: &SiteId) -> Result<Option<String>, TrustError> {
+    match known_partner(vault, inviter) {
+        Ok(entry) if !entry.invite.is_empty() => Ok(Some(entry.invite)),
+        Ok(_) | Err(TrustError::UnknownSite(_)) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// The inviter's side of an accepted invite, when the acceptor's node reaches it: the
+/// invite must be one this site sent and not used by another site; the acceptor's grant
+/// must be signed and name this site. Signs this site's grant to the acceptor (the
+/// quota the invite offered) and records the partner. Asked again by the same acceptor
+/// (an answer lost on the way), it returns the same grant.
+pub fn complete_invite(
+    vault: &Vault,
+    token: &InviteToken,
+    acceptor_grant: &Record,
+    acceptor_name: &str,
+) -> Result<Record, TrustError> {
+    let own = vault.dir.site_id();
+    if token.inviter != own {
+        return Err(TrustError::NotOurInvite);
+    }
+    let index = vault.store.index();
+    if index
+        .catalog_get(&[KEY_SENT_INVITE, &token.token_id].concat())?
+        .is_none()
+    {
+        return Err(TrustError::NotOurInvite);
+    }
+    if acceptor_grant.kind != RecordKind::TrustGrant || acceptor_grant.key != own.0 {
+        return Err(TrustError::Record(RecordError::NotAllowed(
+            "an invite is completed with the acceptor's grant to the inviter".into(),
+        )));
+    }
+    acceptor_grant.verify_signature()?;
+    let grant =
+        TrustGrant::decode(&acceptor_grant.body).map_err(|e| TrustError::Damaged(e.to_string()))?;
+    let acceptor = acceptor_grant.author;
+    if acceptor == own {
+        return Err(TrustError::OwnSite(own));
+    }
+    let used_key = [KEY_USED_TOKEN, &token.token_id].concat();
+    if let Some(used_by) = index.catalog_get(&used_key)? {
+        if used_by == acceptor.0 {
+            if let Some((record, _)) = our_grant(vault, &acceptor)? {
+                return Ok(record);
+            }
+        }
+        return Err(TrustError::Reused(vault.dir.site_name.clone()));
+    }
+    let name = if is_valid_name(acceptor_name) {
+        acceptor_name.to_string()
+    } else {
+        format!("site {}", acceptor.fingerprint())
+    };
+    let entry = PartnerEntry {
+        name,
+        addresses: Vec::new(),
+        offered_quota_bytes: if grant.revoked { 0 } else { grant.quota_bytes },
+        invite: String::new(),
+    };
+    let mut batch = grant_batch(vault, acceptor, token.quota_bytes, false)?;
+    let record = Record::decode(&batch.catalog[0].1).expect("just encoded");
+    batch.catalog.push((
+        [KEY_PARTNER, &acceptor.0].concat(),
+        serde_json::to_vec(&entry).expect("partner entry serialises"),
+    ));
+    batch.catalog.push((used_key, acceptor.0.to_vec()));
+    index.commit(batch)?;
+    Ok(record)
 }
 
 fn our_grant(vault: &Vault, site: &SiteId) -> Result<Option<(Record, TrustGrant)>, TrustError> {

@@ -1,15 +1,19 @@
 //! A vault: an open data dir with its store and derived keys. This is the API the CLI, the
 //! examples and the tests use for backup, restore and verify on one node.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use cairn_protocol::keys::VaultKeys;
 use cairn_protocol::manifest::{ManifestError, ManifestWalk};
+use cairn_protocol::record::{Record, RecordKind};
 use cairn_protocol::seal::{Opener, SealError};
 use cairn_protocol::{ChunkId, Extent, ImageName, SnapshotId, SnapshotRecord};
 use thiserror::Error;
 
 use crate::datadir::{DataDir, DataDirError};
+use crate::fetch::{fetch_blocking, FetchError, RemoteChunks};
+use crate::records;
 use crate::store::{ChunkLocation, PackReader, Store, StoreError};
 
 #[derive(Debug, Error)]
@@ -39,6 +43,12 @@ pub enum ChunkError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Seal(#[from] SealError),
+    /// Unusable here, and the mesh did not deliver it either.
+    #[error("{local}; from the mesh: {remote}")]
+    Unavailable {
+        local: Box<ChunkError>,
+        remote: Box<FetchError>,
+    },
 }
 
 pub struct Vault {
@@ -94,10 +104,28 @@ impl Vault {
 
     /// Every readable snapshot, and an error for each record that does not open or decode,
     /// so one damaged record never hides the others.
+    ///
+    /// Snapshots come from the index (made here) and from this site's snapshot records in
+    /// the catalog (made on any node of the site, gossiped here): on a machine rebuilt with
+    /// `cairn recover`, the catalog is the only source.
     pub fn snapshots_checked(&self) -> Result<(Vec<SnapshotRecord>, Vec<VaultError>), VaultError> {
         let mut opener = Opener::new();
         let (mut records, mut damaged) = (Vec::new(), Vec::new());
-        for (id, stored) in self.store.index().snapshots()? {
+        let mut stored: BTreeMap<SnapshotId, Vec<u8>> =
+            self.store.index().snapshots()?.into_iter().collect();
+        let index = self.store.index();
+        for record in records::scan(index, &self.dir.site_id(), RecordKind::Snapshot)? {
+            match snapshot_id_of_key(&record.key) {
+                Some(id) => {
+                    stored.entry(id).or_insert(record.body);
+                }
+                None => damaged.push(VaultError::DamagedRecord {
+                    id: SnapshotId(record.key[..16].try_into().expect("16 of 32 bytes")),
+                    why: "its catalog key is not a zero-padded snapshot id".into(),
+                }),
+            }
+        }
+        for (id, stored) in stored {
             match self.decode_record(&mut opener, id, &stored) {
                 Ok(record) => records.push(record),
                 Err(e) => damaged.push(e),
@@ -105,6 +133,27 @@ impl Vault {
         }
         records.sort_by_key(|r| (r.time_unix_ms, r.id));
         Ok((records, damaged))
+    }
+
+    /// The catalog record that carries snapshot `id` of this vault to the site's other
+    /// nodes and partners, signed by the site key: kind Snapshot, key the snapshot id
+    /// zero-padded, body the bytes the index keeps for it (the record's seal id, then the
+    /// sealed `SnapshotRecord`), so partners carry it without being able to read it.
+    pub fn snapshot_catalog_record(&self, id: &SnapshotId) -> Result<Record, VaultError> {
+        let body = self
+            .store
+            .index()
+            .snapshots()?
+            .into_iter()
+            .find(|(stored_id, _)| stored_id == id)
+            .map(|(_, body)| body)
+            .ok_or_else(|| VaultError::DamagedRecord {
+                id: *id,
+                why: "not in this store's index".into(),
+            })?;
+        let mut key = [0u8; 32];
+        key[..16].copy_from_slice(&id.0);
+        Ok(records::sign_next(self, RecordKind::Snapshot, key, body)?)
     }
 
     fn decode_record(
@@ -169,11 +218,35 @@ impl Vault {
     pub fn walk_manifest(
         &self,
         record: &SnapshotRecord,
+        each: impl FnMut(u64, Extent) -> bool,
+    ) -> Result<(), (u64, ManifestError<ChunkError>)> {
+        self.walk_manifest_from(record, None, each)
+    }
+
+    /// `walk_manifest`, fetching from `remote` (and waiting for) every manifest node that
+    /// is missing or damaged in the local store.
+    pub fn walk_manifest_from(
+        &self,
+        record: &SnapshotRecord,
+        remote: Option<&dyn RemoteChunks>,
         mut each: impl FnMut(u64, Extent) -> bool,
     ) -> Result<(), (u64, ManifestError<ChunkError>)> {
         let mut reader = self.store.reader();
         let mut opener = Opener::new();
-        let mut load = |id: &ChunkId| self.load_chunk(&mut reader, &mut opener, id);
+        let mut load = |id: &ChunkId| match self.load_chunk(&mut reader, &mut opener, id) {
+            Ok(plain) => Ok(plain),
+            Err(local) => match remote {
+                Some(remote) => {
+                    fetch_blocking(remote, &self.keys, &mut opener, id).map_err(|remote| {
+                        ChunkError::Unavailable {
+                            local: Box::new(local),
+                            remote: Box::new(remote),
+                        }
+                    })
+                }
+                None => Err(local),
+            },
+        };
         let mut walk = ManifestWalk::new(record.manifest_root());
         loop {
             match walk.next(&mut load) {
@@ -187,4 +260,13 @@ impl Vault {
             }
         }
     }
+}
+
+/// The snapshot id a Snapshot record's key names: 16 bytes, then 16 zero bytes.
+fn snapshot_id_of_key(key: &[u8; 32]) -> Option<SnapshotId> {
+    let (id, padding) = key.split_at(16);
+    padding
+        .iter()
+        .all(|b| *b == 0)
+        .then(|| SnapshotId(id.try_into().expect("16 bytes")))
 }

@@ -417,6 +417,41 @@ impl Engine {
         self.peers.iter().map(|(id, p)| (*id, p.site, p.state))
     }
 
+    /// Where a chunk of this node's site stands, for status displays: `None` once it
+    /// is confirmed at R sites (or was never part of a tracked snapshot), else the
+    /// sites confirmed so far.
+    pub fn chunk_below_r(&self, snapshot: &[u8; 32], id: &ChunkId) -> Option<Vec<SiteId>> {
+        let pending = self.pending_snapshots.get(snapshot)?;
+        pending
+            .chunks
+            .get(id)
+            .map(|sites| sites.iter().copied().collect())
+    }
+
+    /// True while a snapshot waits for some chunk to reach R sites.
+    pub fn snapshot_pending(&self, snapshot: &[u8; 32]) -> bool {
+        self.pending_snapshots.contains_key(snapshot)
+    }
+
+    /// The sites placement currently names for a chunk (at most R).
+    pub fn target_sites(&self, owner: &SiteId, id: &ChunkId) -> Vec<SiteId> {
+        let mut sites = Vec::new();
+        for node in self
+            .placement
+            .targets(owner, id, self.config.replication_factor)
+        {
+            let site = if node == self.node {
+                Some(self.site)
+            } else {
+                self.peers.get(&node).map(|p| p.site)
+            };
+            if let Some(site) = site.filter(|s| !sites.contains(s)) {
+                sites.push(site);
+            }
+        }
+        sites
+    }
+
     /// Pushes queued or waiting for an acknowledgement.
     pub fn pushes_pending(&self) -> usize {
         self.pushes.len()

@@ -1,6 +1,8 @@
 //! Shared helpers for the workspace end-to-end tests: find the real `cairn` binary, run it
 //! against a temporary data dir, and make test images.
 
+pub mod mesh;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 

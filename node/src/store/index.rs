@@ -49,6 +49,8 @@ pub struct IndexBatch {
     pub removed_packs: Vec<PackId>,
     /// Small catalog entries (signed records, partners, used tokens), by key.
     pub catalog: CatalogEntries,
+    /// Catalog keys to remove (applied before `catalog`).
+    pub removed_catalog: Vec<Vec<u8>>,
 }
 
 pub trait MetaIndex: Send + Sync {
@@ -71,6 +73,8 @@ pub trait MetaIndex: Send + Sync {
     ) -> Result<u64, StoreError>;
     /// Every chunk stored in `pack` (a full scan: for repairs, not hot paths).
     fn chunks_in_pack(&self, pack: PackId) -> Result<Vec<(ChunkId, ChunkLocation)>, StoreError>;
+    /// Every chunk the index knows (a full scan: at a node's start, not on hot paths).
+    fn chunks(&self) -> Result<Vec<(ChunkId, ChunkLocation)>, StoreError>;
 }
 
 /// A catalog counter's stored bytes as a u64.
@@ -158,6 +162,9 @@ impl MetaIndex for SledIndex {
         for pack in &batch.removed_packs {
             sled_batch.remove(key(PREFIX_PACK, &pack.0.to_be_bytes()));
         }
+        for k in &batch.removed_catalog {
+            sled_batch.remove(key(PREFIX_CATALOG, k));
+        }
         for (k, v) in &batch.catalog {
             sled_batch.insert(key(PREFIX_CATALOG, k), v.as_slice());
         }
@@ -235,6 +242,12 @@ impl MetaIndex for SledIndex {
     }
 
     fn chunks_in_pack(&self, pack: PackId) -> Result<Vec<(ChunkId, ChunkLocation)>, StoreError> {
+        let mut all = self.chunks()?;
+        all.retain(|(_, location)| location.pack == pack);
+        Ok(all)
+    }
+
+    fn chunks(&self) -> Result<Vec<(ChunkId, ChunkLocation)>, StoreError> {
         let mut out = Vec::new();
         for item in self.db.scan_prefix([PREFIX_CHUNK]) {
             let (k, v) = item.map_err(index_error)?;
@@ -242,9 +255,7 @@ impl MetaIndex for SledIndex {
                 .map_err(|_| StoreError::Index("malformed chunk key".into()))?;
             let location = ChunkLocation::decode(&v)
                 .ok_or_else(|| StoreError::Index("malformed chunk location".into()))?;
-            if location.pack == pack {
-                out.push((ChunkId(id), location));
-            }
+            out.push((ChunkId(id), location));
         }
         Ok(out)
     }

@@ -459,15 +459,12 @@ impl Engine {
         size_bytes: u64,
         sealed: Vec<u8>,
     ) {
-        if self.held.contains_key(&id) {
-            self.send(
-                from,
-                Message::PushAck {
-                    owner,
-                    id,
-                    stored: true,
-                },
-            );
+        if let Some(held) = self.held.get(&id) {
+            // Held for this owner: stored. Held under another owner (a node whose index
+            // misfiled it, or a peer pushing someone else's id): not stored for this one,
+            // so the owner never counts a copy that is not kept for it.
+            let stored = held.owner == owner;
+            self.send(from, Message::PushAck { owner, id, stored });
             return;
         }
         if self.writes.values().any(|(_, c)| c.id == id) {

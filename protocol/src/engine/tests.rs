@@ -426,6 +426,37 @@ fn a_push_with_a_bad_blob_is_never_stored_and_counts_against_the_sender() {
 }
 
 #[test]
+fn a_chunk_held_for_one_owner_is_not_acknowledged_to_another() {
+    let mut net = Net::new(3, test_config());
+    let (first, second) = (net.sites[0].id, net.sites[2].id);
+    let id = ChunkId([9; 32]);
+    let push = |owner, key: &SigningKey| {
+        let sealed = sign_blob(key, &id, b"sealed bytes");
+        Message::Push {
+            owner,
+            id,
+            size_bytes: sealed.len() as u64,
+            sealed,
+        }
+    };
+    let message = push(first, &net.sites[0].key.clone());
+    let answers = net.send(0, 1, message);
+    assert!(matches!(answers[..], [Message::PushAck { stored: true, .. }]));
+    // The same id pushed for another owner: held, but not for that owner.
+    let message = push(second, &net.sites[2].key.clone());
+    let answers = net.send(2, 1, message);
+    assert_eq!(
+        answers,
+        vec![Message::PushAck {
+            owner: second,
+            id,
+            stored: false
+        }]
+    );
+    assert_eq!(net.nodes[1].disk.len(), 1, "the first owner's copy is kept");
+}
+
+#[test]
 fn a_fetch_reply_with_a_bad_blob_is_refused_and_the_next_holder_asked() {
     let mut config = test_config();
     config.replication_factor = 3;

@@ -1,0 +1,477 @@
+//! `cairn node run`: starts the mesh daemon on this data dir, its control socket (where
+//! every other `cairn` command on the data dir then runs) and, if asked, the Prometheus
+//! endpoint. Settings come from flags and from the node's config file (`node.toml` in
+//! the data dir); flags win, and list settings add up.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context as _, Result};
+use cairn_protocol::engine::{EngineConfig, PeerState};
+use cairn_protocol::identity::SiteId;
+use clap::{Args, Subcommand};
+use serde::{Deserialize, Serialize};
+
+use super::remote::{self, Request, Response};
+use crate::control::ControlServer;
+use crate::mesh::{self, MeshHandle, NodeOptions};
+use crate::schedule::Limits;
+use crate::status::{self, ImageStatus, NodeStatus, PartnerHeld, SiteCopies, SnapshotSummary};
+use crate::units::{now_unix_ms, parse_duration_ms, parse_size};
+use crate::vault::Vault;
+
+const CONFIG_FILE: &str = "node.toml";
+
+#[derive(Subcommand)]
+pub enum NodeCommand {
+    /// Run this machine's node: join the mesh, replicate, repair, serve restores. Runs
+    /// until stopped (Ctrl-C or SIGTERM)
+    Run(RunArgs),
+}
+
+#[derive(Args, Default)]
+pub struct RunArgs {
+    /// Address to listen on, HOST:PORT or a multiaddr (repeatable) [default: 0.0.0.0:7420]
+    #[arg(long, value_name = "ADDR")]
+    listen: Vec<String>,
+    /// A node to reach at start, HOST:PORT or a multiaddr (repeatable): a partner's, or
+    /// another node of this site
+    #[arg(long, value_name = "ADDR")]
+    bootstrap: Vec<String>,
+    /// Do not look for this site's nodes on the LAN with mDNS
+    #[arg(long)]
+    no_mdns: bool,
+    /// A relay to be reachable through when this office is behind NAT: a multiaddr
+    /// ending in /p2p/PEER_ID (repeatable)
+    #[arg(long, value_name = "MULTIADDR")]
+    relay: Vec<String>,
+    /// This machine's name in its node certificate
+    #[arg(long)]
+    name: Option<String>,
+    /// Disk this node offers the mesh, e.g. 2TB
+    #[arg(long, value_parser = parse_size)]
+    capacity: Option<u64>,
+    /// Serve Prometheus metrics at http://ADDR/metrics
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<SocketAddr>,
+    /// Upload limit, e.g. 20MiB/s (default: unlimited)
+    #[arg(long, value_name = "RATE")]
+    upload_limit: Option<String>,
+    /// Download limit, e.g. 50MiB/s (default: unlimited)
+    #[arg(long, value_name = "RATE")]
+    download_limit: Option<String>,
+    /// A weekly rule, e.g. "Mon-Fri 08:00-18:00 upload=2MiB/s download=5MiB/s"
+    /// (repeatable; later rules win)
+    #[arg(long, value_name = "RULE")]
+    schedule: Vec<String>,
+    /// The config file [default: DATA_DIR/node.toml]
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// What to log, as tracing's filter syntax [default: $RUST_LOG or info]
+    #[arg(long, value_name = "FILTER")]
+    log: Option<String>,
+    /// Replication factor R (every node of the mesh must agree)
+    #[arg(long, hide = true)]
+    replication: Option<usize>,
+    /// Engine timings, for tests and simulations on one machine
+    #[arg(long, hide = true, value_parser = parse_duration_ms)]
+    gossip_interval: Option<u64>,
+    #[arg(long, hide = true, value_parser = parse_duration_ms)]
+    sync_interval: Option<u64>,
+    #[arg(long, hide = true, value_parser = parse_duration_ms)]
+    suspect_after: Option<u64>,
+    #[arg(long, hide = true, value_parser = parse_duration_ms)]
+    dead_after: Option<u64>,
+    #[arg(long, hide = true, value_parser = parse_duration_ms)]
+    trim_grace: Option<u64>,
+    #[arg(long, hide = true, value_parser = parse_duration_ms)]
+    request_timeout: Option<u64>,
+}
+
+/// The node's config file: the same settings as the flags.
+#[derive(Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigFile {
+    #[serde(default)]
+    listen: Vec<String>,
+    #[serde(default)]
+    bootstrap: Vec<String>,
+    mdns: Option<bool>,
+    #[serde(default)]
+    relay: Vec<String>,
+    name: Option<String>,
+    capacity: Option<String>,
+    metrics: Option<SocketAddr>,
+    upload_limit: Option<String>,
+    download_limit: Option<String>,
+    #[serde(default)]
+    schedule: Vec<String>,
+}
+
+fn read_config(path: &Path, required: bool) -> Result<ConfigFile> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            toml::from_str(&text).with_context(|| format!("config file {}", path.display()))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => {
+            Ok(ConfigFile::default())
+        }
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+}
+
+/// Adds bootstrap addresses to the data dir's config file (after `cairn recover`).
+pub fn remember_bootstrap(data_dir: &Path, addresses: &[String]) -> Result<()> {
+    let path = data_dir.join(CONFIG_FILE);
+    let mut config = read_config(&path, false)?;
+    for a in addresses {
+        if !config.bootstrap.contains(a) {
+            config.bootstrap.push(a.clone());
+        }
+    }
+    let text = toml::to_string(&config).expect("config serialises");
+    crate::datadir::write_durable(&path, text.as_bytes())?;
+    Ok(())
+}
+
+pub fn run(data_dir: &Path, command: NodeCommand) -> Result<u8> {
+    let NodeCommand::Run(args) = command;
+    let config_path = args
+        .config
+        .clone()
+        .unwrap_or_else(|| data_dir.join(CONFIG_FILE));
+    let config = read_config(&config_path, args.config.is_some())?;
+    let filter = args
+        .log
+        .clone()
+        .or_else(|| std::env::var("RUST_LOG").ok())
+        .unwrap_or_else(|| "info,libp2p=warn".into());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&filter).context("--log")?)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
+
+    let schedule: Vec<&str> = config
+        .schedule
+        .iter()
+        .chain(&args.schedule)
+        .map(String::as_str)
+        .collect();
+    let limits = Limits::parse(
+        args.upload_limit
+            .as_deref()
+            .or(config.upload_limit.as_deref()),
+        args.download_limit
+            .as_deref()
+            .or(config.download_limit.as_deref()),
+        &schedule,
+    )?;
+    let capacity_bytes = match (args.capacity, &config.capacity) {
+        (Some(c), _) => c,
+        (None, Some(text)) => parse_size(text).map_err(anyhow::Error::msg)?,
+        (None, None) => 0,
+    };
+    let defaults = EngineConfig::default();
+    let engine = EngineConfig {
+        replication_factor: args.replication.unwrap_or(defaults.replication_factor),
+        gossip_interval_ms: args.gossip_interval.unwrap_or(defaults.gossip_interval_ms),
+        sync_interval_ms: args.sync_interval.unwrap_or(defaults.sync_interval_ms),
+        suspect_after_ms: args.suspect_after.unwrap_or(defaults.suspect_after_ms),
+        dead_after_ms: args.dead_after.unwrap_or(defaults.dead_after_ms),
+        trim_grace_ms: args.trim_grace.unwrap_or(defaults.trim_grace_ms),
+        request_timeout_ms: args.request_timeout.unwrap_or(defaults.request_timeout_ms),
+        ..defaults
+    };
+    let mut listen: Vec<String> = config.listen.into_iter().chain(args.listen).collect();
+    if listen.is_empty() {
+        listen.push("0.0.0.0:7420".into());
+    }
+    let options = NodeOptions {
+        listen,
+        bootstrap: config.bootstrap.into_iter().chain(args.bootstrap).collect(),
+        mdns: !args.no_mdns && config.mdns.unwrap_or(true),
+        relays: config.relay.into_iter().chain(args.relay).collect(),
+        name: args.name.or(config.name),
+        capacity_bytes,
+        limits,
+        engine,
+    };
+    let metrics = args.metrics.or(config.metrics);
+
+    // The control socket first: it refuses a second node on the same data dir before the
+    // store is touched.
+    let control = ControlServer::bind(data_dir)?;
+    let vault = Arc::new(Vault::open(data_dir)?);
+    for warning in &vault.store.warnings {
+        tracing::warn!("{warning}");
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let mesh = mesh::start(vault.clone(), options, &runtime)?;
+    tracing::info!(
+        "node {} of site {:?} ({}) running",
+        vault.dir.node_id(),
+        vault.dir.site_name,
+        vault.dir.site_id()
+    );
+    if let Some(addr) = metrics {
+        let (vault, mesh) = (vault.clone(), mesh.clone());
+        let (bound, _) = status::serve_metrics(addr, move || {
+            status(&vault, &mesh).unwrap_or_else(|_| empty_status(&vault))
+        })
+        .with_context(|| format!("--metrics {addr}"))?;
+        tracing::info!("metrics at http://{bound}/metrics");
+    }
+    let stopper = control.stopper();
+    {
+        let (vault, mesh) = (vault.clone(), mesh.clone());
+        let answers = Arc::new(remote::Answers::default());
+        std::thread::Builder::new()
+            .name("cairn-control".into())
+            .spawn(move || {
+                let served = control.serve(move |request: Request, send| {
+                    serve(&vault, &mesh, &answers, request, send)
+                });
+                if let Err(e) = served {
+                    tracing::error!("the control socket stopped: {e}");
+                }
+            })?;
+    }
+    runtime.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        Ok::<_, std::io::Error>(())
+    })?;
+    tracing::info!("stopping");
+    stopper.stop();
+    Ok(0)
+}
+
+/// One request on the control socket.
+fn serve(
+    vault: &Arc<Vault>,
+    mesh: &MeshHandle,
+    answers: &Arc<remote::Answers>,
+    request: Request,
+    send: &mut dyn FnMut(Response) -> std::io::Result<()>,
+) {
+    match request {
+        Request::Answer { ticket, yes } => answers.deliver(ticket, yes),
+        Request::Status => match status(vault, mesh) {
+            Ok(s) => {
+                let _ = send(Response::Status(Box::new(s)));
+            }
+            Err(e) => {
+                let _ = send(Response::Err(format!("error: {e:#}\n")));
+            }
+        },
+        Request::Cli {
+            args,
+            cwd,
+            stdin_terminal,
+            stderr_terminal,
+            width,
+        } => {
+            let (tx, rx) = crossbeam_channel::unbounded();
+            let context = remote::Context {
+                vault: vault.clone(),
+                mesh: mesh.clone(),
+                cwd,
+                stdin_terminal,
+                stderr_terminal,
+                width,
+                out: tx,
+                answers: answers.clone(),
+            };
+            let worker = std::thread::Builder::new()
+                .name("cairn-command".into())
+                .spawn(move || {
+                    let out = context.out.clone();
+                    let code = remote::with_context(context.clone(), || {
+                        run_line(std::iter::once("cairn".to_string()).chain(args))
+                    });
+                    // Whatever the command signed (a grant, a node) goes to the mesh.
+                    if let Ok(records) = mesh::own_records(&context.vault) {
+                        let _ = context.mesh.send(mesh::Command::LocalRecords(records));
+                    }
+                    let _ = out.send(Response::Exit(code));
+                });
+            if worker.is_err() {
+                let _ = send(Response::Err("error: cannot start the command\n".into()));
+                return;
+            }
+            for response in rx {
+                if send(response).is_err() {
+                    break; // the user is gone; the command finishes on its own
+                }
+            }
+        }
+    }
+}
+
+/// Parses and runs a command line inside the node, printing its error as `main` would.
+fn run_line(args: impl Iterator<Item = String>) -> u8 {
+    use clap::Parser;
+    match super::Cli::try_parse_from(args) {
+        Ok(cli) => match super::run(cli) {
+            Ok(code) => code,
+            Err(e) => {
+                remote::err(format!("error: {e:#}"));
+                1
+            }
+        },
+        Err(e) => {
+            let text = e.render().to_string();
+            if e.use_stderr() {
+                remote::err(text.trim_end().to_string());
+                2
+            } else {
+                remote::out(text.trim_end().to_string());
+                0
+            }
+        }
+    }
+}
+
+/// Hands snapshots made inside the node to the mesh.
+pub fn publish(vault: &Vault, mesh: &MeshHandle) -> Result<()> {
+    for (record, chunks) in mesh::snapshots_to_publish(vault, false)? {
+        mesh.send(mesh::Command::NewSnapshot { record, chunks })?;
+    }
+    Ok(())
+}
+
+fn empty_status(vault: &Vault) -> NodeStatus {
+    NodeStatus {
+        version: status::STATUS_VERSION,
+        node_id: vault.dir.node_id(),
+        site_id: vault.dir.site_id(),
+        site_name: vault.dir.site_name.clone(),
+        listen_addresses: Vec::new(),
+        now_unix_ms: now_unix_ms(),
+        uptime_ms: 0,
+        chunks_own: 0,
+        chunks_for_partners: 0,
+        held_for_partners: Vec::new(),
+        upload_limit_bytes_per_sec: None,
+        download_limit_bytes_per_sec: None,
+        images: Vec::new(),
+        peers: Vec::new(),
+    }
+}
+
+/// The node's status: the mesh loop's picture plus the vault's images.
+pub fn status(vault: &Vault, mesh: &MeshHandle) -> Result<NodeStatus> {
+    let m = mesh.status()?;
+    let own = vault.dir.site_id();
+    let name_of = |site: &SiteId| {
+        m.site_names
+            .get(site)
+            .cloned()
+            .unwrap_or_else(|| format!("site {}", site.fingerprint()))
+    };
+    let mut status = empty_status(vault);
+    status.listen_addresses = m.listen.clone();
+    status.uptime_ms = m.uptime_ms;
+    status.upload_limit_bytes_per_sec = m.upload_limit;
+    status.download_limit_bytes_per_sec = m.download_limit;
+    let mut partners: std::collections::BTreeMap<SiteId, (u64, u64)> = Default::default();
+    for chunk in &m.held {
+        if chunk.owner == own {
+            status.chunks_own += 1;
+        } else {
+            status.chunks_for_partners += 1;
+            let e = partners.entry(chunk.owner).or_default();
+            e.0 += 1;
+            e.1 += chunk.size_bytes;
+        }
+    }
+    status.held_for_partners = partners
+        .into_iter()
+        .map(|(site, (chunks, bytes))| PartnerHeld {
+            site_id: site,
+            site_name: name_of(&site),
+            chunks,
+            bytes,
+        })
+        .collect();
+    let r = m.replication_factor;
+    let mut latest: std::collections::BTreeMap<String, cairn_protocol::SnapshotRecord> =
+        Default::default();
+    for snapshot in vault.snapshots()? {
+        let newer = latest
+            .get(snapshot.image.as_str())
+            .is_none_or(|l| l.time_unix_ms <= snapshot.time_unix_ms);
+        if newer {
+            latest.insert(snapshot.image.as_str().to_owned(), snapshot);
+        }
+    }
+    for snapshot in latest.into_values() {
+        let mut image = ImageStatus {
+            image: snapshot.image.clone(),
+            latest_snapshot: Some(SnapshotSummary {
+                id: snapshot.id,
+                time_unix_ms: snapshot.time_unix_ms,
+                size_bytes: snapshot.size_bytes,
+            }),
+            replication_target: r as u32,
+            chunks: 0,
+            chunks_at_target: 0,
+            under_replicated_bytes: 0,
+            copies: Vec::new(),
+        };
+        // A recovered node has no local manifest yet: its image shows no chunks.
+        let chunks = mesh::snapshot_chunks(vault, &snapshot).unwrap_or_default();
+        let mut per_site: std::collections::BTreeMap<SiteId, (u64, u64)> = Default::default();
+        for chunk in &chunks {
+            let sites = m.copies.get(&chunk.id).cloned().unwrap_or_default();
+            image.chunks += 1;
+            if sites.len() >= r {
+                image.chunks_at_target += 1;
+            } else {
+                image.under_replicated_bytes += chunk.size_bytes;
+            }
+            for site in sites {
+                let e = per_site.entry(site).or_default();
+                e.0 += 1;
+                e.1 += chunk.size_bytes;
+            }
+        }
+        image.copies = per_site
+            .into_iter()
+            .map(|(site, (chunks, bytes))| SiteCopies {
+                site_id: site,
+                site_name: name_of(&site),
+                chunks,
+                bytes,
+            })
+            .collect();
+        status.images.push(image);
+    }
+    status.peers = m
+        .peers
+        .iter()
+        .map(|p| status::PeerStatus {
+            node_id: p.node,
+            site_id: p.site,
+            site_name: name_of(&p.site),
+            state: match p.state {
+                PeerState::Live => status::PeerState::Live,
+                PeerState::Suspected => status::PeerState::Suspect,
+                PeerState::Dead => status::PeerState::Dead,
+            },
+            last_seen_unix_ms: p.last_seen_unix_ms,
+            rtt_us: p.rtt.map(|d| d.as_micros() as u64),
+            sent_bytes: p.bytes_sent,
+            received_bytes: p.bytes_received,
+        })
+        .collect();
+    Ok(status)
+}

@@ -1,0 +1,254 @@
+//! The engine's disk: a thread that carries out `StorageOp`s against the vault's pack
+//! store and sled index and reports completions back to the node's loop. Writes that
+//! arrive together share one pack fsync and one index commit. Partner chunks are stored
+//! as the mesh carries them (sealed bytes and the owner's signature) with their owner
+//! noted beside them; this site's own chunks are the backup's sealed chunks, and get
+//! their signature when read for the mesh.
+
+use std::sync::{Arc, Mutex};
+
+use cairn_protocol::engine::{ChunkRef, StorageOp};
+use cairn_protocol::identity::SiteId;
+use cairn_protocol::ids::ChunkId;
+use cairn_protocol::record::{Record, RecordKind};
+use cairn_protocol::SnapshotId;
+use crossbeam_channel::{Receiver, Sender};
+
+use crate::records;
+use crate::store::{IndexBatch, StoreError, ENTRY_BYTES_MAX};
+use crate::vault::Vault;
+
+/// The owner of each partner chunk this node holds: `held-chunk/` id -> site id.
+const KEY_HELD_CHUNK: &[u8] = b"held-chunk/";
+/// Ops carried out per batch: bounds the time before the first completion is reported.
+const OPS_PER_BATCH_MAX: usize = 256;
+
+/// A completion for the engine.
+#[derive(Debug)]
+pub enum Done {
+    Write { op: u64, ok: bool },
+    Read { op: u64, blob: Option<Vec<u8>> },
+}
+
+/// What the node's loop keeps: where to send ops.
+pub struct Storage {
+    ops: Sender<StorageOp>,
+}
+
+impl Storage {
+    /// Starts the storage thread. `write_lock` is held while packs are written: the
+    /// store has one writer at a time, and backups run in the same process.
+    pub fn start(
+        vault: Arc<Vault>,
+        write_lock: Arc<Mutex<()>>,
+        done: tokio::sync::mpsc::UnboundedSender<Done>,
+    ) -> Storage {
+        let (ops, rx) = crossbeam_channel::unbounded();
+        std::thread::Builder::new()
+            .name("cairn-storage".into())
+            .spawn(move || run(&vault, &write_lock, &rx, &done))
+            .expect("spawn the storage thread");
+        Storage { ops }
+    }
+
+    pub fn submit(&self, op: StorageOp) {
+        // The thread ends only when this sender is dropped.
+        let _ = self.ops.send(op);
+    }
+}
+
+fn run(
+    vault: &Vault,
+    write_lock: &Mutex<()>,
+    rx: &Receiver<StorageOp>,
+    done: &tokio::sync::mpsc::UnboundedSender<Done>,
+) {
+    let own = vault.dir.site_id();
+    let mut reader = vault.store.reader();
+    while let Ok(first) = rx.recv() {
+        let mut ops = vec![first];
+        while ops.len() < OPS_PER_BATCH_MAX {
+            match rx.try_recv() {
+                Ok(op) => ops.push(op),
+                Err(_) => break,
+            }
+        }
+        let mut writes = Vec::new();
+        let mut batch = IndexBatch::default();
+        let mut held_delta: Vec<(SiteId, i64)> = Vec::new();
+        for op in ops {
+            match op {
+                StorageOp::Write {
+                    op,
+                    owner,
+                    id,
+                    sealed,
+                } => writes.push((op, owner, id, sealed)),
+                StorageOp::Read { op, id } => {
+                    let blob = reader.read(&id).ok().map(|sealed| {
+                        if owner_of(vault, &id).is_none() {
+                            own_blob(vault, &id, sealed)
+                        } else {
+                            sealed
+                        }
+                    });
+                    let _ = done.send(Done::Read { op, blob });
+                }
+                StorageOp::Delete { owner, id } => {
+                    if owner == own {
+                        // This site's own chunks are its local backup: never dropped here.
+                        continue;
+                    }
+                    if let Ok(Some(location)) = vault.store.index().chunk(&id) {
+                        batch.removed_chunks.push(id);
+                        batch.removed_catalog.push([KEY_HELD_CHUNK, &id.0].concat());
+                        held_delta.push((owner, -i64::from(location.len_bytes)));
+                    }
+                }
+                StorageOp::SaveRecord(record) => save_record(vault, &mut batch, &record),
+                StorageOp::DropRecord(key) => {
+                    batch
+                        .removed_catalog
+                        .push(records::key_of(&key.author, key.kind, &key.key));
+                }
+            }
+        }
+        let write_results = if writes.is_empty() {
+            Vec::new()
+        } else {
+            let _guard = write_lock.lock().unwrap_or_else(|e| e.into_inner());
+            write_chunks(vault, writes, &mut held_delta)
+        };
+        let committed = match vault.store.index().commit(batch) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!("the index refused a batch of the engine's changes: {e}");
+                false
+            }
+        };
+        for (owner, delta) in held_delta {
+            if owner != own {
+                let _ = vault.store.add_held_for(&owner, delta);
+            }
+        }
+        for (op, ok) in write_results {
+            let _ = done.send(Done::Write {
+                op,
+                ok: ok && committed,
+            });
+        }
+    }
+}
+
+/// Appends partner chunks to the packs and indexes them with their owners; every write
+/// in the batch succeeds or fails together.
+fn write_chunks(
+    vault: &Vault,
+    writes: Vec<(u64, SiteId, ChunkId, Vec<u8>)>,
+    held_delta: &mut Vec<(SiteId, i64)>,
+) -> Vec<(u64, bool)> {
+    let mut results = Vec::new();
+    let (writes, too_big): (Vec<_>, Vec<_>) = writes
+        .into_iter()
+        .partition(|(_, _, _, blob)| blob.len() <= ENTRY_BYTES_MAX);
+    results.extend(too_big.into_iter().map(|(op, ..)| (op, false)));
+    // Owners first: an owner entry without its chunk is harmless, but a chunk indexed
+    // without its owner (a crash between two commits, or an entry re-indexed when the
+    // pack is reopened) would be taken for this site's own.
+    let owners = IndexBatch {
+        catalog: writes
+            .iter()
+            .map(|(_, owner, id, _)| ([KEY_HELD_CHUNK, &id.0].concat(), owner.0.to_vec()))
+            .collect(),
+        ..IndexBatch::default()
+    };
+    if vault.store.index().commit(owners).is_err() {
+        results.extend(writes.into_iter().map(|(op, ..)| (op, false)));
+        return results;
+    }
+    let mut writer = vault.store.writer();
+    let mut appended = Vec::new();
+    for (op, owner, id, blob) in writes {
+        match writer.append(&id, &blob) {
+            Ok(_) => appended.push((op, owner, blob.len() as i64)),
+            Err(_) => results.push((op, false)),
+        }
+    }
+    let ok = writer.commit().is_ok();
+    for (op, owner, len) in appended {
+        if ok {
+            held_delta.push((owner, len));
+        }
+        results.push((op, ok));
+    }
+    results
+}
+
+/// The owner of a partner chunk held here; None for this site's own chunks.
+fn owner_of(vault: &Vault, id: &ChunkId) -> Option<SiteId> {
+    let bytes = vault
+        .store
+        .index()
+        .catalog_get(&[KEY_HELD_CHUNK, &id.0].concat())
+        .ok()??;
+    Some(SiteId(bytes.try_into().ok()?))
+}
+
+/// A record from the engine: kept under its catalog key. This site's own snapshot
+/// records are also written where `cairn snapshots` and `cairn restore` look, so a
+/// recovered node learns its site's snapshots from the mesh.
+fn save_record(vault: &Vault, batch: &mut IndexBatch, record: &Record) {
+    batch.catalog.push(records::entry(record));
+    tracing::debug!(
+        "saving record kind {:?} of {} version {}",
+        record.kind,
+        record.author,
+        record.version
+    );
+    if record.kind == RecordKind::Snapshot && record.author == vault.dir.site_id() {
+        let mut id = [0u8; 16];
+        id.copy_from_slice(&record.key[..16]);
+        batch.snapshots.push((SnapshotId(id), record.body.clone()));
+    }
+}
+
+/// This site's sealed chunk as the mesh carries it: signed with the site key, so every
+/// holder can check it without the vault key.
+pub fn own_blob(vault: &Vault, id: &ChunkId, sealed: Vec<u8>) -> Vec<u8> {
+    cairn_protocol::blob::sign_blob(&vault.dir.site_key, id, &sealed)
+}
+
+/// Bytes a blob adds to the sealed chunk.
+pub const BLOB_EXTRA_BYTES: u64 = cairn_protocol::blob::BLOB_SIGNATURE_BYTES as u64;
+
+/// Every chunk on this node's disk, with its owner, for `Engine::load_chunk`.
+pub fn held_chunks(vault: &Vault) -> Result<Vec<ChunkRef>, StoreError> {
+    let own = vault.dir.site_id();
+    let mut partner: std::collections::HashMap<ChunkId, SiteId> = Default::default();
+    for (key, value) in vault.store.index().catalog_scan(KEY_HELD_CHUNK)? {
+        if let (Ok(id), Ok(owner)) = (
+            <[u8; 32]>::try_from(&key[KEY_HELD_CHUNK.len()..]),
+            <[u8; 32]>::try_from(&value[..]),
+        ) {
+            partner.insert(ChunkId(id), SiteId(owner));
+        }
+    }
+    Ok(vault
+        .store
+        .index()
+        .chunks()?
+        .into_iter()
+        .map(|(id, location)| match partner.get(&id) {
+            Some(owner) => ChunkRef {
+                owner: *owner,
+                id,
+                size_bytes: u64::from(location.len_bytes),
+            },
+            None => ChunkRef {
+                owner: own,
+                id,
+                size_bytes: u64::from(location.len_bytes) + BLOB_EXTRA_BYTES,
+            },
+        })
+        .collect())
+}
