@@ -279,6 +279,10 @@ pub struct Engine {
     catalog: Catalog,
     trust: TrustSets,
     peers: BTreeMap<NodeId, Peer>,
+    /// The site named by the certificate each peer presented when it connected
+    /// (`handle_connect`): it settles a node id that two trusted sites certify, one of
+    /// them falsely (at most `PEERS_MAX`).
+    presented: BTreeMap<NodeId, SiteId>,
     beat_cursor: usize,
     held: BTreeMap<ChunkId, Held>,
     used_by_owner: BTreeMap<SiteId, u64>,
@@ -344,6 +348,7 @@ impl Engine {
             now_ms,
             catalog: Catalog::default(),
             peers: BTreeMap::new(),
+            presented: BTreeMap::new(),
             beat_cursor: 0,
             held: BTreeMap::new(),
             used_by_owner: BTreeMap::new(),
@@ -525,7 +530,8 @@ impl Engine {
 
     /// A node opened a connection and presented its certificate (the transport checks
     /// that `from` holds the certificate's key). A valid certificate from a trusted site
-    /// makes it a peer; anything else refuses it before any message is read.
+    /// makes it a peer, of the site that certificate names even if another site claims
+    /// the same node id; anything else refuses it before any message is read.
     pub fn handle_connect(
         &mut self,
         from: NodeId,
@@ -538,7 +544,17 @@ impl Engine {
                 "a connecting node must present its own node certificate".into(),
             ));
         }
+        let site = crate::record::NodeCert::decode(&cert.body).map(|c| c.site);
         self.accept_record(cert, from, now_ms)?;
+        if let Ok(site) = site {
+            if self.presented.len() < PEERS_MAX || self.presented.contains_key(&from) {
+                self.presented.insert(from, site);
+            }
+            if self.peers.get(&from).is_some_and(|p| p.site != site) {
+                self.refresh_peers();
+                self.placement_stale = true;
+            }
+        }
         self.after_input(now_ms);
         Ok(())
     }

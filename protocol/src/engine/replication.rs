@@ -275,7 +275,12 @@ impl Engine {
             let capacity = self
                 .catalog
                 .node_certs()
-                .find(|c| c.node == self.node)
+                // Only this site's certificate: another trusted site may certify this
+                // node's id as its own (a false claim with a genuine signature), and a
+                // capacity read from that would rank this node differently here than
+                // at its site's other nodes, so each could take the other for the
+                // target and both trim.
+                .find(|c| c.node == self.node && c.site == self.site)
                 .map_or(CAPACITY_UNSTATED_BYTES, |c| {
                     capacity_weight(c.capacity_bytes)
                 });

@@ -1043,3 +1043,64 @@ fn a_forged_record_is_a_strike() {
         })
         .is_none());
 }
+
+/// A trusted site may sign a certificate claiming another site's node as its own: the
+/// signature is genuine, the claim false. A known peer keeps its site whichever way the
+/// two certificates sort, and a node that starts with both on its disk takes the peer for
+/// the site of the certificate the peer presents when it connects.
+#[test]
+fn a_node_claimed_by_a_second_site_keeps_its_own_site() {
+    let mut net = Net::new(3, test_config());
+    let claim = |net: &Net, forger: usize, victim: usize| {
+        let cert = NodeCert {
+            node: node_id(victim),
+            site: net.sites[forger].id,
+            name: "stolen".into(),
+            addresses: Vec::new(),
+            capacity_bytes: 1,
+        };
+        Record::sign(
+            &net.sites[forger].key,
+            RecordKind::NodeCert,
+            node_id(victim).0,
+            1,
+            cert.encode(),
+        )
+    };
+    let site_seen = |engine: &Engine, victim: usize| {
+        engine
+            .peers()
+            .find(|(node, ..)| *node == node_id(victim))
+            .map(|(_, site, _)| site)
+    };
+    let mut claims = Vec::new();
+    for (forger, victim) in [(1, 2), (2, 1)] {
+        let record = claim(&net, forger, victim);
+        claims.push(record.clone());
+        net.send(
+            forger,
+            0,
+            Message::Records {
+                records: vec![record],
+            },
+        );
+        assert_eq!(
+            site_seen(&net.nodes[0].engine, victim),
+            Some(net.sites[victim].id),
+            "node {victim} taken for site {forger}'s"
+        );
+    }
+    // A restarted node 0 loads both claims from its disk, then each victim connects.
+    for victim in [1, 2] {
+        let mut engine = Engine::new(test_config(), node_id(0), net.sites[0].id, 9, 0);
+        engine.load_records(net.records.iter().cloned().chain(claims.iter().cloned()));
+        engine
+            .handle_connect(node_id(victim), net.records[victim * 3].clone(), 1)
+            .expect("the victim's own certificate is valid");
+        assert_eq!(
+            site_seen(&engine, victim),
+            Some(net.sites[victim].id),
+            "node {victim} taken for another site's after it connected"
+        );
+    }
+}
