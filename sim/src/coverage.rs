@@ -51,10 +51,13 @@ counters! {
     /// Chunk bytes flipped on disks by corruption faults.
     false copies_corrupted,
     /// Storage operations undone by lost-writes crashes.
-    false writes_lost,
-    /// Chunks an old disk brought back that the node had deleted since, and records on it
-    /// older than the truth.
+    false storage_ops_lost,
+    /// Nodes that came back with an old disk; chunks it brought back that the node had
+    /// deleted since, chunks written since that it lacks, and records on it older than
+    /// the truth.
+    false old_disks,
     false old_disk_chunks_back,
+    false old_disk_chunks_gone,
     false old_disk_stale_records,
     /// Partners' chunks a false claimer acknowledged but kept as garbage.
     false false_claims_made,

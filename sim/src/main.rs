@@ -316,7 +316,7 @@ fn print_report(scenario: &Scenario, seed: u64, report: &Report, wall_secs: f64)
         None => println!("liveness: not converged by the end of the liveness phase"),
     }
     for (excuse, n) in &report.excuses {
-        println!("  excused below R: {n} chunks: {excuse}");
+        println!("  excused: {n} chunks: {excuse}");
     }
     let reached: Vec<String> = report
         .coverage

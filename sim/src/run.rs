@@ -275,7 +275,8 @@ impl Run {
             | Ev::Timer { .. }
             | Ev::SaveImage(_)
             | Ev::HostileTick(_)
-            | Ev::OutsiderTick => unreachable!("world handles these"),
+            | Ev::OutsiderTick
+            | Ev::LoseWrites(_) => unreachable!("world handles these"),
         });
         for (image, snapshot) in snapshot_events {
             let key = self.images[image].snapshots[snapshot].key;

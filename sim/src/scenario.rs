@@ -156,6 +156,9 @@ pub struct EngineSpec {
     pub scrub_period_ms: Option<u64>,
 }
 
+/// How long a lost-writes fault waits for the node's next write before crashing it anyway.
+pub const LOST_WRITES_WAIT_HOURS_MAX: f64 = 6.0;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Behaviour {
@@ -260,9 +263,9 @@ pub enum FaultKind {
         node: usize,
         count: usize,
     },
-    /// The node crashes, and the storage operations of its last `window_secs` (acknowledged
-    /// writes, deletions, saved records) never reached the disk. It restarts after
-    /// `for_hours`.
+    /// The node crashes during its next write (within `LOST_WRITES_WAIT_HOURS_MAX`), and
+    /// the storage operations of its last `window_secs` (acknowledged writes, deletions,
+    /// saved records) never reached the disk. It restarts after `for_hours`.
     LostWrites {
         site: String,
         node: usize,
@@ -389,9 +392,11 @@ impl Scenario {
                 + match &f.kind {
                     FaultKind::Crash { for_hours, .. }
                     | FaultKind::DiskLoss { for_hours, .. }
-                    | FaultKind::LostWrites { for_hours, .. }
                     | FaultKind::OldDisk { for_hours, .. }
                     | FaultKind::Partition { for_hours, .. } => *for_hours,
+                    FaultKind::LostWrites { for_hours, .. } => {
+                        LOST_WRITES_WAIT_HOURS_MAX + for_hours
+                    }
                     _ => 0.0,
                 }
         });

@@ -214,7 +214,7 @@ impl Draw {
                 3 => FaultKind::OldDisk {
                     site: name.clone(),
                     node,
-                    age_hours: self.rng.range(1, 12) as f64,
+                    age_hours: self.rng.range(6, 24) as f64,
                     for_hours,
                 },
                 4 if !destroyed => {

@@ -42,6 +42,8 @@ const LAN_LATENCY_US: u64 = 1_000;
 /// How long a site's own nodes may act on an older grant after the site changed it (and
 /// a restarted node on what its disk held).
 pub const GRANT_PROPAGATION_US: u64 = 10 * 60 * 1_000_000;
+/// Connections one simulated process remembers (more than any scenario's nodes).
+const PEERS_CONNECTED_MAX: usize = 1 << 16;
 /// Superseded record versions kept for replays.
 const SUPERSEDED_MAX: usize = 4096;
 
@@ -92,10 +94,15 @@ pub struct SimNode {
     pub hostile: Option<HostileState>,
     /// Storage operations not yet flushed, kept only for nodes a lost-writes fault will hit.
     pub journal: Option<std::collections::VecDeque<(u64, Undo)>>,
+    /// A lost-writes fault waiting for this node's next write.
+    pub lost_writes_armed: Option<faults::LostWritesArmed>,
     /// The disk this node comes back with at its next restart (an old-disk fault).
     pub comes_back_with: Option<Disk>,
     /// Retired for good (a hostile node at the liveness phase).
     pub retired: bool,
+    /// The peers that have connected to this process: the peer's incarnation when it
+    /// did. A peer restarted since connects again (and presents its certificate).
+    pub connected: BTreeMap<usize, u64>,
 }
 
 impl SimNode {
@@ -110,8 +117,10 @@ impl SimNode {
             started_us: 0,
             hostile: None,
             journal: None,
+            lost_writes_armed: None,
             comes_back_with: None,
             retired: false,
+            connected: BTreeMap::new(),
         }
     }
 }
@@ -140,6 +149,8 @@ pub enum Ev {
     SaveImage(usize),
     HostileTick(usize),
     OutsiderTick,
+    /// A lost-writes fault's crash (on the node's next write, or when it waited too long).
+    LoseWrites(usize),
     /// Start a restore drill while faults run.
     Drill,
 }
@@ -185,6 +196,10 @@ pub struct World {
     pub copies: BTreeMap<ChunkId, u32>,
     /// Chunks whose good copies went from some to none, with the time.
     pub zeroed: Vec<(ChunkId, u64)>,
+    /// Chunks whose last good copy went in a disk fault (lost, rotted, writes undone),
+    /// not by an engine's deletion; and whether a disk fault is being applied now.
+    pub last_copy_lost_to_fault: BTreeSet<ChunkId>,
+    pub(crate) in_disk_fault: bool,
     /// Destructive faults, as spans (from, until, site): a lost disk is an instant, a
     /// node serving wrong bytes a span.
     pub destructive: Vec<(u64, u64, usize)>,
@@ -306,6 +321,8 @@ impl World {
             bodies: BTreeMap::new(),
             copies: BTreeMap::new(),
             zeroed: Vec::new(),
+            last_copy_lost_to_fault: BTreeSet::new(),
+            in_disk_fault: false,
             destructive: Vec::new(),
             violations: Vec::new(),
             coverage: Coverage::default(),
@@ -513,13 +530,16 @@ impl World {
         self.nodes[node].engine = None;
         self.nodes[node].incarnation += 1;
         self.nodes[node].timer_at_us = None;
+        self.nodes[node].connected.clear();
     }
 
     pub fn wipe_disk(&mut self, node: usize) {
         let chunks = std::mem::take(&mut self.nodes[node].disk.chunks);
+        self.in_disk_fault = true;
         for (id, chunk) in &chunks {
             self.lose_copy(node, id, chunk);
         }
+        self.in_disk_fault = false;
         self.nodes[node].disk.records.clear();
         self.liars.remove(&node);
     }
@@ -546,6 +566,11 @@ impl World {
         if *count == 0 {
             self.copies.remove(id);
             self.zeroed.push((*id, self.now_us));
+            if self.in_disk_fault {
+                self.last_copy_lost_to_fault.insert(*id);
+            } else {
+                self.last_copy_lost_to_fault.remove(id);
+            }
         }
     }
 
@@ -615,6 +640,7 @@ impl World {
                 }
                 Ev::HostileTick(node) => self.hostile_tick(node),
                 Ev::OutsiderTick => self.outsider_tick(),
+                Ev::LoseWrites(node) => self.lose_writes(node),
                 other => on_event(self, other),
             }
         }
@@ -643,9 +669,15 @@ impl World {
             .engine
             .as_ref()
             .is_some_and(|e| e.peer_state(&from_id).is_some());
-        if !knows_sender {
-            // The transport's handshake: the sender presents its certificate (the
-            // transport has checked that it holds the certificate's key).
+        let from_incarnation = self.nodes[from].incarnation;
+        let connected = self.nodes[to].connected.get(&from) == Some(&from_incarnation);
+        if !knows_sender || !connected {
+            // The transport's handshake, once per connection (per pair of processes):
+            // the sender presents its certificate (the transport has checked that it
+            // holds the certificate's key).
+            if self.nodes[to].connected.len() < PEERS_CONNECTED_MAX {
+                self.nodes[to].connected.insert(from, from_incarnation);
+            }
             if let Some(cert) = self.presented_cert(from) {
                 let engine = self.nodes[to].engine.as_mut().expect("checked above");
                 let accepted = engine
@@ -713,7 +745,23 @@ impl World {
                                         })
                                 })
                                 .collect();
-                            format!("node {node} event {event:?}; peers not live: {view:?}")
+                            let owner = self.nodes[node]
+                                .disk
+                                .chunks
+                                .get(&id)
+                                .map(|c| c.owner)
+                                .or_else(|| {
+                                    self.nodes
+                                        .iter()
+                                        .find_map(|n| n.disk.chunks.get(&id).map(|c| c.owner))
+                                });
+                            let targets: Vec<Option<usize>> = owner
+                                .map(|o| engine.target_sites(&o, &id))
+                                .unwrap_or_default()
+                                .iter()
+                                .map(|s| self.site_of(s))
+                                .collect();
+                            format!("node {node} event {event:?}; target sites {targets:?}; peers not live: {view:?}")
                         });
                     }
                 }
@@ -782,6 +830,7 @@ impl World {
                     .get(&id)
                     .copied()
                     .unwrap_or(sealed.len() as u64);
+                self.wrote(node);
                 let body = self.stored_body(node, owner, id, sealed);
                 let good = self.is_good(&id, &body);
                 self.check_write(node, &id, good);

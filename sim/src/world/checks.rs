@@ -291,8 +291,8 @@ impl World {
         LIE_CAUGHT_WITHIN_US
     }
 
-    /// Invariant 10: every live engine attributes each peer to the site that certified
-    /// it. Checked hourly and at the end.
+    /// Invariant 10: every live engine attributes each peer that has connected to it to
+    /// the site that really certified it. Checked hourly and at the end.
     pub fn check_peer_sites(&mut self) {
         let mut wrong = Vec::new();
         for (idx, node) in self.nodes.iter().enumerate() {
@@ -304,7 +304,13 @@ impl World {
                     continue;
                 };
                 let real = self.sites[self.nodes[peer_idx].site].id;
-                if real != site || self.is_outsider(peer_idx) {
+                // Before a peer connects to this process the engine knows it only from
+                // the catalog, where another trusted site may certify the same node id
+                // as its own (a genuine signature on a false claim); the certificate the
+                // peer presents at its connection settles it.
+                let connected = node.connected.get(&peer_idx)
+                    == Some(&self.nodes[peer_idx].incarnation);
+                if (real != site && connected) || self.is_outsider(peer_idx) {
                     wrong.push((idx, peer_idx, site));
                 }
             }

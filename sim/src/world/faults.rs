@@ -4,8 +4,9 @@
 //! Disk faults:
 //! - `corrupt`: bytes of stored chunks flip; the node is not told.
 //! - `lost_writes`: a crash loses the storage operations of its last seconds (the disk
-//!   acknowledged them but had not flushed). Only nodes such a fault will hit keep the
-//!   journal that makes this possible.
+//!   acknowledged them but had not flushed). The crash comes during the node's next write
+//!   after the fault's hour (within `LOST_WRITES_ARMED_US_MAX`), so there is something to
+//!   lose. Only nodes such a fault will hit keep the journal that makes this possible.
 //! - `old_disk`: the node comes back with a copy of its disk taken hours before: its
 //!   records are older (grants since revoked), chunks deleted since are back, chunks
 //!   written since are gone.
@@ -22,6 +23,16 @@ use crate::scenario::FaultKind;
 /// How far back a journal reaches: longer than any lost-writes window.
 const JOURNAL_US_MAX: u64 = 120 * 1_000_000;
 const JOURNAL_ENTRIES_MAX: usize = 1 << 16;
+/// How long a lost-writes fault waits for a write before it crashes the node anyway.
+const LOST_WRITES_ARMED_US_MAX: u64 =
+    (crate::scenario::LOST_WRITES_WAIT_HOURS_MAX * super::HOUR_US as f64) as u64;
+
+/// A lost-writes fault waiting for the node's next write.
+#[derive(Clone, Copy, Debug)]
+pub struct LostWritesArmed {
+    window_us: u64,
+    down_us: u64,
+}
 
 /// How to undo one storage operation that never reached the disk.
 #[derive(Clone, Debug)]
@@ -101,13 +112,12 @@ impl World {
                 window_secs,
                 for_hours,
             } => {
-                let (site, idx) = self.node_of(&site, node);
-                if self.nodes[idx].engine.is_some() {
-                    self.stop_node(idx);
-                    self.lose_unflushed(idx, (window_secs * 1e6) as u64);
-                    self.destroyed_at(site);
-                    self.schedule(self.now_us + hours_us(for_hours), Ev::Restart(idx));
-                }
+                let (_, idx) = self.node_of(&site, node);
+                self.nodes[idx].lost_writes_armed = Some(LostWritesArmed {
+                    window_us: (window_secs * 1e6) as u64,
+                    down_us: hours_us(for_hours),
+                });
+                self.schedule(self.now_us + LOST_WRITES_ARMED_US_MAX, Ev::LoseWrites(idx));
             }
             FaultKind::OldDisk {
                 site,
@@ -171,6 +181,30 @@ impl World {
         }
     }
 
+    /// A write reached a node a lost-writes fault waits on: it crashes within the window,
+    /// so the writes of this burst are lost.
+    pub(super) fn wrote(&mut self, node: usize) {
+        if let Some(armed) = self.nodes[node].lost_writes_armed {
+            let delay_us = self.rng.below(armed.window_us / 2 + 1);
+            self.schedule(self.now_us + delay_us, Ev::LoseWrites(node));
+        }
+    }
+
+    /// The crash of a lost-writes fault: its last `window_us` of storage operations never
+    /// reached the disk.
+    pub(super) fn lose_writes(&mut self, node: usize) {
+        let Some(armed) = self.nodes[node].lost_writes_armed.take() else {
+            return; // already crashed by an earlier trigger
+        };
+        if self.nodes[node].engine.is_none() {
+            return; // down already: nothing in flight to lose
+        }
+        self.stop_node(node);
+        self.lose_unflushed(node, armed.window_us);
+        self.destroyed_at(self.nodes[node].site);
+        self.schedule(self.now_us + armed.down_us, Ev::Restart(node));
+    }
+
     /// Flips one byte in each of up to `count` good chunks on a node's disk.
     pub fn corrupt_chunks(&mut self, node: usize, count: usize) {
         let good: Vec<ChunkId> = self.nodes[node]
@@ -202,7 +236,9 @@ impl World {
                 chunk.good = false;
                 chunk.bad_since_us = self.now_us;
                 self.coverage.copies_corrupted += 1;
+                self.in_disk_fault = true;
                 self.lose_good_copy(&id);
+                self.in_disk_fault = false;
             }
         }
     }
@@ -229,11 +265,12 @@ impl World {
             return;
         };
         let since_us = self.now_us.saturating_sub(window_us);
+        self.in_disk_fault = true;
         while let Some((at_us, undo)) = journal.pop_back() {
             if at_us < since_us {
                 break;
             }
-            self.coverage.writes_lost += 1;
+            self.coverage.storage_ops_lost += 1;
             match undo {
                 Undo::ChunkAdded(id) => {
                     let _ = self.remove_copy(node, &id);
@@ -248,6 +285,7 @@ impl World {
                 }
             }
         }
+        self.in_disk_fault = false;
         self.nodes[node].journal = Some(VecDeque::new());
     }
 
@@ -263,10 +301,16 @@ impl World {
     /// Swaps a node's disk for another (an old copy of it).
     fn replace_disk(&mut self, node: usize, disk: Disk) {
         let now_held = &self.nodes[node].disk;
+        self.coverage.old_disks += 1;
         self.coverage.old_disk_chunks_back += disk
             .chunks
             .keys()
             .filter(|id| !now_held.chunks.contains_key(id))
+            .count() as u64;
+        self.coverage.old_disk_chunks_gone += now_held
+            .chunks
+            .keys()
+            .filter(|id| !disk.chunks.contains_key(id))
             .count() as u64;
         self.coverage.old_disk_stale_records += disk
             .records
