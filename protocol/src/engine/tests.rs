@@ -441,7 +441,10 @@ fn a_chunk_held_for_one_owner_is_not_acknowledged_to_another() {
     };
     let message = push(first, &net.sites[0].key.clone());
     let answers = net.send(0, 1, message);
-    assert!(matches!(answers[..], [Message::PushAck { stored: true, .. }]));
+    assert!(matches!(
+        answers[..],
+        [Message::PushAck { stored: true, .. }]
+    ));
     // The same id pushed for another owner: held, but not for that owner.
     let message = push(second, &net.sites[2].key.clone());
     let answers = net.send(2, 1, message);
