@@ -344,7 +344,17 @@ pub fn run_seeds(
                     } else {
                         "FAILED"
                     };
-                    eprintln!("seed {seed}: {verdict} ({wall_secs:.1} s)");
+                    let rare: Vec<&str> = report
+                        .coverage
+                        .rows()
+                        .into_iter()
+                        .filter(|(_, n, rare)| *rare && *n > 0)
+                        .map(|(name, ..)| name)
+                        .collect();
+                    eprintln!(
+                        "seed {seed}: {verdict} ({wall_secs:.1} s) rare paths: {}",
+                        rare.join(" ")
+                    );
                 }
                 results
                     .lock()

@@ -308,8 +308,8 @@ impl World {
                 // the catalog, where another trusted site may certify the same node id
                 // as its own (a genuine signature on a false claim); the certificate the
                 // peer presents at its connection settles it.
-                let connected = node.connected.get(&peer_idx)
-                    == Some(&self.nodes[peer_idx].incarnation);
+                let connected =
+                    node.connected.get(&peer_idx) == Some(&self.nodes[peer_idx].incarnation);
                 if (real != site && connected) || self.is_outsider(peer_idx) {
                     wrong.push((idx, peer_idx, site));
                 }
@@ -332,5 +332,158 @@ impl World {
                 self.sites[self.nodes[peer_idx].site].name
             ));
         }
+    }
+}
+
+/// Each check fires on the act it forbids. The runs themselves never do these things
+/// (the engine refuses them), so the acts are fed to the checkers directly.
+#[cfg(test)]
+mod tests {
+    use cairn_protocol::engine::Message;
+    use cairn_protocol::record::{Record, RecordKind};
+
+    use super::super::{World, HOUR_US};
+    use super::LIE_CAUGHT_WITHIN_US;
+    use crate::scenario::{OutsiderSpec, Scenario};
+    use crate::world::hostile::Lies;
+
+    /// Four offices with an outsider, run for two hours so chunks are stored.
+    fn world() -> crate::run::Run {
+        let mut scenario = Scenario::parse(crate::DEFAULT_SCENARIO).expect("built-in parses");
+        scenario.faults.clear();
+        for image in &mut scenario.images {
+            image.size_gib = 0.02;
+        }
+        scenario.outsider = Some(OutsiderSpec {
+            from_hours: 100.0,
+            until_hours: None,
+            every_secs: 60.0,
+        });
+        let mut run = crate::run::Run::new(scenario, 3);
+        run.advance(2 * HOUR_US, 2 * HOUR_US);
+        run
+    }
+
+    /// A node holding a good copy of some chunk, and that chunk.
+    fn holder(world: &World) -> (usize, cairn_protocol::ids::ChunkId) {
+        world
+            .nodes
+            .iter()
+            .enumerate()
+            .find_map(|(n, node)| {
+                node.disk
+                    .chunks
+                    .iter()
+                    .find(|(_, c)| c.good)
+                    .map(|(id, _)| (n, *id))
+            })
+            .expect("chunks stored after two hours")
+    }
+
+    fn violations(world: &World, invariant: &str) -> usize {
+        world
+            .violations
+            .iter()
+            .filter(|v| v.starts_with(invariant))
+            .count()
+    }
+
+    #[test]
+    fn invariant_6_fires_on_a_corrupted_copy_sent_or_stored_as_good() {
+        let mut run = world();
+        let world = &mut run.world;
+        assert_eq!(violations(world, "invariant 6"), 0);
+        let (node, id) = holder(world);
+        let owner = world.nodes[node].disk.chunks[&id].owner;
+        let mut sealed = world.bodies[&id].clone();
+        // A correct send is fine.
+        let to = world.nodes[(node + 1) % world.nodes.len()].id;
+        let push = |sealed: Vec<u8>| Message::Push {
+            owner,
+            id,
+            size_bytes: 1,
+            sealed,
+        };
+        world.check_outgoing(node, &to, &push(sealed.clone()));
+        assert_eq!(violations(world, "invariant 6"), 0);
+        sealed[0] ^= 1;
+        world.check_outgoing(node, &to, &push(sealed));
+        assert_eq!(
+            violations(world, "invariant 6"),
+            1,
+            "{:?}",
+            world.violations
+        );
+        world.check_write(node, &id, false);
+        assert_eq!(
+            violations(world, "invariant 6"),
+            2,
+            "{:?}",
+            world.violations
+        );
+    }
+
+    #[test]
+    fn invariant_7_fires_when_no_audit_names_a_liar_in_time() {
+        let mut run = world();
+        let world = &mut run.world;
+        let (node, id) = holder(world);
+        let mut lies = Lies::default();
+        lies.outstanding.insert(id, world.now_us);
+        world.liars.insert(node, lies);
+        world.check_lies();
+        assert_eq!(violations(world, "invariant 7"), 0, "not late yet");
+        world.now_us += LIE_CAUGHT_WITHIN_US + 1;
+        world.check_lies();
+        assert_eq!(
+            violations(world, "invariant 7"),
+            1,
+            "{:?}",
+            world.violations
+        );
+        // Named by an audit since the lie: no longer late.
+        world.violations.clear();
+        world.liars.get_mut(&node).expect("inserted").caught_us = Some(world.now_us);
+        world.check_lies();
+        assert_eq!(violations(world, "invariant 7"), 0);
+    }
+
+    #[test]
+    fn invariant_8_fires_on_anything_accepted_from_the_outsider() {
+        let mut run = world();
+        let world = &mut run.world;
+        let outsider = world.outsider.as_ref().expect("scenario has one").node;
+        let (node, _) = holder(world);
+        let outsider_id = world.nodes[outsider].id;
+        world.check_chunk_source(node, &outsider_id);
+        assert_eq!(
+            violations(world, "invariant 8"),
+            1,
+            "{:?}",
+            world.violations
+        );
+        world.check_outgoing(
+            node,
+            &outsider_id,
+            &Message::Want {
+                author: world.sites[0].id,
+                keys: Vec::new(),
+            },
+        );
+        assert_eq!(
+            violations(world, "invariant 8"),
+            2,
+            "{:?}",
+            world.violations
+        );
+        let key = world.sites[world.nodes[outsider].site].key.clone();
+        let record = Record::sign(&key, RecordKind::TrustGrant, [1; 32], 1, Vec::new());
+        world.check_saved_record(node, &record);
+        assert_eq!(
+            violations(world, "invariant 8"),
+            3,
+            "{:?}",
+            world.violations
+        );
     }
 }
