@@ -544,17 +544,25 @@ impl Engine {
                 "a connecting node must present its own node certificate".into(),
             ));
         }
-        let site = crate::record::NodeCert::decode(&cert.body).map(|c| c.site);
-        self.accept_record(cert, from, now_ms)?;
-        if let Ok(site) = site {
+        // The site this node says it belongs to, if that site really signed it (trusted
+        // or not): a node that presents an untrusted site's certificate is not taken
+        // for a trusted site's node on the strength of another site's claim to it.
+        let presented = crate::record::NodeCert::decode(&cert.body)
+            .ok()
+            .filter(|c| c.node == from && c.site == cert.author)
+            .filter(|_| cert.verify_signature().is_ok())
+            .map(|c| c.site);
+        if let Some(site) = presented {
             if self.presented.len() < PEERS_MAX || self.presented.contains_key(&from) {
                 self.presented.insert(from, site);
             }
-            if self.peers.get(&from).is_some_and(|p| p.site != site) {
-                self.refresh_peers();
-                self.placement_stale = true;
-            }
         }
+        let accepted = self.accept_record(cert, from, now_ms);
+        if presented.is_some_and(|site| self.peers.get(&from).is_some_and(|p| p.site != site)) {
+            self.refresh_peers();
+            self.placement_stale = true;
+        }
+        accepted?;
         self.after_input(now_ms);
         Ok(())
     }

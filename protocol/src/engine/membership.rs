@@ -90,6 +90,8 @@ impl Engine {
                 certified[at] = entry;
             }
         }
+        // A node that presented another site's certificate is not one of these sites'.
+        certified.retain(|(node, site, _)| self.presented.get(node).is_none_or(|p| p == site));
         certified.truncate(PEERS_MAX);
         let now_ms = self.now_ms;
         self.peers

@@ -1106,4 +1106,45 @@ fn a_node_claimed_by_a_second_site_keeps_its_own_site() {
             "node {victim} taken for another site's after it connected"
         );
     }
+    // A node of a site no one trusts, claimed by trusted site 1: once it presents its own
+    // site's certificate it is refused, and no longer taken for site 1's.
+    let stranger_key = site_key(7);
+    let stranger = NodeId([0x42; 32]);
+    let claim = NodeCert {
+        node: stranger,
+        site: net.sites[1].id,
+        name: "stolen".into(),
+        addresses: Vec::new(),
+        capacity_bytes: 1,
+    };
+    let claim = Record::sign(
+        &net.sites[1].key,
+        RecordKind::NodeCert,
+        stranger.0,
+        1,
+        claim.encode(),
+    );
+    net.send(
+        1,
+        0,
+        Message::Records {
+            records: vec![claim],
+        },
+    );
+    assert!(net.nodes[0]
+        .engine
+        .peers()
+        .any(|(node, ..)| node == stranger));
+    let own = node_cert(&stranger_key, stranger);
+    assert!(net.nodes[0]
+        .engine
+        .handle_connect(stranger, own, 2)
+        .is_err());
+    assert!(
+        !net.nodes[0]
+            .engine
+            .peers()
+            .any(|(node, ..)| node == stranger),
+        "a node that says it is an untrusted site's is no trusted site's peer"
+    );
 }
