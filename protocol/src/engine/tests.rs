@@ -1148,3 +1148,39 @@ fn a_node_claimed_by_a_second_site_keeps_its_own_site() {
         "a node that says it is an untrusted site's is no trusted site's peer"
     );
 }
+
+/// An owner that revokes a holder's site no longer places on it and refuses its nodes,
+/// so the holder can never see every target confirm: it must drop the owner's chunks
+/// after the trim grace anyway (swarm seed 23 kept them to the end).
+#[test]
+fn a_holder_the_owner_revoked_drops_the_owners_chunks() {
+    let mut net = Net::new(3, test_config());
+    let chunks = net.backup(0, 16, 1);
+    net.run_for(60_000);
+    let held_at_2: Vec<ChunkId> = chunks
+        .iter()
+        .map(|c| c.id)
+        .filter(|id| net.holders(id).contains(&2))
+        .collect();
+    assert!(!held_at_2.is_empty(), "site 2 holds some of site 0's chunks");
+    let revoke = grant(&net.sites[0].key, net.sites[2].id, 2, true);
+    let now_ms = net.now_ms;
+    net.nodes[0]
+        .engine
+        .handle_local_record(revoke.clone(), now_ms)
+        .expect("valid");
+    net.pump(0);
+    net.send(
+        1,
+        2,
+        Message::Records {
+            records: vec![revoke],
+        },
+    );
+    net.run_for(test_config().trim_grace_ms + 120_000);
+    for chunk in &chunks {
+        let holders = net.holders(&chunk.id);
+        assert!(!holders.contains(&2), "site 2 still holds {:?}", chunk.id);
+        assert_eq!(holders, vec![0, 1], "{:?} back at R without site 2", chunk.id);
+    }
+}
