@@ -22,10 +22,17 @@ fn assert_clean(report: &cairn_sim::Report, what: &str) {
     );
 }
 
+/// Swarm seeds chosen from long runs because they are quick and reach rare paths the
+/// coverage counters name: 14 an audit failing mid-repair, 19 that and a restore drill
+/// during a partition. The seeds that reach repair racing a deletion take a minute or
+/// more each on this machine, too slow here; the swarm reports that counter.
+const FIXED_SEEDS: &[u64] = &[14, 19];
+
 #[test]
-fn fixed_swarm_seeds_hold_every_invariant() {
+fn fixed_swarm_seeds_hold_every_invariant_and_reach_rare_paths() {
     let mut kinds = std::collections::BTreeSet::new();
-    for seed in 1..=6 {
+    let mut total = cairn_sim::coverage::Coverage::default();
+    for &seed in FIXED_SEEDS {
         let scenario = small(seed);
         for fault in &scenario.faults {
             kinds.insert(
@@ -36,12 +43,25 @@ fn fixed_swarm_seeds_hold_every_invariant() {
                     .to_string(),
             );
         }
+        for hostile in &scenario.hostile {
+            kinds.insert(hostile.behaviour.name().to_string());
+        }
         let report = Run::new(scenario, seed).execute();
         assert_clean(&report, &format!("swarm seed {seed}"));
         assert!(report.snapshots_acked > 0 || report.snapshots_taken == 0);
+        total.add(&report.coverage);
     }
-    // The fixed seeds between them exercise crashes, partitions and data loss.
-    assert!(kinds.len() >= 3, "only {} fault kinds reached", kinds.len());
+    for (name, n, _) in total.rows() {
+        if ["audit_failed_mid_repair", "restore_during_partition"].contains(&name) {
+            assert!(n > 0, "no fixed seed reaches {name}");
+        }
+    }
+    eprintln!(
+        "fixed seeds: repair_raced_deletion {}, restore_during_partition {}, audit_failed_mid_repair {}",
+        total.repair_raced_deletion, total.restore_during_partition, total.audit_failed_mid_repair
+    );
+    // The fixed seeds between them exercise crashes, partitions, data loss and hostility.
+    assert!(kinds.len() >= 6, "only {kinds:?} reached");
 }
 
 /// The swarm keeps destructive faults inside the budget: they fall on fewer than R
@@ -90,10 +110,11 @@ fn swarm_draws_keep_destructive_faults_on_fewer_than_r_sites() {
 
 #[test]
 fn a_seed_replays_exactly() {
-    let a = Run::new(small(4), 4).execute();
-    let b = Run::new(small(4), 4).execute();
+    let seed = FIXED_SEEDS[0];
+    let a = Run::new(small(seed), seed).execute();
+    let b = Run::new(small(seed), seed).execute();
     assert_eq!(a.trace_hash, b.trace_hash);
-    let c = Run::new(small(4), 5).execute();
+    let c = Run::new(small(seed), seed + 1).execute();
     assert_ne!(
         a.trace_hash, c.trace_hash,
         "another seed takes another path"

@@ -100,14 +100,13 @@ impl World {
             }
             Event::MessageDropped { .. } => self.coverage.messages_dropped += 1,
             Event::RecordRejected { .. } => self.coverage.records_rejected += 1,
-            Event::MessageRefused { from } => {
+            Event::MessageRefused { from }
                 if self
                     .node_index
                     .get(from)
-                    .is_some_and(|n| self.is_outsider(*n))
-                {
-                    self.coverage.outsider_messages_refused += 1;
-                }
+                    .is_some_and(|n| self.is_outsider(*n)) =>
+            {
+                self.coverage.outsider_messages_refused += 1;
             }
             _ => {}
         }
