@@ -1162,7 +1162,10 @@ fn a_holder_the_owner_revoked_drops_the_owners_chunks() {
         .map(|c| c.id)
         .filter(|id| net.holders(id).contains(&2))
         .collect();
-    assert!(!held_at_2.is_empty(), "site 2 holds some of site 0's chunks");
+    assert!(
+        !held_at_2.is_empty(),
+        "site 2 holds some of site 0's chunks"
+    );
     let revoke = grant(&net.sites[0].key, net.sites[2].id, 2, true);
     let now_ms = net.now_ms;
     net.nodes[0]
@@ -1181,6 +1184,11 @@ fn a_holder_the_owner_revoked_drops_the_owners_chunks() {
     for chunk in &chunks {
         let holders = net.holders(&chunk.id);
         assert!(!holders.contains(&2), "site 2 still holds {:?}", chunk.id);
-        assert_eq!(holders, vec![0, 1], "{:?} back at R without site 2", chunk.id);
+        assert_eq!(
+            holders,
+            vec![0, 1],
+            "{:?} back at R without site 2",
+            chunk.id
+        );
     }
 }
