@@ -279,6 +279,10 @@ pub struct Engine {
     catalog: Catalog,
     trust: TrustSets,
     peers: BTreeMap<NodeId, Peer>,
+    /// The site named by the certificate each peer presented when it connected
+    /// (`handle_connect`): it settles a node id that two trusted sites certify, one of
+    /// them falsely (at most `PEERS_MAX`).
+    presented: BTreeMap<NodeId, SiteId>,
     beat_cursor: usize,
     held: BTreeMap<ChunkId, Held>,
     used_by_owner: BTreeMap<SiteId, u64>,
@@ -346,6 +350,7 @@ impl Engine {
             now_ms,
             catalog: Catalog::default(),
             peers: BTreeMap::new(),
+            presented: BTreeMap::new(),
             beat_cursor: 0,
             held: BTreeMap::new(),
             used_by_owner: BTreeMap::new(),
@@ -528,7 +533,8 @@ impl Engine {
 
     /// A node opened a connection and presented its certificate (the transport checks
     /// that `from` holds the certificate's key). A valid certificate from a trusted site
-    /// makes it a peer; anything else refuses it before any message is read.
+    /// makes it a peer, of the site that certificate names even if another site claims
+    /// the same node id; anything else refuses it before any message is read.
     pub fn handle_connect(
         &mut self,
         from: NodeId,
@@ -541,7 +547,25 @@ impl Engine {
                 "a connecting node must present its own node certificate".into(),
             ));
         }
-        self.accept_record(cert, from, now_ms)?;
+        // The site this node says it belongs to, if that site really signed it (trusted
+        // or not): a node that presents an untrusted site's certificate is not taken
+        // for a trusted site's node on the strength of another site's claim to it.
+        let presented = crate::record::NodeCert::decode(&cert.body)
+            .ok()
+            .filter(|c| c.node == from && c.site == cert.author)
+            .filter(|_| cert.verify_signature().is_ok())
+            .map(|c| c.site);
+        if let Some(site) = presented {
+            if self.presented.len() < PEERS_MAX || self.presented.contains_key(&from) {
+                self.presented.insert(from, site);
+            }
+        }
+        let accepted = self.accept_record(cert, from, now_ms);
+        if presented.is_some_and(|site| self.peers.get(&from).is_some_and(|p| p.site != site)) {
+            self.refresh_peers();
+            self.placement_stale = true;
+        }
+        accepted?;
         self.after_input(now_ms);
         Ok(())
     }

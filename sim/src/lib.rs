@@ -5,6 +5,7 @@
 //! measures the engine and the mesh.
 
 pub mod bench;
+pub mod coverage;
 pub mod run;
 pub mod scenario;
 pub mod swarm;

@@ -34,6 +34,9 @@ enum Command {
         /// Run twice and compare the hashes of the two event traces.
         #[arg(long)]
         check_determinism: bool,
+        /// With --swarm: cut every image to at most this size.
+        #[arg(long, requires = "swarm")]
+        image_gib_max: Option<f64>,
     },
     /// Run many seeds, each with its own scenario and fault mix, on every core.
     Swarm {
@@ -44,6 +47,17 @@ enum Command {
         /// Threads; all cores by default.
         #[arg(long)]
         jobs: Option<usize>,
+        /// Cut every image to at most this size (quick runs).
+        #[arg(long)]
+        image_gib_max: Option<f64>,
+    },
+    /// Print the scenario swarm testing draws from a seed.
+    Show {
+        #[arg(long)]
+        seed: u64,
+        /// Cut every image of the swarm's scenario to at most this size.
+        #[arg(long)]
+        image_gib_max: Option<f64>,
     },
     /// Measure the engine and the mesh and print the numbers.
     Bench {
@@ -72,8 +86,9 @@ fn real_main() -> anyhow::Result<ExitCode> {
             swarm,
             seed,
             check_determinism,
+            image_gib_max,
         } => {
-            let (loaded, replay) = load(scenario.as_ref(), swarm, seed)?;
+            let (loaded, replay) = load(scenario.as_ref(), swarm, seed, image_gib_max)?;
             let started = Instant::now();
             let report = Run::new(loaded.clone(), seed).execute();
             let wall = started.elapsed().as_secs_f64();
@@ -100,11 +115,13 @@ fn real_main() -> anyhow::Result<ExitCode> {
             seeds,
             first_seed,
             jobs,
+            image_gib_max,
         } => {
             let jobs =
                 jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
             let started = Instant::now();
-            let results = swarm::run_seeds(first_seed, seeds, jobs, true);
+            let results = swarm::run_seeds(first_seed, seeds, jobs, image_gib_max, true);
+            let cap = image_gib_max.map_or(String::new(), |g| format!(" --image-gib-max {g}"));
             let failed: Vec<&swarm::SeedResult> = results
                 .iter()
                 .filter(|r| !r.report.violations.is_empty())
@@ -114,7 +131,10 @@ fn real_main() -> anyhow::Result<ExitCode> {
                 for v in &result.report.violations {
                     println!("  {v}");
                 }
-                println!("  replay: cairn-sim run --swarm --seed {}", result.seed);
+                println!(
+                    "  replay: cairn-sim run --swarm --seed {}{cap}",
+                    result.seed
+                );
             }
             let slowest = results
                 .iter()
@@ -136,11 +156,22 @@ fn real_main() -> anyhow::Result<ExitCode> {
                     slowest.seed, slowest.wall_secs
                 );
             }
+            print_swarm_coverage(&results);
             Ok(if failed.is_empty() {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::from(1)
             })
+        }
+        Command::Show {
+            seed,
+            image_gib_max,
+        } => {
+            println!(
+                "{:#?}",
+                swarm::scenario_for_seed_capped(seed, image_gib_max)
+            );
+            Ok(ExitCode::SUCCESS)
         }
         Command::Bench { seed, spread } => {
             let day = bench::one_day(seed);
@@ -201,11 +232,17 @@ fn real_main() -> anyhow::Result<ExitCode> {
     }
 }
 
-fn load(path: Option<&PathBuf>, swarm: bool, seed: u64) -> anyhow::Result<(Scenario, String)> {
+fn load(
+    path: Option<&PathBuf>,
+    swarm: bool,
+    seed: u64,
+    image_gib_max: Option<f64>,
+) -> anyhow::Result<(Scenario, String)> {
     if swarm {
+        let cap = image_gib_max.map_or(String::new(), |g| format!(" --image-gib-max {g}"));
         return Ok((
-            swarm::scenario_for_seed(seed),
-            format!("cairn-sim run --swarm --seed {seed}"),
+            swarm::scenario_for_seed_capped(seed, image_gib_max),
+            format!("cairn-sim run --swarm --seed {seed}{cap}"),
         ));
     }
     match path {
@@ -226,6 +263,38 @@ fn load(path: Option<&PathBuf>, swarm: bool, seed: u64) -> anyhow::Result<(Scena
     }
 }
 
+/// Every coverage counter summed over the seeds, with how many seeds reached it; the
+/// rare paths no seed reached are called out.
+fn print_swarm_coverage(results: &[swarm::SeedResult]) {
+    let mut total = cairn_sim::coverage::Coverage::default();
+    for result in results {
+        total.add(&result.report.coverage);
+    }
+    println!("coverage (total over seeds; seeds that reached it):");
+    for (idx, (name, n, rare)) in total.rows().into_iter().enumerate() {
+        let seeds = results
+            .iter()
+            .filter(|r| r.report.coverage.rows()[idx].1 > 0)
+            .count();
+        let flag = if rare && n == 0 {
+            "  <- NEVER REACHED"
+        } else {
+            ""
+        };
+        println!("  {name:28} {n:>12} {seeds:>6}{flag}");
+    }
+    let converged: Vec<f64> = results
+        .iter()
+        .filter_map(|r| r.report.converged_after_hours)
+        .collect();
+    let worst = converged.iter().copied().fold(0.0, f64::max);
+    println!(
+        "liveness: {} of {} seeds converged within the bound, the slowest {worst:.0} h after the heal",
+        converged.len(),
+        results.len()
+    );
+}
+
 fn print_report(scenario: &Scenario, seed: u64, report: &Report, wall_secs: f64) {
     println!(
         "scenario {} seed {seed}: {:.1} simulated hours in {wall_secs:.1} s",
@@ -242,6 +311,21 @@ fn print_report(scenario: &Scenario, seed: u64, report: &Report, wall_secs: f64)
     for note in &report.notes {
         println!("  {note}");
     }
+    match report.converged_after_hours {
+        Some(h) => println!("liveness: converged and at R {h:.0} h into the liveness phase"),
+        None => println!("liveness: not converged by the end of the liveness phase"),
+    }
+    for (excuse, n) in &report.excuses {
+        println!("  excused: {n} chunks: {excuse}");
+    }
+    let reached: Vec<String> = report
+        .coverage
+        .rows()
+        .into_iter()
+        .filter(|(_, n, _)| *n > 0)
+        .map(|(name, n, _)| format!("{name} {n}"))
+        .collect();
+    println!("coverage: {}", reached.join(", "));
     for loss in &report.losses_beyond_budget {
         println!("LOSS BEYOND FAULT BUDGET: {loss}");
     }

@@ -1,6 +1,7 @@
 //! Scenario files (`sim/scenarios/*.toml`): the offices, their nodes and links, the images
-//! they back up and how those change, R, and the faults to inject. Everything random in a
-//! run (which bytes change, message loss, node ids) comes from the seed, not the file.
+//! they back up and how those change, R, the faults to inject, the nodes that turn hostile
+//! and the outsider. Everything random in a run (which bytes change, message loss, node
+//! ids) comes from the seed, not the file.
 
 use serde::Deserialize;
 
@@ -38,6 +39,17 @@ pub struct Scenario {
     /// Quota each partner grants each other, GiB.
     #[serde(default = "default_quota_gib")]
     pub quota_gib: f64,
+    /// Nodes that misbehave for a span of the run. Their engine is the real one; the
+    /// simulator rewrites what it sends and what its disk answers.
+    #[serde(default)]
+    pub hostile: Vec<HostileSpec>,
+    /// A machine that knows every node's address but belongs to no trusted site.
+    #[serde(default)]
+    pub outsider: Option<OutsiderSpec>,
+    /// How often, while faults run, a live node of an image's site restores a sample of
+    /// its newest acknowledged snapshot (a restore drill in the middle of the faults).
+    #[serde(default)]
+    pub drill_every_hours: Option<f64>,
 }
 
 fn default_r() -> usize {
@@ -138,6 +150,88 @@ pub struct EngineSpec {
     pub sync_interval_ms: Option<u64>,
     pub push_mbit: Option<f64>,
     pub trim_grace_ms: Option<u64>,
+    pub audit_interval_ms: Option<u64>,
+    /// How long one scrub pass over a node's chunks takes (the engine's default is a
+    /// week, longer than most runs).
+    pub scrub_period_ms: Option<u64>,
+}
+
+/// How long a lost-writes fault waits for the node's next write before crashing it anyway.
+pub const LOST_WRITES_WAIT_HOURS_MAX: f64 = 6.0;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Behaviour {
+    /// Every chunk it sends (pushes, restore answers) has a byte flipped; its disk is fine.
+    WrongBytes,
+    /// Acknowledges partners' chunks but keeps none of them: its disk holds garbage
+    /// under their ids, which it sends and audits with as if it were the chunk.
+    FalseClaims,
+    /// Gossips records that are forged: signed by the wrong key, altered after signing,
+    /// or certifying another site's node as its own.
+    ForgeRecords,
+    /// Gossips superseded versions of genuine records (a grant before it was revoked, an
+    /// older quota) and replays record messages it received.
+    ReplayRecords,
+    /// Sends its peers a stream of junk: fetches and offers of unknown chunks, unasked
+    /// pushes, oversized gossip.
+    Flood,
+}
+
+impl Behaviour {
+    /// Behaviours that make the node's copies worthless: its site counts against the
+    /// fault budget like one that lost a disk.
+    pub fn destroys_data(self) -> bool {
+        matches!(self, Behaviour::WrongBytes | Behaviour::FalseClaims)
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Behaviour::WrongBytes => "wrong_bytes",
+            Behaviour::FalseClaims => "false_claims",
+            Behaviour::ForgeRecords => "forge_records",
+            Behaviour::ReplayRecords => "replay_records",
+            Behaviour::Flood => "flood",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostileSpec {
+    pub site: String,
+    pub node: usize,
+    pub behaviour: Behaviour,
+    #[serde(default)]
+    pub from_hours: f64,
+    /// When it stops; the start of the liveness phase if absent. A node whose behaviour
+    /// destroys data is then retired (its site gets a fresh machine if it has no other);
+    /// the others turn honest.
+    #[serde(default)]
+    pub until_hours: Option<f64>,
+    /// Flood only: junk messages per second.
+    #[serde(default = "default_flood_per_sec")]
+    pub flood_per_sec: u64,
+}
+
+fn default_flood_per_sec() -> u64 {
+    20
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutsiderSpec {
+    #[serde(default)]
+    pub from_hours: f64,
+    #[serde(default)]
+    pub until_hours: Option<f64>,
+    /// Seconds between its attempts (a connection, a push, gossip, a fetch).
+    #[serde(default = "default_outsider_every_secs")]
+    pub every_secs: f64,
+}
+
+fn default_outsider_every_secs() -> f64 {
+    5.0
 }
 
 // No deny_unknown_fields here: serde cannot combine it with the flattened, tagged kind.
@@ -161,6 +255,29 @@ pub enum FaultKind {
     DiskLoss {
         site: String,
         node: usize,
+        for_hours: f64,
+    },
+    /// `count` chunks on the node's disk rot: one byte of each flips. The node is not told.
+    Corrupt {
+        site: String,
+        node: usize,
+        count: usize,
+    },
+    /// The node crashes during its next write (within `LOST_WRITES_WAIT_HOURS_MAX`), and
+    /// the storage operations of its last `window_secs` (acknowledged writes, deletions,
+    /// saved records) never reached the disk. It restarts after `for_hours`.
+    LostWrites {
+        site: String,
+        node: usize,
+        window_secs: f64,
+        for_hours: f64,
+    },
+    /// The node crashes and comes back after `for_hours` with its disk as it was
+    /// `age_hours` before the crash: old records, chunks deleted since, none written since.
+    OldDisk {
+        site: String,
+        node: usize,
+        age_hours: f64,
         for_hours: f64,
     },
     /// Every node and disk of the site is gone for good.
@@ -225,7 +342,11 @@ impl Scenario {
         }
         for fault in &self.faults {
             match &fault.kind {
-                FaultKind::Crash { site, node, .. } | FaultKind::DiskLoss { site, node, .. } => {
+                FaultKind::Crash { site, node, .. }
+                | FaultKind::DiskLoss { site, node, .. }
+                | FaultKind::Corrupt { site, node, .. }
+                | FaultKind::LostWrites { site, node, .. }
+                | FaultKind::OldDisk { site, node, .. } => {
                     let idx = self.site_index(site)?;
                     anyhow::ensure!(
                         *node < self.sites[idx].nodes,
@@ -245,22 +366,50 @@ impl Scenario {
                 }
             }
         }
+        for hostile in &self.hostile {
+            let idx = self.site_index(&hostile.site)?;
+            anyhow::ensure!(
+                hostile.node < self.sites[idx].nodes,
+                "site {} has no node {}",
+                hostile.site,
+                hostile.node
+            );
+        }
+        if let Some(outsider) = &self.outsider {
+            anyhow::ensure!(
+                outsider.every_secs >= 0.1,
+                "the outsider tries at most ten times a second"
+            );
+        }
         Ok(())
     }
 
-    /// When faults stop: the last fault's start plus its duration.
+    /// When faults stop: the last fault's start plus its duration, and the last explicit
+    /// end of a hostile node or the outsider.
     pub fn faults_end_hours(&self) -> f64 {
-        self.faults
-            .iter()
-            .map(|f| {
-                f.at_hours
-                    + match &f.kind {
-                        FaultKind::Crash { for_hours, .. }
-                        | FaultKind::DiskLoss { for_hours, .. }
-                        | FaultKind::Partition { for_hours, .. } => *for_hours,
-                        _ => 0.0,
+        let faults = self.faults.iter().map(|f| {
+            f.at_hours
+                + match &f.kind {
+                    FaultKind::Crash { for_hours, .. }
+                    | FaultKind::DiskLoss { for_hours, .. }
+                    | FaultKind::OldDisk { for_hours, .. }
+                    | FaultKind::Partition { for_hours, .. } => *for_hours,
+                    FaultKind::LostWrites { for_hours, .. } => {
+                        LOST_WRITES_WAIT_HOURS_MAX + for_hours
                     }
-            })
-            .fold(0.0, f64::max)
+                    _ => 0.0,
+                }
+        });
+        let hostile = self.hostile.iter().filter_map(|h| h.until_hours);
+        let outsider = self.outsider.iter().filter_map(|o| o.until_hours);
+        faults.chain(hostile).chain(outsider).fold(0.0, f64::max)
+    }
+
+    /// When the liveness phase starts: faults are over, partitions heal, stopped nodes
+    /// restart, hostile nodes stop misbehaving, and the mesh has `settle_hours` to
+    /// converge and get every chunk back to R sites.
+    pub fn heal_hours(&self) -> f64 {
+        self.faults_end_hours()
+            .max(self.days * 24.0 - self.settle_hours)
     }
 }

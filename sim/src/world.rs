@@ -7,10 +7,20 @@
 //! over the office's upload bandwidth, one message at a time), then takes the link's
 //! latency plus jitter; it may be lost, duplicated, or dropped by a partition. Inside an
 //! office the LAN takes 1 ms and is not the bottleneck.
+//!
+//! `faults` holds the scenario's faults (crashes, disks that rot, lose writes or come back
+//! old, partitions, trust changes) and the liveness phase's heal; `hostile` the hostile
+//! node wrapper and the outsider; `checks` the invariants checked as things happen
+//! (quotas, records accepted, copies served, who is heard).
+
+mod checks;
+mod faults;
+mod hostile;
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 
+use cairn_protocol::blob::sign_blob;
 use cairn_protocol::catalog::{Catalog, RecordKey};
 use cairn_protocol::engine::{ChunkRef, Engine, EngineConfig, Event, Message, StorageOp};
 use cairn_protocol::identity::{NodeId, SiteId};
@@ -19,13 +29,23 @@ use cairn_protocol::record::{NodeCert, Record, RecordKind, TrustGrant};
 use cairn_protocol::rng::Rng;
 use ed25519_dalek::SigningKey;
 
-use crate::scenario::{FaultKind, Scenario};
+use crate::coverage::Coverage;
+use crate::scenario::Scenario;
+
+pub use checks::record_hash;
+pub use faults::Undo;
+pub use hostile::{HostileState, Lies, Outsider};
 
 pub const GIB: f64 = (1u64 << 30) as f64;
 pub const HOUR_US: u64 = 3_600_000_000;
 const LAN_LATENCY_US: u64 = 1_000;
-/// How long a site's own nodes may act on an older grant after the site changed it.
+/// How long a site's own nodes may act on an older grant after the site changed it (and
+/// a restarted node on what its disk held).
 pub const GRANT_PROPAGATION_US: u64 = 10 * 60 * 1_000_000;
+/// Connections one simulated process remembers (more than any scenario's nodes).
+const PEERS_CONNECTED_MAX: usize = 1 << 16;
+/// Superseded record versions kept for replays.
+const SUPERSEDED_MAX: usize = 4096;
 
 pub struct SiteState {
     pub name: String,
@@ -36,18 +56,24 @@ pub struct SiteState {
     pub destroyed: bool,
     pub nodes: Vec<usize>,
     pub node_capacity_bytes: u64,
+    /// The outsider's own site: no one grants it anything.
+    pub outsider: bool,
 }
 
 /// A chunk on a simulated disk: a short stand-in blob (sealed bytes and the owner's
-/// signature), with the real size.
+/// signature, `cairn_protocol::blob`), with the real size.
 #[derive(Clone, Debug)]
 pub struct DiskChunk {
     pub owner: SiteId,
     pub size_bytes: u64,
     pub body: Vec<u8>,
+    /// The body is the chunk's true blob (not rotted, not a liar's garbage).
+    pub good: bool,
+    /// When a bad body became bad (rot, or a liar's write).
+    pub bad_since_us: u64,
 }
 
-#[derive(Default)]
+#[derive(Clone, Default)]
 pub struct Disk {
     pub chunks: BTreeMap<ChunkId, DiskChunk>,
     pub records: BTreeMap<RecordKey, Record>,
@@ -63,6 +89,40 @@ pub struct SimNode {
     /// Bumped at every crash, so messages and timers meant for the old process are
     /// dropped.
     pub incarnation: u64,
+    /// When the engine last started (a restarted node gets time to hear what it missed).
+    pub started_us: u64,
+    pub hostile: Option<HostileState>,
+    /// Storage operations not yet flushed, kept only for nodes a lost-writes fault will hit.
+    pub journal: Option<std::collections::VecDeque<(u64, Undo)>>,
+    /// A lost-writes fault waiting for this node's next write.
+    pub lost_writes_armed: Option<faults::LostWritesArmed>,
+    /// The disk this node comes back with at its next restart (an old-disk fault).
+    pub comes_back_with: Option<Disk>,
+    /// Retired for good (a hostile node at the liveness phase).
+    pub retired: bool,
+    /// The peers that have connected to this process: the peer's incarnation when it
+    /// did. A peer restarted since connects again (and presents its certificate).
+    pub connected: BTreeMap<usize, u64>,
+}
+
+impl SimNode {
+    fn new(site: usize, id: NodeId) -> SimNode {
+        SimNode {
+            site,
+            id,
+            engine: None,
+            disk: Disk::default(),
+            timer_at_us: None,
+            incarnation: 0,
+            started_us: 0,
+            hostile: None,
+            journal: None,
+            lost_writes_armed: None,
+            comes_back_with: None,
+            retired: false,
+            connected: BTreeMap::new(),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -85,6 +145,14 @@ pub enum Ev {
     },
     Snapshot(usize),
     Check,
+    /// Copy a node's disk now, for an old-disk fault later (the fault's index).
+    SaveImage(usize),
+    HostileTick(usize),
+    OutsiderTick,
+    /// A lost-writes fault's crash (on the node's next write, or when it waited too long).
+    LoseWrites(usize),
+    /// Start a restore drill while faults run.
+    Drill,
 }
 
 enum Completion {
@@ -96,6 +164,8 @@ enum Completion {
 pub struct Reported {
     pub node: usize,
     pub event: Event,
+    /// The node's site was cut off from another by a partition when it happened.
+    pub partitioned: bool,
 }
 
 pub struct World {
@@ -120,15 +190,52 @@ pub struct World {
     pub stats: Stats,
     /// Real sizes of chunks, for charging bandwidth on fetch replies.
     pub chunk_sizes: BTreeMap<ChunkId, u64>,
-    /// Copies of each chunk on disks that exist (crashed nodes' disks included).
+    /// The true bytes of every chunk backed up, as its holders store it.
+    pub bodies: BTreeMap<ChunkId, Vec<u8>>,
+    /// Good copies of each chunk on disks that exist (crashed nodes' disks included).
     pub copies: BTreeMap<ChunkId, u32>,
-    /// Chunks whose copies went from some to none, with the time.
+    /// Chunks whose good copies went from some to none, with the time.
     pub zeroed: Vec<(ChunkId, u64)>,
-    /// Destructive faults: (time, site).
-    pub destructive: Vec<(u64, usize)>,
-    /// Writes that pushed a site past the quota it grants an owner, or stored data
-    /// for an owner it had revoked.
-    pub quota_violations: Vec<String>,
+    /// Chunks whose last good copy went in a disk fault (lost, rotted, writes undone),
+    /// not by an engine's deletion; and whether a disk fault is being applied now.
+    pub last_copy_lost_to_fault: BTreeSet<ChunkId>,
+    pub(crate) in_disk_fault: bool,
+    /// Destructive faults, as spans (from, until, site): a lost disk is an instant, a
+    /// node serving wrong bytes a span.
+    pub destructive: Vec<(u64, u64, usize)>,
+    /// Invariants broken as things happened (quotas, forged records, corrupt copies
+    /// served, the outsider heard), for the report.
+    pub violations: Vec<String>,
+    pub coverage: Coverage,
+    /// Hashes of every record a site really signed, each version: what a node may accept.
+    pub genuine: BTreeSet<[u8; 32]>,
+    /// Superseded versions of records, for replays (bounded).
+    pub superseded: Vec<Record>,
+    /// When each site revoked each other: (by, of) -> time.
+    pub revoked_at: BTreeMap<(usize, usize), u64>,
+    /// Copies of a disk taken for old-disk faults, by fault index.
+    pub disk_images: BTreeMap<usize, Disk>,
+    /// Pushes of each chunk on the wire.
+    pub pushes_in_flight: BTreeMap<ChunkId, u32>,
+    pub outsider: Option<Outsider>,
+    /// Nodes that claimed chunks they did not keep: what they claim, and when an audit
+    /// last caught them.
+    pub liars: BTreeMap<usize, Lies>,
+    /// `CAIRN_SIM_TRACE_CHUNK=<hex prefix>`: print everything that happens to the chunks
+    /// whose id starts so (a debugging aid; it changes nothing in the run).
+    trace_chunk: Option<String>,
+    /// `CAIRN_SIM_TRACE_PENALTIES=1`: print every strike, cut-off, failed audit and
+    /// exclusion, with who did it to whom.
+    trace_penalties: bool,
+    /// `CAIRN_SIM_TRACE_TYPES=audit,audit-reply`: print every message of those types
+    /// sent, dropped and delivered.
+    trace_types: Vec<String>,
+    /// When the last penalty an engine imposed during the faults ends (a cut-off or a
+    /// placement exclusion): the liveness phase lasts at least until then.
+    pub penalties_until_us: u64,
+    /// The liveness phase has started: faults are over.
+    pub healed: bool,
+    pub heal_us: u64,
     /// When each site last changed what it grants each owner: writes in flight at that
     /// moment, and nodes of the site that have not heard yet, get `GRANT_PROPAGATION_US`.
     pub grant_changed_at: BTreeMap<(usize, SiteId), u64>,
@@ -147,6 +254,9 @@ pub struct Stats {
     pub by_type: BTreeMap<&'static str, (u64, u64)>,
 }
 
+/// Keeps one copy of each violation text, and at most `VIOLATIONS_MAX` of them.
+pub const VIOLATIONS_MAX: usize = 64;
+
 impl World {
     pub fn new(scenario: Scenario, seed: u64) -> World {
         let mut rng = Rng::new(seed);
@@ -164,14 +274,7 @@ impl World {
                 let mut node_id = [0u8; 32];
                 rng.fill(&mut node_id);
                 site_nodes.push(nodes.len());
-                nodes.push(SimNode {
-                    site: site_idx,
-                    id: NodeId(node_id),
-                    engine: None,
-                    disk: Disk::default(),
-                    timer_at_us: None,
-                    incarnation: 0,
-                });
+                nodes.push(SimNode::new(site_idx, NodeId(node_id)));
             }
             sites.push(SiteState {
                 name: spec.name.clone(),
@@ -182,6 +285,7 @@ impl World {
                 destroyed: false,
                 nodes: site_nodes,
                 node_capacity_bytes: (spec.node_capacity_gib * GIB) as u64,
+                outsider: false,
             });
         }
         let n_sites = sites.len();
@@ -214,20 +318,39 @@ impl World {
             reported: Vec::new(),
             stats: Stats::default(),
             chunk_sizes: BTreeMap::new(),
+            bodies: BTreeMap::new(),
             copies: BTreeMap::new(),
             zeroed: Vec::new(),
+            last_copy_lost_to_fault: BTreeSet::new(),
+            in_disk_fault: false,
             destructive: Vec::new(),
-            quota_violations: Vec::new(),
+            violations: Vec::new(),
+            coverage: Coverage::default(),
+            genuine: BTreeSet::new(),
+            superseded: Vec::new(),
+            revoked_at: BTreeMap::new(),
+            disk_images: BTreeMap::new(),
+            pushes_in_flight: BTreeMap::new(),
+            outsider: None,
+            liars: BTreeMap::new(),
+            trace_chunk: std::env::var("CAIRN_SIM_TRACE_CHUNK").ok(),
+            trace_penalties: std::env::var_os("CAIRN_SIM_TRACE_PENALTIES").is_some(),
+            trace_types: std::env::var("CAIRN_SIM_TRACE_TYPES")
+                .map(|v| v.split(',').map(str::to_string).collect())
+                .unwrap_or_default(),
+            penalties_until_us: 0,
+            healed: false,
+            heal_us: 0,
             site_held: BTreeMap::new(),
             grant_changed_at: BTreeMap::new(),
         };
+        world.heal_us = hours_us(world.scenario.heal_hours());
         world.sign_initial_records();
         for node in 0..world.nodes.len() {
             world.start_node(node, true);
         }
-        for (idx, fault) in world.scenario.faults.clone().iter().enumerate() {
-            world.schedule((fault.at_hours * HOUR_US as f64) as u64, Ev::Fault(idx));
-        }
+        world.schedule_faults();
+        world.schedule_hostile();
         for (idx, image) in world.scenario.images.clone().iter().enumerate() {
             world.schedule(
                 (image.first_snapshot_hours * HOUR_US as f64) as u64,
@@ -235,7 +358,66 @@ impl World {
             );
         }
         world.schedule(HOUR_US, Ev::Check);
+        if let Some(every) = world.scenario.drill_every_hours {
+            world.schedule(hours_us(every), Ev::Drill);
+        }
         world
+    }
+
+    /// Remembers a record a site really signed: the newest version is the truth, every
+    /// version is genuine, and superseded ones are material for replays.
+    pub fn signed(&mut self, record: Record) {
+        self.genuine.insert(record_hash(&record));
+        if let Some(old) = self.truth.get(&RecordKey::of(&record)) {
+            if self.superseded.len() < SUPERSEDED_MAX {
+                self.superseded.push(old.clone());
+            }
+        }
+        self.truth.insert(record);
+    }
+
+    pub fn site_of(&self, id: &SiteId) -> Option<usize> {
+        self.sites.iter().position(|s| s.id == *id)
+    }
+
+    /// Prints `what` when `id` is the chunk being traced.
+    pub fn trace(&self, id: &ChunkId, what: impl FnOnce() -> String) {
+        if let Some(prefix) = &self.trace_chunk {
+            if format!("{id:?}").contains(prefix.as_str()) {
+                println!(
+                    "{:>10.4} h {id:?}: {}",
+                    self.now_us as f64 / HOUR_US as f64,
+                    what()
+                );
+            }
+        }
+    }
+
+    pub fn add_violation(&mut self, text: String) {
+        if self.violations.len() < VIOLATIONS_MAX && !self.violations.contains(&text) {
+            self.violations.push(text);
+        }
+    }
+
+    /// Registers a chunk of a new snapshot: its size and its true blob, the stand-in
+    /// sealed bytes signed by the owner site.
+    pub fn register_chunk(&mut self, owner_site: usize, chunk: &ChunkRef) -> Vec<u8> {
+        self.chunk_sizes.insert(chunk.id, chunk.size_bytes);
+        let key = &self.sites[owner_site].key;
+        self.bodies
+            .entry(chunk.id)
+            .or_insert_with(|| sign_blob(key, &chunk.id, &crate::run::stand_in(&chunk.id)))
+            .clone()
+    }
+
+    /// Whether `blob` is the true blob of chunk `id` (unknown ids are junk: false).
+    pub fn is_good(&self, id: &ChunkId, blob: &[u8]) -> bool {
+        self.bodies.get(id).is_some_and(|b| b[..] == blob[..])
+    }
+
+    /// Whether `sealed` (a fetch's answer, signature removed) is chunk `id`'s true bytes.
+    pub fn is_good_sealed(&self, id: &ChunkId, sealed: &[u8]) -> bool {
+        self.bodies.contains_key(id) && crate::run::stand_in(id) == sealed
     }
 
     fn sign_initial_records(&mut self) {
@@ -286,7 +468,7 @@ impl World {
             version,
             body,
         );
-        self.truth.insert(record.clone());
+        self.signed(record.clone());
         record
     }
 
@@ -305,7 +487,7 @@ impl World {
             1,
             cert.encode(),
         );
-        self.truth.insert(record.clone());
+        self.signed(record.clone());
         record
     }
 
@@ -340,6 +522,7 @@ impl World {
         }
         self.nodes[node].engine = Some(engine);
         self.nodes[node].timer_at_us = None;
+        self.nodes[node].started_us = self.now_us;
         self.pump(node);
     }
 
@@ -347,38 +530,71 @@ impl World {
         self.nodes[node].engine = None;
         self.nodes[node].incarnation += 1;
         self.nodes[node].timer_at_us = None;
+        self.nodes[node].connected.clear();
     }
 
     pub fn wipe_disk(&mut self, node: usize) {
         let chunks = std::mem::take(&mut self.nodes[node].disk.chunks);
+        self.in_disk_fault = true;
         for (id, chunk) in &chunks {
             self.lose_copy(node, id, chunk);
         }
+        self.in_disk_fault = false;
         self.nodes[node].disk.records.clear();
+        self.liars.remove(&node);
     }
 
+    /// Accounts for a copy that left a disk (already removed from it).
     fn lose_copy(&mut self, node: usize, id: &ChunkId, chunk: &DiskChunk) {
+        self.trace(id, || {
+            format!("node {node} copy gone (good: {})", chunk.good)
+        });
         let held = self
             .site_held
             .entry((self.nodes[node].site, chunk.owner))
             .or_insert(0);
         *held = held.saturating_sub(chunk.size_bytes);
+        if chunk.good {
+            self.lose_good_copy(id);
+        }
+    }
+
+    /// One good copy fewer (deleted, lost, or rotted in place).
+    fn lose_good_copy(&mut self, id: &ChunkId) {
         let count = self.copies.entry(*id).or_insert(0);
         *count = count.saturating_sub(1);
         if *count == 0 {
             self.copies.remove(id);
             self.zeroed.push((*id, self.now_us));
+            if self.in_disk_fault {
+                self.last_copy_lost_to_fault.insert(*id);
+            } else {
+                self.last_copy_lost_to_fault.remove(id);
+            }
         }
     }
 
     /// Puts a chunk on a node's disk (a backup's write or a received push).
     pub fn add_copy(&mut self, node: usize, id: ChunkId, chunk: DiskChunk) {
         let key = (self.nodes[node].site, chunk.owner);
-        let size_bytes = chunk.size_bytes;
+        let (size_bytes, good) = (chunk.size_bytes, chunk.good);
         if self.nodes[node].disk.chunks.insert(id, chunk).is_none() {
-            *self.copies.entry(id).or_insert(0) += 1;
+            if good {
+                *self.copies.entry(id).or_insert(0) += 1;
+            }
             *self.site_held.entry(key).or_insert(0) += size_bytes;
+            self.journal(node, Undo::ChunkAdded(id));
         }
+    }
+
+    /// Removes a chunk from a node's disk (a deletion, or a write undone).
+    pub fn remove_copy(&mut self, node: usize, id: &ChunkId) -> Option<DiskChunk> {
+        let chunk = self.nodes[node].disk.chunks.remove(id)?;
+        if let Some(lies) = self.liars.get_mut(&node) {
+            lies.outstanding.remove(id);
+        }
+        self.lose_copy(node, id, &chunk);
+        Some(chunk)
     }
 
     pub fn schedule(&mut self, at_us: u64, ev: Ev) {
@@ -419,6 +635,12 @@ impl World {
                         self.pump(node);
                     }
                 }
+                Ev::SaveImage(fault) => {
+                    self.save_image(fault);
+                }
+                Ev::HostileTick(node) => self.hostile_tick(node),
+                Ev::OutsiderTick => self.outsider_tick(),
+                Ev::LoseWrites(node) => self.lose_writes(node),
                 other => on_event(self, other),
             }
         }
@@ -426,26 +648,47 @@ impl World {
     }
 
     fn deliver(&mut self, to: usize, from: usize, incarnation: u64, message: Message) {
-        if self.nodes[to].incarnation != incarnation {
-            self.stats.dropped += 1;
-            return;
-        }
-        let from_id = self.nodes[from].id;
-        let cert_key = RecordKey {
-            author: self.sites[self.nodes[from].site].id,
-            kind: RecordKind::NodeCert,
-            key: from_id.0,
-        };
-        let Some(engine) = self.nodes[to].engine.as_mut() else {
-            self.stats.dropped += 1;
-            return;
-        };
-        if engine.peer_state(&from_id).is_none() {
-            // The transport's handshake: the sender presents its certificate.
-            if let Some(cert) = self.truth.get(&cert_key).cloned() {
-                let _ = engine.handle_connect(from_id, cert, self.now_us / 1000);
+        if let Message::Push { id, .. } = &message {
+            if let Some(n) = self.pushes_in_flight.get_mut(id) {
+                *n -= 1;
+                if *n == 0 {
+                    self.pushes_in_flight.remove(id);
+                }
             }
         }
+        if self.nodes[to].incarnation != incarnation || self.nodes[to].engine.is_none() {
+            self.stats.dropped += 1;
+            return;
+        }
+        if !self.trace_types.is_empty() {
+            self.trace_type("delivered", from, to, &message);
+        }
+        self.capture(to, &message);
+        let from_id = self.nodes[from].id;
+        let knows_sender = self.nodes[to]
+            .engine
+            .as_ref()
+            .is_some_and(|e| e.peer_state(&from_id).is_some());
+        let from_incarnation = self.nodes[from].incarnation;
+        let connected = self.nodes[to].connected.get(&from) == Some(&from_incarnation);
+        if !knows_sender || !connected {
+            // The transport's handshake, once per connection (per pair of processes):
+            // the sender presents its certificate (the transport has checked that it
+            // holds the certificate's key).
+            if self.nodes[to].connected.len() < PEERS_CONNECTED_MAX {
+                self.nodes[to].connected.insert(from, from_incarnation);
+            }
+            if let Some(cert) = self.presented_cert(from) {
+                let engine = self.nodes[to].engine.as_mut().expect("checked above");
+                let accepted = engine
+                    .handle_connect(from_id, cert, self.now_us / 1000)
+                    .is_ok();
+                if self.is_outsider(from) {
+                    self.coverage.outsider_connects_refused += u64::from(!accepted);
+                }
+            }
+        }
+        let engine = self.nodes[to].engine.as_mut().expect("checked above");
         engine.handle_message(from_id, message, self.now_us / 1000);
         self.stats.engine_calls += 1;
         self.pump(to);
@@ -470,12 +713,76 @@ impl World {
                 .filter_map(|op| self.apply_storage(node, op))
                 .collect();
             for event in events {
-                if let Event::ChunkStored { chunk, .. } = &event {
-                    self.check_quota(node, chunk);
+                if self.trace_chunk.is_some() {
+                    let id = match &event {
+                        Event::ChunkStored { chunk, .. } => Some(chunk.id),
+                        Event::ChunkLost { id }
+                        | Event::Trimmed { id }
+                        | Event::PushRefused { id, .. }
+                        | Event::AuditFailed { id, .. }
+                        | Event::Fetched { id, .. }
+                        | Event::FetchFailed { id, .. } => Some(*id),
+                        _ => None,
+                    };
+                    if let Some(id) = id {
+                        self.trace(&id, || {
+                            let engine = self.nodes[node].engine.as_ref().expect("live");
+                            let view: Vec<String> = engine
+                                .peers()
+                                .filter_map(|(peer, _, state)| {
+                                    let idx = self.node_index.get(&peer)?;
+                                    let excluded = engine.is_excluded(&peer);
+                                    let cut = engine.is_cut_off(&peer);
+                                    (excluded
+                                        || cut
+                                        || state != cairn_protocol::engine::PeerState::Live)
+                                        .then(|| {
+                                            format!(
+                                                "{idx}:{state:?}{}{}",
+                                                if excluded { "+excluded" } else { "" },
+                                                if cut { "+cut" } else { "" }
+                                            )
+                                        })
+                                })
+                                .collect();
+                            let owner = self.nodes[node]
+                                .disk
+                                .chunks
+                                .get(&id)
+                                .map(|c| c.owner)
+                                .or_else(|| {
+                                    self.nodes
+                                        .iter()
+                                        .find_map(|n| n.disk.chunks.get(&id).map(|c| c.owner))
+                                });
+                            let targets: Vec<Option<usize>> = owner
+                                .map(|o| engine.target_sites(&o, &id))
+                                .unwrap_or_default()
+                                .iter()
+                                .map(|s| self.site_of(s))
+                                .collect();
+                            format!("node {node} event {event:?}; target sites {targets:?}; peers not live: {view:?}")
+                        });
+                    }
                 }
-                self.reported.push(Reported { node, event });
+                if self.trace_penalties {
+                    self.trace_penalty(node, &event);
+                }
+                self.check_event(node, &event);
+                let site = self.nodes[node].site;
+                let partitioned = self.blocked.iter().any(|(a, b)| *a == site || *b == site);
+                self.reported.push(Reported {
+                    node,
+                    event,
+                    partitioned,
+                });
             }
             for (to, message) in sends {
+                if self.trace_chunk.is_some() {
+                    self.trace_message(node, &to, &message);
+                }
+                self.check_outgoing(node, &to, &message);
+                let message = self.rewrite_outgoing(node, message);
                 self.send(node, to, message);
             }
             if completions.is_empty() {
@@ -496,6 +803,21 @@ impl World {
 
     /// The simulated disk: every operation completes at once.
     fn apply_storage(&mut self, node: usize, op: StorageOp) -> Option<Completion> {
+        if self.trace_chunk.is_some() {
+            match &op {
+                StorageOp::Write { id, .. }
+                | StorageOp::Read { id, .. }
+                | StorageOp::Delete { id, .. } => {
+                    let kind = format!("{op:?}");
+                    let kind = kind.split([' ', '{']).next().unwrap_or("").to_string();
+                    let held = self.nodes[node].disk.chunks.get(id).map(|c| c.good);
+                    self.trace(id, || {
+                        format!("node {node} storage {kind} (disk holds: {held:?})")
+                    });
+                }
+                _ => {}
+            }
+        }
         match op {
             StorageOp::Write {
                 op,
@@ -508,13 +830,19 @@ impl World {
                     .get(&id)
                     .copied()
                     .unwrap_or(sealed.len() as u64);
+                self.wrote(node);
+                let body = self.stored_body(node, owner, id, sealed);
+                let good = self.is_good(&id, &body);
+                self.check_write(node, &id, good);
                 self.add_copy(
                     node,
                     id,
                     DiskChunk {
                         owner,
                         size_bytes,
-                        body: sealed,
+                        body,
+                        good,
+                        bad_since_us: self.now_us,
                     },
                 );
                 Some(Completion::Write(op))
@@ -528,20 +856,24 @@ impl World {
                 Some(Completion::Read(op, body))
             }
             StorageOp::Delete { id, .. } => {
-                if let Some(chunk) = self.nodes[node].disk.chunks.remove(&id) {
-                    self.lose_copy(node, &id, &chunk);
+                if self.pushes_in_flight.contains_key(&id) {
+                    self.coverage.repair_raced_deletion += 1;
+                }
+                if let Some(chunk) = self.remove_copy(node, &id) {
+                    self.journal(node, Undo::ChunkRemoved(id, chunk));
                 }
                 None
             }
             StorageOp::SaveRecord(record) => {
-                self.nodes[node]
-                    .disk
-                    .records
-                    .insert(RecordKey::of(&record), record);
+                self.check_saved_record(node, &record);
+                let key = RecordKey::of(&record);
+                let before = self.nodes[node].disk.records.insert(key, record);
+                self.journal(node, Undo::Record(key, before));
                 None
             }
             StorageOp::DropRecord(key) => {
-                self.nodes[node].disk.records.remove(&key);
+                let before = self.nodes[node].disk.records.remove(&key);
+                self.journal(node, Undo::Record(key, before));
                 None
             }
         }
@@ -576,11 +908,25 @@ impl World {
         }
     }
 
+    /// Prints a message of a traced type at one step of its way.
+    fn trace_type(&self, step: &str, from: usize, to: usize, message: &Message) {
+        if self.trace_types.iter().any(|t| t == message_type(message)) {
+            let text: String = format!("{message:?}").chars().take(120).collect();
+            println!(
+                "{:>10.4} h {step} {from} -> {to}: {text}",
+                self.now_us as f64 / HOUR_US as f64
+            );
+        }
+    }
+
     fn send(&mut self, from: usize, to_id: NodeId, message: Message) {
         let Some(&to) = self.node_index.get(&to_id) else {
             self.stats.dropped += 1;
             return;
         };
+        if !self.trace_types.is_empty() {
+            self.trace_type("sent", from, to, &message);
+        }
         let encoded = message.encode();
         let bytes = self.wire_bytes(&message, encoded.len() as u64);
         let bulk = matches!(
@@ -600,6 +946,11 @@ impl World {
             .or_insert((0, 0));
         by_type.0 += 1;
         by_type.1 += bytes;
+        if self.hostile_now(to) == Some(crate::scenario::Behaviour::Flood)
+            && self.nodes[from].hostile.is_none()
+        {
+            self.coverage.flood_answer_bytes += bytes;
+        }
         let (site_from, site_to) = (self.nodes[from].site, self.nodes[to].site);
         if self.blocked.contains(&(site_from, site_to)) {
             self.stats.dropped += 1;
@@ -622,6 +973,9 @@ impl World {
             }
             if self.rng.chance(self.scenario.network.loss) {
                 self.stats.dropped += 1;
+                if !self.trace_types.is_empty() {
+                    self.trace_type("lost", from, to, &message);
+                }
                 return;
             }
         }
@@ -634,7 +988,13 @@ impl World {
         self.trace.update(&(to as u32).to_le_bytes());
         self.trace.update(&encoded);
         let incarnation = self.nodes[to].incarnation;
+        if let Message::Push { id, .. } = &message {
+            *self.pushes_in_flight.entry(*id).or_insert(0) += 1;
+        }
         if site_from != site_to && self.rng.chance(self.scenario.network.duplicate) {
+            if let Message::Push { id, .. } = &message {
+                *self.pushes_in_flight.entry(*id).or_insert(0) += 1;
+            }
             let later = at_us + self.rng.below(50_000);
             self.schedule(
                 later,
@@ -657,157 +1017,48 @@ impl World {
         );
     }
 
-    /// Invariant 5 as the writes happen: a site never holds more for an owner than it
-    /// grants, and nothing for an owner it revoked.
-    fn check_quota(&mut self, node: usize, chunk: &ChunkRef) {
-        let site = self.nodes[node].site;
-        let site_id = self.sites[site].id;
-        if chunk.owner == site_id {
-            return;
-        }
-        let recently_changed = self
-            .grant_changed_at
-            .get(&(site, chunk.owner))
-            .is_some_and(|at| self.now_us < at + GRANT_PROPAGATION_US);
-        if recently_changed {
-            return;
-        }
-        let grant = self.truth.grant(site_id, chunk.owner);
-        let held = self
-            .site_held
-            .get(&(site, chunk.owner))
-            .copied()
-            .unwrap_or(0);
-        match grant {
-            None => self.quota_violations.push(format!(
-                "site {} stored a chunk for a site it never trusted",
-                self.sites[site].name
-            )),
-            Some(g) if g.revoked => self.quota_violations.push(format!(
-                "site {} stored a chunk for a site it revoked",
-                self.sites[site].name
-            )),
-            Some(g) if held > g.quota_bytes => self.quota_violations.push(format!(
-                "site {} holds {held} bytes for a partner, over its quota of {}",
-                self.sites[site].name, g.quota_bytes
-            )),
-            Some(_) => {}
-        }
+    fn trace_penalty(&self, node: usize, event: &Event) {
+        let (about, what) = match event {
+            Event::MessageDropped { from, reason } => {
+                (from, format!("dropped a message: {reason}"))
+            }
+            Event::PeerCutOff { node, .. } => (node, "cut off".to_string()),
+            Event::AuditFailed { node, failure, .. } => {
+                (node, format!("audit failed: {failure:?}"))
+            }
+            Event::HolderExcluded { node, .. } => (node, "excluded from placement".to_string()),
+            _ => return,
+        };
+        let about = self.node_index.get(about).copied().unwrap_or(usize::MAX);
+        let hostile = self
+            .hostile_now(about)
+            .map_or(String::new(), |b| format!(" ({})", b.name()));
+        println!(
+            "{:>10.4} h node {node} about node {about}{hostile}: {what}",
+            self.now_us as f64 / HOUR_US as f64
+        );
     }
 
-    /// Applies a scenario fault.
-    pub fn apply_fault(&mut self, kind: &FaultKind) {
-        let s = &self.scenario;
-        match kind.clone() {
-            FaultKind::Crash {
-                site,
-                node,
-                for_hours,
-            } => {
-                let idx = self.sites[s.site_index(&site).expect("checked")].nodes[node];
-                if self.nodes[idx].engine.is_some() {
-                    self.stop_node(idx);
-                    self.schedule(self.now_us + hours_us(for_hours), Ev::Restart(idx));
-                }
-            }
-            FaultKind::DiskLoss {
-                site,
-                node,
-                for_hours,
-            } => {
-                let site_idx = s.site_index(&site).expect("checked");
-                let idx = self.sites[site_idx].nodes[node];
-                self.stop_node(idx);
-                self.wipe_disk(idx);
-                self.destructive.push((self.now_us, site_idx));
-                self.schedule(self.now_us + hours_us(for_hours), Ev::Restart(idx));
-            }
-            FaultKind::DestroySite { site } => {
-                let site_idx = s.site_index(&site).expect("checked");
-                self.sites[site_idx].destroyed = true;
-                for idx in self.sites[site_idx].nodes.clone() {
-                    self.stop_node(idx);
-                    self.wipe_disk(idx);
-                }
-                self.destructive.push((self.now_us, site_idx));
-            }
-            FaultKind::RecoverSite { site } => {
-                let site_idx = s.site_index(&site).expect("checked");
-                let _ = self.recover_site(site_idx);
-            }
-            FaultKind::Partition {
-                from,
-                to,
-                one_way,
-                for_hours,
-            } => {
-                let a = s.site_index(&from).expect("checked");
-                let b = s.site_index(&to).expect("checked");
-                self.blocked.insert((a, b));
-                let heal_at = self.now_us + hours_us(for_hours);
-                self.schedule(heal_at, Ev::Heal { from: a, to: b });
-                if !one_way {
-                    self.blocked.insert((b, a));
-                    self.schedule(heal_at, Ev::Heal { from: b, to: a });
-                }
-            }
-            FaultKind::Revoke { by, of } => {
-                let a = s.site_index(&by).expect("checked");
-                let b = s.site_index(&of).expect("checked");
-                let record = self.sign_grant(a, b, 0, true);
-                self.grant_changed_at
-                    .insert((a, self.sites[b].id), self.now_us);
-                self.hand_to_site(a, record);
-            }
-            FaultKind::Quota { by, of, gib } => {
-                let a = s.site_index(&by).expect("checked");
-                let b = s.site_index(&of).expect("checked");
-                let record = self.sign_grant(a, b, (gib * GIB) as u64, false);
-                self.grant_changed_at
-                    .insert((a, self.sites[b].id), self.now_us);
-                self.hand_to_site(a, record);
-            }
+    fn trace_message(&self, from: usize, to: &NodeId, message: &Message) {
+        let to = self.node_index.get(to).copied().unwrap_or(usize::MAX);
+        let ids: Vec<ChunkId> = match message {
+            Message::Offer { ids, .. } | Message::SyncIds { ids, .. } => ids.clone(),
+            Message::Need { need, have, .. } => need.iter().chain(have).copied().collect(),
+            Message::Push { id, .. }
+            | Message::PushAck { id, .. }
+            | Message::Fetch { id, .. }
+            | Message::FetchReply { id, .. }
+            | Message::Audit { id, .. }
+            | Message::AuditReply { id, .. } => vec![*id],
+            _ => return,
+        };
+        for id in ids {
+            self.trace(&id, || {
+                let text = format!("{message:?}");
+                let text: String = text.chars().take(100).collect();
+                format!("node {from} -> {to}: {text}")
+            });
         }
-    }
-
-    /// A record signed at a site (by `cairn trust ...`): given to one live node there,
-    /// which gossips it on.
-    pub fn hand_to_site(&mut self, site: usize, record: Record) {
-        let now_ms = self.now_us / 1000;
-        if let Some(&node) = self.sites[site]
-            .nodes
-            .iter()
-            .find(|n| self.nodes[**n].engine.is_some())
-        {
-            let engine = self.nodes[node].engine.as_mut().expect("found live");
-            engine
-                .handle_local_record(record, now_ms)
-                .expect("records the site signs are valid");
-            self.pump(node);
-        }
-    }
-
-    /// A fresh machine resumes a destroyed site: a new node, certified by the site key
-    /// (recovered from the recovery key), seeded with the site's records and its
-    /// partners' (as `cairn recover` gets them from a partner).
-    pub fn recover_site(&mut self, site: usize) -> usize {
-        self.sites[site].destroyed = false;
-        let mut node_id = [0u8; 32];
-        self.rng.fill(&mut node_id);
-        let idx = self.nodes.len();
-        self.nodes.push(SimNode {
-            site,
-            id: NodeId(node_id),
-            engine: None,
-            disk: Disk::default(),
-            timer_at_us: None,
-            incarnation: 0,
-        });
-        self.node_index.insert(NodeId(node_id), idx);
-        self.sites[site].nodes.push(idx);
-        self.sign_node_cert(site, idx);
-        self.start_node(idx, true);
-        idx
     }
 
     pub fn live_nodes_of(&self, site: usize) -> Vec<usize> {
@@ -847,6 +1098,12 @@ fn engine_config(scenario: &Scenario) -> EngineConfig {
     }
     if let Some(v) = e.trim_grace_ms {
         config.trim_grace_ms = v;
+    }
+    if let Some(v) = e.audit_interval_ms {
+        config.audit_interval_ms = v;
+    }
+    if let Some(v) = e.scrub_period_ms {
+        config.scrub_period_ms = v;
     }
     config
 }

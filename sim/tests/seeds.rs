@@ -1,19 +1,16 @@
 //! The simulator's fixed seeds, run by `cargo test`: small scenarios that still reach
-//! every fault kind, a determinism check, proof that the loss checker fires, and a
-//! revocation that must move data. The long runs are `cairn-sim swarm --seeds N`.
+//! every fault kind and hostile behaviour, a determinism check, proof that the loss
+//! checker fires, a revocation that must move data, and the swarm's fault budget. The
+//! long runs are `cairn-sim swarm --seeds N`.
 
 use cairn_sim::run::Run;
 use cairn_sim::scenario::{FaultKind, FaultSpec, Scenario};
-use cairn_sim::swarm::scenario_for_seed;
+use cairn_sim::swarm::{scenario_for_seed, scenario_for_seed_capped};
 use cairn_sim::world::hours_us;
 
 /// The swarm's scenario for a seed, with images cut down so a debug build runs it fast.
 fn small(seed: u64) -> Scenario {
-    let mut scenario = scenario_for_seed(seed);
-    for image in &mut scenario.images {
-        image.size_gib = image.size_gib.min(0.06);
-    }
-    scenario
+    scenario_for_seed_capped(seed, Some(0.06))
 }
 
 fn assert_clean(report: &cairn_sim::Report, what: &str) {
@@ -25,10 +22,16 @@ fn assert_clean(report: &cairn_sim::Report, what: &str) {
     );
 }
 
+/// Swarm seeds chosen from long runs because they are quick and between them reach
+/// every rare path the coverage counters name: 14 an audit failing mid-repair, 19 that
+/// and a restore drill during a partition, 40 repair racing a deletion.
+const FIXED_SEEDS: &[u64] = &[14, 19, 40];
+
 #[test]
-fn fixed_swarm_seeds_hold_every_invariant() {
+fn fixed_swarm_seeds_hold_every_invariant_and_reach_rare_paths() {
     let mut kinds = std::collections::BTreeSet::new();
-    for seed in 1..=6 {
+    let mut total = cairn_sim::coverage::Coverage::default();
+    for &seed in FIXED_SEEDS {
         let scenario = small(seed);
         for fault in &scenario.faults {
             kinds.insert(
@@ -39,20 +42,88 @@ fn fixed_swarm_seeds_hold_every_invariant() {
                     .to_string(),
             );
         }
-        let report = Run::new(scenario, seed).execute();
-        assert_clean(&report, &format!("swarm seed {seed}"));
-        assert!(report.snapshots_acked > 0 || report.snapshots_taken == 0);
+        for hostile in &scenario.hostile {
+            kinds.insert(hostile.behaviour.name().to_string());
+        }
     }
-    // The fixed seeds between them exercise crashes, partitions and data loss.
-    assert!(kinds.len() >= 3, "only {} fault kinds reached", kinds.len());
+    // The seeds run side by side (one thread each), so the test takes the slowest one.
+    let reports: Vec<(u64, cairn_sim::Report)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = FIXED_SEEDS
+            .iter()
+            .map(|&seed| scope.spawn(move || (seed, Run::new(small(seed), seed).execute())))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("a seed's run does not panic"))
+            .collect()
+    });
+    for (seed, report) in &reports {
+        assert_clean(report, &format!("swarm seed {seed}"));
+        assert!(report.snapshots_acked > 0 || report.snapshots_taken == 0);
+        total.add(&report.coverage);
+    }
+    for (name, n, rare) in total.rows() {
+        assert!(!rare || n > 0, "no fixed seed reaches {name}");
+    }
+    eprintln!(
+        "fixed seeds: repair_raced_deletion {}, restore_during_partition {}, audit_failed_mid_repair {}",
+        total.repair_raced_deletion, total.restore_during_partition, total.audit_failed_mid_repair
+    );
+    // The fixed seeds between them exercise crashes, partitions, data loss and hostility.
+    assert!(kinds.len() >= 6, "only {kinds:?} reached");
+}
+
+/// The swarm keeps destructive faults inside the budget: they fall on fewer than R
+/// distinct sites, whatever the seed draws.
+#[test]
+fn swarm_draws_keep_destructive_faults_on_fewer_than_r_sites() {
+    let mut kinds = std::collections::BTreeSet::new();
+    for seed in 1..=2000 {
+        let scenario = scenario_for_seed(seed);
+        let mut hit = std::collections::BTreeSet::new();
+        for fault in &scenario.faults {
+            let name = format!("{:?}", fault.kind);
+            kinds.insert(name.split([' ', '{']).next().unwrap().to_string());
+            match &fault.kind {
+                FaultKind::DiskLoss { site, .. }
+                | FaultKind::Corrupt { site, .. }
+                | FaultKind::LostWrites { site, .. }
+                | FaultKind::OldDisk { site, .. }
+                | FaultKind::DestroySite { site } => {
+                    hit.insert(site.clone());
+                }
+                FaultKind::Revoke { by, of } => {
+                    hit.insert(by.clone());
+                    hit.insert(of.clone());
+                }
+                _ => {}
+            }
+        }
+        for hostile in &scenario.hostile {
+            kinds.insert(hostile.behaviour.name().to_string());
+            if hostile.behaviour.destroys_data() {
+                hit.insert(hostile.site.clone());
+            }
+        }
+        if scenario.outsider.is_some() {
+            kinds.insert("outsider".into());
+        }
+        assert!(
+            hit.len() < scenario.replication_factor,
+            "seed {seed} hits {hit:?}"
+        );
+    }
+    // Every fault kind and behaviour is drawn by some seed.
+    assert_eq!(kinds.len(), 16, "{kinds:?}");
 }
 
 #[test]
 fn a_seed_replays_exactly() {
-    let a = Run::new(small(4), 4).execute();
-    let b = Run::new(small(4), 4).execute();
+    let seed = FIXED_SEEDS[0];
+    let a = Run::new(small(seed), seed).execute();
+    let b = Run::new(small(seed), seed).execute();
     assert_eq!(a.trace_hash, b.trace_hash);
-    let c = Run::new(small(4), 5).execute();
+    let c = Run::new(small(seed), seed + 1).execute();
     assert_ne!(
         a.trace_hash, c.trace_hash,
         "another seed takes another path"

@@ -6,6 +6,8 @@
 //! `dead_after_ms` dead; any newer heartbeat makes it live again. Only dead peers change
 //! placement, so a slow link causes suspicion, not data movement.
 
+use std::collections::BTreeMap;
+
 use super::message::{Beat, BEATS_PER_MESSAGE_MAX};
 use super::{Engine, Event, PEERS_MAX};
 use crate::identity::{NodeId, SiteId};
@@ -59,12 +61,39 @@ impl Engine {
     /// Brings the peer table in line with the node certificates of trusted sites. New
     /// peers start live, with the grace of a full timeout before they can be suspected.
     pub(super) fn refresh_peers(&mut self) {
-        let mut certified: Vec<(NodeId, SiteId, u64)> = self
+        let mut certified: Vec<(NodeId, SiteId, u64)> = Vec::new();
+        let mut index: BTreeMap<NodeId, usize> = BTreeMap::new();
+        for cert in self
             .catalog
             .node_certs()
             .filter(|c| c.node != self.node && self.trust.is_trusted(&c.site))
-            .map(|c| (c.node, c.site, c.capacity_bytes))
-            .collect();
+        {
+            // A node id certified by two trusted sites: one of them claims a node that
+            // is not its own (the signature cannot tell). The site of the certificate
+            // the node presented itself when it connected wins, then the site it is
+            // already taken for, then the first: a later false claim does not move a
+            // known peer, and one that came first is undone at the peer's next connect.
+            let entry = (cert.node, cert.site, cert.capacity_bytes);
+            let Some(&at) = index.get(&cert.node) else {
+                index.insert(cert.node, certified.len());
+                certified.push(entry);
+                continue;
+            };
+            let rank = |site: &SiteId| {
+                if self.presented.get(&cert.node) == Some(site) {
+                    0
+                } else if self.peers.get(&cert.node).is_some_and(|p| p.site == *site) {
+                    1
+                } else {
+                    2
+                }
+            };
+            if rank(&cert.site) < rank(&certified[at].1) {
+                certified[at] = entry;
+            }
+        }
+        // A node that presented another site's certificate is not one of these sites'.
+        certified.retain(|(node, site, _)| self.presented.get(node).is_none_or(|p| p == site));
         certified.truncate(PEERS_MAX);
         let now_ms = self.now_ms;
         self.peers

@@ -20,6 +20,9 @@ struct Want {
     owner: SiteId,
     sources: Vec<NodeId>,
     asked: Option<(NodeId, u64)>,
+    /// The holder whose request for it last went unanswered: not asked again while
+    /// another holder may be.
+    timed_out: Option<NodeId>,
 }
 
 #[derive(Debug, Default)]
@@ -45,6 +48,7 @@ impl Pulls {
             owner,
             sources: Vec::new(),
             asked: None,
+            timed_out: None,
         });
         if !want.sources.contains(&from) && want.sources.len() < SOURCES_PER_CHUNK_MAX {
             want.sources.push(from);
@@ -67,7 +71,12 @@ impl Pulls {
             let Some(want) = self.wanted.get_mut(&id) else {
                 continue;
             };
-            if want.asked.is_some() || !want.sources.contains(&source) {
+            // The holder that just failed to answer is skipped when there is another:
+            // the engine asks the holders an expiry touched in id order, so without this
+            // one that sorts first (a holder that is down, or that claims chunks it
+            // dropped) would be asked for the chunk again and again.
+            let skip_slow = want.timed_out == Some(source) && want.sources.len() > 1;
+            if want.asked.is_some() || !want.sources.contains(&source) || skip_slow {
                 continue;
             }
             want.asked = Some((source, until_ms));
@@ -106,6 +115,7 @@ impl Pulls {
             if let Some((source, until_ms)) = want.asked {
                 if until_ms <= now_ms {
                     want.asked = None;
+                    want.timed_out = Some(source);
                     released.push(source);
                     // The slow holder goes last, so another is tried first.
                     want.sources.retain(|s| *s != source);
@@ -177,5 +187,32 @@ mod tests {
         assert_eq!(pulls.next_for(node(2), 200), vec![(owner, chunk(7))]);
         assert_eq!(pulls.arrived(&chunk(7)), Some(node(2)));
         assert_eq!(pulls.len(), 0);
+    }
+
+    #[test]
+    fn a_holder_that_did_not_answer_is_not_asked_again_first() {
+        let owner = SiteId([9; 32]);
+        let mut pulls = Pulls::default();
+        pulls.offered(node(1), owner, chunk(7));
+        pulls.offered(node(2), owner, chunk(7));
+        assert_eq!(pulls.next_for(node(1), 100), vec![(owner, chunk(7))]);
+        // The engine asks every holder the expiry touched, in the order returned.
+        let asked: Vec<(NodeId, Vec<(SiteId, ChunkId)>)> = pulls
+            .expire(100)
+            .into_iter()
+            .map(|source| (source, pulls.next_for(source, 200)))
+            .collect();
+        assert_eq!(
+            asked,
+            vec![(node(1), vec![]), (node(2), vec![(owner, chunk(7))])],
+            "holder 1 did not answer: holder 2 is asked"
+        );
+        // Holder 2 does not answer either: holder 1 is tried again.
+        let asked: Vec<(NodeId, Vec<(SiteId, ChunkId)>)> = pulls
+            .expire(200)
+            .into_iter()
+            .map(|source| (source, pulls.next_for(source, 300)))
+            .collect();
+        assert_eq!(asked[0], (node(1), vec![(owner, chunk(7))]));
     }
 }

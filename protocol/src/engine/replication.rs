@@ -275,7 +275,12 @@ impl Engine {
             let capacity = self
                 .catalog
                 .node_certs()
-                .find(|c| c.node == self.node)
+                // Only this site's certificate: another trusted site may certify this
+                // node's id as its own (a false claim with a genuine signature), and a
+                // capacity read from that would rank this node differently here than
+                // at its site's other nodes, so each could take the other for the
+                // target and both trim.
+                .find(|c| c.node == self.node && c.site == self.site)
                 .map_or(CAPACITY_UNSTATED_BYTES, |c| {
                     capacity_weight(c.capacity_bytes)
                 });
@@ -947,6 +952,23 @@ impl Engine {
     fn trim(&mut self, now_ms: u64) {
         let r = self.config.replication_factor;
         let grace_ms = self.config.trim_grace_ms;
+        // Owners whose chunks this site should no longer hold: it no longer stores for
+        // them, or they no longer place on it (they revoked it or cut its quota to 0).
+        // In the second case the owner's site refuses this node, so the targets never all
+        // confirm to it: waiting for that would keep the copies forever.
+        let owners: BTreeSet<SiteId> = self.excess.iter().map(|id| self.held[id].owner).collect();
+        let unwanted_owners: BTreeSet<SiteId> = owners
+            .into_iter()
+            .filter(|owner| {
+                *owner != self.site
+                    && (!self.may_store_for(owner)
+                        || !self
+                            .catalog
+                            .storers_for(*owner)
+                            .iter()
+                            .any(|(site, _)| *site == self.site))
+            })
+            .collect();
         let doomed: Vec<ChunkId> = self
             .excess
             .iter()
@@ -956,7 +978,7 @@ impl Engine {
                 let ripe = now_ms.saturating_sub(since) >= grace_ms;
                 let safe = held.targets.len() >= r
                     && held.targets.iter().all(|t| held.confirmed.contains(t));
-                let unwanted = held.owner != self.site && !self.may_store_for(&held.owner);
+                let unwanted = unwanted_owners.contains(&held.owner);
                 ripe && (safe || unwanted)
             })
             .copied()

@@ -15,8 +15,9 @@ use super::{Engine, StorageOp};
 pub const SCRUB_READ_INTERVAL_MIN_MS: u64 = 100;
 /// The longest: a node holding few chunks still checks them often.
 pub const SCRUB_READ_INTERVAL_MAX_MS: u64 = 600_000;
-/// How soon a node holding nothing looks again.
-const SCRUB_IDLE_MS: u64 = 1_000;
+/// How soon a node holding nothing looks again (rarely: an idle engine should not wake
+/// more often than it gossips).
+const SCRUB_IDLE_MS: u64 = 60_000;
 
 impl Engine {
     pub(super) fn scrub_read_interval_ms(&self) -> u64 {

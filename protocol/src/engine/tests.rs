@@ -1107,3 +1107,149 @@ fn a_forged_record_is_a_strike() {
         })
         .is_none());
 }
+
+/// A trusted site may sign a certificate claiming another site's node as its own: the
+/// signature is genuine, the claim false. A known peer keeps its site whichever way the
+/// two certificates sort, and a node that starts with both on its disk takes the peer for
+/// the site of the certificate the peer presents when it connects.
+#[test]
+fn a_node_claimed_by_a_second_site_keeps_its_own_site() {
+    let mut net = Net::new(3, test_config());
+    let claim = |net: &Net, forger: usize, victim: usize| {
+        let cert = NodeCert {
+            node: node_id(victim),
+            site: net.sites[forger].id,
+            name: "stolen".into(),
+            addresses: Vec::new(),
+            capacity_bytes: 1,
+        };
+        Record::sign(
+            &net.sites[forger].key,
+            RecordKind::NodeCert,
+            node_id(victim).0,
+            1,
+            cert.encode(),
+        )
+    };
+    let site_seen = |engine: &Engine, victim: usize| {
+        engine
+            .peers()
+            .find(|(node, ..)| *node == node_id(victim))
+            .map(|(_, site, _)| site)
+    };
+    let mut claims = Vec::new();
+    for (forger, victim) in [(1, 2), (2, 1)] {
+        let record = claim(&net, forger, victim);
+        claims.push(record.clone());
+        net.send(
+            forger,
+            0,
+            Message::Records {
+                records: vec![record],
+            },
+        );
+        assert_eq!(
+            site_seen(&net.nodes[0].engine, victim),
+            Some(net.sites[victim].id),
+            "node {victim} taken for site {forger}'s"
+        );
+    }
+    // A restarted node 0 loads both claims from its disk, then each victim connects.
+    for victim in [1, 2] {
+        let mut engine = Engine::new(test_config(), node_id(0), net.sites[0].id, 9, 0);
+        engine.load_records(net.records.iter().cloned().chain(claims.iter().cloned()));
+        engine
+            .handle_connect(node_id(victim), net.records[victim * 3].clone(), 1)
+            .expect("the victim's own certificate is valid");
+        assert_eq!(
+            site_seen(&engine, victim),
+            Some(net.sites[victim].id),
+            "node {victim} taken for another site's after it connected"
+        );
+    }
+    // A node of a site no one trusts, claimed by trusted site 1: once it presents its own
+    // site's certificate it is refused, and no longer taken for site 1's.
+    let stranger_key = site_key(7);
+    let stranger = NodeId([0x42; 32]);
+    let claim = NodeCert {
+        node: stranger,
+        site: net.sites[1].id,
+        name: "stolen".into(),
+        addresses: Vec::new(),
+        capacity_bytes: 1,
+    };
+    let claim = Record::sign(
+        &net.sites[1].key,
+        RecordKind::NodeCert,
+        stranger.0,
+        1,
+        claim.encode(),
+    );
+    net.send(
+        1,
+        0,
+        Message::Records {
+            records: vec![claim],
+        },
+    );
+    assert!(net.nodes[0]
+        .engine
+        .peers()
+        .any(|(node, ..)| node == stranger));
+    let own = node_cert(&stranger_key, stranger);
+    assert!(net.nodes[0]
+        .engine
+        .handle_connect(stranger, own, 2)
+        .is_err());
+    assert!(
+        !net.nodes[0]
+            .engine
+            .peers()
+            .any(|(node, ..)| node == stranger),
+        "a node that says it is an untrusted site's is no trusted site's peer"
+    );
+}
+
+/// An owner that revokes a holder's site no longer places on it and refuses its nodes,
+/// so the holder can never see every target confirm: it must drop the owner's chunks
+/// after the trim grace anyway (swarm seed 23 kept them to the end).
+#[test]
+fn a_holder_the_owner_revoked_drops_the_owners_chunks() {
+    let mut net = Net::new(3, test_config());
+    let chunks = net.backup(0, 16, 1);
+    net.run_for(60_000);
+    let held_at_2: Vec<ChunkId> = chunks
+        .iter()
+        .map(|c| c.id)
+        .filter(|id| net.holders(id).contains(&2))
+        .collect();
+    assert!(
+        !held_at_2.is_empty(),
+        "site 2 holds some of site 0's chunks"
+    );
+    let revoke = grant(&net.sites[0].key, net.sites[2].id, 2, true);
+    let now_ms = net.now_ms;
+    net.nodes[0]
+        .engine
+        .handle_local_record(revoke.clone(), now_ms)
+        .expect("valid");
+    net.pump(0);
+    net.send(
+        1,
+        2,
+        Message::Records {
+            records: vec![revoke],
+        },
+    );
+    net.run_for(test_config().trim_grace_ms + 120_000);
+    for chunk in &chunks {
+        let holders = net.holders(&chunk.id);
+        assert!(!holders.contains(&2), "site 2 still holds {:?}", chunk.id);
+        assert_eq!(
+            holders,
+            vec![0, 1],
+            "{:?} back at R without site 2",
+            chunk.id
+        );
+    }
+}

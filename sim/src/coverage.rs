@@ -1,0 +1,87 @@
+//! Coverage counters: how often a run reached each rare path and each hostile act, so a
+//! swarm that never reached one shows it. `swarm` sums them over seeds and prints, for
+//! each, the total and how many seeds reached it.
+
+macro_rules! counters {
+    ($( $(#[doc = $doc:literal])* $rare:literal $name:ident, )*) => {
+        #[derive(Clone, Debug, Default)]
+        pub struct Coverage {
+            $( $(#[doc = $doc])* pub $name: u64, )*
+        }
+
+        impl Coverage {
+            /// Every counter: (name, value, whether it is a rare path the swarm must reach).
+            pub fn rows(&self) -> Vec<(&'static str, u64, bool)> {
+                vec![$( (stringify!($name), self.$name, $rare), )*]
+            }
+
+            /// Adds another run's counters; those named `*_max` keep the larger.
+            pub fn add(&mut self, other: &Coverage) {
+                $(
+                    if stringify!($name).ends_with("_max") {
+                        self.$name = self.$name.max(other.$name);
+                    } else {
+                        self.$name += other.$name;
+                    }
+                )*
+            }
+        }
+    };
+}
+
+counters! {
+    /// A chunk deleted (trimmed, or dropped for a revoked owner) while a push of it was on
+    /// the wire: repair racing a deletion.
+    true repair_raced_deletion,
+    /// A restore drill's fetch answered while the restoring site was partitioned from
+    /// another.
+    true restore_during_partition,
+    /// An audit failed for a chunk that was being repaired (below R good copies, or a
+    /// push of it on the wire).
+    true audit_failed_mid_repair,
+    /// Audits that failed (wrong, missing or late), those unanswered by a peer that
+    /// answered nothing else either (not held against it), and those that named a liar.
+    false audits_failed,
+    false audits_unreachable,
+    false lies_caught,
+    /// The longest a lie went before an honest node's audit named the liar, seconds.
+    false lie_caught_after_secs_max,
+    /// Chunks an engine found unreadable or bad on its own disk and forgot.
+    false chunks_lost_noticed,
+    /// Chunk bytes flipped on disks by corruption faults.
+    false copies_corrupted,
+    /// Storage operations undone by lost-writes crashes.
+    false storage_ops_lost,
+    /// Nodes that came back with an old disk; chunks it brought back that the node had
+    /// deleted since, chunks written since that it lacks, and records on it older than
+    /// the truth.
+    false old_disks,
+    false old_disk_chunks_back,
+    false old_disk_chunks_gone,
+    false old_disk_stale_records,
+    /// Partners' chunks a false claimer acknowledged but kept as garbage.
+    false false_claims_made,
+    /// Chunks a wrong-bytes node sent with a flipped byte.
+    false wrong_bytes_sent,
+    false forgeries_sent,
+    false replays_sent,
+    /// Records engines refused (bad signature, untrusted author, not allowed).
+    false records_rejected,
+    false flood_messages,
+    /// Bytes honest nodes sent a flooding node while it flooded.
+    false flood_answer_bytes,
+    false outsider_attempts,
+    false outsider_connects_refused,
+    false outsider_messages_refused,
+    /// Messages engines dropped as malformed, forged or against the rules (strikes),
+    /// peers they cut off, and holders they left out of placement after failed audits.
+    false messages_dropped,
+    false peers_cut_off,
+    false holders_excluded,
+    /// Restore drills run while faults ran, the fetches they made, those that failed
+    /// (no reachable holder) and bad copies they routed around.
+    false drills,
+    false drill_fetches,
+    false drill_fetch_failures,
+    false bad_copies_routed_around,
+}

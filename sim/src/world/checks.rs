@@ -1,0 +1,488 @@
+//! Invariants checked as things happen, at the point where the simulator sees them:
+//! - quotas and revocations, on every chunk stored (invariant 5);
+//! - a corrupted copy is never served as good: an honest node never sends a chunk whose
+//!   bytes are wrong, and never stores one it received (invariant 6);
+//! - nothing from the outsider or a revoked site is accepted: no record it signed, no
+//!   chunk it sent, no message sent back to it (invariant 8);
+//! - every record a node saves was really signed by its author, and never replaces a
+//!   newer version of itself (invariant 9: forged and replayed records are refused, and an
+//!   old disk's catalog does not bring back older grants);
+//! - every peer is attributed to the site that really certified it (invariant 10).
+
+use cairn_protocol::catalog::RecordKey;
+use cairn_protocol::engine::{AuditFailure, ChunkRef, Event, Message};
+use cairn_protocol::identity::NodeId;
+use cairn_protocol::ids::ChunkId;
+use cairn_protocol::record::{Record, RecordKind};
+
+use super::{message_type, World, GRANT_PROPAGATION_US};
+
+/// How soon some honest node's audit must name a node that claims a chunk it does not
+/// hold (invariant 7).
+pub const LIE_CAUGHT_WITHIN_US: u64 = 24 * super::HOUR_US;
+
+/// The hash under which a genuine record is remembered.
+pub fn record_hash(record: &Record) -> [u8; 32] {
+    *blake3::hash(&record.encode()).as_bytes()
+}
+
+impl World {
+    /// Whether `node`'s site changed its grant to `owner` lately, or `node` itself has
+    /// just restarted: either way it may act on the older grant for a while.
+    fn within_grant_grace(&self, node: usize, owner_site: Option<usize>) -> bool {
+        let site = self.nodes[node].site;
+        let restarted = self.now_us < self.nodes[node].started_us + GRANT_PROPAGATION_US;
+        let changed = owner_site.is_some_and(|owner| {
+            self.grant_changed_at
+                .get(&(site, self.sites[owner].id))
+                .is_some_and(|at| self.now_us < at + GRANT_PROPAGATION_US)
+        });
+        restarted || changed
+    }
+
+    /// `by` revoked `of` more than the propagation grace ago.
+    fn revoked_settled(&self, by: usize, of: usize) -> bool {
+        self.revoked_at
+            .get(&(by, of))
+            .is_some_and(|at| self.now_us >= at + GRANT_PROPAGATION_US)
+    }
+
+    pub(super) fn check_event(&mut self, node: usize, event: &Event) {
+        match event {
+            Event::ChunkStored { chunk, from } => {
+                self.check_quota(node, chunk);
+                self.check_chunk_source(node, from);
+            }
+            Event::ChunkLost { id } => {
+                self.coverage.chunks_lost_noticed += 1;
+                if let Some(lies) = self.liars.get_mut(&node) {
+                    lies.outstanding.remove(id);
+                }
+            }
+            Event::AuditFailed {
+                failure: AuditFailure::Unreachable,
+                ..
+            } => self.coverage.audits_unreachable += 1,
+            Event::AuditFailed {
+                node: held_by, id, ..
+            } => {
+                self.coverage.audits_failed += 1;
+                if self.hostile_now(node).is_some() {
+                    return; // a hostile auditor's verdicts prove nothing
+                }
+                let below_r = self
+                    .copies
+                    .get(id)
+                    .is_none_or(|n| (*n as usize) < self.scenario.replication_factor);
+                if below_r || self.pushes_in_flight.contains_key(id) {
+                    self.coverage.audit_failed_mid_repair += 1;
+                }
+                let liar = self.node_index.get(held_by).copied();
+                if let Some(lies) = liar.and_then(|n| self.liars.get_mut(&n)) {
+                    let caught_us = lies.caught_us.unwrap_or(0);
+                    if let Some(since) = lies.outstanding.values().filter(|s| **s > caught_us).min()
+                    {
+                        self.coverage.lies_caught += 1;
+                        let delay_s = (self.now_us - since) / 1_000_000;
+                        self.coverage.lie_caught_after_secs_max =
+                            self.coverage.lie_caught_after_secs_max.max(delay_s);
+                    }
+                    lies.caught_us = Some(self.now_us);
+                }
+            }
+            Event::PeerCutOff { until_ms, .. } => {
+                self.coverage.peers_cut_off += 1;
+                self.penalty_until(*until_ms);
+            }
+            Event::HolderExcluded { until_ms, .. } => {
+                self.coverage.holders_excluded += 1;
+                self.penalty_until(*until_ms);
+            }
+            Event::MessageDropped { .. } => self.coverage.messages_dropped += 1,
+            Event::RecordRejected { .. } => self.coverage.records_rejected += 1,
+            Event::MessageRefused { from }
+                if self
+                    .node_index
+                    .get(from)
+                    .is_some_and(|n| self.is_outsider(*n)) =>
+            {
+                self.coverage.outsider_messages_refused += 1;
+            }
+            _ => {}
+        }
+    }
+
+    fn penalty_until(&mut self, until_ms: u64) {
+        if !self.healed {
+            self.penalties_until_us = self.penalties_until_us.max(until_ms * 1000);
+        }
+    }
+
+    /// Invariant 5 as the writes happen: a site never holds more for an owner than it
+    /// grants, and nothing for an owner it revoked.
+    fn check_quota(&mut self, node: usize, chunk: &ChunkRef) {
+        let site = self.nodes[node].site;
+        let site_id = self.sites[site].id;
+        if chunk.owner == site_id || self.within_grant_grace(node, self.site_of(&chunk.owner)) {
+            return;
+        }
+        let grant = self.truth.grant(site_id, chunk.owner);
+        let held = self
+            .site_held
+            .get(&(site, chunk.owner))
+            .copied()
+            .unwrap_or(0);
+        let name = &self.sites[site].name;
+        let violation = match grant {
+            None => Some(format!(
+                "invariant 5: site {name} stored a chunk for a site it never trusted"
+            )),
+            Some(g) if g.revoked => Some(format!(
+                "invariant 5: site {name} stored a chunk for a site it revoked"
+            )),
+            Some(g) if held > g.quota_bytes => Some(format!(
+                "invariant 5: site {name} holds {held} bytes for a partner, over its quota of {}",
+                g.quota_bytes
+            )),
+            Some(_) => None,
+        };
+        if let Some(text) = violation {
+            self.add_violation(text);
+        }
+    }
+
+    /// Invariant 8: a chunk stored from the outsider, or from a site this one revoked.
+    fn check_chunk_source(&mut self, node: usize, from: &NodeId) {
+        let Some(&sender) = self.node_index.get(from) else {
+            return;
+        };
+        let (site, from_site) = (self.nodes[node].site, self.nodes[sender].site);
+        if self.is_outsider(sender) {
+            self.add_violation(format!(
+                "invariant 8: a node of site {} stored a chunk the outsider sent",
+                self.sites[site].name
+            ));
+        } else if self.revoked_settled(site, from_site) && !self.within_grant_grace(node, None) {
+            self.add_violation(format!(
+                "invariant 8: site {} stored a chunk sent by site {}, which it revoked",
+                self.sites[site].name, self.sites[from_site].name
+            ));
+        }
+    }
+
+    /// Invariant 6, at the receiving end: an honest node stores only true bytes. (A node
+    /// making false claims stores garbage on purpose.)
+    pub(super) fn check_write(&mut self, node: usize, id: &ChunkId, good: bool) {
+        if good || !self.bodies.contains_key(id) || self.lies_now(node) {
+            return;
+        }
+        self.add_violation(format!(
+            "invariant 6: node {node} of site {} stored a corrupted copy of chunk {id:?}",
+            self.sites[self.nodes[node].site].name
+        ));
+    }
+
+    /// Invariants 6 and 8 at the sending end, for what an engine asked to send.
+    pub(super) fn check_outgoing(&mut self, from: usize, to: &NodeId, message: &Message) {
+        if self
+            .node_index
+            .get(to)
+            .is_some_and(|n| self.is_outsider(*n))
+        {
+            self.add_violation(format!(
+                "invariant 8: node {from} of site {} sent a {} message to the outsider",
+                self.sites[self.nodes[from].site].name,
+                message_type(message)
+            ));
+        }
+        let (id, body, what) = match message {
+            Message::Push { id, sealed, .. } => (id, sealed, "pushed"),
+            Message::FetchReply {
+                id,
+                sealed: Some(sealed),
+                ..
+            } => (id, sealed, "served"),
+            _ => return,
+        };
+        if self.lies_now(from) || !self.bodies.contains_key(id) || self.is_good(id, body) {
+            return;
+        }
+        self.add_violation(format!(
+            "invariant 6: node {from} of site {} {what} a corrupted copy of chunk {id:?} as good",
+            self.sites[self.nodes[from].site].name
+        ));
+    }
+
+    /// Invariants 8 and 9 for a record a node is about to persist.
+    pub(super) fn check_saved_record(&mut self, node: usize, record: &Record) {
+        let site = self.nodes[node].site;
+        let name = self.sites[site].name.clone();
+        if !self.genuine.contains(&record_hash(record)) {
+            self.add_violation(format!(
+                "invariant 9: node {node} of site {name} accepted a forged {:?} record",
+                record.kind
+            ));
+        }
+        let author = self.site_of(&record.author);
+        if let Some(outsider) = &self.outsider {
+            let about_outsider =
+                record.kind == RecordKind::NodeCert && record.key == self.nodes[outsider.node].id.0;
+            if author == Some(outsider.site) || about_outsider {
+                self.add_violation(format!(
+                    "invariant 8: node {node} of site {name} accepted a record of the outsider"
+                ));
+            }
+        }
+        if let Some(author) = author {
+            if self.revoked_settled(site, author) && !self.within_grant_grace(node, None) {
+                self.add_violation(format!(
+                    "invariant 8: node {node} of site {name} accepted a record of site {}, which it revoked",
+                    self.sites[author].name
+                ));
+            }
+        }
+        let key = RecordKey::of(record);
+        if let Some(held) = self.nodes[node].disk.records.get(&key) {
+            if held.version > record.version {
+                self.add_violation(format!(
+                    "invariant 9: node {node} of site {name} replaced version {} of a {:?} record with the older version {}",
+                    held.version, record.kind, record.version
+                ));
+            }
+        }
+    }
+
+    /// Invariant 7 for false claimers: a node that claims a chunk it does not hold is
+    /// named by a failed audit within `lie_caught_within_us` of the claim. Checked hourly
+    /// and at the heal.
+    pub fn check_lies(&mut self) {
+        let bound_us = self.lie_caught_within_us();
+        let mut late = Vec::new();
+        for (node, lies) in &self.liars {
+            let caught_us = lies.caught_us.unwrap_or(0);
+            let oldest = lies
+                .outstanding
+                .values()
+                .filter(|since| **since > caught_us)
+                .min();
+            if let Some(since) = oldest {
+                if self.now_us > since + bound_us {
+                    late.push((*node, *since));
+                }
+            }
+        }
+        for (node, since) in late {
+            self.add_violation(format!(
+                "invariant 7: node {node} of site {} has claimed a chunk it does not hold since {:.2} h, and no audit named it within {:.1} h",
+                self.sites[self.nodes[node].site].name,
+                since as f64 / super::HOUR_US as f64,
+                bound_us as f64 / super::HOUR_US as f64
+            ));
+        }
+    }
+
+    /// The stated time within which audits catch a holder that lies. Every node audits
+    /// one co-holder of one of its chunks per round, picking the chunk evenly among all
+    /// it holds, so a liar that lies about a few recent chunks among many honest old
+    /// ones is named only when a round lands on one of them: hours, not rounds (the
+    /// swarm reports the longest it took as `lie_caught_after_secs_max`).
+    pub fn lie_caught_within_us(&self) -> u64 {
+        LIE_CAUGHT_WITHIN_US
+    }
+
+    /// Invariant 10: every live engine attributes each peer that has connected to it to
+    /// the site that really certified it. Checked hourly and at the end.
+    pub fn check_peer_sites(&mut self) {
+        let mut wrong = Vec::new();
+        for (idx, node) in self.nodes.iter().enumerate() {
+            let Some(engine) = node.engine.as_ref() else {
+                continue;
+            };
+            for (peer, site, _) in engine.peers() {
+                let Some(&peer_idx) = self.node_index.get(&peer) else {
+                    continue;
+                };
+                let real = self.sites[self.nodes[peer_idx].site].id;
+                // Before a peer connects to this process the engine knows it only from
+                // the catalog, where another trusted site may certify the same node id
+                // as its own (a genuine signature on a false claim); the certificate the
+                // peer presents at its connection settles it.
+                let connected =
+                    node.connected.get(&peer_idx) == Some(&self.nodes[peer_idx].incarnation);
+                if (real != site && connected) || self.is_outsider(peer_idx) {
+                    wrong.push((idx, peer_idx, site));
+                }
+            }
+        }
+        for (idx, peer_idx, site) in wrong {
+            if self.is_outsider(peer_idx) {
+                self.add_violation(format!(
+                    "invariant 8: node {idx} has the outsider in its peer table"
+                ));
+                continue;
+            }
+            let claimed = self
+                .site_of(&site)
+                .map_or("an unknown site".to_string(), |s| {
+                    self.sites[s].name.clone()
+                });
+            self.add_violation(format!(
+                "invariant 10: node {idx} takes node {peer_idx} of site {} for a node of {claimed}",
+                self.sites[self.nodes[peer_idx].site].name
+            ));
+        }
+    }
+}
+
+/// Each check fires on the act it forbids. The runs themselves never do these things
+/// (the engine refuses them), so the acts are fed to the checkers directly.
+#[cfg(test)]
+mod tests {
+    use cairn_protocol::engine::Message;
+    use cairn_protocol::record::{Record, RecordKind};
+
+    use super::super::{World, HOUR_US};
+    use super::LIE_CAUGHT_WITHIN_US;
+    use crate::scenario::{OutsiderSpec, Scenario};
+    use crate::world::hostile::Lies;
+
+    /// Four offices with an outsider, run for two hours so chunks are stored.
+    fn world() -> crate::run::Run {
+        let mut scenario = Scenario::parse(crate::DEFAULT_SCENARIO).expect("built-in parses");
+        scenario.faults.clear();
+        for image in &mut scenario.images {
+            image.size_gib = 0.02;
+        }
+        scenario.outsider = Some(OutsiderSpec {
+            from_hours: 100.0,
+            until_hours: None,
+            every_secs: 60.0,
+        });
+        let mut run = crate::run::Run::new(scenario, 3);
+        run.advance(2 * HOUR_US, 2 * HOUR_US);
+        run
+    }
+
+    /// A node holding a good copy of some chunk, and that chunk.
+    fn holder(world: &World) -> (usize, cairn_protocol::ids::ChunkId) {
+        world
+            .nodes
+            .iter()
+            .enumerate()
+            .find_map(|(n, node)| {
+                node.disk
+                    .chunks
+                    .iter()
+                    .find(|(_, c)| c.good)
+                    .map(|(id, _)| (n, *id))
+            })
+            .expect("chunks stored after two hours")
+    }
+
+    fn violations(world: &World, invariant: &str) -> usize {
+        world
+            .violations
+            .iter()
+            .filter(|v| v.starts_with(invariant))
+            .count()
+    }
+
+    #[test]
+    fn invariant_6_fires_on_a_corrupted_copy_sent_or_stored_as_good() {
+        let mut run = world();
+        let world = &mut run.world;
+        assert_eq!(violations(world, "invariant 6"), 0);
+        let (node, id) = holder(world);
+        let owner = world.nodes[node].disk.chunks[&id].owner;
+        let mut sealed = world.bodies[&id].clone();
+        // A correct send is fine.
+        let to = world.nodes[(node + 1) % world.nodes.len()].id;
+        let push = |sealed: Vec<u8>| Message::Push {
+            owner,
+            id,
+            size_bytes: 1,
+            sealed,
+        };
+        world.check_outgoing(node, &to, &push(sealed.clone()));
+        assert_eq!(violations(world, "invariant 6"), 0);
+        sealed[0] ^= 1;
+        world.check_outgoing(node, &to, &push(sealed));
+        assert_eq!(
+            violations(world, "invariant 6"),
+            1,
+            "{:?}",
+            world.violations
+        );
+        world.check_write(node, &id, false);
+        assert_eq!(
+            violations(world, "invariant 6"),
+            2,
+            "{:?}",
+            world.violations
+        );
+    }
+
+    #[test]
+    fn invariant_7_fires_when_no_audit_names_a_liar_in_time() {
+        let mut run = world();
+        let world = &mut run.world;
+        let (node, id) = holder(world);
+        let mut lies = Lies::default();
+        lies.outstanding.insert(id, world.now_us);
+        world.liars.insert(node, lies);
+        world.check_lies();
+        assert_eq!(violations(world, "invariant 7"), 0, "not late yet");
+        world.now_us += LIE_CAUGHT_WITHIN_US + 1;
+        world.check_lies();
+        assert_eq!(
+            violations(world, "invariant 7"),
+            1,
+            "{:?}",
+            world.violations
+        );
+        // Named by an audit since the lie: no longer late.
+        world.violations.clear();
+        world.liars.get_mut(&node).expect("inserted").caught_us = Some(world.now_us);
+        world.check_lies();
+        assert_eq!(violations(world, "invariant 7"), 0);
+    }
+
+    #[test]
+    fn invariant_8_fires_on_anything_accepted_from_the_outsider() {
+        let mut run = world();
+        let world = &mut run.world;
+        let outsider = world.outsider.as_ref().expect("scenario has one").node;
+        let (node, _) = holder(world);
+        let outsider_id = world.nodes[outsider].id;
+        world.check_chunk_source(node, &outsider_id);
+        assert_eq!(
+            violations(world, "invariant 8"),
+            1,
+            "{:?}",
+            world.violations
+        );
+        world.check_outgoing(
+            node,
+            &outsider_id,
+            &Message::Want {
+                author: world.sites[0].id,
+                keys: Vec::new(),
+            },
+        );
+        assert_eq!(
+            violations(world, "invariant 8"),
+            2,
+            "{:?}",
+            world.violations
+        );
+        let key = world.sites[world.nodes[outsider].site].key.clone();
+        let record = Record::sign(&key, RecordKind::TrustGrant, [1; 32], 1, Vec::new());
+        world.check_saved_record(node, &record);
+        assert_eq!(
+            violations(world, "invariant 8"),
+            3,
+            "{:?}",
+            world.violations
+        );
+    }
+}
