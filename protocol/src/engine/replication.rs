@@ -12,7 +12,8 @@
 //! - Offers: a node holding a chunk it is not a target for (the owner's backup node, a
 //!   site that was replaced, a returning node) offers it to the targets, pushes what they
 //!   lack, and deletes its copy only after `trim_grace_ms` and once every one of at least
-//!   R targets confirmed it holds the chunk. New snapshots are offered the same way, and
+//!   R targets confirmed it holds the chunk, or a target of its own site did (then the
+//!   copy adds no site). New snapshots are offered the same way, and
 //!   acknowledged once every chunk is confirmed at R distinct sites.
 //! - Pushes go through one queue, rate-limited by a token bucket and bounded in flight.
 
@@ -388,8 +389,20 @@ impl Engine {
         let (have, lacking): (Vec<ChunkId>, Vec<ChunkId>) =
             ids.into_iter().partition(|id| self.held.contains_key(id));
         if may_store {
+            // The owner's site decides where its chunks go. Another holder offers by its
+            // own view of placement, which can differ from the owner's for good: a site
+            // that revoked a third site no longer sees that site's grants, so it places
+            // the owner's chunks elsewhere. A copy it offers outside this node's own
+            // placement would be extra in every view but the offerer's, and kept there.
+            let from_owner = self.peers.get(&from).is_some_and(|p| p.site == owner);
+            if !from_owner {
+                self.place_owner(owner);
+            }
+            let r = self.config.replication_factor;
             for id in lacking {
-                self.pulls.offered(from, owner, id);
+                if from_owner || self.placement.targets(&owner, &id, r).contains(&self.node) {
+                    self.pulls.offered(from, owner, id);
+                }
             }
         }
         if !have.is_empty() {
@@ -946,8 +959,8 @@ impl Engine {
         }
     }
 
-    /// Deletes extra copies that every one of at least R targets confirmed, once the
-    /// grace period is over; and, after the same grace, the chunks of an owner this site
+    /// Deletes extra copies that every one of at least R targets confirmed, or a target of
+    /// this node's site confirmed, once the grace period is over; and, after the same grace, the chunks of an owner this site
     /// no longer stores for (whose other holders have had that long to repair).
     fn trim(&mut self, now_ms: u64) {
         let r = self.config.replication_factor;
@@ -969,6 +982,13 @@ impl Engine {
                             .any(|(site, _)| *site == self.site))
             })
             .collect();
+        // Chunks of snapshots this node still waits to see at R sites: their copies stay
+        // here until then, whatever else holds them.
+        let awaited: BTreeSet<ChunkId> = self
+            .pending_snapshots
+            .values()
+            .flat_map(|p| p.chunks.keys().copied())
+            .collect();
         let doomed: Vec<ChunkId> = self
             .excess
             .iter()
@@ -978,8 +998,18 @@ impl Engine {
                 let ripe = now_ms.saturating_sub(since) >= grace_ms;
                 let safe = held.targets.len() >= r
                     && held.targets.iter().all(|t| held.confirmed.contains(t));
+                // A target of this node's own site holds it: this copy adds no site, and
+                // that target, syncing with the others, repairs what they lack. Waiting
+                // for every target instead keeps the copy forever when one never
+                // confirms: fewer than R sites standing, or a target whose site's view of
+                // placement differs for good (one site revoked another, the owner did not).
+                let site_kept = !awaited.contains(*id)
+                    && held.targets.iter().any(|t| {
+                        held.confirmed.contains(t)
+                            && self.peers.get(t).is_some_and(|p| p.site == self.site)
+                    });
                 let unwanted = unwanted_owners.contains(&held.owner);
-                ripe && (safe || unwanted)
+                ripe && (safe || site_kept || unwanted)
             })
             .copied()
             .collect();

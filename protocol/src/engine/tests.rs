@@ -1,5 +1,6 @@
-//! Engine tests: a few engines on an instant in-memory network, one node per site, with
-//! disks the tests can damage and peers the tests can make hostile.
+//! Engine tests: a few engines on an instant in-memory network, one node per site unless
+//! a test lays out more, with disks the tests can damage and peers the tests can make
+//! hostile.
 
 use std::collections::{BTreeMap, VecDeque};
 
@@ -34,6 +35,8 @@ enum Hostile {
 
 struct Net {
     sites: Vec<TestSite>,
+    /// The site of each node, by index.
+    site_of: Vec<usize>,
     nodes: Vec<TestNode>,
     records: Vec<Record>,
     now_ms: u64,
@@ -92,6 +95,13 @@ impl Net {
     }
 
     fn with_configs(n_sites: usize, config: impl Fn(usize) -> EngineConfig) -> Net {
+        let site_of: Vec<usize> = (0..n_sites).collect();
+        Net::with_layout(&site_of, config)
+    }
+
+    /// Node `i` belongs to site `site_of[i]`; every pair of sites grants the other storage.
+    fn with_layout(site_of: &[usize], config: impl Fn(usize) -> EngineConfig) -> Net {
+        let n_sites = site_of.iter().max().map_or(0, |m| m + 1);
         let sites: Vec<TestSite> = (0..n_sites)
             .map(|i| {
                 let key = site_key(i);
@@ -100,17 +110,21 @@ impl Net {
             })
             .collect();
         let mut records = Vec::new();
-        for (i, a) in sites.iter().enumerate() {
-            records.push(node_cert(&a.key, node_id(i)));
+        for (s, a) in sites.iter().enumerate() {
+            for (i, _) in site_of.iter().enumerate().filter(|(_, site)| **site == s) {
+                records.push(node_cert(&a.key, node_id(i)));
+            }
             for b in &sites {
                 if a.id != b.id {
                     records.push(grant(&a.key, b.id, 1, false));
                 }
             }
         }
-        let nodes = (0..n_sites)
-            .map(|i| {
-                let mut engine = Engine::new(config(i), node_id(i), sites[i].id, i as u64, 0);
+        let nodes = site_of
+            .iter()
+            .enumerate()
+            .map(|(i, site)| {
+                let mut engine = Engine::new(config(i), node_id(i), sites[*site].id, i as u64, 0);
                 engine.load_records(records.iter().cloned());
                 TestNode {
                     engine,
@@ -121,6 +135,7 @@ impl Net {
             .collect();
         let mut net = Net {
             sites,
+            site_of: site_of.to_vec(),
             nodes,
             records,
             now_ms: 0,
@@ -128,7 +143,7 @@ impl Net {
             hostile: BTreeMap::new(),
             pushes: Vec::new(),
         };
-        for i in 0..n_sites {
+        for i in 0..site_of.len() {
             net.pump(i);
         }
         net
@@ -246,11 +261,11 @@ impl Net {
         self.run_until(until_ms);
     }
 
-    /// A backup on node `i` (its site's only node): `n` chunks written to its disk as
-    /// blobs signed by its site, then handed to its engine as a snapshot.
+    /// A backup on node `i`: `n` chunks written to its disk as blobs signed by its site,
+    /// then handed to its engine as a snapshot.
     fn backup(&mut self, i: usize, n: usize, seed: u8) -> Vec<ChunkRef> {
-        let key = self.sites[i].key.clone();
-        let owner = self.sites[i].id;
+        let key = self.sites[self.site_of[i]].key.clone();
+        let owner = self.sites[self.site_of[i]].id;
         let mut chunks = Vec::new();
         for c in 0..n {
             let mut id = [0u8; 32];
@@ -1249,6 +1264,129 @@ fn a_holder_the_owner_revoked_drops_the_owners_chunks() {
             holders,
             vec![0, 1],
             "{:?} back at R without site 2",
+            chunk.id
+        );
+    }
+}
+
+/// Site 0 revokes site 2 while site 1, the owner, still trusts it.
+fn revoke_site_2_at_site_0(net: &mut Net) {
+    let revoke = grant(&net.sites[0].key, net.sites[2].id, 2, true);
+    let now_ms = net.now_ms;
+    for i in 0..net.nodes.len() {
+        if net.site_of[i] == 0 {
+            net.nodes[i]
+                .engine
+                .handle_local_record(revoke.clone(), now_ms)
+                .expect("valid");
+            net.pump(i);
+        }
+    }
+}
+
+/// A site that revoked a third site no longer sees that site's grants, so it places
+/// another owner's chunks without it, and offers them to a site the owner never places
+/// them on. A node pulls another owner's chunk only when its own placement names it (or
+/// the owner's site offers it), so no copy is made that every view but the offerer's
+/// calls extra (swarm seed 56 kept dozens of them at rest).
+#[test]
+fn a_holder_with_a_narrower_view_of_placement_adds_no_copies() {
+    let config = EngineConfig {
+        replication_factor: 3,
+        ..test_config()
+    };
+    let mut net = Net::new(4, config.clone());
+    let chunks = net.backup(1, 64, 1);
+    net.run_for(60_000);
+    revoke_site_2_at_site_0(&mut net);
+    let pushes_before = net.pushes.len();
+    net.run_for(config.trim_grace_ms + 120_000);
+    let owner = net.sites[1].id;
+    let (site0, site2, site3) = (net.sites[0].id, net.sites[2].id, net.sites[3].id);
+    let mut placed_apart = 0;
+    for chunk in &chunks {
+        let owners_view = net.nodes[1].engine.target_sites(&owner, &chunk.id);
+        let site0_view = net.nodes[0].engine.target_sites(&owner, &chunk.id);
+        let mut want: Vec<usize> = owners_view
+            .iter()
+            .map(|s| net.sites.iter().position(|t| t.id == *s).expect("known"))
+            .collect();
+        want.sort_unstable();
+        assert_eq!(
+            net.holders(&chunk.id),
+            want,
+            "{:?} at its owner's targets",
+            chunk.id
+        );
+        if owners_view.contains(&site0)
+            && owners_view.contains(&site2)
+            && site0_view.contains(&site3)
+        {
+            placed_apart += 1;
+            assert!(
+                !net.pushes[pushes_before..]
+                    .iter()
+                    .any(|(from, to, id, _)| (*from, *to, *id) == (0, 3, chunk.id)),
+                "site 0 copied {:?} to site 3, which its owner does not place it on",
+                chunk.id
+            );
+        }
+    }
+    assert!(
+        placed_apart > 0,
+        "some chunks that both site 0 and site 2 hold are placed on site 3 in site 0's view"
+    );
+}
+
+/// An extra copy on a second node of a site goes once that site's target holds the
+/// chunk, even when some other target never confirms it: here the site revoked a third
+/// site and so places the owner's chunks on fewer than R sites (swarm seed 101 kept such
+/// copies to the end, with fewer than R sites standing).
+#[test]
+fn an_extra_copy_goes_once_a_target_of_its_site_holds_the_chunk() {
+    let config = EngineConfig {
+        replication_factor: 3,
+        ..test_config()
+    };
+    // Node 3 is site 0's second node.
+    let mut net = Net::with_layout(&[0, 1, 2, 0], |_| config.clone());
+    let chunks = net.backup(1, 32, 1);
+    net.run_for(60_000);
+    revoke_site_2_at_site_0(&mut net);
+    net.run_for(10_000);
+    let owner = net.sites[1].id;
+    for chunk in &chunks {
+        let holders = net.holders(&chunk.id);
+        assert_eq!(holders.len(), 3, "{:?} at R before the test", chunk.id);
+        let spare = if holders.contains(&0) { 3 } else { 0 };
+        let blob = net.nodes[1].disk[&chunk.id].clone();
+        net.send(
+            1,
+            spare,
+            Message::Push {
+                owner,
+                id: chunk.id,
+                size_bytes: chunk.size_bytes,
+                sealed: blob,
+            },
+        );
+        assert!(
+            net.holders(&chunk.id).contains(&spare),
+            "site 0's other node took the extra copy"
+        );
+    }
+    net.run_for(config.trim_grace_ms + 120_000);
+    for chunk in &chunks {
+        let holders = net.holders(&chunk.id);
+        let at_site_0 = holders.iter().filter(|n| net.site_of[**n] == 0).count();
+        assert_eq!(
+            at_site_0, 1,
+            "{:?}: one copy at site 0 ({holders:?})",
+            chunk.id
+        );
+        assert!(
+            holders.contains(&1) && holders.contains(&2),
+            "{:?}: the copies at sites 1 and 2 stay ({holders:?})",
             chunk.id
         );
     }
