@@ -191,7 +191,7 @@ impl Run {
 
     /// How many sites should hold good copies of `owner`'s chunks: R, or every site that
     /// may hold them and still has a live node when fewer are standing (with that excuse).
-    fn sites_wanted(&self, owner: SiteId) -> (usize, Option<String>) {
+    pub(super) fn sites_wanted(&self, owner: SiteId) -> (usize, Option<String>) {
         let world = &self.world;
         let r = world.scenario.replication_factor;
         let standing: Vec<usize> = world
