@@ -245,6 +245,8 @@ pub struct EngineCounters {
     /// Records from peers that failed validation (`Event::RecordRejected`).
     pub records_rejected: u64,
     pub audits_sent: u64,
+    /// Audits sent a second time after the first went unanswered.
+    pub audits_retried: u64,
     pub audits_passed: u64,
     /// Audits failed wrong, missing or late (`AuditFailure::Unreachable` is not counted).
     pub audits_failed: u64,

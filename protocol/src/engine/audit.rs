@@ -9,8 +9,8 @@
 //! and sends `Audit`. The holder reads its copy (checking it the same way) and answers
 //! with the proof, or `None` when it has no good copy.
 //!
-//! A wrong proof, a `None`, or no answer within `request_timeout_ms` is
-//! `Event::AuditFailed`. No answer counts against the holder only when it answered other
+//! A wrong proof, a `None`, or no answer within `request_timeout_ms` of a second asking
+//! (the same audit, sent again once the first went unanswered) is `Event::AuditFailed`. No answer counts against the holder only when it answered other
 //! requests meanwhile (`Late`); a peer that answered nothing at all may sit behind a
 //! one-way partition, which is the link's fault, not its disk's (`Unreachable`). The holder loses its confirmation; one that said it lacks the
 //! chunk is offered it again. A failure adds `AUDIT_FAILURE_POINTS` to the holder's
@@ -61,6 +61,8 @@ pub(super) struct PendingAudit {
     pub deadline_ms: u64,
     /// When the audit went out.
     pub sent_at_ms: u64,
+    /// Sent a second time after the first went unanswered.
+    pub retried: bool,
 }
 
 impl Engine {
@@ -118,6 +120,7 @@ impl Engine {
                     expected: None,
                     deadline_ms: now_ms + self.config.request_timeout_ms,
                     sent_at_ms: now_ms,
+                    retried: false,
                 },
             );
             let op = self.next_op();
@@ -289,6 +292,21 @@ impl Engine {
             .map(|(node, a)| (*node, a.clone()))
             .collect();
         for (node, audit) in expired {
+            if audit.expected.is_some() && !audit.retried {
+                // One lost message, the audit or its answer, is the link's doing, and an
+                // honest holder behind a lossy link would otherwise climb to an exclusion
+                // now and then, moving its chunks for a day. Ask once more, with the same
+                // nonce, so a late first answer still counts.
+                let deadline_ms = now_ms + self.config.request_timeout_ms;
+                if let Some(pending) = self.audits.get_mut(&node) {
+                    pending.retried = true;
+                    pending.deadline_ms = deadline_ms;
+                }
+                self.counters.audits_retried += 1;
+                let (owner, id, nonce) = (audit.owner, audit.id, audit.nonce);
+                self.send(node, Message::Audit { owner, id, nonce });
+                continue;
+            }
             self.audits.remove(&node);
             if audit.expected.is_none() {
                 continue; // never sent

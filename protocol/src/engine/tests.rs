@@ -31,6 +31,8 @@ enum Hostile {
     Silent,
     /// Answers nothing, as behind a one-way partition, but still sends its own gossip.
     Mute,
+    /// Every other audit answer to each auditor is lost on the way, as over a lossy link.
+    LosesEveryOtherAuditReply,
 }
 
 struct Net {
@@ -44,6 +46,8 @@ struct Net {
     hostile: BTreeMap<usize, Hostile>,
     /// Every push delivered: (from, to, id, whether its blob verified).
     pushes: Vec<(usize, usize, ChunkId, bool)>,
+    /// Audit answers sent by each node to each, for `Hostile::LosesEveryOtherAuditReply`.
+    audit_replies_sent: BTreeMap<(usize, usize), u64>,
 }
 
 const QUOTA_BYTES: u64 = 1 << 40;
@@ -142,6 +146,7 @@ impl Net {
             queue: VecDeque::new(),
             hostile: BTreeMap::new(),
             pushes: Vec::new(),
+            audit_replies_sent: BTreeMap::new(),
         };
         for i in 0..site_of.len() {
             net.pump(i);
@@ -175,6 +180,20 @@ impl Net {
                 let message = match (self.hostile.get(&i), message) {
                     (Some(Hostile::Silent), Message::AuditReply { .. }) => continue,
                     (Some(Hostile::Mute), message) if message.is_answer() => continue,
+                    (
+                        Some(Hostile::LosesEveryOtherAuditReply),
+                        message @ Message::AuditReply { .. },
+                    ) => {
+                        let sent = self
+                            .audit_replies_sent
+                            .entry((i, to.0[0].into()))
+                            .or_insert(0);
+                        *sent += 1;
+                        if *sent % 2 == 1 {
+                            continue;
+                        }
+                        message
+                    }
                     (
                         Some(Hostile::WrongProofs),
                         Message::AuditReply {
@@ -795,6 +814,25 @@ fn a_holder_that_never_answers_times_out_and_is_no_longer_placed_on() {
     let later_ms = net.now_ms + AUDIT_EXCLUSION_MS;
     net.nodes[0].engine.handle_timeout(later_ms);
     assert!(!net.nodes[0].engine.is_excluded(&node_id(1)));
+}
+
+#[test]
+fn an_audit_answer_lost_on_the_way_is_asked_again_and_not_held_against_the_holder() {
+    // Half of node 1's audit answers are lost: without a second asking every audit of
+    // it would fail late, and it would be excluded within three.
+    let (mut net, _) = three_sites_backing_up(Hostile::LosesEveryOtherAuditReply);
+    net.run_for(10 * 60_000);
+    for i in [0, 2] {
+        let counters = net.counters(i);
+        let failed_on_1 = count(
+            net.events(i),
+            |e| matches!(e, Event::AuditFailed { node, .. } if *node == node_id(1)),
+        );
+        assert_eq!(failed_on_1, 0, "node {i}: audits of node 1 failed");
+        assert!(counters.audits_retried >= 3, "node {i}: {counters:?}");
+        assert!(counters.audits_passed >= 3, "node {i}: {counters:?}");
+        assert!(!net.nodes[i].engine.is_excluded(&node_id(1)));
+    }
 }
 
 #[test]
