@@ -16,12 +16,13 @@
 //! `audit_proof` is what a holder answers an audit with: a hash over a fresh nonce and
 //! the sealed bytes, which only a node holding those bytes can compute.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::BTreeMap;
 
 use ed25519_dalek::{Signature, SigningKey, Verifier, VerifyingKey};
 
 use crate::identity::{sign, SiteId};
 use crate::ids::ChunkId;
+use crate::memo::VerifiedMemo;
 
 /// What a blob's signature is over, before the chunk id and the hash of the sealed bytes.
 pub const BLOB_CONTEXT: &[u8] = b"cairn chunk v1";
@@ -80,9 +81,7 @@ pub const OWNER_KEYS_MAX: usize = 1024;
 /// every time, so rot is still found.
 pub struct BlobVerifier {
     keys: BTreeMap<SiteId, Option<VerifyingKey>>,
-    verified: BTreeSet<[u8; 32]>,
-    verified_order: VecDeque<[u8; 32]>,
-    verified_max: usize,
+    verified: VerifiedMemo,
 }
 
 impl Default for BlobVerifier {
@@ -93,12 +92,9 @@ impl Default for BlobVerifier {
 
 impl BlobVerifier {
     fn remembering(verified_max: usize) -> BlobVerifier {
-        assert!(verified_max > 0);
         BlobVerifier {
             keys: BTreeMap::new(),
-            verified: BTreeSet::new(),
-            verified_order: VecDeque::new(),
-            verified_max,
+            verified: VerifiedMemo::remembering(verified_max),
         }
     }
 
@@ -128,14 +124,7 @@ impl BlobVerifier {
         let signature = Signature::from_bytes(signature.try_into().expect("split at 64"));
         key.verify(&[BLOB_CONTEXT, &message[..]].concat(), &signature)
             .ok()?;
-        if self.verified_order.len() >= self.verified_max {
-            if let Some(oldest) = self.verified_order.pop_front() {
-                self.verified.remove(&oldest);
-            }
-        }
-        if self.verified.insert(memo) {
-            self.verified_order.push_back(memo);
-        }
+        self.verified.insert(memo);
         Some(sealed)
     }
 }
@@ -259,7 +248,6 @@ mod tests {
         for (id, blob) in blobs.iter().chain(&blobs) {
             assert_eq!(verifier.verify(&owner, id, blob), Some(&blob[..8]));
             assert!(verifier.verified.len() <= 2);
-            assert_eq!(verifier.verified.len(), verifier.verified_order.len());
         }
     }
 

@@ -32,7 +32,7 @@ use std::collections::{BTreeMap, VecDeque};
 use crate::catalog::{Catalog, Insert, RecordKey, TrustSets};
 use crate::identity::{NodeId, SiteId};
 use crate::ids::ChunkId;
-use crate::record::{validate, Record, RecordError, TrustView};
+use crate::record::{Record, RecordError, TrustView};
 use crate::rng::Rng;
 
 pub use audit::{
@@ -327,6 +327,8 @@ pub struct Engine {
     counters: EngineCounters,
     /// Checks blobs against their owners' signatures, remembering recent ones.
     blobs: crate::blob::BlobVerifier,
+    /// Checks records' signatures, remembering recent ones.
+    records_verified: crate::record::RecordVerifier,
     transmits: VecDeque<(NodeId, Message)>,
     storage: VecDeque<StorageOp>,
     events: VecDeque<Event>,
@@ -381,6 +383,7 @@ impl Engine {
             next_penalty_end_ms: u64::MAX,
             counters: EngineCounters::default(),
             blobs: crate::blob::BlobVerifier::default(),
+            records_verified: crate::record::RecordVerifier::default(),
             transmits: VecDeque::new(),
             storage: VecDeque::new(),
             events: VecDeque::new(),
@@ -555,7 +558,7 @@ impl Engine {
         let presented = crate::record::NodeCert::decode(&cert.body)
             .ok()
             .filter(|c| c.node == from && c.site == cert.author)
-            .filter(|_| cert.verify_signature().is_ok())
+            .filter(|_| self.records_verified.verify_signature(&cert).is_ok())
             .map(|c| c.site);
         if let Some(site) = presented {
             if self.presented.len() < PEERS_MAX || self.presented.contains_key(&from) {
@@ -779,7 +782,7 @@ impl Engine {
         from: NodeId,
         now_ms: u64,
     ) -> Result<(), RecordError> {
-        if let Err(error) = validate(&record, &self.trust) {
+        if let Err(error) = self.records_verified.validate(&record, &self.trust) {
             if from != self.node {
                 self.counters.records_rejected += 1;
                 self.push_event(Event::RecordRejected {
@@ -799,7 +802,7 @@ impl Engine {
     fn on_records(&mut self, from: NodeId, records: Vec<Record>, now_ms: u64) {
         let mut forged = None;
         for record in records {
-            match validate(&record, &self.trust) {
+            match self.records_verified.validate(&record, &self.trust) {
                 Ok(()) => {
                     // Only "catalog full" fails here; it is not the sender's fault.
                     let _ = self.merge_valid_record(record, from, now_ms);

@@ -17,7 +17,8 @@
 //! The mesh: `catalog` merges signed records as a CRDT and reads trust from them,
 //! `placement` picks the sites and nodes for each chunk by weighted rendezvous hashing,
 //! and `engine` is the sans-IO state machine that gossips, detects failures, replicates,
-//! repairs and trims; `rng` is the seeded generator it and the simulator draw from.
+//! repairs and trims; `rng` is the seeded generator it and the simulator draw from, and
+//! `memo` what it remembers having verified.
 
 pub mod blob;
 pub mod catalog;
@@ -30,6 +31,7 @@ pub mod ids;
 pub mod join;
 pub mod keys;
 pub mod manifest;
+pub mod memo;
 pub mod placement;
 pub mod record;
 pub mod rng;

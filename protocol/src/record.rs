@@ -192,6 +192,11 @@ pub trait TrustView {
 /// that decodes and is allowed for its kind and key.
 pub fn validate(record: &Record, trust: &impl TrustView) -> Result<(), RecordError> {
     record.verify_signature()?;
+    validate_signed(record, trust)
+}
+
+/// `validate` for a record whose signature is already known good.
+fn validate_signed(record: &Record, trust: &impl TrustView) -> Result<(), RecordError> {
     if !trust.is_trusted(&record.author) {
         return Err(RecordError::UntrustedAuthor(record.author));
     }
@@ -234,6 +239,48 @@ pub fn validate(record: &Record, trust: &impl TrustView) -> Result<(), RecordErr
         RecordKind::Snapshot => {}
     }
     Ok(())
+}
+
+/// Records a `RecordVerifier` remembers having verified.
+pub const VERIFIED_RECORDS_MAX: usize = 4096;
+
+/// `verify_signature` and `validate` for a node that sees the same records again and
+/// again (relayed by every peer, presented at every reconnect): it remembers the last
+/// `VERIFIED_RECORDS_MAX` records whose signature held, by a hash over every signed byte
+/// and the signature. The other checks are cheap and run every time, against the trust
+/// of the moment.
+pub struct RecordVerifier {
+    verified: crate::memo::VerifiedMemo,
+}
+
+impl Default for RecordVerifier {
+    fn default() -> RecordVerifier {
+        RecordVerifier {
+            verified: crate::memo::VerifiedMemo::remembering(VERIFIED_RECORDS_MAX),
+        }
+    }
+}
+
+impl RecordVerifier {
+    /// The same answer as `record.verify_signature()`, usually faster.
+    pub fn verify_signature(&mut self, record: &Record) -> Result<(), RecordError> {
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(&record.unsigned_encoding().finish());
+        hasher.update(&record.signature);
+        let digest = *hasher.finalize().as_bytes();
+        if self.verified.contains(&digest) {
+            return Ok(());
+        }
+        record.verify_signature()?;
+        self.verified.insert(digest);
+        Ok(())
+    }
+
+    /// The same answer as `validate`, usually faster.
+    pub fn validate(&mut self, record: &Record, trust: &impl TrustView) -> Result<(), RecordError> {
+        self.verify_signature(record)?;
+        validate_signed(record, trust)
+    }
 }
 
 /// Checks an address list against the limits its encoding enforces, so input from a
@@ -463,6 +510,28 @@ mod tests {
             bytes[bit / 8] ^= 1 << (bit % 8);
             let accepted = Record::decode(&bytes).map(|r| validate(&r, &TrustAll).is_ok()).unwrap_or(false);
             prop_assert!(!accepted);
+        }
+
+        #[test]
+        fn the_remembering_verifier_agrees_with_validate_after_the_genuine_record(bit: usize, seed: u8) {
+            // The genuine record is remembered first, so a flipped bit that the memo
+            // mistook for it would be accepted here.
+            let record = grant(&key(seed), site(&key(seed.wrapping_add(1))), 3, 500 << 30, false);
+            let mut verifier = RecordVerifier::default();
+            prop_assert!(verifier.validate(&record, &TrustAll).is_ok());
+            prop_assert!(verifier.validate(&record, &TrustAll).is_ok());
+            let mut bytes = record.encode();
+            let bit = bit % (bytes.len() * 8);
+            bytes[bit / 8] ^= 1 << (bit % 8);
+            if let Ok(altered) = Record::decode(&bytes) {
+                prop_assert_eq!(verifier.validate(&altered, &TrustAll), validate(&altered, &TrustAll));
+                prop_assert!(verifier.validate(&altered, &TrustAll).is_err());
+            }
+            // Trust is checked every time, not remembered.
+            prop_assert_eq!(
+                verifier.validate(&record, &TrustNone),
+                Err(RecordError::UntrustedAuthor(record.author))
+            );
         }
 
         #[test]
