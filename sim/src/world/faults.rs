@@ -371,7 +371,8 @@ impl World {
     }
 
     /// A record signed at a site (by `cairn trust ...`): given to one live node there,
-    /// which gossips it on.
+    /// which gossips it on, or with every node down to one's disk (swarm seed 103 lost
+    /// such a quota change, and no node ever held the site's newest grant).
     pub fn hand_to_site(&mut self, site: usize, record: Record) {
         let now_ms = self.now_us / 1000;
         if let Some(&node) = self.sites[site]
@@ -384,6 +385,14 @@ impl World {
                 .handle_local_record(record, now_ms)
                 .expect("records the site signs are valid");
             self.pump(node);
+        } else if let Some(&node) = self.sites[site].nodes.first() {
+            // Every node of the site is down: the operator's command writes the record
+            // into a node's data directory, and the node loads it when it starts again
+            // (a destroyed site's recovered machine gets it with the site's records).
+            self.nodes[node]
+                .disk
+                .records
+                .insert(RecordKey::of(&record), record);
         }
     }
 
