@@ -316,7 +316,10 @@ fn print_report(scenario: &Scenario, seed: u64, report: &Report, wall_secs: f64)
         None => println!("liveness: not converged by the end of the liveness phase"),
     }
     for (excuse, n) in &report.excuses {
-        println!("  excused: {n} chunks: {excuse}");
+        match excuse.strip_prefix("records: ") {
+            Some(excuse) => println!("  excused: {n} (node, record) pairs: {excuse}"),
+            None => println!("  excused: {n} chunks: {excuse}"),
+        }
     }
     let reached: Vec<String> = report
         .coverage

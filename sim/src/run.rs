@@ -158,7 +158,8 @@ pub struct Report {
     /// Hours into the liveness phase at which the mesh was first found converged and at
     /// R (checked hourly); `None` if it never was within `settle_hours`.
     pub converged_after_hours: Option<f64>,
-    /// Why some chunks are allowed below R at the end, with how many each excuses.
+    /// Why some chunks are allowed below R at the end, with how many each excuses; keys
+    /// that start with "records: " excuse (node, record) pairs from invariant 2.
     pub excuses: BTreeMap<String, u64>,
 }
 

@@ -200,6 +200,9 @@ pub struct World {
     /// not by an engine's deletion; and whether a disk fault is being applied now.
     pub last_copy_lost_to_fault: BTreeSet<ChunkId>,
     pub(crate) in_disk_fault: bool,
+    /// Records (key, version) whose newest version went with the only disk that held
+    /// it, before any other node had it (a snapshot taken the moment its node was wiped).
+    pub records_lost_to_fault: BTreeSet<(RecordKey, u64)>,
     /// Destructive faults, as spans (from, until, site): a lost disk is an instant, a
     /// node serving wrong bytes a span.
     pub destructive: Vec<(u64, u64, usize)>,
@@ -322,6 +325,7 @@ impl World {
             copies: BTreeMap::new(),
             zeroed: Vec::new(),
             last_copy_lost_to_fault: BTreeSet::new(),
+            records_lost_to_fault: BTreeSet::new(),
             in_disk_fault: false,
             destructive: Vec::new(),
             violations: Vec::new(),
@@ -540,7 +544,29 @@ impl World {
             self.lose_copy(node, id, chunk);
         }
         self.in_disk_fault = false;
-        self.nodes[node].disk.records.clear();
+        let records = std::mem::take(&mut self.nodes[node].disk.records);
+        for (key, record) in records {
+            let newest = self
+                .truth
+                .get(&key)
+                .is_some_and(|t| t.version == record.version);
+            let elsewhere = self.nodes.iter().enumerate().any(|(n, other)| {
+                n != node
+                    && (other
+                        .disk
+                        .records
+                        .get(&key)
+                        .is_some_and(|r| r.version >= record.version)
+                        || other.engine.as_ref().is_some_and(|e| {
+                            e.catalog()
+                                .get(&key)
+                                .is_some_and(|r| r.version >= record.version)
+                        }))
+            });
+            if newest && !elsewhere {
+                self.records_lost_to_fault.insert((key, record.version));
+            }
+        }
         self.liars.remove(&node);
     }
 

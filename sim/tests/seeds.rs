@@ -282,3 +282,105 @@ of = "east"
         report.notes
     );
 }
+
+/// A record signed while every node of its site is down is written to a node's disk (as
+/// `cairn trust` does with the daemon stopped) and spreads once the node is back; before,
+/// it was handed to no one and no node ever held the site's newest grant (swarm seed 103).
+#[test]
+fn a_grant_changed_while_its_site_is_down_spreads_when_it_is_back() {
+    let scenario = Scenario::parse(
+        r#"
+name = "quota while down"
+days = 0.5
+replication_factor = 2
+settle_hours = 4
+
+[[sites]]
+name = "north"
+nodes = 1
+
+[[sites]]
+name = "south"
+nodes = 1
+
+[[sites]]
+name = "east"
+nodes = 1
+
+[[images]]
+site = "south"
+name = "accounting"
+size_gib = 0.02
+snapshot_every_hours = 4
+
+[[faults]]
+at_hours = 2
+kind = "crash"
+site = "north"
+node = 0
+for_hours = 3
+
+[[faults]]
+at_hours = 3
+kind = "quota"
+by = "north"
+of = "south"
+gib = 1
+"#,
+    )
+    .unwrap();
+    let report = Run::new(scenario, 5).execute();
+    assert_clean(&report, "a quota changed while its site was down");
+}
+
+/// A snapshot taken on a node the moment its disk is lost: its record went with the only
+/// disk that held it, which invariant 2 names instead of calling it a gossip failure
+/// (swarm seed 118, where the heal retired the node that had just taken a snapshot).
+#[test]
+fn a_record_lost_with_the_only_disk_that_held_it_is_excused_by_name() {
+    let scenario = Scenario::parse(
+        r#"
+name = "snapshot then disk loss"
+days = 0.5
+replication_factor = 2
+settle_hours = 4
+
+[[sites]]
+name = "north"
+nodes = 1
+
+[[sites]]
+name = "south"
+nodes = 1
+
+[[sites]]
+name = "east"
+nodes = 1
+
+[[images]]
+site = "north"
+name = "fileserver"
+size_gib = 0.02
+snapshot_every_hours = 4
+first_snapshot_hours = 2
+
+[[faults]]
+at_hours = 6.0001
+kind = "disk_loss"
+site = "north"
+node = 0
+for_hours = 1
+"#,
+    )
+    .unwrap();
+    let report = Run::new(scenario, 5).execute();
+    assert_clean(&report, "a record lost with its only disk");
+    assert!(
+        report
+            .excuses
+            .keys()
+            .any(|k| k == "records: lost with the only disk that held them"),
+        "{:#?}",
+        report.excuses
+    );
+}

@@ -101,6 +101,13 @@ impl Run {
                     continue;
                 }
                 let key = cairn_protocol::catalog::RecordKey::of(record);
+                if world.records_lost_to_fault.contains(&(key, record.version)) {
+                    *state
+                        .excuses
+                        .entry("records: lost with the only disk that held them".into())
+                        .or_insert(0) += 1;
+                    continue;
+                }
                 if engine
                     .catalog()
                     .get(&key)
