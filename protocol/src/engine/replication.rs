@@ -959,8 +959,9 @@ impl Engine {
         }
     }
 
-    /// Deletes extra copies that every one of at least R targets confirmed, or a target of
-    /// this node's site confirmed, once the grace period is over; and, after the same grace, the chunks of an owner this site
+    /// Deletes extra copies that every one of at least R targets confirmed (a target whose
+    /// site revoked this one never can, and is not waited for), or a target of this
+    /// node's site confirmed, once the grace period is over; and, after the same grace, the chunks of an owner this site
     /// no longer stores for (whose other holders have had that long to repair).
     fn trim(&mut self, now_ms: u64) {
         let r = self.config.replication_factor;
@@ -989,6 +990,25 @@ impl Engine {
             .values()
             .flat_map(|p| p.chunks.keys().copied())
             .collect();
+        // Sites that revoked this one refuse its nodes, so their targets never confirm to
+        // it; the other targets, syncing with them, repair what they lack.
+        let refusing: BTreeSet<SiteId> = self
+            .peers
+            .values()
+            .map(|p| p.site)
+            .filter(|site| {
+                self.catalog
+                    .grant(*site, self.site)
+                    .is_some_and(|g| g.revoked)
+            })
+            .collect();
+        let answers = |held: &Held, t: &NodeId| {
+            held.confirmed.contains(t)
+                || self
+                    .peers
+                    .get(t)
+                    .is_some_and(|p| refusing.contains(&p.site))
+        };
         let doomed: Vec<ChunkId> = self
             .excess
             .iter()
@@ -997,7 +1017,8 @@ impl Engine {
                 let since = held.excess_since_ms.unwrap_or(now_ms);
                 let ripe = now_ms.saturating_sub(since) >= grace_ms;
                 let safe = held.targets.len() >= r
-                    && held.targets.iter().all(|t| held.confirmed.contains(t));
+                    && held.targets.iter().all(|t| answers(held, t))
+                    && held.targets.iter().any(|t| held.confirmed.contains(t));
                 // A target of this node's own site holds it: this copy adds no site, and
                 // that target, syncing with the others, repairs what they lack. Waiting
                 // for every target instead keeps the copy forever when one never

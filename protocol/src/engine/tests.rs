@@ -1429,3 +1429,68 @@ fn an_extra_copy_goes_once_a_target_of_its_site_holds_the_chunk() {
         );
     }
 }
+
+/// A target whose site revoked the holder's refuses the holder's nodes, so it never
+/// confirms the holder's extra copy: the copy goes once the other targets confirmed it
+/// (swarm seed 98 kept such copies to the end).
+#[test]
+fn an_extra_copy_does_not_wait_for_a_target_whose_site_revoked_its_own() {
+    let config = EngineConfig {
+        replication_factor: 3,
+        ..test_config()
+    };
+    let mut net = Net::new(4, config.clone());
+    let owner = net.sites[1].id;
+    let chunks = net.backup(1, 32, 1);
+    net.run_for(60_000);
+    // Site 2 revokes site 3; site 3 hears of it from site 1.
+    let revoke = grant(&net.sites[2].key, net.sites[3].id, 2, true);
+    let now_ms = net.now_ms;
+    net.nodes[2]
+        .engine
+        .handle_local_record(revoke.clone(), now_ms)
+        .expect("valid");
+    net.pump(2);
+    net.send(
+        1,
+        3,
+        Message::Records {
+            records: vec![revoke],
+        },
+    );
+    net.run_for(10_000);
+    let site2 = net.sites[2].id;
+    let mut extra = Vec::new();
+    for chunk in &chunks {
+        let targets = net.nodes[1].engine.target_sites(&owner, &chunk.id);
+        if !targets.contains(&site2) || net.holders(&chunk.id).contains(&3) {
+            continue;
+        }
+        let blob = net.nodes[1].disk[&chunk.id].clone();
+        net.send(
+            1,
+            3,
+            Message::Push {
+                owner,
+                id: chunk.id,
+                size_bytes: chunk.size_bytes,
+                sealed: blob,
+            },
+        );
+        assert!(net.holders(&chunk.id).contains(&3), "site 3 took the copy");
+        extra.push(chunk.id);
+    }
+    assert!(!extra.is_empty(), "some chunks are placed on site 2");
+    net.run_for(config.trim_grace_ms + 120_000);
+    for id in &extra {
+        let holders = net.holders(id);
+        assert!(
+            !holders.contains(&3),
+            "{id:?}: site 3 still holds it ({holders:?})"
+        );
+        assert!(
+            holders.contains(&2),
+            "{id:?}: site 2 keeps its copy ({holders:?})"
+        );
+    }
+}
