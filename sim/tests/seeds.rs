@@ -230,30 +230,29 @@ fn a_flapping_node_moves_at_most_what_it_holds_per_flap() {
     );
 }
 
+/// A scenario on three one-node offices (north, south, east); `rest` gives its name, R,
+/// images and faults.
+fn three_offices(rest: &str) -> Scenario {
+    let sites: String = ["north", "south", "east"]
+        .iter()
+        .map(|name| format!("[[sites]]\nname = \"{name}\"\nnodes = 1\n\n"))
+        .collect();
+    Scenario::parse(&format!("{rest}\n{sites}")).unwrap()
+}
+
 /// While fewer than R sites may hold an owner's chunks (here one of three revoked another
 /// before the first snapshot), none of its snapshots can be acknowledged: that is named
 /// in the report, not a violation, and the check at rest still requires the chunks at
 /// every site that may hold them (swarm seed 156).
 #[test]
 fn snapshots_that_cannot_reach_r_sites_are_excused_by_name() {
-    let scenario = Scenario::parse(
+    let scenario = three_offices(
         r#"
 name = "two of three"
 days = 0.5
 replication_factor = 3
 settle_hours = 4
 
-[[sites]]
-name = "north"
-nodes = 1
-
-[[sites]]
-name = "south"
-nodes = 1
-
-[[sites]]
-name = "east"
-nodes = 1
 
 [[images]]
 site = "north"
@@ -268,8 +267,7 @@ kind = "revoke"
 by = "north"
 of = "east"
 "#,
-    )
-    .unwrap();
+    );
     let report = Run::new(scenario, 3).execute();
     assert_clean(&report, "snapshots that cannot reach R sites");
     assert!(report.snapshots_taken > 0, "{report:#?}");
@@ -288,24 +286,13 @@ of = "east"
 /// it was handed to no one and no node ever held the site's newest grant (swarm seed 103).
 #[test]
 fn a_grant_changed_while_its_site_is_down_spreads_when_it_is_back() {
-    let scenario = Scenario::parse(
+    let scenario = three_offices(
         r#"
 name = "quota while down"
 days = 0.5
 replication_factor = 2
 settle_hours = 4
 
-[[sites]]
-name = "north"
-nodes = 1
-
-[[sites]]
-name = "south"
-nodes = 1
-
-[[sites]]
-name = "east"
-nodes = 1
 
 [[images]]
 site = "south"
@@ -327,8 +314,7 @@ by = "north"
 of = "south"
 gib = 1
 "#,
-    )
-    .unwrap();
+    );
     let report = Run::new(scenario, 5).execute();
     assert_clean(&report, "a quota changed while its site was down");
 }
@@ -338,24 +324,13 @@ gib = 1
 /// (swarm seed 118, where the heal retired the node that had just taken a snapshot).
 #[test]
 fn a_record_lost_with_the_only_disk_that_held_it_is_excused_by_name() {
-    let scenario = Scenario::parse(
+    let scenario = three_offices(
         r#"
 name = "snapshot then disk loss"
 days = 0.5
 replication_factor = 2
 settle_hours = 4
 
-[[sites]]
-name = "north"
-nodes = 1
-
-[[sites]]
-name = "south"
-nodes = 1
-
-[[sites]]
-name = "east"
-nodes = 1
 
 [[images]]
 site = "north"
@@ -371,8 +346,7 @@ site = "north"
 node = 0
 for_hours = 1
 "#,
-    )
-    .unwrap();
+    );
     let report = Run::new(scenario, 5).execute();
     assert_clean(&report, "a record lost with its only disk");
     assert!(

@@ -312,6 +312,42 @@ impl Net {
         chunks
     }
 
+    /// Site `by` revokes site `of`: every node of `by` signs it in; returns the record
+    /// for the test to pass on.
+    fn revoke(&mut self, by: usize, of: usize) -> Record {
+        let revoke = grant(&self.sites[by].key, self.sites[of].id, 2, true);
+        let now_ms = self.now_ms;
+        for i in 0..self.nodes.len() {
+            if self.site_of[i] == by {
+                self.nodes[i]
+                    .engine
+                    .handle_local_record(revoke.clone(), now_ms)
+                    .expect("valid");
+                self.pump(i);
+            }
+        }
+        revoke
+    }
+
+    /// Node `from` pushes its copy of `chunk` to node `to`, which must store it.
+    fn push_copy(&mut self, from: usize, to: usize, chunk: &ChunkRef) {
+        let blob = self.nodes[from].disk[&chunk.id].clone();
+        self.send(
+            from,
+            to,
+            Message::Push {
+                owner: chunk.owner,
+                id: chunk.id,
+                size_bytes: chunk.size_bytes,
+                sealed: blob,
+            },
+        );
+        assert!(
+            self.holders(&chunk.id).contains(&to),
+            "node {to} took the copy"
+        );
+    }
+
     fn holders(&self, id: &ChunkId) -> Vec<usize> {
         (0..self.nodes.len())
             .filter(|i| self.nodes[*i].disk.contains_key(id))
@@ -1280,13 +1316,7 @@ fn a_holder_the_owner_revoked_drops_the_owners_chunks() {
         !held_at_2.is_empty(),
         "site 2 holds some of site 0's chunks"
     );
-    let revoke = grant(&net.sites[0].key, net.sites[2].id, 2, true);
-    let now_ms = net.now_ms;
-    net.nodes[0]
-        .engine
-        .handle_local_record(revoke.clone(), now_ms)
-        .expect("valid");
-    net.pump(0);
+    let revoke = net.revoke(0, 2);
     net.send(
         1,
         2,
@@ -1307,21 +1337,6 @@ fn a_holder_the_owner_revoked_drops_the_owners_chunks() {
     }
 }
 
-/// Site 0 revokes site 2 while site 1, the owner, still trusts it.
-fn revoke_site_2_at_site_0(net: &mut Net) {
-    let revoke = grant(&net.sites[0].key, net.sites[2].id, 2, true);
-    let now_ms = net.now_ms;
-    for i in 0..net.nodes.len() {
-        if net.site_of[i] == 0 {
-            net.nodes[i]
-                .engine
-                .handle_local_record(revoke.clone(), now_ms)
-                .expect("valid");
-            net.pump(i);
-        }
-    }
-}
-
 /// A site that revoked a third site no longer sees that site's grants, so it places
 /// another owner's chunks without it, and offers them to a site the owner never places
 /// them on. A node pulls another owner's chunk only when its own placement names it (or
@@ -1336,7 +1351,8 @@ fn a_holder_with_a_narrower_view_of_placement_adds_no_copies() {
     let mut net = Net::new(4, config.clone());
     let chunks = net.backup(1, 64, 1);
     net.run_for(60_000);
-    revoke_site_2_at_site_0(&mut net);
+    // Site 0 revokes site 2 while site 1, the owner, still trusts it.
+    net.revoke(0, 2);
     let pushes_before = net.pushes.len();
     net.run_for(config.trim_grace_ms + 120_000);
     let owner = net.sites[1].id;
@@ -1390,28 +1406,14 @@ fn an_extra_copy_goes_once_a_target_of_its_site_holds_the_chunk() {
     let mut net = Net::with_layout(&[0, 1, 2, 0], |_| config.clone());
     let chunks = net.backup(1, 32, 1);
     net.run_for(60_000);
-    revoke_site_2_at_site_0(&mut net);
+    // Site 0 revokes site 2 while site 1, the owner, still trusts it.
+    net.revoke(0, 2);
     net.run_for(10_000);
-    let owner = net.sites[1].id;
     for chunk in &chunks {
         let holders = net.holders(&chunk.id);
         assert_eq!(holders.len(), 3, "{:?} at R before the test", chunk.id);
         let spare = if holders.contains(&0) { 3 } else { 0 };
-        let blob = net.nodes[1].disk[&chunk.id].clone();
-        net.send(
-            1,
-            spare,
-            Message::Push {
-                owner,
-                id: chunk.id,
-                size_bytes: chunk.size_bytes,
-                sealed: blob,
-            },
-        );
-        assert!(
-            net.holders(&chunk.id).contains(&spare),
-            "site 0's other node took the extra copy"
-        );
+        net.push_copy(1, spare, chunk);
     }
     net.run_for(config.trim_grace_ms + 120_000);
     for chunk in &chunks {
@@ -1444,13 +1446,7 @@ fn an_extra_copy_does_not_wait_for_a_target_whose_site_revoked_its_own() {
     let chunks = net.backup(1, 32, 1);
     net.run_for(60_000);
     // Site 2 revokes site 3; site 3 hears of it from site 1.
-    let revoke = grant(&net.sites[2].key, net.sites[3].id, 2, true);
-    let now_ms = net.now_ms;
-    net.nodes[2]
-        .engine
-        .handle_local_record(revoke.clone(), now_ms)
-        .expect("valid");
-    net.pump(2);
+    let revoke = net.revoke(2, 3);
     net.send(
         1,
         3,
@@ -1466,18 +1462,7 @@ fn an_extra_copy_does_not_wait_for_a_target_whose_site_revoked_its_own() {
         if !targets.contains(&site2) || net.holders(&chunk.id).contains(&3) {
             continue;
         }
-        let blob = net.nodes[1].disk[&chunk.id].clone();
-        net.send(
-            1,
-            3,
-            Message::Push {
-                owner,
-                id: chunk.id,
-                size_bytes: chunk.size_bytes,
-                sealed: blob,
-            },
-        );
-        assert!(net.holders(&chunk.id).contains(&3), "site 3 took the copy");
+        net.push_copy(1, 3, chunk);
         extra.push(chunk.id);
     }
     assert!(!extra.is_empty(), "some chunks are placed on site 2");
