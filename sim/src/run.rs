@@ -362,11 +362,16 @@ impl Run {
 /// A backup at the image's site: the new chunks are written to one live node's disk, and
 /// its engine is handed the snapshot record and chunk list.
 fn take_snapshot(world: &mut World, image: &mut Image) -> Option<usize> {
-    // The backup runs on an honest machine of the office when there is one.
+    // The backup runs on an honest machine of the office when there is one. At the heal's
+    // instant, not on one the heal is about to retire when another is up: the wipe would
+    // take the snapshot's record before any gossip, while the office had a machine to
+    // keep it (swarm seed 118).
     let live = world.live_nodes_of(image.site);
+    let retiring = |n: usize| world.now_us >= world.heal_us && world.retired_at_heal(n);
     let node = *live
         .iter()
-        .find(|n| world.hostile_now(**n).is_none())
+        .find(|n| world.hostile_now(**n).is_none() && !retiring(**n))
+        .or_else(|| live.iter().find(|n| world.hostile_now(**n).is_none()))
         .or(live.first())?;
     let owner = world.sites[image.site].id;
     let chunks = image.next_version(owner);

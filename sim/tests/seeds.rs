@@ -358,3 +358,55 @@ for_hours = 1
         report.excuses
     );
 }
+
+/// A backup due at the instant of the heal runs on a machine the heal keeps. Here the
+/// office's first machine once acknowledged partners' chunks and kept garbage, so the
+/// heal retires it; the backup used to run on it (its lies were over, so it passed for
+/// honest) and its record went with the wipe while the office's other machine was up
+/// (swarm seed 118). Every node must hold the record, with nothing excused.
+#[test]
+fn a_backup_at_the_heal_runs_on_a_machine_the_heal_keeps() {
+    let scenario = Scenario::parse(
+        r#"
+name = "backup at the heal"
+days = 0.5
+replication_factor = 2
+settle_hours = 4
+
+[[sites]]
+name = "north"
+nodes = 2
+
+[[sites]]
+name = "south"
+nodes = 1
+
+[[sites]]
+name = "east"
+nodes = 1
+
+[[images]]
+site = "north"
+name = "fileserver"
+size_gib = 0.02
+snapshot_every_hours = 4
+
+[[hostile]]
+site = "north"
+node = 0
+behaviour = "false_claims"
+from_hours = 1
+until_hours = 2
+"#,
+    )
+    .unwrap();
+    assert_eq!(scenario.heal_hours(), 8.0, "a backup falls on the heal");
+    let report = Run::new(scenario, 5).execute();
+    assert_clean(&report, "a backup at the heal");
+    assert!(
+        !report.excuses.keys().any(|k| k.starts_with("records: ")),
+        "{:#?}",
+        report.excuses
+    );
+    assert_eq!(report.snapshots_taken, 3, "backups at 0, 4 and 8 h");
+}

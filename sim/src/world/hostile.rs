@@ -178,6 +178,16 @@ impl World {
             .then_some(state.behaviour)
     }
 
+    /// The heal will retire the node: its behaviour destroyed data, so its disk is wiped
+    /// and it never starts again (`World::heal`).
+    pub fn retired_at_heal(&self, node: usize) -> bool {
+        !self.healed
+            && self.nodes[node]
+                .hostile
+                .as_ref()
+                .is_some_and(|state| state.behaviour.destroys_data())
+    }
+
     /// The node keeps garbage for partners' chunks now, and sends it as if it were good.
     pub(super) fn lies_now(&self, node: usize) -> bool {
         self.hostile_now(node) == Some(Behaviour::FalseClaims)
