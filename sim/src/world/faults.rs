@@ -385,10 +385,16 @@ impl World {
                 .handle_local_record(record, now_ms)
                 .expect("records the site signs are valid");
             self.pump(node);
-        } else if let Some(&node) = self.sites[site].nodes.first() {
+        } else if let Some(&node) = self.sites[site]
+            .nodes
+            .iter()
+            .find(|n| !self.nodes[**n].retired && !self.retired_at_heal(**n))
+            .or(self.sites[site].nodes.first())
+        {
             // Every node of the site is down: the operator's command writes the record
             // into a node's data directory, and the node loads it when it starts again
             // (a destroyed site's recovered machine gets it with the site's records).
+            // Not into a node the heal wipes while the site has another to write to.
             self.nodes[node]
                 .disk
                 .records
