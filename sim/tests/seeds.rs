@@ -319,14 +319,15 @@ gib = 1
     assert_clean(&report, "a quota changed while its site was down");
 }
 
-/// A snapshot taken on a node the moment its disk is lost: its record went with the only
-/// disk that held it, which invariant 2 names instead of calling it a gossip failure
-/// (swarm seed 118, where the heal retired the node that had just taken a snapshot).
+/// A snapshot taken on a node just before it crashes and comes back with an old disk:
+/// its record went with the only disk that held it, which invariant 2 names instead of
+/// calling it a gossip failure. (A node that comes back empty is given its site's records
+/// again, so a lost disk would not lose the record; the old disk keeps older ones.)
 #[test]
 fn a_record_lost_with_the_only_disk_that_held_it_is_excused_by_name() {
     let scenario = three_offices(
         r#"
-name = "snapshot then disk loss"
+name = "snapshot then old disk"
 days = 0.5
 replication_factor = 2
 settle_hours = 4
@@ -341,9 +342,10 @@ first_snapshot_hours = 2
 
 [[faults]]
 at_hours = 6.0001
-kind = "disk_loss"
+kind = "old_disk"
 site = "north"
 node = 0
+age_hours = 1
 for_hours = 1
 "#,
     );

@@ -94,6 +94,21 @@ impl Run {
                 }
             }
         }
+        // A record whose newest version went with the only disk that held it is excused
+        // only while no live node has it: once one does, gossip must spread it.
+        let records_lost: BTreeSet<_> = world
+            .records_lost_to_fault
+            .iter()
+            .filter(|(key, version)| {
+                !live.iter().any(|&node| {
+                    let engine = world.nodes[node].engine.as_ref().expect("live");
+                    engine
+                        .catalog()
+                        .get(key)
+                        .is_some_and(|held| held.version >= *version)
+                })
+            })
+            .collect();
         for &node in &live {
             let engine = world.nodes[node].engine.as_ref().expect("live");
             for record in world.truth.records() {
@@ -101,7 +116,7 @@ impl Run {
                     continue;
                 }
                 let key = cairn_protocol::catalog::RecordKey::of(record);
-                if world.records_lost_to_fault.contains(&(key, record.version)) {
+                if records_lost.contains(&(key, record.version)) {
                     *state
                         .excuses
                         .entry("records: lost with the only disk that held them".into())
