@@ -1,0 +1,114 @@
+//! What the swarm reports: connections, identify and mDNS addresses, ping times.
+
+use super::*;
+
+impl Node {
+    pub(super) fn on_swarm(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        match event {
+            SwarmEvent::NewListenAddr { address, .. } => {
+                info!("listening on {address}");
+                self.listen.push(address);
+            }
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                connection_id,
+                endpoint,
+                ..
+            } => {
+                self.dial_failed_ms.remove(&peer_id);
+                self.dialing.remove(&peer_id);
+                let link = self.links.entry(peer_id).or_default();
+                link.connections += 1;
+                let addr = endpoint.get_remote_address().clone();
+                if endpoint.is_dialer() {
+                    let known = self.addresses.entry(peer_id).or_default();
+                    if !known.contains(&addr) {
+                        known.push(addr);
+                    }
+                }
+                match self.address_dials.remove(&connection_id) {
+                    Some(AddressDial::Accept(site)) => self.send_accept(peer_id, site),
+                    Some(AddressDial::Bootstrap(addr)) => {
+                        self.bootstrap_peers.insert(addr, peer_id);
+                        self.send_hello(peer_id);
+                    }
+                    _ if endpoint.is_dialer() => self.send_hello(peer_id),
+                    _ => {}
+                }
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established,
+                ..
+            } => {
+                if num_established == 0 {
+                    if let Some(link) = self.links.get_mut(&peer_id) {
+                        link.ready = false;
+                        link.connections = 0;
+                    }
+                    self.hello_sent.remove(&peer_id);
+                }
+            }
+            SwarmEvent::OutgoingConnectionError {
+                peer_id,
+                connection_id,
+                error,
+                ..
+            } => {
+                self.address_dials.remove(&connection_id);
+                if let Some(peer) = peer_id {
+                    debug!("cannot reach {peer}: {error}");
+                    self.dial_failed_ms.insert(peer, now_ms());
+                    self.dialing.remove(&peer);
+                    // What waited for it is dropped (the engine retries what matters);
+                    // fetches learn at once that this holder cannot answer.
+                    let node = self
+                        .peer_of_node
+                        .iter()
+                        .find(|(_, p)| **p == peer)
+                        .map(|(n, _)| *n);
+                    if let Some(node) = node {
+                        for message in self.outbox.remove(&node).unwrap_or_default() {
+                            self.unreachable(node, message);
+                        }
+                    }
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Cairn(event)) => self.on_cairn(event),
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
+                peer_id,
+                info,
+                ..
+            })) => {
+                let known = self.addresses.entry(peer_id).or_default();
+                for addr in info.listen_addrs {
+                    if !known.contains(&addr) {
+                        known.push(addr);
+                    }
+                }
+                known.truncate(16);
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {
+                for (peer, addr) in found {
+                    let known = self.addresses.entry(peer).or_default();
+                    if !known.contains(&addr) {
+                        known.push(addr.clone());
+                    }
+                    if !self.swarm.is_connected(&peer) {
+                        let _ = self
+                            .swarm
+                            .dial(DialOpts::peer_id(peer).addresses(vec![addr]).build());
+                    }
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event {
+                peer,
+                result: Ok(rtt),
+                ..
+            })) => {
+                self.links.entry(peer).or_default().rtt = Some(rtt);
+            }
+            other => debug!("{other:?}"),
+        }
+    }
+}

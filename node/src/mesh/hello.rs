@@ -1,0 +1,137 @@
+//! Admission: the hello each peer must pass before it is served, and refusals.
+
+use super::*;
+
+impl Node {
+    /// This node's certificate and every grant it holds to or from its site: all a
+    /// partner needs to check it, and all a recovered node needs to trust its partners
+    /// again.
+    /// In an answer, `peer_site`'s own records come too: a node recovered on a fresh
+    /// machine learns its site's snapshots and grants from its first partner at once.
+    pub(super) fn hello_payload(&self, peer_site: Option<SiteId>) -> Vec<u8> {
+        let own = self.vault.dir.site_id();
+        let mut records = vec![self.own_cert.clone()];
+        for author in self.engine.catalog().authors() {
+            for record in self.engine.catalog().by_author(author) {
+                // The grants between the two sites, and this site's wrapped keys: a peer
+                // holds them from the first contact, so an office lost before gossip ran
+                // can still be recovered through any partner.
+                let grant =
+                    record.kind == RecordKind::TrustGrant && (author == own || record.key == own.0);
+                if grant || (record.kind == RecordKind::WrappedKeys && author == own) {
+                    records.push(record.clone());
+                }
+            }
+        }
+        if let Some(site) = peer_site.filter(|s| *s != own) {
+            records.extend(self.engine.catalog().by_author(site).cloned());
+        }
+        records.truncate(cairn_protocol::engine::message::RECORDS_PER_MESSAGE_MAX);
+        Message::Records { records }.encode()
+    }
+
+    pub(super) fn send_hello(&mut self, peer: PeerId) {
+        if !self.hello_sent.insert(peer) {
+            return;
+        }
+        let payload = self.hello_payload(None);
+        let id = self
+            .swarm
+            .behaviour_mut()
+            .cairn
+            .send_request(&peer, Frame::new(Kind::Hello, payload));
+        self.hellos.insert(id, peer);
+    }
+
+    /// Checks a peer's hello (its own or its answer to ours). Ok: the peer may talk.
+    pub(super) fn check_hello(&mut self, peer: PeerId, payload: &[u8]) -> Result<NodeId, String> {
+        let now = now_ms();
+        let Ok(Message::Records { mut records }) = Message::decode(payload) else {
+            return Err("malformed hello".into());
+        };
+        if records.is_empty() {
+            return Err("a hello without a node certificate".into());
+        }
+        let cert = records.remove(0);
+        let node = NodeId(cert.key);
+        if net::peer_id(&node) != Some(peer) {
+            return Err("the certificate is for another node key".into());
+        }
+        let own = self.vault.dir.site_id();
+        let (ours, theirs): (Vec<Record>, Vec<Record>) =
+            records.into_iter().partition(|r| r.author == own);
+        for record in ours {
+            // Signed by this site's key: a recovered node relearns its grants this way.
+            let _ = self.engine.handle_local_record(record, now);
+        }
+        self.engine
+            .handle_connect(node, cert, now)
+            .map_err(|e| e.to_string())?;
+        if !theirs.is_empty() {
+            self.engine
+                .handle_message(node, Message::Records { records: theirs }, now);
+        }
+        let link = self.links.entry(peer).or_default();
+        link.node = Some(node);
+        link.ready = true;
+        link.last_seen_unix_ms = Some(now);
+        self.peer_of_node.insert(node, peer);
+        info!("node {} is a peer", short(&node));
+        if let Some(queued) = self.outbox.remove(&node) {
+            for message in queued {
+                self.send_mesh(peer, &message);
+            }
+        }
+        Ok(node)
+    }
+
+    /// Keeps `cairn trust list`'s "last seen" current: at most once a minute per site.
+    pub(super) fn note_seen(&mut self, node: NodeId, now: u64) {
+        let Some((_, site, _)) = self.engine.peers().find(|(n, _, _)| *n == node) else {
+            return;
+        };
+        let last = self.seen_noted_ms.entry(site).or_insert(0);
+        if now >= *last + 60_000 {
+            *last = now;
+            let _ = self.vault.store.note_seen(&site, now);
+        }
+    }
+
+    /// Refuses a peer whose hello this node asked for: there is no answer to send it, so
+    /// it is cut off at once.
+    pub(super) fn refuse(&mut self, peer: PeerId, why: &str) {
+        warn!("refused {peer}: {why}");
+        self.peers_refused += 1;
+        self.block(peer);
+    }
+
+    /// Refuses a peer whose hello this node is answering: it is cut off once the refusal
+    /// (which says why) is sent, or after `REFUSAL_SEND_MAX` if it never is.
+    pub(super) fn refuse_after_answer(&mut self, peer: PeerId, why: &str) {
+        warn!("refused {peer}: {why}");
+        self.peers_refused += 1;
+        if self.refusing.len() >= REFUSING_MAX {
+            self.block(peer);
+        } else if !self.refusing.iter().any(|(p, _)| *p == peer) {
+            self.refusing
+                .push((peer, tokio::time::Instant::now() + REFUSAL_SEND_MAX));
+        }
+    }
+
+    /// A refusal answer went out (or failed to): the peer is cut off now.
+    pub(super) fn refusal_sent(&mut self, peer: PeerId) {
+        let before = self.refusing.len();
+        self.refusing.retain(|(p, _)| *p != peer);
+        if self.refusing.len() < before {
+            self.block(peer);
+        }
+    }
+
+    /// Drops a refused peer's connections and keeps it out for `REFUSED_BLOCK`.
+    pub(super) fn block(&mut self, peer: PeerId) {
+        self.swarm.behaviour_mut().blocked.block_peer(peer);
+        self.blocked_until
+            .push((peer, tokio::time::Instant::now() + REFUSED_BLOCK));
+        let _ = self.swarm.disconnect_peer_id(peer);
+    }
+}

@@ -1,0 +1,103 @@
+//! What `cairn status`, metrics and `trust list` are told about the mesh.
+
+use super::*;
+
+impl Node {
+    /// Where each chunk of this site's tracked snapshots is, as the engine knows it:
+    /// placement targets once a snapshot is confirmed, else the sites confirmed so far.
+    pub(super) fn copies(&self) -> HashMap<ChunkId, Vec<SiteId>> {
+        let own = self.vault.dir.site_id();
+        let mut copies = HashMap::new();
+        for (snapshot, chunks) in &self.snapshot_chunks {
+            for id in chunks {
+                let sites = match self.engine.chunk_below_r(snapshot, id) {
+                    Some(sites) => sites,
+                    None if self.engine.snapshot_pending(snapshot) => {
+                        self.engine.target_sites(&own, id)
+                    }
+                    None if self.acked.contains(snapshot) => self.engine.target_sites(&own, id),
+                    None => vec![own],
+                };
+                copies.insert(*id, sites);
+            }
+        }
+        copies
+    }
+
+    /// Keeps `cairn trust list`'s "they hold for us" current: this site's bytes at each
+    /// partner, counted over the chunks this node holds.
+    pub(super) fn note_held_by(&mut self) {
+        let own = self.vault.dir.site_id();
+        let copies = self.copies();
+        let mut by_site: HashMap<SiteId, u64> = HashMap::new();
+        for chunk in self.engine.held().filter(|c| c.owner == own) {
+            for site in copies.get(&chunk.id).into_iter().flatten() {
+                *by_site.entry(*site).or_default() += chunk.size_bytes;
+            }
+        }
+        let Ok(partners) = trust::partners(&self.vault) else {
+            return;
+        };
+        for partner in partners {
+            let Ok(site) = partner.site_id.parse::<SiteId>() else {
+                continue;
+            };
+            let bytes = by_site.get(&site).copied().unwrap_or(0);
+            if let Err(e) = self.vault.store.set_held_by(&site, bytes) {
+                debug!("cannot note what {site} holds: {e}");
+            }
+        }
+    }
+
+    pub(super) fn status(&self) -> MeshStatus {
+        let own = self.vault.dir.site_id();
+        let mut site_names = HashMap::new();
+        site_names.insert(own, self.vault.dir.site_name.clone());
+        if let Ok(partners) = trust::partners(&self.vault) {
+            for p in partners {
+                if let Ok(site) = p.site_id.parse::<SiteId>() {
+                    site_names.insert(site, p.name);
+                }
+            }
+        }
+        let peers = self
+            .engine
+            .peers()
+            .map(|(node, site, state)| {
+                let link = self.peer_of_node.get(&node).and_then(|p| self.links.get(p));
+                PeerStatus {
+                    node,
+                    site,
+                    name: self
+                        .node_cert(&node)
+                        .map(|c| c.name)
+                        .unwrap_or_else(|| short(&node)),
+                    state,
+                    connected: link.is_some_and(|l| l.ready && l.connections > 0),
+                    last_seen_unix_ms: link.and_then(|l| l.last_seen_unix_ms),
+                    rtt: link.and_then(|l| l.rtt),
+                    bytes_sent: link.map_or(0, |l| l.bytes_sent),
+                    bytes_received: link.map_or(0, |l| l.bytes_received),
+                }
+            })
+            .collect();
+        let held: Vec<ChunkRef> = self.engine.held().collect();
+        let copies = self.copies();
+        MeshStatus {
+            node: Some(self.vault.dir.node_id()),
+            listen: self.listen.iter().map(|a| a.to_string()).collect(),
+            peers,
+            pending_snapshots: self.engine.pending_snapshots(),
+            pushes_pending: self.engine.pushes_pending(),
+            held,
+            copies,
+            site_names,
+            messages_refused: self.messages_refused,
+            peers_refused: self.peers_refused,
+            uptime_ms: now_ms().saturating_sub(self.started_ms),
+            replication_factor: self.engine.config().replication_factor,
+            upload_limit: self.upload.limit().bytes_per_sec(),
+            download_limit: self.download.limit().bytes_per_sec(),
+        }
+    }
+}
