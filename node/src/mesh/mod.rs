@@ -298,6 +298,14 @@ pub fn start(
     let (commands, command_rx) = mpsc::unbounded_channel();
     let (done_tx, done_rx) = mpsc::unbounded_channel();
     let write_lock = Arc::new(Mutex::new(()));
+    {
+        let _guard = write_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let n_rewritten = storage::migrate_own_blobs(&vault)
+            .context("cannot rewrite this site's chunks stored in the mesh's format")?;
+        if n_rewritten > 0 {
+            info!("{n_rewritten} chunks of this site's, stored as the mesh carries them by an older build, rewritten as the vault's");
+        }
+    }
     let storage = Storage::start(vault.clone(), write_lock.clone(), done_tx);
     let mut node = Node::new(vault, &options, storage)?;
     for addr in &options.listen {

@@ -2,8 +2,12 @@
 //! store and sled index and reports completions back to the node's loop. Writes that
 //! arrive together share one pack fsync and one index commit. Partner chunks are stored
 //! as the mesh carries them (sealed bytes and the owner's signature) with their owner
-//! noted beside them; this site's own chunks are the backup's sealed chunks, and get
-//! their signature when read for the mesh.
+//! noted beside them. This site's own chunks have one format on disk however they
+//! arrived, a backup's or the mesh's: the sealed chunk the vault opens, signed again when
+//! read for the mesh. A chunk of this site's that reaches this node through the mesh (it
+//! is the site's second node, or its pack was lost and fetched back) has its signature
+//! checked and dropped before it is written, so verify, restore and dedup use it as
+//! their own.
 
 use std::sync::{Arc, Mutex};
 
@@ -147,17 +151,33 @@ fn write_chunks(
     writes: Vec<(u64, SiteId, ChunkId, Vec<u8>)>,
     held_delta: &mut Vec<(SiteId, i64)>,
 ) -> Vec<(u64, bool)> {
+    let own = vault.dir.site_id();
     let mut results = Vec::new();
     let (writes, too_big): (Vec<_>, Vec<_>) = writes
         .into_iter()
         .partition(|(_, _, _, blob)| blob.len() <= ENTRY_BYTES_MAX);
     results.extend(too_big.into_iter().map(|(op, ..)| (op, false)));
+    let mut kept = Vec::with_capacity(writes.len());
+    for (op, owner, id, blob) in writes {
+        if owner != own {
+            kept.push((op, owner, id, blob));
+            continue;
+        }
+        // The engine checked the signature; it is checked again here because dropping
+        // it is what makes the bytes this site's own from now on.
+        match own_sealed(&own, &id, blob) {
+            Some(sealed) => kept.push((op, owner, id, sealed)),
+            None => results.push((op, false)),
+        }
+    }
+    let writes = kept;
     // Owners first: an owner entry without its chunk is harmless, but a chunk indexed
     // without its owner (a crash between two commits, or an entry re-indexed when the
     // pack is reopened) would be taken for this site's own.
     let owners = IndexBatch {
         catalog: writes
             .iter()
+            .filter(|(_, owner, ..)| *owner != own)
             .map(|(_, owner, id, _)| ([KEY_HELD_CHUNK, &id.0].concat(), owner.0.to_vec()))
             .collect(),
         ..IndexBatch::default()
@@ -182,6 +202,55 @@ fn write_chunks(
         results.push((op, ok));
     }
     results
+}
+
+/// The sealed chunk inside a blob of this site's, when the site signed it as `id`.
+fn own_sealed(own: &SiteId, id: &ChunkId, mut blob: Vec<u8>) -> Option<Vec<u8>> {
+    let sealed_len = cairn_protocol::blob::verify_blob(own, id, &blob)?.len();
+    blob.truncate(sealed_len);
+    Some(blob)
+}
+
+/// Rewrites the chunks of this site's that an older build stored as mesh blobs (marked
+/// with this site as their owner) into the vault's format, and drops the marks. Runs
+/// before the node's loop starts, with the store's write lock held. Safe to stop at any
+/// point: the pack is fsynced and indexed before a mark is dropped, and an entry whose
+/// bytes no longer carry the site's signature (rewritten by a run that was stopped before
+/// it dropped the mark) only loses its mark. Returns how many chunks were rewritten.
+pub fn migrate_own_blobs(vault: &Vault) -> Result<usize, StoreError> {
+    let own = vault.dir.site_id();
+    let index = vault.store.index();
+    let marked: Vec<ChunkId> = index
+        .catalog_scan(KEY_HELD_CHUNK)?
+        .into_iter()
+        .filter(|(_, owner)| owner[..] == own.0[..])
+        .filter_map(|(key, _)| <[u8; 32]>::try_from(&key[KEY_HELD_CHUNK.len()..]).ok())
+        .map(ChunkId)
+        .collect();
+    if marked.is_empty() {
+        return Ok(0);
+    }
+    let mut reader = vault.store.reader();
+    let mut writer = vault.store.writer();
+    let mut n_rewritten = 0;
+    for id in &marked {
+        let Ok(stored) = reader.read(id) else {
+            continue; // a lost pack: the mesh brings the chunk back in the new format
+        };
+        if let Some(sealed) = own_sealed(&own, id, stored) {
+            writer.append(id, &sealed)?;
+            n_rewritten += 1;
+        }
+    }
+    writer.commit()?;
+    index.commit(IndexBatch {
+        removed_catalog: marked
+            .iter()
+            .map(|id| [KEY_HELD_CHUNK, &id.0].concat())
+            .collect(),
+        ..IndexBatch::default()
+    })?;
+    Ok(n_rewritten)
 }
 
 /// The owner of a partner chunk held here; None for this site's own chunks.
@@ -251,4 +320,116 @@ pub fn held_chunks(vault: &Vault) -> Result<Vec<ChunkRef>, StoreError> {
             },
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cairn_protocol::seal::{Opener, Sealer};
+
+    /// A vault in a temp dir and one sealed chunk of its site.
+    fn vault_with_chunk() -> (tempfile::TempDir, Vault, ChunkId, Vec<u8>, Vec<u8>) {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let vault = Vault::init(&tmp.path().join("data"), "Office A").expect("init");
+        let plaintext = b"a chunk of the site's own image".repeat(100);
+        let id = vault.keys.chunk_id(&plaintext);
+        let sealed = Sealer::new(2)
+            .expect("sealer")
+            .seal(&vault.keys, &id, &plaintext, [7; 24])
+            .expect("seal");
+        (tmp, vault, id, sealed, plaintext)
+    }
+
+    fn opens(vault: &Vault, id: &ChunkId) -> Result<Vec<u8>, String> {
+        let mut reader = vault.store.reader();
+        vault
+            .load_chunk(&mut reader, &mut Opener::new(), id)
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn a_chunk_of_this_site_from_the_mesh_is_stored_as_the_vault_stores_it() {
+        let (_tmp, vault, id, sealed, plaintext) = vault_with_chunk();
+        let own = vault.dir.site_id();
+        let blob = own_blob(&vault, &id, sealed.clone());
+        let mut held_delta = Vec::new();
+        let results = write_chunks(&vault, vec![(1, own, id, blob)], &mut held_delta);
+        assert_eq!(results, vec![(1, true)]);
+        assert_eq!(opens(&vault, &id), Ok(plaintext));
+        assert_eq!(
+            owner_of(&vault, &id),
+            None,
+            "no partner mark on our own chunk"
+        );
+        assert_eq!(vault.store.reader().read(&id).expect("read"), sealed);
+        // Read back for the mesh, it is a blob the site's signature covers again.
+        let chunks = held_chunks(&vault).expect("held");
+        assert_eq!(chunks.len(), 1);
+        assert_eq!(chunks[0].owner, own);
+    }
+
+    #[test]
+    fn a_blob_of_this_site_with_a_bad_signature_is_not_stored() {
+        let (_tmp, vault, id, sealed, _) = vault_with_chunk();
+        let mut blob = own_blob(&vault, &id, sealed);
+        let last = blob.len() - 1;
+        blob[last] ^= 1;
+        let results = write_chunks(
+            &vault,
+            vec![(1, vault.dir.site_id(), id, blob)],
+            &mut Vec::new(),
+        );
+        assert_eq!(results, vec![(1, false)]);
+        assert!(vault.store.index().chunk(&id).expect("index").is_none());
+    }
+
+    #[test]
+    fn chunks_an_older_build_stored_as_blobs_are_rewritten_once() {
+        let (_tmp, vault, id, sealed, plaintext) = vault_with_chunk();
+        let own = vault.dir.site_id();
+        // What builds before this one wrote: the blob, and this site marked as owner.
+        vault
+            .store
+            .index()
+            .commit(IndexBatch {
+                catalog: vec![([KEY_HELD_CHUNK, &id.0].concat(), own.0.to_vec())],
+                ..IndexBatch::default()
+            })
+            .expect("mark");
+        let mut writer = vault.store.writer();
+        writer
+            .append(&id, &own_blob(&vault, &id, sealed.clone()))
+            .expect("append");
+        writer.commit().expect("commit");
+        assert!(
+            opens(&vault, &id).is_err(),
+            "the old format does not open as a vault chunk"
+        );
+
+        assert_eq!(migrate_own_blobs(&vault).expect("migrate"), 1);
+        assert_eq!(opens(&vault, &id), Ok(plaintext));
+        assert_eq!(owner_of(&vault, &id), None);
+        assert_eq!(migrate_own_blobs(&vault).expect("again"), 0, "nothing left");
+    }
+
+    #[test]
+    fn a_migration_stopped_before_it_dropped_the_marks_finishes_on_the_next_start() {
+        let (_tmp, vault, id, sealed, plaintext) = vault_with_chunk();
+        let own = vault.dir.site_id();
+        // Rewritten already, the mark still there: a run stopped between its two commits.
+        let mut writer = vault.store.writer();
+        writer.append(&id, &sealed).expect("append");
+        writer.commit().expect("commit");
+        vault
+            .store
+            .index()
+            .commit(IndexBatch {
+                catalog: vec![([KEY_HELD_CHUNK, &id.0].concat(), own.0.to_vec())],
+                ..IndexBatch::default()
+            })
+            .expect("mark");
+        assert_eq!(migrate_own_blobs(&vault).expect("migrate"), 0);
+        assert_eq!(owner_of(&vault, &id), None);
+        assert_eq!(opens(&vault, &id), Ok(plaintext));
+    }
 }
