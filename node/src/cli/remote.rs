@@ -290,6 +290,8 @@ pub fn forward(data_dir: &Path, args: Vec<String>, send_stdin: bool) -> Result<u
 
 /// This process's umask. Read by setting it and back, which is safe here: the client is
 /// single-threaded while it builds its request.
+// mode_t is u32 on Linux but u16 on macOS: the conversion is needed there.
+#[allow(clippy::useless_conversion)]
 fn current_umask() -> u32 {
     // SAFETY: umask cannot fail; the old value is put back at once.
     let mask = unsafe { libc::umask(0o077) };
