@@ -306,7 +306,7 @@ fn forward_or_run(cli: Cli) -> Result<u8> {
             | Command::Recover { .. }
             | Command::Node { .. }
     );
-    if needs_store && crate::control::node_running(&data_dir) {
+    if needs_store && crate::control::probe(&data_dir)? {
         // A backup of stdin inside the node reads this process's stdin, handed over.
         let send_stdin = matches!(&cli.command, Command::Backup { source, .. } if source == "-");
         return remote::forward(&data_dir, std::env::args().skip(1).collect(), send_stdin);
@@ -598,6 +598,8 @@ fn run(cli: Cli) -> Result<u8> {
                 force,
                 fresh,
                 remote: mesh.as_ref().map(|m| m as &dyn crate::fetch::RemoteChunks),
+                // Inside a node, the output gets the command's umask, not the node's.
+                file_mode: context.as_ref().map(|c| remote::file_mode(c.umask)),
                 ..restore::RestoreOptions::local(n_workers())
             };
             let summary = restore::restore(&vault, &record, &out, &options, &|done| {

@@ -91,6 +91,8 @@ pub enum ControlError {
     NotASocket(PathBuf),
     #[error("{0} belongs to another user: run this command as the user that runs the node")]
     OtherUser(PathBuf),
+    #[error("permission denied: the node on {path} runs as another user ({owner}): run this command as that user")]
+    PermissionDenied { path: PathBuf, owner: String },
     #[error("control socket path {path} is {n_bytes} bytes, longer than a Unix socket allows ({n_bytes_max}): use a shorter --data-dir")]
     PathTooLong {
         path: PathBuf,
@@ -208,19 +210,42 @@ fn check_path_length(path: &Path) -> Result<(), ControlError> {
 fn connect(data_dir: &Path) -> Result<UnixStream, ControlError> {
     let path = socket_path(data_dir);
     check_path_length(&path)?;
-    UnixStream::connect(&path).map_err(|e| match e.kind() {
+    UnixStream::connect(&path).map_err(|e| connect_error(data_dir, &path, e))
+}
+
+/// Why connecting failed, in the user's terms. A data dir (mode 0700) or socket (0600)
+/// of another user gives EACCES: that is a node the user may not use, not a missing one.
+fn connect_error(data_dir: &Path, path: &Path, e: io::Error) -> ControlError {
+    match e.kind() {
         // A socket file without a listener is what a crashed node leaves.
         io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => {
             ControlError::NotRunning(data_dir.to_owned())
         }
-        io::ErrorKind::PermissionDenied => ControlError::OtherUser(path.clone()),
-        _ => io_error(&path)(e),
-    })
+        io::ErrorKind::PermissionDenied => ControlError::PermissionDenied {
+            path: data_dir.to_owned(),
+            // The data dir itself can be stat'ed when only its contents are closed.
+            owner: fs::metadata(data_dir)
+                .map_or("another uid".into(), |m| format!("uid {}", m.uid())),
+        },
+        _ => io_error(path)(e),
+    }
 }
 
 /// True when a node answers on the data dir's control socket.
 pub fn node_running(data_dir: &Path) -> bool {
     connect(data_dir).is_ok()
+}
+
+/// Whether a node runs on the data dir: an error when one may run but this user may not
+/// reach it (it belongs to another user), so the command does not say "no node".
+pub fn probe(data_dir: &Path) -> Result<bool, ControlError> {
+    match connect(data_dir) {
+        Ok(_) => Ok(true),
+        Err(ControlError::NotRunning(_)) => Ok(false),
+        Err(e @ ControlError::PermissionDenied { .. }) => Err(e),
+        // Anything else (a path too long) the command's own open reports better.
+        Err(_) => Ok(false),
+    }
 }
 
 /// Sends `request` to the node running in `data_dir` and hands each response frame to
@@ -1218,5 +1243,31 @@ mod tests {
             assert_eq!(frames, [Response::Progress(1)]);
         }
         fake_node.join().unwrap();
+    }
+
+    #[test]
+    fn another_users_node_is_permission_denied_not_missing() {
+        let dir = private_dir();
+        let path = socket_path(dir.path());
+        let error = connect_error(
+            dir.path(),
+            &path,
+            io::Error::from_raw_os_error(libc::EACCES),
+        );
+        // SAFETY: geteuid has no preconditions.
+        let uid = unsafe { libc::geteuid() };
+        assert_eq!(
+            error.to_string(),
+            format!(
+                "permission denied: the node on {} runs as another user (uid {uid}): run this command as that user",
+                dir.path().display()
+            )
+        );
+        let missing = connect_error(
+            dir.path(),
+            &path,
+            io::Error::from_raw_os_error(libc::ENOENT),
+        );
+        assert!(matches!(missing, ControlError::NotRunning(_)));
     }
 }

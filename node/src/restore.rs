@@ -8,7 +8,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::FileTypeExt;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -34,6 +34,10 @@ pub enum RestoreError {
         device_bytes: u64,
         image_bytes: u64,
     },
+    #[error("{path} is a {kind}, not a file or block device: restore into a file and copy it from there")]
+    NotAFile { path: PathBuf, kind: &'static str },
+    #[error("{0} is a chain of symlinks too long to follow; give the path it should end at")]
+    LinkLoop(PathBuf),
     #[error("{0} is being written by another restore; wait for it to finish or stop it")]
     Busy(PathBuf),
     #[error("{path}: {source}")]
@@ -122,6 +126,9 @@ pub struct RestoreOptions<'a> {
     /// Where chunks missing or damaged in the local store come from. Without it a restore
     /// uses the local store alone, and a missing or damaged chunk fails it.
     pub remote: Option<&'a dyn RemoteChunks>,
+    /// Mode bits for a new output file, as the caller's umask allows (`0o666 & !umask`);
+    /// None leaves them to this process's umask (a command run directly).
+    pub file_mode: Option<u32>,
 }
 
 impl RestoreOptions<'_> {
@@ -132,6 +139,7 @@ impl RestoreOptions<'_> {
             fresh: false,
             n_workers,
             remote: None,
+            file_mode: None,
         }
     }
 }
@@ -163,6 +171,7 @@ pub fn restore(
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<RestoreSummary, RestoreError> {
     let started = Instant::now();
+    let out = &resolve_links(out)?;
     let mut target = Target::open(out, record.size_bytes, options)?;
     let output = pipeline::Output {
         file: &target.file,
@@ -220,24 +229,44 @@ impl Target {
         size_bytes: u64,
         options: &RestoreOptions<'_>,
     ) -> Result<Target, RestoreError> {
-        let out_meta = std::fs::metadata(out).ok();
-        if out_meta.as_ref().is_some_and(|m| m.is_dir()) {
-            return Err(RestoreError::IsDirectory(out.to_owned()));
+        // `out` has no symlinks left at its end (see `resolve_links`), so this is the
+        // file itself; only a regular file or nothing is ever renamed over.
+        let out_meta = match std::fs::symlink_metadata(out) {
+            Ok(meta) => Some(meta),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => return Err(output_err(out)(e)),
+        };
+        if let Some(meta) = &out_meta {
+            let file_type = meta.file_type();
+            if file_type.is_dir() {
+                return Err(RestoreError::IsDirectory(out.to_owned()));
+            }
+            if !file_type.is_file() && !file_type.is_block_device() {
+                return Err(RestoreError::NotAFile {
+                    path: out.to_owned(),
+                    kind: kind_of(&file_type),
+                });
+            }
         }
-        if !options.force && out.symlink_metadata().is_ok() {
+        if !options.force && out_meta.is_some() {
             return Err(RestoreError::Exists(out.to_owned()));
         }
         if out_meta.is_some_and(|m| m.file_type().is_block_device()) {
             return Target::open_device(out, size_bytes);
         }
         let path = partial_path(out);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .map_err(output_err(&path))?;
+        let existed = path.symlink_metadata().is_ok();
+        let mut open = OpenOptions::new();
+        open.read(true).write(true).create(true).truncate(false);
+        if let Some(mode) = options.file_mode {
+            open.mode(mode);
+        }
+        let file = open.open(&path).map_err(output_err(&path))?;
+        if let (Some(mode), false) = (options.file_mode, existed) {
+            // The node's own umask also masked `mode`; the caller's alone decides.
+            file.set_permissions(std::fs::Permissions::from_mode(mode))
+                .map_err(output_err(&path))?;
+        }
         let target = Target {
             file,
             path,
@@ -313,6 +342,17 @@ impl Target {
         if self.is_device {
             return Ok(());
         }
+        // Checked again: something other than a file may have appeared at OUT meanwhile.
+        match std::fs::symlink_metadata(out) {
+            Ok(meta) if !meta.file_type().is_file() => {
+                return Err(RestoreError::NotAFile {
+                    path: out.to_owned(),
+                    kind: kind_of(&meta.file_type()),
+                })
+            }
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(output_err(out)(e)),
+            _ => {}
+        }
         std::fs::rename(&self.path, out).map_err(output_err(out))?;
         self.remove_on_drop = None;
         let dir = out
@@ -344,6 +384,41 @@ impl Drop for Target {
         if let Some(path) = &self.remove_on_drop {
             let _ = std::fs::remove_file(path);
         }
+    }
+}
+
+/// Symlinks a restore follows before it looks at what OUT is.
+const LINK_HOPS_MAX: usize = 40;
+
+/// Follows symlinks at the end of `out` to the path they name, even one that does not
+/// exist yet, so the image goes where the link points and the link itself stays.
+fn resolve_links(out: &Path) -> Result<PathBuf, RestoreError> {
+    let mut path = out.to_owned();
+    for _ in 0..LINK_HOPS_MAX {
+        match std::fs::symlink_metadata(&path) {
+            Ok(meta) if meta.file_type().is_symlink() => {
+                let target = std::fs::read_link(&path).map_err(output_err(&path))?;
+                let dir = path.parent().unwrap_or(Path::new(""));
+                path = dir.join(target);
+            }
+            _ => return Ok(path),
+        }
+    }
+    Err(RestoreError::LinkLoop(out.to_owned()))
+}
+
+/// What a file type is called in an error.
+fn kind_of(file_type: &std::fs::FileType) -> &'static str {
+    if file_type.is_char_device() {
+        "character device"
+    } else if file_type.is_fifo() {
+        "FIFO"
+    } else if file_type.is_socket() {
+        "socket"
+    } else if file_type.is_symlink() {
+        "symlink"
+    } else {
+        "special file"
     }
 }
 

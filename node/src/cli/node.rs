@@ -279,6 +279,7 @@ fn serve(
             stdin_terminal,
             stderr_terminal,
             width,
+            umask,
         } => {
             let (tx, rx) = crossbeam_channel::unbounded();
             let context = remote::Context {
@@ -288,6 +289,7 @@ fn serve(
                 stdin_terminal,
                 stderr_terminal,
                 width,
+                umask,
                 out: tx,
                 answers: answers.clone(),
                 stdin: Arc::new(std::sync::Mutex::new(fd.map(std::fs::File::from))),

@@ -34,6 +34,9 @@ pub enum Request {
         stdin_terminal: bool,
         stderr_terminal: bool,
         width: u16,
+        /// The command's umask, for files the node creates for it (a restore's output).
+        #[serde(default)]
+        umask: Option<u32>,
     },
     /// The user's answer to a `Confirm`.
     Answer {
@@ -74,6 +77,8 @@ pub struct Context {
     pub stdin_terminal: bool,
     pub stderr_terminal: bool,
     pub width: u16,
+    /// The command's umask; None from a command too old to send it.
+    pub umask: Option<u32>,
     pub out: Sender<Response>,
     pub answers: Arc<Answers>,
     /// The command's stdin, when it sent it (`cairn backup IMAGE -`); taken once.
@@ -108,7 +113,24 @@ pub fn out(text: String) {
         Some(c) => {
             let _ = c.out.send(Response::Out(text + "\n"));
         }
-        None => println!("{text}"),
+        None => print_or_exit(&mut std::io::stdout().lock(), &format!("{text}\n")),
+    }
+}
+
+/// Writes to stdout; a reader that went away (`cairn snapshots | head -1`) ends the
+/// command quietly with exit 0, as ripgrep does: the reader chose to stop, which is not
+/// this command failing, and a panic's exit 101 would say it was.
+pub fn print_or_exit(stdout: &mut impl Write, text: &str) {
+    let written = stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush());
+    if let Err(e) = written {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        // Anything else (a full disk) is worth a line; there is nowhere else to say it.
+        eprintln!("error: cannot write the output: {e}");
+        std::process::exit(1);
     }
 }
 
@@ -227,6 +249,7 @@ pub fn forward(data_dir: &Path, args: Vec<String>, send_stdin: bool) -> Result<u
         stdin_terminal: std::io::stdin().is_terminal(),
         stderr_terminal: std::io::stderr().is_terminal(),
         width: terminal_width(),
+        umask: Some(current_umask()),
     };
     let mut code = 1;
     let mut stderr = std::io::stderr();
@@ -234,10 +257,7 @@ pub fn forward(data_dir: &Path, args: Vec<String>, send_stdin: bool) -> Result<u
     let fd = send_stdin.then(|| stdin.as_fd());
     control::call_with_fd(data_dir, &request, fd, |response: Response| {
         match response {
-            Response::Out(text) => {
-                print!("{text}");
-                let _ = std::io::stdout().flush();
-            }
+            Response::Out(text) => print_or_exit(&mut std::io::stdout().lock(), &text),
             Response::Err(text) => eprint!("{text}"),
             Response::Term(op) => {
                 let _ = match op {
@@ -266,6 +286,26 @@ pub fn forward(data_dir: &Path, args: Vec<String>, send_stdin: bool) -> Result<u
         ControlFlow::Continue(())
     })?;
     Ok(code)
+}
+
+/// This process's umask. Read by setting it and back, which is safe here: the client is
+/// single-threaded while it builds its request.
+// mode_t is u32 on Linux but u16 on macOS: the conversion is needed there.
+#[allow(clippy::useless_conversion)]
+fn current_umask() -> u32 {
+    // SAFETY: umask cannot fail; the old value is put back at once.
+    let mask = unsafe { libc::umask(0o077) };
+    unsafe { libc::umask(mask) };
+    u32::from(mask) & 0o777
+}
+
+/// Mode bits for a file the node creates for the command: what the command's umask
+/// allows, or owner-only when it is unknown (an image may hold /etc/shadow and keys).
+pub fn file_mode(umask: Option<u32>) -> u32 {
+    match umask {
+        Some(mask) => 0o666 & !mask,
+        None => 0o600,
+    }
 }
 
 fn terminal_width() -> u16 {
