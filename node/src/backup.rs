@@ -42,7 +42,7 @@ pub enum BackupError {
     Source(#[from] SourceError),
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("sealing failed: {0}")]
+    #[error("sealing failed")]
     Seal(#[from] SealError),
     #[error("{0}")]
     Chunker(String),

@@ -273,7 +273,8 @@ pub fn main() -> ExitCode {
     match forward_or_run(cli) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // Each cause once, on one line (error messages never repeat their source).
+            eprintln!("error: {}", crate::units::chain_of(e.chain()));
             ExitCode::FAILURE
         }
     }

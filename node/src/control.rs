@@ -69,7 +69,7 @@ pub const WRITE_TIMEOUT_MS: u64 = 30_000;
 pub enum FrameError {
     #[error("a frame of {n_bytes} bytes is over the {FRAME_BYTES_MAX}-byte limit")]
     TooLarge { n_bytes: u64 },
-    #[error("a frame is not the JSON expected: {0}")]
+    #[error("a frame is not the JSON expected")]
     Malformed(#[source] serde_json::Error),
     #[error(transparent)]
     Io(#[from] io::Error),
@@ -107,9 +107,9 @@ pub enum ControlError {
     Cut,
     #[error("the node answered with {n_frames} frames where one was expected: is it the same cairn version as this command?")]
     NotOneFrame { n_frames: usize },
-    #[error("control socket {path}: {source}")]
+    #[error("control socket {path}")]
     Frame { path: PathBuf, source: FrameError },
-    #[error("control socket {path}: {source}")]
+    #[error("control socket {path}")]
     Io { path: PathBuf, source: io::Error },
 }
 

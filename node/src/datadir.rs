@@ -30,6 +30,8 @@ use ed25519_dalek::SigningKey;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use crate::units;
+
 pub const DATA_DIR_FORMAT: u32 = 1;
 const FORMAT_PREFIX: &str = "cairn data dir format ";
 const WRAPPED_KEYS_FILE: &str = "wrapped-keys.rec";
@@ -63,7 +65,7 @@ pub enum DataDirError {
     BadSiteName(String),
     #[error("cannot recover: {0}")]
     Recovery(String),
-    #[error("{path}: {source}")]
+    #[error("{path}")]
     Io {
         path: PathBuf,
         source: std::io::Error,
@@ -154,7 +156,10 @@ impl DataDir {
         site_name: Option<&str>,
     ) -> Result<DataDir, DataDirError> {
         let record = Record::decode(wrapped_record).map_err(|e| {
-            DataDirError::Recovery(format!("the wrapped-keys record is damaged: {e}"))
+            DataDirError::Recovery(format!(
+                "the wrapped-keys record is damaged: {}",
+                units::chain(&e)
+            ))
         })?;
         record.verify_signature().map_err(|_| {
             DataDirError::Recovery("the wrapped-keys record's signature does not verify".into())
@@ -170,11 +175,15 @@ impl DataDir {
                 record.author
             )));
         }
-        let wrapped = WrappedKeys::decode(&record.body)
-            .map_err(|e| DataDirError::Recovery(format!("the wrapped keys are damaged: {e}")))?;
+        let wrapped = WrappedKeys::decode(&record.body).map_err(|e| {
+            DataDirError::Recovery(format!(
+                "the wrapped keys are damaged: {}",
+                units::chain(&e)
+            ))
+        })?;
         let (site_secret, vault_key) = wrapped
             .unwrap(site, recovery_key)
-            .map_err(|e| DataDirError::Recovery(e.to_string()))?;
+            .map_err(|e| DataDirError::Recovery(units::chain(&e)))?;
         let site_key = SigningKey::from_bytes(&site_secret);
         if site_key.verifying_key().to_bytes() != site.0 {
             return Err(DataDirError::Recovery(

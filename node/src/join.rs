@@ -16,6 +16,7 @@ use thiserror::Error;
 use crate::datadir::{random_bytes, DataDirError, JoiningDir};
 use crate::records;
 use crate::store::{IndexBatch, StoreError};
+use crate::units;
 use crate::vault::{Vault, VaultError};
 
 pub const JOIN_EXPIRES_DEFAULT_MS: u64 = 3_600_000;
@@ -115,7 +116,7 @@ fn wrapped_keys(vault: &Vault) -> Result<Option<Record>, JoinError> {
     };
     let record = Record::decode(&bytes).map_err(|e| DataDirError::Damaged {
         path,
-        why: format!("wrapped-keys.rec: {e}"),
+        why: format!("wrapped-keys.rec: {}", units::chain(&e)),
     })?;
     Ok(Some(record))
 }
@@ -169,7 +170,11 @@ pub fn site_nodes(vault: &Vault) -> Result<Vec<NodeCert>, JoinError> {
         .iter()
         .map(|record| {
             NodeCert::decode(&record.body).map_err(|e| {
-                StoreError::Index(format!("a stored node certificate is damaged: {e}")).into()
+                StoreError::Index(format!(
+                    "a stored node certificate is damaged: {}",
+                    units::chain(&e)
+                ))
+                .into()
             })
         })
         .collect()

@@ -37,8 +37,12 @@ pub fn all(index: &dyn MetaIndex) -> Result<Vec<Record>, StoreError> {
 }
 
 fn decode(key: &[u8], bytes: &[u8]) -> Result<Record, StoreError> {
-    let record = Record::decode(bytes)
-        .map_err(|e| StoreError::Index(format!("a stored record is damaged: {e}")))?;
+    let record = Record::decode(bytes).map_err(|e| {
+        StoreError::Index(format!(
+            "a stored record is damaged: {}",
+            crate::units::chain(&e)
+        ))
+    })?;
     if entry(&record).0 != key {
         return Err(StoreError::Index(
             "a stored record sits under another record's key".into(),

@@ -40,7 +40,7 @@ pub enum RestoreError {
     LinkLoop(PathBuf),
     #[error("{0} is being written by another restore; wait for it to finish or stop it")]
     Busy(PathBuf),
-    #[error("{path}: {source}")]
+    #[error("{path}")]
     Output { path: PathBuf, source: io::Error },
     #[error("manifest of {image}@{snapshot} is unreadable at byte {offset}: {why}")]
     Manifest {
@@ -49,7 +49,7 @@ pub enum RestoreError {
         offset: u64,
         why: String,
     },
-    #[error("chunk {id} at byte {offset} of {image}@{snapshot} is damaged: {source}")]
+    #[error("chunk {id} at byte {offset} of {image}@{snapshot} is damaged")]
     Chunk {
         image: String,
         snapshot: String,
@@ -80,11 +80,12 @@ pub enum RestoreError {
     },
     /// Any of the above after some of the image was written: the partial file is kept.
     #[error(
-        "{source}; the {} restored so far stay in {}: run the same restore again to resume, or pass --fresh to start over",
-        units::bytes(*kept_bytes), partial.display()
+        "{}; the {} restored so far stay in {}: run the same restore again to resume, or pass --fresh to start over",
+        units::chain(&**cause), units::bytes(*kept_bytes), partial.display()
     )]
     Interrupted {
-        source: Box<RestoreError>,
+        /// Shown with its causes inside the message, before the advice, so not a `source`.
+        cause: Box<RestoreError>,
         partial: PathBuf,
         kept_bytes: u64,
     },
@@ -109,7 +110,7 @@ impl RestoreError {
     /// The error itself, without the note that a partial file was kept.
     pub fn cause(&self) -> &RestoreError {
         match self {
-            RestoreError::Interrupted { source, .. } => source.cause(),
+            RestoreError::Interrupted { cause, .. } => cause.cause(),
             other => other,
         }
     }
@@ -372,7 +373,7 @@ impl Target {
         }
         self.remove_on_drop = None;
         RestoreError::Interrupted {
-            source: Box::new(error),
+            cause: Box::new(error),
             partial: self.path.clone(),
             kept_bytes,
         }

@@ -14,11 +14,11 @@ use thiserror::Error;
 
 #[derive(Debug, Error)]
 pub enum SourceError {
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}")]
     Open { path: PathBuf, source: io::Error },
     #[error("{path} is a directory; give an image file, a block device, or - for stdin")]
     Directory { path: PathBuf },
-    #[error("reading {path} failed at byte {offset}: {source}")]
+    #[error("reading {path} failed at byte {offset}")]
     Read {
         path: PathBuf,
         offset: u64,

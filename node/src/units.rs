@@ -1,4 +1,4 @@
-//! Sizes, durations and times as people read and type them.
+//! Sizes, durations, times and errors as people read and type them.
 
 /// 1.5 GiB, 312 MiB, 17 B: binary units, one decimal.
 pub fn bytes(n_bytes: u64) -> String {
@@ -109,6 +109,33 @@ pub fn parse_duration_ms(text: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("{text:?} is too long"))
 }
 
+/// An error and its causes on one line, "outer: inner: innermost", as `{:#}` prints an
+/// anyhow error. Error messages in cairn never repeat their source, so each cause shows
+/// once; use this wherever a typed error becomes text outside the CLI's printer.
+pub fn chain(error: &(dyn std::error::Error + 'static)) -> String {
+    chain_of(std::iter::successors(Some(error), |e| e.source()))
+}
+
+/// Joins a chain of errors with ": ", leaving out a cause the line already shows: some
+/// libraries' errors (libp2p's transport errors, io wrappers) print their source in their
+/// own message and also return it from `source()`, and some print nothing at all.
+pub fn chain_of<'a>(errors: impl Iterator<Item = &'a (dyn std::error::Error + 'static)>) -> String {
+    let mut text = String::new();
+    let mut shown = String::new();
+    for error in errors {
+        let message = error.to_string();
+        if message.is_empty() || shown.contains(&message) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&message);
+        shown = message;
+    }
+    text
+}
+
 pub fn now_unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -128,6 +155,30 @@ mod tests {
         assert_eq!(utc(0), "1970-01-01 00:00:00");
         assert_eq!(utc(1_795_000_000_000), "2026-11-18 11:06:40");
         assert_eq!(utc(951_782_400_000), "2000-02-29 00:00:00");
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    enum Outer {
+        #[error("cannot listen on 127.0.0.1:9")]
+        Listen(#[source] Empty),
+    }
+    /// Like libp2p's `TransportError::Other`: no text of its own, and a source whose
+    /// text repeats its own source's.
+    #[derive(Debug, thiserror::Error)]
+    #[error("")]
+    struct Empty(#[source] Repeats);
+    #[derive(Debug, thiserror::Error)]
+    #[error("{0}")]
+    struct Repeats(#[source] std::io::Error);
+
+    #[test]
+    fn error_chains_show_each_cause_once() {
+        let io = std::io::Error::from(std::io::ErrorKind::AddrInUse);
+        let error = Outer::Listen(Empty(Repeats(io)));
+        assert_eq!(
+            chain(&error),
+            "cannot listen on 127.0.0.1:9: address in use"
+        );
     }
 
     #[test]

@@ -15,6 +15,7 @@ use crate::datadir::{DataDir, DataDirError};
 use crate::fetch::{fetch_blocking, FetchError, RemoteChunks};
 use crate::records;
 use crate::store::{ChunkLocation, PackReader, Store, StoreError};
+use crate::units;
 
 #[derive(Debug, Error)]
 pub enum VaultError {
@@ -22,7 +23,7 @@ pub enum VaultError {
     DataDir(#[from] DataDirError),
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("chunk {id}: {source}")]
+    #[error("chunk {id}")]
     Seal { id: ChunkId, source: SealError },
     #[error("snapshot record {id} is damaged: {why}")]
     DamagedRecord { id: SnapshotId, why: String },
@@ -169,8 +170,8 @@ impl Vault {
         let record_id = ChunkId(record_id.try_into().expect("split at 32"));
         let plain = opener
             .open(&self.keys, &record_id, sealed)
-            .map_err(|e| damaged(e.to_string()))?;
-        let record = SnapshotRecord::decode(&plain).map_err(|e| damaged(e.to_string()))?;
+            .map_err(|e| damaged(units::chain(&e)))?;
+        let record = SnapshotRecord::decode(&plain).map_err(|e| damaged(units::chain(&e)))?;
         if record.id != id {
             return Err(damaged("stored under another id".into()));
         }

@@ -10,6 +10,7 @@ use cairn_protocol::{ChunkId, Extent, SnapshotRecord};
 use crossbeam_channel::bounded;
 use serde::Serialize;
 
+use crate::units;
 use crate::vault::Vault;
 
 const VERIFY_QUEUE_MAX: usize = 256;
@@ -61,7 +62,7 @@ pub fn verify(
                             "opens to {} bytes, manifest says {len_bytes}",
                             plain.len()
                         )),
-                        Err(e) => Some(e.to_string()),
+                        Err(e) => Some(units::chain(&e)),
                     };
                     let total = {
                         let mut bytes_checked = bytes_checked.lock().expect("not poisoned");
@@ -90,7 +91,8 @@ pub fn verify(
                     len_bytes: record.size_bytes.saturating_sub(offset),
                     chunk: None,
                     why: format!(
-                        "manifest unreadable, the rest of the image cannot be checked: {e}"
+                        "manifest unreadable, the rest of the image cannot be checked: {}",
+                        units::chain(&e)
                     ),
                 });
             }

@@ -47,11 +47,11 @@ const SEALED_KEYS_BYTES: usize = 32 + 32 + 16;
 pub enum JoinTokenError {
     #[error("not a cairn join token (it should start with {JOIN_PREFIX})")]
     NotAJoinToken,
-    #[error("join token is damaged or truncated: {0}")]
+    #[error("join token is damaged or truncated")]
     Decode(#[from] DecodeError),
     #[error("join token signature does not verify: it was altered or forged")]
     BadSignature,
-    #[error("join token carries a bad record: {0}")]
+    #[error("join token carries a bad record")]
     Record(#[from] RecordError),
     #[error("join token expired {0} minutes ago; run `cairn site add-node` again for a new one")]
     Expired(u64),

@@ -297,9 +297,9 @@ impl ManifestBuilder {
 
 #[derive(Debug, Error)]
 pub enum ManifestError<E> {
-    #[error("manifest node {id} could not be loaded: {source}")]
+    #[error("manifest node {id} could not be loaded")]
     Load { id: ChunkId, source: E },
-    #[error("manifest node {id} is malformed: {source}")]
+    #[error("manifest node {id} is malformed")]
     Decode { id: ChunkId, source: DecodeError },
     #[error("manifest is deeper than {TREE_DEPTH_MAX} levels")]
     TooDeep,

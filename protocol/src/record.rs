@@ -56,7 +56,7 @@ impl RecordKind {
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum RecordError {
-    #[error("malformed record: {0}")]
+    #[error("malformed record")]
     Decode(#[from] DecodeError),
     #[error("record signature does not verify: forged or altered")]
     BadSignature,

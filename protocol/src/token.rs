@@ -26,7 +26,7 @@ const TOKEN_CONTEXT: &[u8] = b"cairn 2026-11 invite v1\0";
 pub enum TokenError {
     #[error("not a cairn invite token (it should start with {INVITE_PREFIX})")]
     NotAnInvite,
-    #[error("invite token is damaged or truncated: {0}")]
+    #[error("invite token is damaged or truncated")]
     Decode(#[from] DecodeError),
     #[error("invite token signature does not verify: it was altered or forged")]
     BadSignature,

@@ -42,7 +42,7 @@ impl KdfParams {
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum WrapError {
-    #[error("malformed wrapped keys: {0}")]
+    #[error("malformed wrapped keys")]
     Decode(#[from] DecodeError),
     #[error("wrong recovery key for site {0} (or the wrapped keys were altered)")]
     WrongKey(SiteId),

@@ -237,7 +237,7 @@ pub fn run(data_dir: &Path, command: NodeCommand) -> Result<u8> {
                     serve(&vault, &mesh, &answers, request, fd, send)
                 });
                 if let Err(e) = served {
-                    tracing::error!("the control socket stopped: {e}");
+                    tracing::error!("the control socket stopped: {}", crate::units::chain(&e));
                 }
             })?;
     }
@@ -270,7 +270,10 @@ fn serve(
                 let _ = send(Response::Status(Box::new(s)));
             }
             Err(e) => {
-                let _ = send(Response::Err(format!("error: {e:#}\n")));
+                let _ = send(Response::Err(format!(
+                    "error: {}\n",
+                    crate::units::chain_of(e.chain())
+                )));
             }
         },
         Request::Cli {
@@ -327,7 +330,7 @@ fn run_line(args: impl Iterator<Item = String>) -> u8 {
         Ok(cli) => match super::run(cli) {
             Ok(code) => code,
             Err(e) => {
-                remote::err(format!("error: {e:#}"));
+                remote::err(format!("error: {}", crate::units::chain_of(e.chain())));
                 1
             }
         },

@@ -359,7 +359,7 @@ impl Pipeline<'_> {
                 image: self.record.image.to_string(),
                 snapshot: self.record.id.short(),
                 offset,
-                why: e.to_string(),
+                why: crate::units::chain(&e),
             });
         }
     }
