@@ -89,8 +89,6 @@ pub enum ControlError {
         "{0} exists and is not a socket: move it out of the data dir, then start the node again"
     )]
     NotASocket(PathBuf),
-    #[error("{0} belongs to another user: run this command as the user that runs the node")]
-    OtherUser(PathBuf),
     #[error("permission denied: the node on {path} runs as another user ({owner}): run this command as that user")]
     PermissionDenied { path: PathBuf, owner: String },
     #[error("control socket path {path} is {n_bytes} bytes, longer than a Unix socket allows ({n_bytes_max}): use a shorter --data-dir")]

@@ -340,6 +340,18 @@ mod tests {
         (tmp, vault, id, sealed, plaintext)
     }
 
+    /// What builds before this one wrote beside an own chunk they stored as a blob.
+    fn mark_owner(vault: &Vault, id: &ChunkId, owner: &SiteId) {
+        vault
+            .store
+            .index()
+            .commit(IndexBatch {
+                catalog: vec![([KEY_HELD_CHUNK, &id.0].concat(), owner.0.to_vec())],
+                ..IndexBatch::default()
+            })
+            .expect("mark");
+    }
+
     fn opens(vault: &Vault, id: &ChunkId) -> Result<Vec<u8>, String> {
         let mut reader = vault.store.reader();
         vault
@@ -388,14 +400,7 @@ mod tests {
         let (_tmp, vault, id, sealed, plaintext) = vault_with_chunk();
         let own = vault.dir.site_id();
         // What builds before this one wrote: the blob, and this site marked as owner.
-        vault
-            .store
-            .index()
-            .commit(IndexBatch {
-                catalog: vec![([KEY_HELD_CHUNK, &id.0].concat(), own.0.to_vec())],
-                ..IndexBatch::default()
-            })
-            .expect("mark");
+        mark_owner(&vault, &id, &own);
         let mut writer = vault.store.writer();
         writer
             .append(&id, &own_blob(&vault, &id, sealed.clone()))
@@ -420,14 +425,7 @@ mod tests {
         let mut writer = vault.store.writer();
         writer.append(&id, &sealed).expect("append");
         writer.commit().expect("commit");
-        vault
-            .store
-            .index()
-            .commit(IndexBatch {
-                catalog: vec![([KEY_HELD_CHUNK, &id.0].concat(), own.0.to_vec())],
-                ..IndexBatch::default()
-            })
-            .expect("mark");
+        mark_owner(&vault, &id, &own);
         assert_eq!(migrate_own_blobs(&vault).expect("migrate"), 0);
         assert_eq!(owner_of(&vault, &id), None);
         assert_eq!(opens(&vault, &id), Ok(plaintext));
