@@ -18,7 +18,8 @@
 //! `placement` picks the sites and nodes for each chunk by weighted rendezvous hashing,
 //! and `engine` is the sans-IO state machine that gossips, detects failures, replicates,
 //! repairs and trims; `rng` is the seeded generator it and the simulator draw from, and
-//! `memo` what it remembers having verified.
+//! `memo` what it remembers having verified. `retention` decides which snapshots a keep
+//! policy keeps (restic's `forget` rules).
 
 pub mod blob;
 pub mod catalog;
@@ -34,6 +35,7 @@ pub mod manifest;
 pub mod memo;
 pub mod placement;
 pub mod record;
+pub mod retention;
 pub mod rng;
 pub mod seal;
 pub mod snapshot;
