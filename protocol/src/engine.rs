@@ -527,11 +527,15 @@ impl Engine {
     ) -> Result<(), RecordError> {
         self.now_ms = self.now_ms.max(now_ms);
         let snapshot = record.key;
+        let key = RecordKey::of(&record);
         self.accept_record(record, self.node, now_ms)?;
         for chunk in chunks {
             self.hold(*chunk);
         }
-        self.track_snapshot(snapshot, chunks);
+        // A snapshot the site already forgot is never waited on or acknowledged.
+        if !self.catalog.get(&key).is_some_and(Record::is_tombstone) {
+            self.track_snapshot(snapshot, chunks);
+        }
         self.after_input(now_ms);
         Ok(())
     }
@@ -834,6 +838,10 @@ impl Engine {
         let kind = record.kind;
         match self.catalog.insert(record.clone()) {
             Insert::New | Insert::Replaced => {
+                if record.is_tombstone() && record.author == self.site {
+                    // Forgotten: nothing waits for it to reach R sites any more.
+                    self.pending_snapshots.remove(&record.key);
+                }
                 self.push_storage(StorageOp::SaveRecord(record));
                 if kind != crate::record::RecordKind::Snapshot {
                     self.trust_changed();

@@ -174,6 +174,12 @@ impl Record {
     /// True when `self` replaces `other` for the same (author, kind, key): a higher
     /// version, or the same version and the larger signature, so every node picks the
     /// same winner.
+    /// True for a forgotten snapshot's record: a Snapshot record at [`TOMBSTONE_VERSION`].
+    /// `validate` lets that version mean nothing else.
+    pub fn is_tombstone(&self) -> bool {
+        self.kind == RecordKind::Snapshot && self.version == TOMBSTONE_VERSION
+    }
+
     pub fn supersedes(&self, other: &Record) -> bool {
         debug_assert_eq!(
             (self.author, self.kind, self.key),
@@ -235,10 +241,47 @@ fn validate_signed(record: &Record, trust: &impl TrustView) -> Result<(), Record
                 ));
             }
         }
-        // Sealed: only the author's site can check the body; its size is bounded above.
-        RecordKind::Snapshot => {}
+        // Sealed: only the author's site can check a live record's body; its size is
+        // bounded above. A tombstone's body is plain and must decode.
+        RecordKind::Snapshot => {
+            if record.version == TOMBSTONE_VERSION {
+                Tombstone::decode(&record.body)?;
+            }
+        }
     }
     Ok(())
+}
+
+/// The version of a forgotten snapshot's record. `supersedes` compares versions first, so
+/// nothing but another tombstone of the same key can replace it: a replayed record or an
+/// old disk's copy of the live snapshot is stale wherever the tombstone is known.
+pub const TOMBSTONE_VERSION: u64 = u64::MAX;
+
+const TOMBSTONE_FORMAT: u8 = 1;
+
+/// The body of a tombstone: when the owner forgot the snapshot. Plain, so partners that
+/// cannot read the sealed snapshot can still tell it is gone and replace its body with
+/// this one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tombstone {
+    pub forgotten_unix_ms: u64,
+}
+
+impl Tombstone {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::with_capacity(9);
+        w.u8(TOMBSTONE_FORMAT);
+        w.u64(self.forgotten_unix_ms);
+        w.finish()
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Tombstone, DecodeError> {
+        let mut r = Reader::new(bytes);
+        r.version("tombstone", TOMBSTONE_FORMAT)?;
+        let forgotten_unix_ms = r.u64()?;
+        r.finish()?;
+        Ok(Tombstone { forgotten_unix_ms })
+    }
 }
 
 /// Records a `RecordVerifier` remembers having verified.
@@ -471,6 +514,63 @@ mod tests {
 
     fn key(seed: u8) -> SigningKey {
         SigningKey::from_bytes(&[seed; 32])
+    }
+
+    #[test]
+    fn a_tombstone_beats_every_version_of_its_snapshot_and_means_only_forgotten() {
+        let site = key(7);
+        let snapshot = [9; 32];
+        let live =
+            |version| Record::sign(&site, RecordKind::Snapshot, snapshot, version, vec![1; 40]);
+        let body = Tombstone {
+            forgotten_unix_ms: 1_714_521_600_000,
+        }
+        .encode();
+        let tombstone = Record::sign(
+            &site,
+            RecordKind::Snapshot,
+            snapshot,
+            TOMBSTONE_VERSION,
+            body.clone(),
+        );
+        assert!(tombstone.is_tombstone());
+        assert_eq!(validate(&tombstone, &TrustAll), Ok(()));
+        assert_eq!(
+            Tombstone::decode(&tombstone.body)
+                .unwrap()
+                .forgotten_unix_ms,
+            1_714_521_600_000
+        );
+        for version in [1, 2, u64::MAX - 1] {
+            assert!(!live(version).is_tombstone());
+            assert!(tombstone.supersedes(&live(version)));
+            assert!(!live(version).supersedes(&tombstone));
+        }
+        // At the tombstone's version a sealed body is refused: u64::MAX means forgotten.
+        let sealed_at_max = live(TOMBSTONE_VERSION);
+        assert!(matches!(
+            validate(&sealed_at_max, &TrustAll),
+            Err(RecordError::Decode(_))
+        ));
+        let mut trailing = body;
+        trailing.push(0);
+        let padded = Record::sign(
+            &site,
+            RecordKind::Snapshot,
+            snapshot,
+            TOMBSTONE_VERSION,
+            trailing,
+        );
+        assert!(validate(&padded, &TrustAll).is_err());
+        // Other kinds are not tombstones at any version.
+        let keys = Record::sign(
+            &site,
+            RecordKind::WrappedKeys,
+            [0; 32],
+            TOMBSTONE_VERSION,
+            vec![],
+        );
+        assert!(!keys.is_tombstone());
     }
 
     fn grant(

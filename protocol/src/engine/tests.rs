@@ -1479,3 +1479,75 @@ fn an_extra_copy_does_not_wait_for_a_target_whose_site_revoked_its_own() {
         );
     }
 }
+
+#[test]
+fn a_forgotten_snapshot_is_never_acknowledged_and_no_replay_brings_it_back() {
+    use crate::record::{Tombstone, TOMBSTONE_VERSION};
+    let mut net = Net::new(3, test_config());
+    let now_ms = net.now_ms;
+    let chunks = net.backup(0, 8, 5);
+    let key = net.sites[net.site_of[0]].key.clone();
+    let live = Record::sign(&key, RecordKind::Snapshot, [5; 32], 1, vec![5; 48]);
+    let body = Tombstone {
+        forgotten_unix_ms: now_ms,
+    }
+    .encode();
+    let tombstone = Record::sign(&key, RecordKind::Snapshot, [5; 32], TOMBSTONE_VERSION, body);
+    assert!(net.nodes[0].engine.snapshot_pending(&[5; 32]));
+    net.nodes[0]
+        .engine
+        .handle_local_record(tombstone.clone(), now_ms)
+        .unwrap();
+    assert!(!net.nodes[0].engine.snapshot_pending(&[5; 32]));
+    net.pump(0);
+    net.run_for(120_000);
+    let acknowledged = |net: &Net| {
+        count(
+            net.events(0),
+            |e| matches!(e, Event::SnapshotReplicated { snapshot } if *snapshot == [5; 32]),
+        )
+    };
+    assert_eq!(
+        acknowledged(&net),
+        0,
+        "a forgotten snapshot was acknowledged"
+    );
+    // Its chunks still replicated: forgetting takes liveness away, it deletes nothing.
+    assert!(chunks.iter().all(|c| net.holders(&c.id).len() >= 2));
+    // Every node that trusts the site holds the tombstone, and the live record handed
+    // in again (a replay, an old disk) is stale everywhere.
+    for i in 0..net.nodes.len() {
+        let held = net.nodes[i]
+            .engine
+            .catalog
+            .get(&RecordKey::of(&live))
+            .cloned();
+        assert_eq!(held.as_ref(), Some(&tombstone), "node {i}");
+        let now_ms = net.now_ms;
+        net.nodes[i]
+            .engine
+            .handle_local_record(live.clone(), now_ms)
+            .ok();
+        let after = net.nodes[i]
+            .engine
+            .catalog
+            .get(&RecordKey::of(&live))
+            .cloned();
+        assert_eq!(after.as_ref(), Some(&tombstone), "node {i} after a replay");
+    }
+    // A backup handing the engine the forgotten snapshot again does not track it, so
+    // it is not acknowledged either (its chunks are at R, so tracking would acknowledge
+    // it at once).
+    let now_ms = net.now_ms;
+    net.nodes[0]
+        .engine
+        .handle_new_snapshot(live, &chunks, now_ms)
+        .unwrap();
+    net.pump(0);
+    assert!(!net.nodes[0].engine.snapshot_pending(&[5; 32]));
+    assert_eq!(
+        acknowledged(&net),
+        0,
+        "a replayed forgotten snapshot was acknowledged"
+    );
+}
