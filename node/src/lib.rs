@@ -7,6 +7,7 @@ pub mod cli;
 pub mod control;
 pub mod datadir;
 pub mod fetch;
+pub mod forget;
 pub mod join;
 pub mod mesh;
 pub mod records;

@@ -3,7 +3,10 @@
 //! copy of the catalog; the mesh will gossip it.
 
 use cairn_protocol::identity::SiteId;
-use cairn_protocol::record::{validate, Record, RecordKind, TrustView};
+use cairn_protocol::record::{
+    validate, Record, RecordKind, Tombstone, TrustView, TOMBSTONE_VERSION,
+};
+use cairn_protocol::SnapshotId;
 
 use crate::store::{MetaIndex, StoreError};
 use crate::vault::Vault;
@@ -96,8 +99,49 @@ pub fn sign_next(
     body: Vec<u8>,
 ) -> Result<Record, StoreError> {
     let site = vault.dir.site_id();
-    let version = get(vault.store.index(), &site, kind, &key)?.map_or(1, |r| r.version + 1);
+    let version = match get(vault.store.index(), &site, kind, &key)? {
+        None => 1,
+        Some(r) if r.is_tombstone() => {
+            return Err(StoreError::Forgotten {
+                id: snapshot_id_of_key(&key),
+            })
+        }
+        // Below TOMBSTONE_VERSION: only a tombstone holds that version (validate).
+        Some(r) => r.version + 1,
+    };
+    Ok(sign(vault, kind, key, version, body))
+}
+
+/// Signs the tombstone of this site's snapshot `id`: the record that forgets it, final
+/// (nothing supersedes it), through the same path as every other record of the site.
+pub fn sign_tombstone(vault: &Vault, id: &SnapshotId, forgotten_unix_ms: u64) -> Record {
+    let body = Tombstone { forgotten_unix_ms }.encode();
+    sign(
+        vault,
+        RecordKind::Snapshot,
+        snapshot_key(id),
+        TOMBSTONE_VERSION,
+        body,
+    )
+}
+
+/// The one place this node signs with the site key, so moving the site key off ordinary
+/// nodes changes this function alone.
+fn sign(vault: &Vault, kind: RecordKind, key: [u8; 32], version: u64, body: Vec<u8>) -> Record {
+    let site = vault.dir.site_id();
     let record = Record::sign(&vault.dir.site_key, kind, key, version, body);
     validate(&record, &OwnSite(site)).expect("records this site signs are valid");
-    Ok(record)
+    record
+}
+
+/// The catalog key of snapshot `id`'s record: the id, zero-padded.
+pub fn snapshot_key(id: &SnapshotId) -> [u8; 32] {
+    let mut key = [0u8; 32];
+    key[..16].copy_from_slice(&id.0);
+    key
+}
+
+/// The snapshot a Snapshot record's key names (its first 16 bytes).
+pub fn snapshot_id_of_key(key: &[u8; 32]) -> SnapshotId {
+    SnapshotId(key[..16].try_into().expect("16 of 32 bytes"))
 }

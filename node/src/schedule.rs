@@ -449,18 +449,14 @@ impl Limits {
 /// Local weekday and minute of the day, by the machine's time zone (`localtime_r`). Falls
 /// back to UTC if the C library cannot convert the time.
 pub fn local_now() -> (Weekday, u16) {
-    let now_secs = crate::units::now_unix_ms() / 1000;
-    let time = now_secs as libc::time_t;
-    // SAFETY: `tm` is plain old data that localtime_r fills in; both pointers are valid
-    // for the call, and localtime_r keeps neither.
-    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
-    let converted = unsafe { !libc::localtime_r(&time, &mut tm).is_null() };
-    if !converted {
+    let now_ms = crate::units::now_unix_ms();
+    let now_secs = now_ms / 1000;
+    let Some(tm) = crate::units::local_tm(now_ms) else {
         let days = now_secs / 86_400;
         // 1970-01-01 was a Thursday.
         let weekday = Weekday::from_index((days + 3) as usize % 7);
         return (weekday, (now_secs % 86_400 / 60) as u16);
-    }
+    };
     // tm_wday counts from Sunday = 0.
     let weekday = Weekday::from_index((tm.tm_wday as usize + 6) % 7);
     // A leap second can make tm_sec 60, never the minute past 23:59.

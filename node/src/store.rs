@@ -86,6 +86,8 @@ pub enum StoreError {
     MissingChunk { id: ChunkId },
     #[error("pack {path} is damaged: {why}")]
     DamagedPack { path: PathBuf, why: String },
+    #[error("snapshot {id} was forgotten: its record is final and is never signed again")]
+    Forgotten { id: cairn_protocol::SnapshotId },
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {

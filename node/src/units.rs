@@ -136,6 +136,17 @@ pub fn chain_of<'a>(errors: impl Iterator<Item = &'a (dyn std::error::Error + 's
     text
 }
 
+/// `time_unix_ms` broken down in this machine's time zone (`localtime_r`); None when the
+/// C library cannot convert it.
+pub fn local_tm(time_unix_ms: u64) -> Option<libc::tm> {
+    let time = (time_unix_ms / 1000) as libc::time_t;
+    // SAFETY: `tm` is plain old data that localtime_r fills in; both pointers are valid
+    // for the call, and localtime_r keeps neither.
+    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    let converted = unsafe { !libc::localtime_r(&time, &mut tm).is_null() };
+    converted.then_some(tm)
+}
+
 pub fn now_unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

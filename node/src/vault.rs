@@ -6,7 +6,7 @@ use std::path::Path;
 
 use cairn_protocol::keys::VaultKeys;
 use cairn_protocol::manifest::{ManifestError, ManifestWalk};
-use cairn_protocol::record::{Record, RecordKind};
+use cairn_protocol::record::{Record, RecordKind, Tombstone};
 use cairn_protocol::seal::{Opener, SealError};
 use cairn_protocol::{ChunkId, Extent, ImageName, SnapshotId, SnapshotRecord};
 use thiserror::Error;
@@ -35,6 +35,12 @@ pub enum VaultError {
     AmbiguousSnapshot { image: String, wanted: String },
     #[error("{0}")]
     BadSpec(String),
+    #[error("snapshot {id} (asked for as {image}@...) was forgotten at {at}: its data may already be gone")]
+    Forgotten {
+        image: String,
+        id: SnapshotId,
+        at: String,
+    },
 }
 
 /// A chunk that could not be read or opened.
@@ -117,6 +123,9 @@ impl Vault {
         let index = self.store.index();
         for record in records::scan(index, &self.dir.site_id(), RecordKind::Snapshot)? {
             match snapshot_id_of_key(&record.key) {
+                Some(id) if record.is_tombstone() => {
+                    stored.remove(&id);
+                }
                 Some(id) => {
                     stored.entry(id).or_insert(record.body);
                 }
@@ -152,8 +161,7 @@ impl Vault {
                 id: *id,
                 why: "not in this store's index".into(),
             })?;
-        let mut key = [0u8; 32];
-        key[..16].copy_from_slice(&id.0);
+        let key = records::snapshot_key(id);
         Ok(records::sign_next(self, RecordKind::Snapshot, key, body)?)
     }
 
@@ -202,16 +210,47 @@ impl Vault {
             .filter(|r| !wanted.is_empty() && r.id.to_string().starts_with(&wanted_lower))
             .collect();
         match found.len() {
-            0 => Err(VaultError::UnknownSnapshot {
-                image: image.to_owned(),
-                wanted: wanted.to_owned(),
-            }),
+            0 => Err(self
+                .forgotten(image, wanted)?
+                .unwrap_or(VaultError::UnknownSnapshot {
+                    image: image.to_owned(),
+                    wanted: wanted.to_owned(),
+                })),
             1 => Ok(found.into_iter().next().expect("one")),
             _ => Err(VaultError::AmbiguousSnapshot {
                 image: image.to_owned(),
                 wanted: wanted.to_owned(),
             }),
         }
+    }
+
+    /// The error for `IMAGE@WANTED` when `wanted` names exactly one forgotten snapshot of
+    /// this site. A tombstone does not say which image it was, so the message names the
+    /// snapshot only.
+    fn forgotten(&self, image: &str, wanted: &str) -> Result<Option<VaultError>, VaultError> {
+        if wanted.is_empty() {
+            return Ok(None);
+        }
+        let wanted_lower = wanted.to_ascii_lowercase();
+        let index = self.store.index();
+        let mut found = records::scan(index, &self.dir.site_id(), RecordKind::Snapshot)?
+            .into_iter()
+            .filter(Record::is_tombstone)
+            .filter_map(|r| {
+                let id = snapshot_id_of_key(&r.key)?;
+                let at = Tombstone::decode(&r.body).ok()?.forgotten_unix_ms;
+                id.to_string()
+                    .starts_with(&wanted_lower)
+                    .then_some((id, at))
+            });
+        Ok(match (found.next(), found.next()) {
+            (Some((id, at_unix_ms)), None) => Some(VaultError::Forgotten {
+                image: image.to_owned(),
+                id,
+                at: format!("{} UTC", units::utc(at_unix_ms)),
+            }),
+            _ => None,
+        })
     }
 
     /// Walks a snapshot's manifest, calling `each(offset, extent)` in image order until it

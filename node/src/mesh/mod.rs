@@ -25,7 +25,7 @@ pub mod storage;
 mod transmit;
 
 use publish::own_node_cert;
-pub use publish::{own_records, snapshot_chunks, snapshot_key, snapshots_to_publish};
+pub use publish::{own_records, snapshot_chunks, snapshots_to_publish};
 pub use recover::fetch_wrapped_keys;
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -73,8 +73,7 @@ const DIAL_BACKOFF_MS: u64 = 5_000;
 const BURST_BYTES: u64 = 4 << 20;
 /// How often the weekly schedule is looked at.
 const SCHEDULE_CHECK: Duration = Duration::from_secs(30);
-/// Catalog key marking a snapshot confirmed at R sites.
-const KEY_ACKED: &[u8] = b"acked/";
+use crate::forget::KEY_ACKED;
 
 /// How `cairn node run` was asked to run.
 #[derive(Clone, Debug)]

@@ -63,7 +63,7 @@ impl Node {
     /// Snapshots confirmed at R before this start, for `cairn status`.
     pub(super) fn remember_acked(&mut self) -> Result<()> {
         for snapshot in self.vault.snapshots()? {
-            let key = snapshot_key(&snapshot.id.0);
+            let key = records::snapshot_key(&snapshot.id);
             let index = self.vault.store.index();
             if index.catalog_get(&[KEY_ACKED, &key].concat())?.is_none() {
                 continue;
@@ -143,7 +143,7 @@ pub fn snapshots_to_publish(vault: &Vault, unacked: bool) -> Result<Vec<(Record,
     let snapshots = vault.snapshots()?;
     let mut out = Vec::new();
     for (id, body) in index.snapshots()? {
-        let key = snapshot_key(&id.0);
+        let key = records::snapshot_key(&id);
         let record = match records::get(index, &site, RecordKind::Snapshot, &key)? {
             Some(_) if !unacked => continue,
             Some(record) => {
@@ -171,13 +171,6 @@ pub fn snapshots_to_publish(vault: &Vault, unacked: bool) -> Result<Vec<(Record,
         }
     }
     Ok(out)
-}
-
-/// The catalog key of a snapshot record: its id, zero-padded.
-pub fn snapshot_key(id: &[u8; 16]) -> [u8; 32] {
-    let mut key = [0u8; 32];
-    key[..16].copy_from_slice(id);
-    key
 }
 
 /// Every chunk a snapshot references, its manifest's included, as the engine knows

@@ -15,7 +15,6 @@ use cairn_protocol::engine::{ChunkRef, StorageOp};
 use cairn_protocol::identity::SiteId;
 use cairn_protocol::ids::ChunkId;
 use cairn_protocol::record::{Record, RecordKind};
-use cairn_protocol::SnapshotId;
 use crossbeam_channel::{Receiver, Sender};
 
 use crate::records;
@@ -275,9 +274,13 @@ fn save_record(vault: &Vault, batch: &mut IndexBatch, record: &Record) {
         record.version
     );
     if record.kind == RecordKind::Snapshot && record.author == vault.dir.site_id() {
-        let mut id = [0u8; 16];
-        id.copy_from_slice(&record.key[..16]);
-        batch.snapshots.push((SnapshotId(id), record.body.clone()));
+        let id = records::snapshot_id_of_key(&record.key);
+        if record.is_tombstone() {
+            // Forgotten on another node of the site: gone from `cairn snapshots` here too.
+            batch.removed_snapshots.push(id);
+        } else {
+            batch.snapshots.push((id, record.body.clone()));
+        }
     }
 }
 

@@ -45,6 +45,8 @@ pub struct IndexBatch {
     /// A pack and the length of it that is now written, fsynced and indexed.
     pub packs: Vec<(PackId, u64)>,
     pub snapshots: Vec<(SnapshotId, Vec<u8>)>,
+    /// Snapshots forgotten (applied after `snapshots`).
+    pub removed_snapshots: Vec<SnapshotId>,
     pub removed_chunks: Vec<ChunkId>,
     pub removed_packs: Vec<PackId>,
     /// Small catalog entries (signed records, partners, used tokens), by key.
@@ -155,6 +157,9 @@ impl MetaIndex for SledIndex {
         }
         for (id, record) in &batch.snapshots {
             sled_batch.insert(key(PREFIX_SNAPSHOT, &id.0), record.as_slice());
+        }
+        for id in &batch.removed_snapshots {
+            sled_batch.remove(key(PREFIX_SNAPSHOT, &id.0));
         }
         for id in &batch.removed_chunks {
             sled_batch.remove(key(PREFIX_CHUNK, &id.0));
