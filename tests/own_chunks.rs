@@ -54,7 +54,13 @@ fn run(root: &Path) -> Result<()> {
         String::from_utf8_lossy(&verify.stderr)
     );
 
-    // a1's snapshot restored on a2: what a2 holds is read from its disk.
+    // a1's snapshot restored on a2: what a2 holds is read from its disk. Its record
+    // travels by gossip, apart from the chunks, so wait until a2 lists it.
+    wait_for(
+        Duration::from_secs(60),
+        "a2 to learn a1's snapshot of fs",
+        || Ok(a2.ok(&["snapshots", "fs"]).is_ok()),
+    )?;
     let out = root.join("restored.img");
     let summary: serde_json::Value = serde_json::from_str(&a2.ok(&[
         "restore",
