@@ -126,3 +126,35 @@ fn client(node: &Node, args: &[&str]) -> Command {
     command.stdout(Stdio::null()).stderr(Stdio::null());
     command
 }
+
+/// Without a node, Ctrl-C stops a backup the same way: one line saying so, no snapshot.
+#[test]
+fn ctrl_c_stops_a_backup_run_without_a_node() {
+    let site = cairn::Site::new();
+    let mut client = site
+        .command(&["backup", "piped", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("cairn runs");
+    let mut pipe = client.stdin.take().expect("piped stdin");
+    pipe.write_all(&random_bytes(8 << 20, 3))
+        .expect("cairn reads");
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(client.id() as libc::pid_t, libc::SIGINT) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while client.try_wait().expect("wait").is_none() {
+        assert!(Instant::now() < deadline, "Ctrl-C did not stop the backup");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(pipe);
+    let out = client.wait_with_output().expect("wait");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(
+        stderr.trim_end(),
+        "error: cancelled before the snapshot was made; nothing was recorded"
+    );
+    assert_eq!(site.ok(&["snapshots", "--json"]).trim(), "[]");
+}

@@ -366,7 +366,13 @@ fn forward_or_run(cli: Cli) -> Result<u8> {
     if let Operation::Status { .. } = operation {
         return Err(crate::control::ControlError::NotRunning(data_dir).into());
     }
-    cancel_on_interrupt(&caller.cancel);
+    // Only the long jobs that check the flag; anything else dies on Ctrl-C as before.
+    if matches!(
+        operation,
+        Operation::Backup { .. } | Operation::Restore { .. }
+    ) {
+        cancel_on_interrupt(&caller.cancel);
+    }
     execute(&caller, None, &data_dir, operation)
 }
 
