@@ -546,7 +546,7 @@ fn cancel_on_interrupt(cancel: &Cancel) {
 }
 
 fn run_init(io: &remote::Caller, data_dir: &Path, site_name: String, json: bool) -> Result<u8> {
-    let vault = Vault::init(&data_dir, &site_name)?;
+    let vault = Vault::init(data_dir, &site_name)?;
     let site_id = vault.dir.site_id();
     let recovery_key = vault
         .dir
@@ -891,9 +891,7 @@ fn run_verify(
         }
     };
     let bar = progress_bar(io, None, "verifying");
-    let report = verify::verify(&vault, &records, n_workers(), &|done| {
-        bar.set_position(done)
-    });
+    let report = verify::verify(vault, &records, n_workers(), &|done| bar.set_position(done));
     bar.finish_and_clear();
     let damaged = !report.damage.is_empty() || !damaged_records.is_empty();
     for e in &damaged_records {
