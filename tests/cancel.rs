@@ -65,6 +65,22 @@ fn backup_of_a_pipe(node: &Node) -> Result<()> {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+    // What it appended to packs is not half a commit: the next backup and verify are clean.
+    let mut after = self::client(node, &["backup", "after", "-", "--json"])
+        .stdin(Stdio::piped())
+        .spawn()?;
+    let mut pipe = after.stdin.take().expect("piped stdin");
+    pipe.write_all(&random_bytes(4 << 20, 1))?;
+    drop(pipe);
+    ensure!(
+        after.wait()?.success(),
+        "the backup after a cancelled one failed"
+    );
+    node.ok(&["verify"])?;
+    ensure!(
+        snapshots(node)?.len() == 1,
+        "the backup after a cancelled one is missing"
+    );
     Ok(())
 }
 
