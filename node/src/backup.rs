@@ -28,6 +28,7 @@ use crossbeam_channel::{bounded, Receiver, Sender};
 use serde::Serialize;
 use thiserror::Error;
 
+use crate::cancel::Cancel;
 use crate::datadir::random_bytes;
 use crate::source::{Piece, Source, SourceError};
 use crate::store::{PackWriter, StoreError};
@@ -52,6 +53,9 @@ pub enum BackupError {
         expected: u64,
         actual: u64,
     },
+    /// The job was cancelled (its command went away, or Ctrl-C): no snapshot was made.
+    #[error("cancelled before the snapshot was made; nothing was recorded")]
+    Cancelled,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -137,6 +141,20 @@ pub fn backup(
     options: BackupOptions,
     progress: &dyn Fn(u64),
 ) -> Result<BackupSummary, BackupError> {
+    backup_until(vault, image, source, options, &Cancel::new(), progress)
+}
+
+/// `backup`, stopping with `BackupError::Cancelled` once `cancel` is set. A cancelled
+/// backup records no snapshot and commits nothing: packs it already wrote hold chunks no
+/// index entry names, which the store treats as free space (as after a crash).
+pub fn backup_until(
+    vault: &Vault,
+    image: &ImageName,
+    source: Source,
+    options: BackupOptions,
+    cancel: &Cancel,
+    progress: &dyn Fn(u64),
+) -> Result<BackupSummary, BackupError> {
     options.chunker.validate().map_err(BackupError::Chunker)?;
     let started = Instant::now();
     let (source_path, source_bytes) = (source.path().to_owned(), source.size_bytes);
@@ -158,7 +176,7 @@ pub fn backup(
     };
     let mut writer = vault.store.writer();
     let outcome = std::thread::scope(|scope| {
-        let reader = scope.spawn(|| read_source(source, free_rx, work_tx, &stop));
+        let reader = scope.spawn(|| read_source(source, free_rx, work_tx, &stop, cancel));
         for _ in 0..n_workers {
             let (work_rx, done_tx, free_tx) = (work_rx.clone(), done_tx.clone(), free_tx.clone());
             let in_flight = &in_flight;
@@ -171,12 +189,17 @@ pub fn backup(
             &in_flight,
             done_rx,
             &mut summary,
+            cancel,
             progress,
         );
         if result.is_err() {
             stop.store(true, Ordering::Relaxed);
         }
         let read = reader.join().expect("reader thread does not panic");
+        // A reader stopped by the flag ends early or fails: either is the cancellation.
+        if cancel.is_cancelled() {
+            return Err(BackupError::Cancelled);
+        }
         let root = result?;
         read?;
         Ok::<_, BackupError>(root)
@@ -190,6 +213,10 @@ pub fn backup(
         });
     }
 
+    // The last moment to stop: after the commit the snapshot exists.
+    if cancel.is_cancelled() {
+        return Err(BackupError::Cancelled);
+    }
     // Write order step 4: chunks are durable and indexed before the record names them.
     writer.commit()?;
     let time_unix_ms = now_unix_ms();
@@ -222,6 +249,7 @@ fn read_source(
     free_rx: Receiver<Vec<u8>>,
     work_tx: Sender<Work>,
     stop: &AtomicBool,
+    cancel: &Cancel,
 ) -> Result<(), SourceError> {
     let mut idx = 0;
     source.pieces(
@@ -229,7 +257,7 @@ fn read_source(
         |piece, buffer| {
             let sent = work_tx.send(Work { idx, piece, buffer }).is_ok();
             idx += 1;
-            sent && !stop.load(Ordering::Relaxed)
+            sent && !stop.load(Ordering::Relaxed) && !cancel.is_cancelled()
         },
     )
 }
@@ -346,6 +374,7 @@ fn collect(
     in_flight: &InFlight,
     done_rx: Receiver<Result<Done, BackupError>>,
     summary: &mut BackupSummary,
+    cancel: &Cancel,
     progress: &dyn Fn(u64),
 ) -> Result<ManifestRoot, BackupError> {
     let mut sink = Sink {
@@ -359,6 +388,9 @@ fn collect(
     let mut next_idx = 0u64;
     let mut last_progress = Instant::now();
     for done in done_rx {
+        if cancel.is_cancelled() {
+            return Err(BackupError::Cancelled);
+        }
         let done = done?;
         summary.read_bytes += done.read_bytes;
         for (id, sealed, plain_len) in done.new_chunks {

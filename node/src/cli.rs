@@ -4,8 +4,7 @@
 mod node;
 pub mod remote;
 
-use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -14,9 +13,10 @@ use cairn_protocol::identity::{NodeId, RecoveryKey, SiteId};
 use cairn_protocol::ImageName;
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::backup::{self, BackupOptions, ZSTD_LEVEL_DEFAULT};
+use crate::cancel::{Cancel, CancellableReader};
 use crate::datadir::DataDir;
 use crate::join::{self, NewNode};
 use crate::source::Source;
@@ -28,13 +28,13 @@ use crate::{restore, verify};
 /// A line of output: stdout here, or the terminal of the command's user when it runs
 /// inside a node.
 macro_rules! outln {
-    () => { $crate::cli::remote::out(String::new()) };
-    ($($t:tt)*) => { $crate::cli::remote::out(format!($($t)*)) };
+    ($io:expr) => { $io.out(String::new()) };
+    ($io:expr, $($t:tt)*) => { $io.out(format!($($t)*)) };
 }
 
 /// A line on stderr (or the command's user's stderr).
 macro_rules! errln {
-    ($($t:tt)*) => { $crate::cli::remote::err(format!($($t)*)) };
+    ($io:expr, $($t:tt)*) => { $io.err(format!($($t)*)) };
 }
 
 #[derive(Parser)]
@@ -172,8 +172,8 @@ enum Command {
     },
 }
 
-#[derive(Subcommand)]
-enum SiteCommand {
+#[derive(Subcommand, Serialize, Deserialize)]
+pub enum SiteCommand {
     /// This site's id, name and fingerprint (read them to partners to compare), and its nodes
     Show {
         /// Print the result as JSON, for scripts
@@ -206,8 +206,8 @@ enum SiteCommand {
     },
 }
 
-#[derive(Subcommand)]
-enum TrustCommand {
+#[derive(Subcommand, Serialize, Deserialize)]
+pub enum TrustCommand {
     /// Print an invite token for a partner consultant to accept
     Invite {
         /// What this site offers to store for the partner, e.g. 500GB or 2TiB
@@ -294,106 +294,19 @@ fn n_workers() -> usize {
 }
 
 /// Runs the command here, or inside the data dir's running node when there is one (it
-/// holds the store open).
+/// holds the store open). Commands that make or run a data dir always run here; the
+/// others become an `Operation`, which runs the same way in both places (`execute`).
 fn forward_or_run(cli: Cli) -> Result<u8> {
     let data_dir = match &cli.data_dir {
         Some(dir) => dir.clone(),
         None => default_data_dir()?,
     };
-    let needs_store = !matches!(
-        cli.command,
-        Command::Init { .. }
-            | Command::Join { .. }
-            | Command::Recover { .. }
-            | Command::Node { .. }
-    );
-    if needs_store && crate::control::probe(&data_dir)? {
-        // A backup of stdin inside the node reads this process's stdin, handed over.
-        let send_stdin = matches!(&cli.command, Command::Backup { source, .. } if source == "-");
-        return remote::forward(&data_dir, std::env::args().skip(1).collect(), send_stdin);
-    }
-    if let Command::Status { .. } = cli.command {
-        return Err(crate::control::ControlError::NotRunning(data_dir).into());
-    }
-    run(cli)
-}
-
-/// Runs a parsed command. Inside a node (see `remote`), the node's open vault is used
-/// and relative paths are the command's user's.
-fn run(cli: Cli) -> Result<u8> {
-    let context = remote::context();
-    let data_dir = match (&context, cli.data_dir) {
-        (Some(c), _) => c.vault.dir.root().to_owned(),
-        (None, Some(dir)) => dir,
-        (None, None) => default_data_dir()?,
-    };
-    let user_path = |path: PathBuf| match &context {
-        Some(c) => c.cwd.join(path),
-        None => path,
-    };
-    let open = || -> Result<Arc<Vault>> {
-        if let Some(c) = &context {
-            return Ok(c.vault.clone());
-        }
-        let vault = Vault::open(&data_dir)?;
-        for warning in &vault.store.warnings {
-            errln!("warning: {warning}");
-        }
-        Ok(Arc::new(vault))
-    };
-    match cli.command {
+    let caller = remote::Caller::here();
+    let operation = match cli.command {
         Command::Node { command } => return node::run(&data_dir, command),
-        Command::Status { json } => {
-            let Some(c) = &context else {
-                return Err(crate::control::ControlError::NotRunning(data_dir).into());
-            };
-            let status = node::status(&c.vault, &c.mesh)?;
-            if json {
-                print_json(&status);
-            } else {
-                outln!("{}", crate::status::render_text(&status).trim_end());
-            }
-        }
-        Command::Init { site_name, json } => {
-            let vault = Vault::init(&data_dir, &site_name)?;
-            let site_id = vault.dir.site_id();
-            let recovery_key = vault
-                .dir
-                .recovery_key
-                .clone()
-                .expect("init makes a recovery key");
-            if json {
-                print_json(&serde_json::json!({
-                    "site_name": site_name,
-                    "site_id": site_id.to_string(),
-                    "fingerprint": site_id.fingerprint().to_string(),
-                    "recovery_key": recovery_key.to_string(),
-                    "data_dir": data_dir,
-                }));
-            } else {
-                outln!("created site {site_name:?} in {}", data_dir.display());
-                outln!("site id:     {site_id}");
-                outln!("fingerprint: {}", site_id.fingerprint());
-                outln!();
-                print_recovery_sheet(&site_id, &recovery_key);
-            }
-        }
-        Command::Trust { command } => return run_trust(&*open()?, command),
-        Command::Site { command } => return run_site(&*open()?, command),
-        Command::Join { token, yes, json } => return run_join(&data_dir, token, yes, json),
-        Command::Key {
-            command: KeyCommand::RecoverySheet { yes },
-        } => {
-            let vault = open()?;
-            let Some(recovery_key) = vault.dir.recovery_key.clone() else {
-                anyhow::bail!(
-                    "this data dir holds no recovery key (it joined its site, or predates recovery keys): print it on the machine that made the site"
-                );
-            };
-            if !yes {
-                confirm("This prints the secret that opens every backup of this site. Print it?")?;
-            }
-            print_recovery_sheet(&vault.dir.site_id(), &recovery_key);
+        Command::Init { site_name, json } => return run_init(&caller, &data_dir, site_name, json),
+        Command::Join { token, yes, json } => {
+            return run_join(&caller, &data_dir, token, yes, json)
         }
         Command::Recover {
             site,
@@ -403,297 +316,628 @@ fn run(cli: Cli) -> Result<u8> {
             bootstrap,
             json,
         } => {
-            let site: SiteId = site.parse().context("--site")?;
-            let recovery_key: RecoveryKey = recovery_key.parse().context("--recovery-key")?;
-            let record = if bootstrap.is_empty() {
-                let from = from.unwrap_or_else(|| data_dir.clone());
-                let record_path = if from.is_dir() {
-                    from.join("wrapped-keys.rec")
-                } else {
-                    from
-                };
-                std::fs::read(&record_path).with_context(|| {
-                    format!(
-                        "cannot read the wrapped-keys record {}",
-                        record_path.display()
-                    )
-                })?
-            } else {
-                crate::mesh::fetch_wrapped_keys(&site, &bootstrap)?
+            let recover = Recover {
+                site,
+                recovery_key,
+                from,
+                site_name,
+                bootstrap,
+                json,
             };
-            let dir = DataDir::recover(
-                &data_dir,
-                &site,
-                &recovery_key,
-                &record,
-                site_name.as_deref(),
-            )?;
-            if !bootstrap.is_empty() {
-                node::remember_bootstrap(&data_dir, &bootstrap)?;
-            }
-            if json {
-                print_json(&serde_json::json!({
-                    "site_name": dir.site_name,
-                    "site_id": site.to_string(),
-                    "data_dir": data_dir,
-                }));
-            } else {
-                outln!(
-                    "recovered site {:?} ({site}) into {}",
-                    dir.site_name,
-                    data_dir.display()
-                );
-            }
+            return run_recover(&caller, &data_dir, recover);
         }
         Command::Backup {
             image,
             source,
             zstd_level,
             json,
-        } => {
-            let image = ImageName::new(&image)?;
-            let source = if source == "-" {
-                source
-            } else {
-                user_path(PathBuf::from(source))
-                    .to_string_lossy()
-                    .into_owned()
-            };
-            let source = match (&context, source.as_str()) {
-                // Inside a node, `-` is the command's stdin, which it sent along.
-                (Some(c), "-") => {
-                    let stdin = c
-                        .take_stdin()
-                        .context("the command's stdin did not reach the node")?;
-                    Source::stream("stdin", Box::new(stdin))
-                }
-                _ => Source::open(&source)?,
-            };
-            let vault = open()?;
-            // Inside a node, the storage thread and this backup take turns at the packs.
-            let write_lock = context.as_ref().map(|c| c.mesh.write_lock.clone());
-            let _writing = write_lock
-                .as_ref()
-                .map(|l| l.lock().unwrap_or_else(|e| e.into_inner()));
-            let bar = progress_bar(source.size_bytes, "backing up");
-            let options = BackupOptions {
-                zstd_level,
-                ..BackupOptions::default()
-            };
-            let summary = backup::backup(&vault, &image, source, options, &|done| {
-                bar.set_position(done)
-            });
-            bar.finish_and_clear();
-            let summary = summary?;
-            drop(_writing);
-            if let Some(c) = &context {
-                // The new snapshot goes to the mesh now, not at the node's next start.
-                node::publish(&c.vault, &c.mesh)?;
-            }
-            if json {
-                print_json(&summary);
-            } else {
-                outln!(
-                    "backed up {}@{}: {} in {:.1}s ({})",
-                    summary.image,
-                    summary.snapshot,
-                    units::bytes(summary.size_bytes),
-                    summary.seconds,
-                    units::rate(summary.size_bytes, summary.seconds)
-                );
-                outln!(
-                    "  read {} ({} zeros or holes, never stored); {} chunks, {} new",
-                    units::bytes(summary.read_bytes),
-                    units::bytes(summary.zero_bytes),
-                    summary.n_chunks,
-                    summary.n_chunks_new
-                );
-                if summary.n_chunks_new == 0 {
-                    outln!("  nothing new to store: every chunk was already in the vault");
-                } else {
-                    outln!(
-                        "  new data {} stored as {}: dedup {:.2}x, compression {:.2}x",
-                        units::bytes(summary.new_bytes),
-                        units::bytes(summary.stored_bytes),
-                        summary.dedup_ratio(),
-                        summary.compression_ratio()
-                    );
-                }
-            }
-        }
-        Command::Snapshots { image, json } => {
-            let vault = open()?;
-            if let Some(image) = &image {
-                ImageName::new(image)?;
-            }
-            let (records, damaged_records) = vault.snapshots_checked()?;
-            for e in &damaged_records {
-                errln!("warning: {e}; `cairn verify` reports it too");
-            }
-            let records: Vec<_> = records
-                .into_iter()
-                .filter(|r| {
-                    image
-                        .as_deref()
-                        .is_none_or(|image| r.image.as_str() == image)
-                })
-                .collect();
-            if let (Some(image), true) = (&image, records.is_empty()) {
-                anyhow::bail!(
-                    "no image named {image:?} in this vault (`cairn snapshots` lists them)"
-                );
-            }
-            if json {
-                #[derive(Serialize)]
-                struct Row {
-                    image: String,
-                    snapshot: String,
-                    time_unix_ms: u64,
-                    size_bytes: u64,
-                }
-                let rows: Vec<Row> = records
-                    .iter()
-                    .map(|r| Row {
-                        image: r.image.to_string(),
-                        snapshot: r.id.to_string(),
-                        time_unix_ms: r.time_unix_ms,
-                        size_bytes: r.size_bytes,
-                    })
-                    .collect();
-                print_json(&rows);
-            } else if records.is_empty() {
-                outln!("no snapshots yet: `cairn backup IMAGE SOURCE` makes one");
-            } else {
-                outln!(
-                    "{:<24} {:<10} {:<20} {:>10}",
-                    "IMAGE",
-                    "SNAPSHOT",
-                    "TIME (UTC)",
-                    "SIZE"
-                );
-                for r in &records {
-                    outln!(
-                        "{:<24} {:<10} {:<20} {:>10}",
-                        r.image.as_str(),
-                        r.id.short(),
-                        units::utc(r.time_unix_ms),
-                        units::bytes(r.size_bytes)
-                    );
-                }
-            }
-        }
+        } => Operation::Backup {
+            image,
+            source,
+            zstd_level,
+            json,
+        },
+        Command::Snapshots { image, json } => Operation::Snapshots { image, json },
         Command::Restore {
             snapshot,
             out,
             force,
             fresh,
             json,
-        } => {
-            let vault = open()?;
-            let record = vault.resolve(&snapshot)?;
-            let out = user_path(out);
-            let bar = progress_bar(Some(record.size_bytes), "restoring");
-            // Inside a node, what the store lacks comes from the mesh.
-            let mesh = context.as_ref().map(|c| c.mesh.clone());
-            let options = restore::RestoreOptions {
+        } => Operation::Restore {
+            snapshot,
+            out,
+            force,
+            fresh,
+            json,
+        },
+        Command::Verify { snapshot, json } => Operation::Verify { snapshot, json },
+        Command::Status { json } => Operation::Status { json },
+        Command::Trust { command } => Operation::Trust(command),
+        Command::Site { command } => Operation::Site(command),
+        Command::Key {
+            command: KeyCommand::RecoverySheet { yes },
+        } => Operation::RecoverySheet { yes },
+    };
+    if crate::control::probe(&data_dir)? {
+        let cwd = std::env::current_dir().context("cannot read the working directory")?;
+        return remote::forward(&data_dir, operation.with_paths_from(&cwd));
+    }
+    if let Operation::Status { .. } = operation {
+        return Err(crate::control::ControlError::NotRunning(data_dir).into());
+    }
+    // Only the long jobs that check the flag; anything else dies on Ctrl-C as before.
+    if matches!(
+        operation,
+        Operation::Backup { .. } | Operation::Restore { .. }
+    ) {
+        cancel_on_interrupt(&caller.cancel);
+    }
+    execute(&caller, None, &data_dir, operation)
+}
+
+/// One operation on a data dir's vault, as a command asks for it: routed to the data
+/// dir's node when one runs (`remote::forward`), run here otherwise. Both run `execute`.
+#[derive(Serialize, Deserialize)]
+pub enum Operation {
+    Backup {
+        image: String,
+        /// A path, or `-` for the command's stdin.
+        source: String,
+        zstd_level: i32,
+        json: bool,
+    },
+    Snapshots {
+        image: Option<String>,
+        json: bool,
+    },
+    Restore {
+        snapshot: String,
+        out: PathBuf,
+        force: bool,
+        fresh: bool,
+        json: bool,
+    },
+    Verify {
+        snapshot: Option<String>,
+        json: bool,
+    },
+    Status {
+        json: bool,
+    },
+    Trust(TrustCommand),
+    Site(SiteCommand),
+    RecoverySheet {
+        yes: bool,
+    },
+}
+
+impl Operation {
+    /// The operation's name, for the node's log.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Operation::Backup { .. } => "backup",
+            Operation::Snapshots { .. } => "snapshots",
+            Operation::Restore { .. } => "restore",
+            Operation::Verify { .. } => "verify",
+            Operation::Status { .. } => "status",
+            Operation::Trust(_) => "trust",
+            Operation::Site(_) => "site",
+            Operation::RecoverySheet { .. } => "key recovery-sheet",
+        }
+    }
+
+    /// A backup of `-` reads the command's stdin, which goes to the node with it.
+    pub fn reads_stdin(&self) -> bool {
+        matches!(self, Operation::Backup { source, .. } if source == "-")
+    }
+
+    /// Makes relative paths absolute in `cwd`, the command's working directory, for a
+    /// node that runs somewhere else.
+    pub fn with_paths_from(self, cwd: &Path) -> Operation {
+        match self {
+            Operation::Backup {
+                image,
+                source,
+                zstd_level,
+                json,
+            } if source != "-" => Operation::Backup {
+                image,
+                source: cwd.join(source).to_string_lossy().into_owned(),
+                zstd_level,
+                json,
+            },
+            Operation::Restore {
+                snapshot,
+                out,
                 force,
                 fresh,
-                remote: mesh.as_ref().map(|m| m as &dyn crate::fetch::RemoteChunks),
-                // Inside a node, the output gets the command's umask, not the node's.
-                file_mode: context.as_ref().map(|c| remote::file_mode(c.umask)),
-                ..restore::RestoreOptions::local(n_workers())
-            };
-            let summary = restore::restore(&vault, &record, &out, &options, &|done| {
-                bar.set_position(done)
-            });
-            bar.finish_and_clear();
-            let summary = summary?;
-            if json {
-                print_json(&summary);
-            } else {
-                outln!(
-                    "restored {}@{} to {}: {} ({} of data) in {:.1}s ({})",
-                    summary.image,
-                    summary.snapshot,
-                    summary.output,
-                    units::bytes(summary.size_bytes),
-                    units::bytes(summary.data_bytes),
-                    summary.seconds,
-                    units::rate(summary.size_bytes, summary.seconds)
-                );
-                outln!(
-                    "  {} resumed from an interrupted restore, {} read here, {} fetched from other nodes",
-                    units::bytes(summary.resumed_bytes),
-                    units::bytes(summary.local_bytes),
-                    units::bytes(summary.remote_bytes)
-                );
-            }
+                json,
+            } => Operation::Restore {
+                snapshot,
+                out: cwd.join(out),
+                force,
+                fresh,
+                json,
+            },
+            other => other,
         }
-        Command::Verify { snapshot, json } => {
-            let vault = open()?;
-            let (all, damaged_records) = vault.snapshots_checked()?;
-            let records = match snapshot.as_deref() {
-                None => all,
-                Some(spec) if spec.contains('@') => vec![vault.resolve(spec)?],
-                Some(image) => {
-                    vault.resolve(image)?;
-                    vault
-                        .snapshots()?
-                        .into_iter()
-                        .filter(|r| r.image.as_str() == image)
-                        .collect()
-                }
+    }
+}
+
+/// Runs an operation for `caller`: inside the running node (`node` is Some, and its
+/// open vault is used) or here on the data dir.
+pub(crate) fn execute(
+    caller: &remote::Caller,
+    node: Option<&remote::InNode>,
+    data_dir: &Path,
+    operation: Operation,
+) -> Result<u8> {
+    let open = || -> Result<Arc<Vault>> {
+        if let Some(node) = node {
+            return Ok(node.vault.clone());
+        }
+        let vault = Vault::open(data_dir)?;
+        for warning in &vault.store.warnings {
+            errln!(caller, "warning: {warning}");
+        }
+        Ok(Arc::new(vault))
+    };
+    let io = caller;
+    match operation {
+        Operation::Status { json } => {
+            let Some(node) = node else {
+                return Err(crate::control::ControlError::NotRunning(data_dir.to_owned()).into());
             };
-            let bar = progress_bar(None, "verifying");
-            let report = verify::verify(&vault, &records, n_workers(), &|done| {
-                bar.set_position(done)
-            });
-            bar.finish_and_clear();
-            let damaged = !report.damage.is_empty() || !damaged_records.is_empty();
-            for e in &damaged_records {
-                errln!("DAMAGED {e}");
-            }
+            let status = node::status(&node.vault, &node.mesh)?;
             if json {
-                print_json(&report);
+                print_json(io, &status);
             } else {
-                for d in &report.damage {
-                    let chunk = d
-                        .chunk
-                        .as_deref()
-                        .map(|c| format!(" chunk {}", &c[..16]))
-                        .unwrap_or_default();
-                    outln!(
-                        "DAMAGED {}@{} bytes {}..{}{}: {}",
-                        d.image,
-                        d.snapshot,
-                        d.offset,
-                        d.offset + d.len_bytes,
-                        chunk,
-                        d.why
-                    );
-                }
-                outln!(
-                    "verified {} snapshots: {} chunks, {} in {:.1}s: {}",
-                    report.n_snapshots,
-                    report.n_chunks_checked,
-                    units::bytes(report.bytes_checked),
-                    report.seconds,
-                    if damaged {
-                        format!("{} damaged stretches", report.damage.len())
-                    } else {
-                        "all good".into()
-                    }
+                outln!(io, "{}", crate::status::render_text(&status).trim_end());
+            }
+            Ok(0)
+        }
+        Operation::Trust(command) => run_trust(io, &*open()?, command),
+        Operation::Site(command) => run_site(io, &*open()?, command),
+        Operation::RecoverySheet { yes } => run_recovery_sheet(io, &*open()?, yes),
+        Operation::Backup {
+            image,
+            source,
+            zstd_level,
+            json,
+        } => run_backup(io, node, &open, &image, source, zstd_level, json),
+        Operation::Snapshots { image, json } => run_snapshots(io, &*open()?, image, json),
+        Operation::Restore {
+            snapshot,
+            out,
+            force,
+            fresh,
+            json,
+        } => {
+            let flags = RestoreFlags { force, fresh, json };
+            run_restore(io, node, &*open()?, &snapshot, &out, flags)
+        }
+        Operation::Verify { snapshot, json } => run_verify(io, &*open()?, snapshot, json),
+    }
+}
+
+/// Sets `cancel` on Ctrl-C, so a backup or restore run here stops cleanly (no snapshot;
+/// the partial file kept) instead of dying mid-write. A second Ctrl-C kills the process
+/// as usual.
+fn cancel_on_interrupt(cancel: &Cancel) {
+    static ON_INTERRUPT: std::sync::OnceLock<Cancel> = std::sync::OnceLock::new();
+    extern "C" fn on_interrupt(_signal: libc::c_int) {
+        if let Some(cancel) = ON_INTERRUPT.get() {
+            cancel.cancel();
+        }
+        // SAFETY: signal() is async-signal-safe; the default action comes back.
+        unsafe { libc::signal(libc::SIGINT, libc::SIG_DFL) };
+    }
+    if ON_INTERRUPT.set(cancel.clone()).is_ok() {
+        // SAFETY: the handler only reads a set OnceLock, stores to an atomic and resets
+        // itself, all async-signal-safe.
+        unsafe {
+            libc::signal(
+                libc::SIGINT,
+                on_interrupt as extern "C" fn(libc::c_int) as libc::sighandler_t,
+            )
+        };
+    }
+}
+
+fn run_init(io: &remote::Caller, data_dir: &Path, site_name: String, json: bool) -> Result<u8> {
+    let vault = Vault::init(data_dir, &site_name)?;
+    let site_id = vault.dir.site_id();
+    let recovery_key = vault
+        .dir
+        .recovery_key
+        .clone()
+        .expect("init makes a recovery key");
+    if json {
+        print_json(
+            io,
+            &serde_json::json!({
+                "site_name": site_name,
+                "site_id": site_id.to_string(),
+                "fingerprint": site_id.fingerprint().to_string(),
+                "recovery_key": recovery_key.to_string(),
+                "data_dir": data_dir,
+            }),
+        );
+    } else {
+        outln!(io, "created site {site_name:?} in {}", data_dir.display());
+        outln!(io, "site id:     {site_id}");
+        outln!(io, "fingerprint: {}", site_id.fingerprint());
+        outln!(io);
+        print_recovery_sheet(io, &site_id, &recovery_key);
+    }
+    Ok(0)
+}
+
+/// `cairn recover`'s arguments.
+struct Recover {
+    site: String,
+    recovery_key: String,
+    from: Option<PathBuf>,
+    site_name: Option<String>,
+    bootstrap: Vec<String>,
+    json: bool,
+}
+
+fn run_recover(io: &remote::Caller, data_dir: &Path, recover: Recover) -> Result<u8> {
+    let Recover {
+        site,
+        recovery_key,
+        from,
+        site_name,
+        bootstrap,
+        json,
+    } = recover;
+    let data_dir = data_dir.to_owned();
+    let site: SiteId = site.parse().context("--site")?;
+    let recovery_key: RecoveryKey = recovery_key.parse().context("--recovery-key")?;
+    let record = if bootstrap.is_empty() {
+        let from = from.unwrap_or_else(|| data_dir.clone());
+        let record_path = if from.is_dir() {
+            from.join("wrapped-keys.rec")
+        } else {
+            from
+        };
+        std::fs::read(&record_path).with_context(|| {
+            format!(
+                "cannot read the wrapped-keys record {}",
+                record_path.display()
+            )
+        })?
+    } else {
+        crate::mesh::fetch_wrapped_keys(&site, &bootstrap)?
+    };
+    let dir = DataDir::recover(
+        &data_dir,
+        &site,
+        &recovery_key,
+        &record,
+        site_name.as_deref(),
+    )?;
+    if !bootstrap.is_empty() {
+        node::remember_bootstrap(&data_dir, &bootstrap)?;
+    }
+    if json {
+        print_json(
+            io,
+            &serde_json::json!({
+                "site_name": dir.site_name,
+                "site_id": site.to_string(),
+                "data_dir": data_dir,
+            }),
+        );
+    } else {
+        outln!(
+            io,
+            "recovered site {:?} ({site}) into {}",
+            dir.site_name,
+            data_dir.display()
+        );
+    }
+    Ok(0)
+}
+
+fn run_recovery_sheet(io: &remote::Caller, vault: &Vault, yes: bool) -> Result<u8> {
+    let Some(recovery_key) = vault.dir.recovery_key.clone() else {
+        anyhow::bail!(
+                    "this data dir holds no recovery key (it joined its site, or predates recovery keys): print it on the machine that made the site"
                 );
-            }
-            if damaged {
-                return Ok(3);
-            }
+    };
+    if !yes {
+        confirm(
+            io,
+            "This prints the secret that opens every backup of this site. Print it?",
+        )?;
+    }
+    print_recovery_sheet(io, &vault.dir.site_id(), &recovery_key);
+    Ok(0)
+}
+
+fn run_backup(
+    io: &remote::Caller,
+    node: Option<&remote::InNode>,
+    open: &dyn Fn() -> Result<Arc<Vault>>,
+    image: &str,
+    source: String,
+    zstd_level: i32,
+    json: bool,
+) -> Result<u8> {
+    let image = ImageName::new(image)?;
+    let source = if source == "-" {
+        // Inside a node, `-` is the command's stdin, which it sent along. Read so that a
+        // cancel stops a read that waits on a stalled pipe.
+        let stdin: Box<dyn std::io::Read + Send> = if io.is_remote() {
+            let stdin = io
+                .take_stdin()
+                .context("the command's stdin did not reach the node")?;
+            Box::new(CancellableReader::new(stdin, io.cancel.clone()))
+        } else {
+            Box::new(CancellableReader::new(std::io::stdin(), io.cancel.clone()))
+        };
+        Source::stream("stdin", stdin)
+    } else {
+        Source::open(&source)?
+    };
+    let vault = open()?;
+    // Inside a node, the storage thread and this backup take turns at the packs.
+    let write_lock = node.map(|node| node.mesh.write_lock.clone());
+    let _writing = write_lock
+        .as_ref()
+        .map(|l| l.lock().unwrap_or_else(|e| e.into_inner()));
+    let bar = progress_bar(io, source.size_bytes, "backing up");
+    let options = BackupOptions {
+        zstd_level,
+        ..BackupOptions::default()
+    };
+    let summary = backup::backup_until(&vault, &image, source, options, &io.cancel, &|done| {
+        bar.set_position(done)
+    });
+    bar.finish_and_clear();
+    let summary = summary?;
+    drop(_writing);
+    if let Some(node) = node {
+        // The new snapshot goes to the mesh now, not at the node's next start.
+        node::publish(&node.vault, &node.mesh)?;
+    }
+    if json {
+        print_json(io, &summary);
+    } else {
+        outln!(
+            io,
+            "backed up {}@{}: {} in {:.1}s ({})",
+            summary.image,
+            summary.snapshot,
+            units::bytes(summary.size_bytes),
+            summary.seconds,
+            units::rate(summary.size_bytes, summary.seconds)
+        );
+        outln!(
+            io,
+            "  read {} ({} zeros or holes, never stored); {} chunks, {} new",
+            units::bytes(summary.read_bytes),
+            units::bytes(summary.zero_bytes),
+            summary.n_chunks,
+            summary.n_chunks_new
+        );
+        if summary.n_chunks_new == 0 {
+            outln!(
+                io,
+                "  nothing new to store: every chunk was already in the vault"
+            );
+        } else {
+            outln!(
+                io,
+                "  new data {} stored as {}: dedup {:.2}x, compression {:.2}x",
+                units::bytes(summary.new_bytes),
+                units::bytes(summary.stored_bytes),
+                summary.dedup_ratio(),
+                summary.compression_ratio()
+            );
         }
     }
     Ok(0)
 }
 
-fn run_trust(vault: &Vault, command: TrustCommand) -> Result<u8> {
+fn run_snapshots(
+    io: &remote::Caller,
+    vault: &Vault,
+    image: Option<String>,
+    json: bool,
+) -> Result<u8> {
+    if let Some(image) = &image {
+        ImageName::new(image)?;
+    }
+    let (records, damaged_records) = vault.snapshots_checked()?;
+    for e in &damaged_records {
+        errln!(io, "warning: {e}; `cairn verify` reports it too");
+    }
+    let records: Vec<_> = records
+        .into_iter()
+        .filter(|r| {
+            image
+                .as_deref()
+                .is_none_or(|image| r.image.as_str() == image)
+        })
+        .collect();
+    if let (Some(image), true) = (&image, records.is_empty()) {
+        anyhow::bail!("no image named {image:?} in this vault (`cairn snapshots` lists them)");
+    }
+    if json {
+        #[derive(Serialize)]
+        struct Row {
+            image: String,
+            snapshot: String,
+            time_unix_ms: u64,
+            size_bytes: u64,
+        }
+        let rows: Vec<Row> = records
+            .iter()
+            .map(|r| Row {
+                image: r.image.to_string(),
+                snapshot: r.id.to_string(),
+                time_unix_ms: r.time_unix_ms,
+                size_bytes: r.size_bytes,
+            })
+            .collect();
+        print_json(io, &rows);
+    } else if records.is_empty() {
+        outln!(
+            io,
+            "no snapshots yet: `cairn backup IMAGE SOURCE` makes one"
+        );
+    } else {
+        outln!(
+            io,
+            "{:<24} {:<10} {:<20} {:>10}",
+            "IMAGE",
+            "SNAPSHOT",
+            "TIME (UTC)",
+            "SIZE"
+        );
+        for r in &records {
+            outln!(
+                io,
+                "{:<24} {:<10} {:<20} {:>10}",
+                r.image.as_str(),
+                r.id.short(),
+                units::utc(r.time_unix_ms),
+                units::bytes(r.size_bytes)
+            );
+        }
+    }
+    Ok(0)
+}
+
+/// `cairn restore`'s switches.
+struct RestoreFlags {
+    force: bool,
+    fresh: bool,
+    json: bool,
+}
+
+fn run_restore(
+    io: &remote::Caller,
+    node: Option<&remote::InNode>,
+    vault: &Vault,
+    snapshot: &str,
+    out: &Path,
+    flags: RestoreFlags,
+) -> Result<u8> {
+    let RestoreFlags { force, fresh, json } = flags;
+    let record = vault.resolve(snapshot)?;
+    let bar = progress_bar(io, Some(record.size_bytes), "restoring");
+    let options = restore::RestoreOptions {
+        force,
+        fresh,
+        // Inside a node, what the store lacks comes from the mesh.
+        remote: node.map(|node| &node.mesh as &dyn crate::fetch::RemoteChunks),
+        // Inside a node, the output gets the command's umask, not the node's.
+        file_mode: io.file_mode(),
+        cancel: Some(&io.cancel),
+        ..restore::RestoreOptions::local(n_workers())
+    };
+    let summary = restore::restore(vault, &record, out, &options, &|done| {
+        bar.set_position(done)
+    });
+    bar.finish_and_clear();
+    let summary = summary?;
+    if json {
+        print_json(io, &summary);
+    } else {
+        outln!(
+            io,
+            "restored {}@{} to {}: {} ({} of data) in {:.1}s ({})",
+            summary.image,
+            summary.snapshot,
+            summary.output,
+            units::bytes(summary.size_bytes),
+            units::bytes(summary.data_bytes),
+            summary.seconds,
+            units::rate(summary.size_bytes, summary.seconds)
+        );
+        outln!(
+            io,
+            "  {} resumed from an interrupted restore, {} read here, {} fetched from other nodes",
+            units::bytes(summary.resumed_bytes),
+            units::bytes(summary.local_bytes),
+            units::bytes(summary.remote_bytes)
+        );
+    }
+    Ok(0)
+}
+
+fn run_verify(
+    io: &remote::Caller,
+    vault: &Vault,
+    snapshot: Option<String>,
+    json: bool,
+) -> Result<u8> {
+    let (all, damaged_records) = vault.snapshots_checked()?;
+    let records = match snapshot.as_deref() {
+        None => all,
+        Some(spec) if spec.contains('@') => vec![vault.resolve(spec)?],
+        Some(image) => {
+            vault.resolve(image)?;
+            vault
+                .snapshots()?
+                .into_iter()
+                .filter(|r| r.image.as_str() == image)
+                .collect()
+        }
+    };
+    let bar = progress_bar(io, None, "verifying");
+    let report = verify::verify(vault, &records, n_workers(), &|done| bar.set_position(done));
+    bar.finish_and_clear();
+    let damaged = !report.damage.is_empty() || !damaged_records.is_empty();
+    for e in &damaged_records {
+        errln!(io, "DAMAGED {e}");
+    }
+    if json {
+        print_json(io, &report);
+    } else {
+        for d in &report.damage {
+            let chunk = d
+                .chunk
+                .as_deref()
+                .map(|c| format!(" chunk {}", &c[..16]))
+                .unwrap_or_default();
+            outln!(
+                io,
+                "DAMAGED {}@{} bytes {}..{}{}: {}",
+                d.image,
+                d.snapshot,
+                d.offset,
+                d.offset + d.len_bytes,
+                chunk,
+                d.why
+            );
+        }
+        outln!(
+            io,
+            "verified {} snapshots: {} chunks, {} in {:.1}s: {}",
+            report.n_snapshots,
+            report.n_chunks_checked,
+            units::bytes(report.bytes_checked),
+            report.seconds,
+            if damaged {
+                format!("{} damaged stretches", report.damage.len())
+            } else {
+                "all good".into()
+            }
+        );
+    }
+    if damaged {
+        return Ok(3);
+    }
+    Ok(0)
+}
+
+fn run_trust(io: &remote::Caller, vault: &Vault, command: TrustCommand) -> Result<u8> {
     let now = units::now_unix_ms();
     match command {
         TrustCommand::Invite {
@@ -704,20 +948,25 @@ fn run_trust(vault: &Vault, command: TrustCommand) -> Result<u8> {
         } => {
             let token = trust::invite(vault, quota, addresses, expires, now)?;
             if json {
-                print_json(&serde_json::json!({
-                    "token": token.to_text(),
-                    "expires_unix_ms": token.expires_unix_ms,
-                    "quota_bytes": quota,
-                }));
+                print_json(
+                    io,
+                    &serde_json::json!({
+                        "token": token.to_text(),
+                        "expires_unix_ms": token.expires_unix_ms,
+                        "quota_bytes": quota,
+                    }),
+                );
             } else {
-                outln!("{}", token.to_text());
-                outln!();
+                outln!(io, "{}", token.to_text());
+                outln!(io);
                 outln!(
+                    io,
                     "Send this to your partner; it offers {} of storage and expires {} UTC.",
                     units::bytes(quota),
                     units::utc(token.expires_unix_ms)
                 );
                 outln!(
+                    io,
                     "They will see your fingerprint: {}",
                     vault.dir.site_id().fingerprint()
                 );
@@ -732,32 +981,39 @@ fn run_trust(vault: &Vault, command: TrustCommand) -> Result<u8> {
             let token = trust::check_invite(vault, &token, now)?;
             let quota = quota.unwrap_or(token.quota_bytes);
             if !yes {
-                require_terminal()?;
-                errln!("Invite from {:?}", token.inviter_name);
-                errln!("  site id:     {}", token.inviter);
-                errln!("  fingerprint: {}", token.inviter.fingerprint());
+                require_terminal(io)?;
+                errln!(io, "Invite from {:?}", token.inviter_name);
+                errln!(io, "  site id:     {}", token.inviter);
+                errln!(io, "  fingerprint: {}", token.inviter.fingerprint());
                 if !token.addresses.is_empty() {
-                    errln!("  addresses:   {}", token.addresses.join(", "));
+                    errln!(io, "  addresses:   {}", token.addresses.join(", "));
                 }
-                errln!(
+                errln!(io,
                     "  they offer to store up to {} for this site; this site will store up to {} for them",
                     units::bytes(token.quota_bytes),
                     units::bytes(quota)
                 );
-                errln!("Compare the fingerprint with them (by phone) before you accept.");
-                confirm("Trust this site?")?;
+                errln!(
+                    io,
+                    "Compare the fingerprint with them (by phone) before you accept."
+                );
+                confirm(io, "Trust this site?")?;
             }
             trust::accept(vault, &token, quota)?;
             if json {
-                print_json(&serde_json::json!({
-                    "site_id": token.inviter.to_string(),
-                    "name": token.inviter_name,
-                    "fingerprint": token.inviter.fingerprint().to_string(),
-                    "they_store_for_us_bytes": token.quota_bytes,
-                    "we_store_for_them_bytes": quota,
-                }));
+                print_json(
+                    io,
+                    &serde_json::json!({
+                        "site_id": token.inviter.to_string(),
+                        "name": token.inviter_name,
+                        "fingerprint": token.inviter.fingerprint().to_string(),
+                        "they_store_for_us_bytes": token.quota_bytes,
+                        "we_store_for_them_bytes": quota,
+                    }),
+                );
             } else {
                 outln!(
+                    io,
                     "now partners with {:?} ({})",
                     token.inviter_name,
                     token.inviter.fingerprint()
@@ -767,11 +1023,15 @@ fn run_trust(vault: &Vault, command: TrustCommand) -> Result<u8> {
         TrustCommand::List { json } => {
             let partners = trust::partners(vault)?;
             if json {
-                print_json(&partners);
+                print_json(io, &partners);
             } else if partners.is_empty() {
-                outln!("no partners yet: `cairn trust invite` makes an invite to send one");
+                outln!(
+                    io,
+                    "no partners yet: `cairn trust invite` makes an invite to send one"
+                );
             } else {
                 outln!(
+                    io,
                     "{:<24} {:<39} {:>24} {:>24}  LAST SEEN",
                     "PARTNER",
                     "FINGERPRINT",
@@ -785,6 +1045,7 @@ fn run_trust(vault: &Vault, command: TrustCommand) -> Result<u8> {
                         used_of(p.we_hold_for_them_bytes, p.we_store_for_them_bytes)
                     };
                     outln!(
+                        io,
                         "{:<24} {:<39} {:>24} {:>24}  {}",
                         p.name,
                         p.fingerprint,
@@ -794,13 +1055,17 @@ fn run_trust(vault: &Vault, command: TrustCommand) -> Result<u8> {
                             .map_or("never".into(), |t| format!("{} UTC", units::utc(t)))
                     );
                 }
-                outln!("(used / quota; the mesh fills in use and last seen once nodes connect)");
+                outln!(
+                    io,
+                    "(used / quota; the mesh fills in use and last seen once nodes connect)"
+                );
             }
         }
         TrustCommand::Quota { site, size } => {
             let site: SiteId = site.parse().context("SITE")?;
             trust::set_quota(vault, &site, size)?;
             outln!(
+                io,
                 "this site now stores up to {} for {site}",
                 units::bytes(size)
             );
@@ -808,7 +1073,7 @@ fn run_trust(vault: &Vault, command: TrustCommand) -> Result<u8> {
         TrustCommand::Revoke { site } => {
             let site: SiteId = site.parse().context("SITE")?;
             trust::revoke(vault, &site)?;
-            outln!("revoked {site}: this site stores nothing more for it");
+            outln!(io, "revoked {site}: this site stores nothing more for it");
         }
     }
     Ok(0)
@@ -823,9 +1088,9 @@ fn used_of(used_bytes: u64, quota_bytes: u64) -> String {
     )
 }
 
-fn run_site(vault: &Vault, command: SiteCommand) -> Result<u8> {
+fn run_site(io: &remote::Caller, vault: &Vault, command: SiteCommand) -> Result<u8> {
     match command {
-        SiteCommand::Show { json } => show_site(vault, json)?,
+        SiteCommand::Show { json } => show_site(io, vault, json)?,
         SiteCommand::AddNode {
             node_id,
             name,
@@ -844,29 +1109,36 @@ fn run_site(vault: &Vault, command: SiteCommand) -> Result<u8> {
             };
             let cert = join::check_new_node(vault, new)?;
             if !yes {
-                require_terminal()?;
-                errln!(
+                require_terminal(io)?;
+                errln!(io,
                     "Node {node} ({:?}) will get the keys of site {:?} and can read every backup of it.",
                     cert.name, vault.dir.site_name
                 );
-                errln!("Check that this is the id `cairn join` shows on the new machine.");
-                confirm("Add this node?")?;
+                errln!(
+                    io,
+                    "Check that this is the id `cairn join` shows on the new machine."
+                );
+                confirm(io, "Add this node?")?;
             }
             let token = join::add_node(vault, cert, expires, units::now_unix_ms())?;
             if json {
-                print_json(&serde_json::json!({
-                    "token": token.to_text(),
-                    "node_id": node.to_string(),
-                    "name": token.node_cert.name,
-                    "expires_unix_ms": token.expires_unix_ms,
-                }));
+                print_json(
+                    io,
+                    &serde_json::json!({
+                        "token": token.to_text(),
+                        "node_id": node.to_string(),
+                        "name": token.node_cert.name,
+                        "expires_unix_ms": token.expires_unix_ms,
+                    }),
+                );
             } else {
-                outln!("{}", token.to_text());
-                outln!();
-                outln!(
+                outln!(io, "{}", token.to_text());
+                outln!(io);
+                outln!(io,
                     "On the new machine, run: cairn join <the token above>. It is sealed to node {node}"
                 );
                 outln!(
+                    io,
                     "({}), no other machine can use it, and it expires {} UTC.",
                     token.node_cert.name,
                     units::utc(token.expires_unix_ms)
@@ -877,7 +1149,7 @@ fn run_site(vault: &Vault, command: SiteCommand) -> Result<u8> {
     Ok(0)
 }
 
-fn show_site(vault: &Vault, json: bool) -> Result<()> {
+fn show_site(io: &remote::Caller, vault: &Vault, json: bool) -> Result<()> {
     let (site_id, this_node) = (vault.dir.site_id(), vault.dir.node_id());
     let certs = join::site_nodes(vault)?;
     #[derive(Serialize)]
@@ -913,18 +1185,21 @@ fn show_site(vault: &Vault, json: bool) -> Result<()> {
         );
     }
     if json {
-        print_json(&serde_json::json!({
-            "site_name": vault.dir.site_name,
-            "site_id": site_id.to_string(),
-            "fingerprint": site_id.fingerprint().to_string(),
-            "nodes": nodes,
-        }));
+        print_json(
+            io,
+            &serde_json::json!({
+                "site_name": vault.dir.site_name,
+                "site_id": site_id.to_string(),
+                "fingerprint": site_id.fingerprint().to_string(),
+                "nodes": nodes,
+            }),
+        );
         return Ok(());
     }
-    outln!("site:        {}", vault.dir.site_name);
-    outln!("site id:     {site_id}");
-    outln!("fingerprint: {}", site_id.fingerprint());
-    outln!("nodes:");
+    outln!(io, "site:        {}", vault.dir.site_name);
+    outln!(io, "site id:     {site_id}");
+    outln!(io, "fingerprint: {}", site_id.fingerprint());
+    outln!(io, "nodes:");
     for node in &nodes {
         let mut about = Vec::new();
         if let Some(name) = &node.name {
@@ -936,15 +1211,16 @@ fn show_site(vault: &Vault, json: bool) -> Result<()> {
         if node.capacity_bytes > 0 {
             about.push(format!("offers {}", units::bytes(node.capacity_bytes)));
         }
-        outln!("  {}  ({})", node.node_id, about.join(", "));
+        outln!(io, "  {}  ({})", node.node_id, about.join(", "));
         for address in &node.addresses {
-            outln!("      {address}");
+            outln!(io, "      {address}");
         }
     }
     Ok(())
 }
 
 fn run_join(
+    io: &remote::Caller,
     data_dir: &std::path::Path,
     token: Option<String>,
     yes: bool,
@@ -953,41 +1229,57 @@ fn run_join(
     let Some(token) = token else {
         let node = join::begin(data_dir)?;
         if json {
-            print_json(&serde_json::json!({
-                "node_id": node.to_string(),
-                "data_dir": data_dir,
-            }));
+            print_json(
+                io,
+                &serde_json::json!({
+                    "node_id": node.to_string(),
+                    "data_dir": data_dir,
+                }),
+            );
         } else {
-            outln!("this machine's node id: {node}");
-            outln!();
-            outln!("On a node of your site, run: cairn site add-node {node}");
-            outln!("then run `cairn join TOKEN` here with the token it prints.");
+            outln!(io, "this machine's node id: {node}");
+            outln!(io);
+            outln!(
+                io,
+                "On a node of your site, run: cairn site add-node {node}"
+            );
+            outln!(
+                io,
+                "then run `cairn join TOKEN` here with the token it prints."
+            );
         }
         return Ok(0);
     };
     let checked = join::check(data_dir, &token, units::now_unix_ms())?;
     let site = checked.token.site;
     if !yes {
-        require_terminal()?;
-        errln!("Join site {:?}", checked.token.site_name);
-        errln!("  site id:     {site}");
-        errln!("  fingerprint: {}", site.fingerprint());
-        errln!("  as node {:?}", checked.token.node_cert.name);
-        errln!("Check the fingerprint against `cairn site show` on a node of the site.");
-        confirm("Join this site?")?;
+        require_terminal(io)?;
+        errln!(io, "Join site {:?}", checked.token.site_name);
+        errln!(io, "  site id:     {site}");
+        errln!(io, "  fingerprint: {}", site.fingerprint());
+        errln!(io, "  as node {:?}", checked.token.node_cert.name);
+        errln!(
+            io,
+            "Check the fingerprint against `cairn site show` on a node of the site."
+        );
+        confirm(io, "Join this site?")?;
     }
     let node_name = checked.token.node_cert.name.clone();
     let vault = join::finish(checked)?;
     if json {
-        print_json(&serde_json::json!({
-            "site_name": vault.dir.site_name,
-            "site_id": site.to_string(),
-            "fingerprint": site.fingerprint().to_string(),
-            "node_id": vault.dir.node_id().to_string(),
-            "node_name": node_name,
-        }));
+        print_json(
+            io,
+            &serde_json::json!({
+                "site_name": vault.dir.site_name,
+                "site_id": site.to_string(),
+                "fingerprint": site.fingerprint().to_string(),
+                "node_id": vault.dir.node_id().to_string(),
+                "node_name": node_name,
+            }),
+        );
     } else {
         outln!(
+            io,
             "this machine is now node {node_name:?} of site {:?} ({})",
             vault.dir.site_name,
             site.fingerprint()
@@ -996,61 +1288,53 @@ fn run_join(
     Ok(0)
 }
 
-fn print_recovery_sheet(site_id: &SiteId, recovery_key: &RecoveryKey) {
-    outln!("RECOVERY KEY for site {site_id}:");
-    outln!();
-    outln!("    {recovery_key}");
-    outln!();
-    outln!("Write it down and keep it offline, away from this office. With the site id and this");
-    outln!("key, `cairn recover` brings the site back on a fresh machine if this one is lost;");
-    outln!("without it, a lost office means lost keys. Anyone holding it can read every backup.");
+fn print_recovery_sheet(io: &remote::Caller, site_id: &SiteId, recovery_key: &RecoveryKey) {
+    outln!(io, "RECOVERY KEY for site {site_id}:");
+    outln!(io);
+    outln!(io, "    {recovery_key}");
+    outln!(io);
+    outln!(
+        io,
+        "Write it down and keep it offline, away from this office. With the site id and this"
+    );
+    outln!(
+        io,
+        "key, `cairn recover` brings the site back on a fresh machine if this one is lost;"
+    );
+    outln!(
+        io,
+        "without it, a lost office means lost keys. Anyone holding it can read every backup."
+    );
 }
 
 /// Refuses, before anything is shown, when there is no terminal to confirm on.
-fn require_terminal() -> Result<()> {
-    let terminal = match remote::context() {
-        Some(c) => c.stdin_terminal,
-        None => std::io::stdin().is_terminal(),
-    };
-    if !terminal {
+fn require_terminal(io: &remote::Caller) -> Result<()> {
+    if !io.info.stdin_terminal {
         anyhow::bail!("no terminal to confirm on: pass --yes to go ahead");
     }
     Ok(())
 }
 
-/// Asks on the terminal; refuses when there is none, since nothing could answer.
-fn confirm(question: &str) -> Result<()> {
-    require_terminal()?;
-    if let Some(c) = remote::context() {
-        if !remote::ask(&c, question) {
-            anyhow::bail!("cancelled");
-        }
-        return Ok(());
-    }
-    eprint!("{question} [y/N] ");
-    let mut answer = String::new();
-    std::io::stdin().read_line(&mut answer)?;
-    if !matches!(answer.trim(), "y" | "Y" | "yes" | "YES" | "Yes") {
+/// Asks on the caller's terminal; refuses when there is none, since nothing could answer.
+fn confirm(io: &remote::Caller, question: &str) -> Result<()> {
+    require_terminal(io)?;
+    if !io.ask(question)? {
         anyhow::bail!("cancelled");
     }
     Ok(())
 }
 
-fn print_json(value: &impl Serialize) {
+fn print_json(io: &remote::Caller, value: &impl Serialize) {
     outln!(
+        io,
         "{}",
         serde_json::to_string_pretty(value).expect("summaries serialise")
     );
 }
 
-/// A progress bar on stderr when it is a terminal; hidden otherwise.
-fn progress_bar(total_bytes: Option<u64>, what: &str) -> ProgressBar {
-    let context = remote::context();
-    let terminal = match &context {
-        Some(c) => c.stderr_terminal,
-        None => std::io::stderr().is_terminal(),
-    };
-    if !terminal {
+/// A progress bar on the caller's stderr when it is a terminal; hidden otherwise.
+fn progress_bar(io: &remote::Caller, total_bytes: Option<u64>, what: &str) -> ProgressBar {
+    if !io.info.stderr_terminal {
         return ProgressBar::hidden();
     }
     let bar = match total_bytes {
@@ -1066,10 +1350,8 @@ fn progress_bar(total_bytes: Option<u64>, what: &str) -> ProgressBar {
                 .expect("template is valid"),
         ),
     };
-    if let Some(c) = &context {
-        bar.set_draw_target(indicatif::ProgressDrawTarget::term_like(Box::new(
-            remote::RemoteTerm::new(c),
-        )));
+    if let Some(term) = io.remote_term() {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::term_like(Box::new(term)));
     }
     bar.set_message(what.to_owned());
     bar.enable_steady_tick(std::time::Duration::from_millis(200));

@@ -19,7 +19,7 @@
 //! bytes of JSON (at most `FRAME_BYTES_MAX`):
 //!
 //! ```text
-//! command -> node   {"version": 1, "request": REQ}
+//! command -> node   {"version": 2, "request": REQ}
 //! node -> command   {"frame": RESP}     zero or more: progress, then a result
 //! node -> command   "end"               the handler returned: the answer is whole
 //!               or  {"error": "why"}    the node could not serve the request
@@ -50,11 +50,16 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+pub use crate::cancel::Cancel;
+
 pub const SOCKET_FILE: &str = "node.sock";
 const SOCKET_TEMP_FILE: &str = "node.sock.new";
 const LOCK_FILE: &str = "node.sock.lock";
 /// The version of the envelope around requests; a node refuses others by name.
-pub const CONTROL_VERSION: u32 = 1;
+/// Version 2: typed requests, one per operation (version 1 sent a command line for the
+/// node to parse again). Nothing to migrate: both ends are the same binary, and a node
+/// refuses a command of the other version, which says to restart the node after upgrading.
+pub const CONTROL_VERSION: u32 = 2;
 /// Big enough for a status with thousands of peers; a peer sending more is refused before
 /// anything is allocated.
 pub const FRAME_BYTES_MAX: u32 = 16 << 20;
@@ -64,6 +69,8 @@ pub const CONNECTIONS_MAX: usize = 16;
 pub const REQUEST_TIMEOUT_MS: u64 = 10_000;
 /// How long the node waits for a command that stopped reading before giving up on it.
 pub const WRITE_TIMEOUT_MS: u64 = 30_000;
+/// How often the node looks for a command that hung up while its job runs.
+const HANGUP_POLL_MS: i32 = 100;
 
 #[derive(Debug, Error)]
 pub enum FrameError {
@@ -410,15 +417,16 @@ impl ControlServer {
     }
 
     /// Serves until stopped: each connection on its own thread (at most
-    /// `CONNECTIONS_MAX`), one request each. `handler` gets the request and a `send` for
-    /// response frames; `send` fails once the command has gone, and the handler should
-    /// then give up. A handler that panics is reported to the command as a failure. The
-    /// descriptor a request carried, if any, comes with it.
+    /// `CONNECTIONS_MAX`), one request each. `handler` gets the request, a `Call` (the
+    /// descriptor the request carried, if any, and a flag set as soon as the command
+    /// hangs up) and a `send` for response frames; `send` fails once the command has
+    /// gone. A handler should give up when either says so. A handler that panics is
+    /// reported to the command as a failure.
     pub fn serve<Req, Resp, H>(self, handler: H) -> Result<(), ControlError>
     where
         Req: DeserializeOwned + 'static,
         Resp: Serialize + 'static,
-        H: Fn(Req, Option<OwnedFd>, &mut dyn FnMut(Resp) -> io::Result<()>) + Send + Sync + 'static,
+        H: Fn(Req, Call, &mut dyn FnMut(Resp) -> io::Result<()>) + Send + Sync + 'static,
     {
         let handler = Arc::new(handler);
         let n_active = Arc::new(AtomicUsize::new(0));
@@ -565,7 +573,7 @@ fn serve_connection<Req, Resp, H>(mut stream: UnixStream, owner_uid: u32, handle
 where
     Req: DeserializeOwned,
     Resp: Serialize,
-    H: Fn(Req, Option<OwnedFd>, &mut dyn FnMut(Resp) -> io::Result<()>),
+    H: Fn(Req, Call, &mut dyn FnMut(Resp) -> io::Result<()>),
 {
     let _ = stream.set_read_timeout(Some(Duration::from_millis(REQUEST_TIMEOUT_MS)));
     let _ = stream.set_write_timeout(Some(Duration::from_millis(WRITE_TIMEOUT_MS)));
@@ -601,20 +609,87 @@ where
         Ok(fd) => fd,
         Err(e) => return refuse(&mut stream, format!("cannot receive the file it sent: {e}")),
     };
+    let gone = Cancel::new();
+    let answered = Cancel::new();
+    let watcher = watch_hangup(&stream, gone.clone(), answered.clone());
     let outcome = {
         let mut send = |response: Resp| -> io::Result<()> {
-            write_frame(&mut stream, &Reply::Frame(response)).map_err(|e| match e {
-                FrameError::Io(e) => e,
-                other => io::Error::new(io::ErrorKind::InvalidData, other),
+            write_frame(&mut stream, &Reply::Frame(response)).map_err(|e| {
+                gone.cancel();
+                match e {
+                    FrameError::Io(e) => e,
+                    other => io::Error::new(io::ErrorKind::InvalidData, other),
+                }
             })
         };
-        panic::catch_unwind(AssertUnwindSafe(|| handler(request, fd, &mut send)))
+        let call = Call {
+            fd,
+            gone: gone.clone(),
+        };
+        panic::catch_unwind(AssertUnwindSafe(|| handler(request, call, &mut send)))
     };
+    answered.cancel();
+    if let Some(watcher) = watcher {
+        let _ = watcher.join();
+    }
     let last = match outcome {
         Ok(()) => Reply::<()>::End,
         Err(_) => Reply::Error("the node failed while answering; see its log".into()),
     };
     let _ = write_frame(&mut stream, &last);
+}
+
+/// What a handler gets with its request besides the request itself.
+pub struct Call {
+    /// The descriptor the command sent along, if any.
+    pub fd: Option<OwnedFd>,
+    /// Set as soon as the command hangs up (Ctrl-C, SIGKILL, a closed terminal): a
+    /// long job stops then, since nobody is left to take its answer.
+    pub gone: Cancel,
+}
+
+/// Watches the connection for the command hanging up while its handler runs, and sets
+/// `gone` when it does. After its request a command sends nothing more on the connection,
+/// so anything readable is the end of the stream. Ends once `answered` is set.
+fn watch_hangup(
+    stream: &UnixStream,
+    gone: Cancel,
+    answered: Cancel,
+) -> Option<std::thread::JoinHandle<()>> {
+    let stream = stream.try_clone().ok()?;
+    std::thread::Builder::new()
+        .name("cairn-control-watch".into())
+        .spawn(move || {
+            while !answered.is_cancelled() && !gone.is_cancelled() {
+                let mut poll_fd = libc::pollfd {
+                    fd: stream.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: one pollfd we own, for a descriptor this thread holds open.
+                let n_ready = unsafe { libc::poll(&mut poll_fd, 1, HANGUP_POLL_MS) };
+                if n_ready <= 0 {
+                    continue;
+                }
+                let mut byte = [0u8; 1];
+                // SAFETY: peeks at most one byte into a buffer we own; never blocks.
+                let n_read = unsafe {
+                    libc::recv(
+                        stream.as_raw_fd(),
+                        byte.as_mut_ptr().cast(),
+                        1,
+                        libc::MSG_PEEK | libc::MSG_DONTWAIT,
+                    )
+                };
+                if n_read == 0 || poll_fd.revents & (libc::POLLHUP | libc::POLLERR) != 0 {
+                    gone.cancel();
+                } else if n_read > 0 {
+                    // A command that talks out of turn: not a hangup, but do not spin.
+                    std::thread::sleep(Duration::from_millis(HANGUP_POLL_MS as u64));
+                }
+            }
+        })
+        .ok()
 }
 
 /// Room for the control message that carries one descriptor.
@@ -795,6 +870,8 @@ mod tests {
         Big,
         Panic,
         Wait,
+        /// Waits (at most 10 s) for the command to hang up, and tells `entered` if it did.
+        UntilGone,
     }
 
     #[derive(Serialize, Deserialize, Debug, PartialEq, Clone)]
@@ -835,7 +912,7 @@ mod tests {
         let stopper = server.stopper();
         let gate = Mutex::new(gate);
         let thread = std::thread::spawn(move || {
-            server.serve(move |request: Request, fd, send| match request {
+            server.serve(move |request: Request, call: Call, send| match request {
                 Request::Count { to } => {
                     for n in 1..=to {
                         if send(Response::Progress(n)).is_err() {
@@ -847,7 +924,7 @@ mod tests {
                 Request::Echo(text) => send(Response::Done(text)).unwrap(),
                 Request::ReadFd => {
                     let mut text = String::new();
-                    let read = fd.map(|fd| File::from(fd).read_to_string(&mut text));
+                    let read = call.fd.map(|fd| File::from(fd).read_to_string(&mut text));
                     send(Response::Done(format!("{read:?}: {text}"))).unwrap();
                 }
                 Request::Big => {
@@ -865,6 +942,17 @@ mod tests {
                     entered.send(()).unwrap();
                     let _ = release.recv();
                     send(Response::Done("released".into())).unwrap();
+                }
+                Request::UntilGone => {
+                    let entered = gate.lock().unwrap().as_ref().unwrap().entered.clone();
+                    send(Response::Progress(0)).unwrap();
+                    let started = std::time::Instant::now();
+                    while !call.gone.is_cancelled() && started.elapsed() < Duration::from_secs(10) {
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                    if call.gone.is_cancelled() {
+                        entered.send(()).unwrap();
+                    }
                 }
             })
         });
@@ -1193,9 +1281,9 @@ mod tests {
                 _ => panic!("expected an error reply"),
             }
         };
-        let why = raw(serde_json::json!({"version": 2, "request": {"Echo": "x"}}));
-        assert!(why.contains("control version 2, this node 1"), "{why}");
-        let why = raw(serde_json::json!({"version": 1, "request": {"Reboot": null}}));
+        let why = raw(serde_json::json!({"version": 3, "request": {"Echo": "x"}}));
+        assert!(why.contains("control version 3, this node 2"), "{why}");
+        let why = raw(serde_json::json!({"version": CONTROL_VERSION, "request": {"Reboot": null}}));
         assert!(why.contains("does not understand the request"), "{why}");
         let why = raw(serde_json::json!(["not", "an", "envelope"]));
         assert!(why.contains("cannot read the request"), "{why}");
@@ -1211,6 +1299,30 @@ mod tests {
                 .unwrap()
                 .len(),
             1
+        );
+    }
+
+    #[test]
+    fn a_command_that_hangs_up_mid_answer_is_noticed() {
+        let dir = private_dir();
+        let (entered, entered_rx) = crossbeam_channel::unbounded();
+        let (_release_tx, release) = crossbeam_channel::bounded(0);
+        let _running = start(
+            ControlServer::bind(dir.path()).unwrap(),
+            Some(Gate { entered, release }),
+        );
+        // The command takes the first frame, then goes away without reading further
+        // (as a command killed mid-backup does); it sends nothing more either way.
+        let mut frames = Vec::new();
+        call(dir.path(), &Request::UntilGone, |response: Response| {
+            frames.push(response);
+            ControlFlow::Break(())
+        })
+        .unwrap();
+        assert_eq!(frames, [Response::Progress(0)]);
+        assert!(
+            entered_rx.recv_timeout(Duration::from_secs(10)).is_ok(),
+            "the handler never learned that its command hung up"
         );
     }
 

@@ -3,6 +3,7 @@
 //! the mesh daemon joins it in later issues. Formats and pure logic live in cairn-protocol.
 
 pub mod backup;
+pub mod cancel;
 pub mod cli;
 pub mod control;
 pub mod datadir;

@@ -16,6 +16,7 @@ use cairn_protocol::{ChunkId, SnapshotRecord};
 use serde::Serialize;
 use thiserror::Error;
 
+use crate::cancel::Cancel;
 use crate::fetch::{FetchError, RemoteChunks};
 use crate::units;
 use crate::vault::{ChunkError, Vault};
@@ -24,6 +25,9 @@ mod pipeline;
 
 #[derive(Debug, Error)]
 pub enum RestoreError {
+    /// The job was cancelled (its command went away, or Ctrl-C).
+    #[error("cancelled")]
+    Cancelled,
     #[error("{0} exists; pass --force to overwrite it")]
     Exists(PathBuf),
     #[error("{0} is a directory; give the path of the image file or block device to write")]
@@ -130,6 +134,8 @@ pub struct RestoreOptions<'a> {
     /// Mode bits for a new output file, as the caller's umask allows (`0o666 & !umask`);
     /// None leaves them to this process's umask (a command run directly).
     pub file_mode: Option<u32>,
+    /// Stops the restore when set, keeping the partial file for the next run to resume.
+    pub cancel: Option<&'a Cancel>,
 }
 
 impl RestoreOptions<'_> {
@@ -141,6 +147,7 @@ impl RestoreOptions<'_> {
             n_workers,
             remote: None,
             file_mode: None,
+            cancel: None,
         }
     }
 }

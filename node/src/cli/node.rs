@@ -14,6 +14,7 @@ use clap::{Args, Subcommand};
 use serde::{Deserialize, Serialize};
 
 use super::remote::{self, Request, Response};
+use super::Operation;
 use crate::control::ControlServer;
 use crate::mesh::{self, MeshHandle, NodeOptions};
 use crate::schedule::Limits;
@@ -233,8 +234,8 @@ pub fn run(data_dir: &Path, command: NodeCommand) -> Result<u8> {
         std::thread::Builder::new()
             .name("cairn-control".into())
             .spawn(move || {
-                let served = control.serve(move |request: Request, fd, send| {
-                    serve(&vault, &mesh, &answers, request, fd, send)
+                let served = control.serve(move |request: Request, call, send| {
+                    serve(&vault, &mesh, &answers, request, call, send)
                 });
                 if let Err(e) = served {
                     tracing::error!("the control socket stopped: {}", crate::units::chain(&e));
@@ -260,7 +261,7 @@ fn serve(
     mesh: &MeshHandle,
     answers: &Arc<remote::Answers>,
     request: Request,
-    fd: Option<std::os::fd::OwnedFd>,
+    call: crate::control::Call,
     send: &mut dyn FnMut(Response) -> std::io::Result<()>,
 ) {
     match request {
@@ -276,75 +277,54 @@ fn serve(
                 )));
             }
         },
-        Request::Cli {
-            args,
-            cwd,
-            stdin_terminal,
-            stderr_terminal,
-            width,
-            umask,
-        } => {
+        Request::Run { operation, caller } => {
             let (tx, rx) = crossbeam_channel::unbounded();
-            let context = remote::Context {
+            let in_node = remote::InNode {
                 vault: vault.clone(),
                 mesh: mesh.clone(),
-                cwd,
-                stdin_terminal,
-                stderr_terminal,
-                width,
-                umask,
-                out: tx,
-                answers: answers.clone(),
-                stdin: Arc::new(std::sync::Mutex::new(fd.map(std::fs::File::from))),
             };
+            let stdin = call.fd.map(std::fs::File::from);
+            let caller =
+                remote::Caller::remote(caller, tx, answers.clone(), stdin, call.gone.clone());
             let worker = std::thread::Builder::new()
                 .name("cairn-command".into())
-                .spawn(move || {
-                    let out = context.out.clone();
-                    let code = remote::with_context(context.clone(), || {
-                        run_line(std::iter::once("cairn".to_string()).chain(args))
-                    });
-                    // Whatever the command signed (a grant, a node) goes to the mesh.
-                    if let Ok(records) = mesh::own_records(&context.vault) {
-                        let _ = context.mesh.send(mesh::Command::LocalRecords(records));
-                    }
-                    let _ = out.send(Response::Exit(code));
-                });
+                .spawn(move || run_for(&caller, &in_node, operation));
             if worker.is_err() {
                 let _ = send(Response::Err("error: cannot start the command\n".into()));
                 return;
             }
             for response in rx {
                 if send(response).is_err() {
-                    break; // the user is gone; the command finishes on its own
+                    // The command is gone; `call.gone` is set, and its job stops.
+                    break;
                 }
             }
         }
     }
 }
 
-/// Parses and runs a command line inside the node, printing its error as `main` would.
-fn run_line(args: impl Iterator<Item = String>) -> u8 {
-    use clap::Parser;
-    match super::Cli::try_parse_from(args) {
-        Ok(cli) => match super::run(cli) {
-            Ok(code) => code,
-            Err(e) => {
-                remote::err(format!("error: {}", crate::units::chain_of(e.chain())));
-                1
-            }
-        },
+/// Runs one operation inside the node for a connected command, printing its error as
+/// `main` would, and logging a job its command walked away from.
+fn run_for(caller: &remote::Caller, node: &remote::InNode, operation: Operation) {
+    let name = operation.name();
+    let code = match super::execute(caller, Some(node), node.vault.dir.root(), operation) {
+        Ok(code) => code,
         Err(e) => {
-            let text = e.render().to_string();
-            if e.use_stderr() {
-                remote::err(text.trim_end().to_string());
-                2
-            } else {
-                remote::out(text.trim_end().to_string());
-                0
+            if caller.cancel.is_cancelled() {
+                tracing::info!(
+                    "{name} cancelled: the command that asked for it (uid {}) went away",
+                    caller.info.uid
+                );
             }
+            caller.err(format!("error: {}", crate::units::chain_of(e.chain())));
+            1
         }
+    };
+    // Whatever the command signed (a grant, a node) goes to the mesh.
+    if let Ok(records) = mesh::own_records(&node.vault) {
+        let _ = node.mesh.send(mesh::Command::LocalRecords(records));
     }
+    caller.send_exit(code);
 }
 
 /// Hands snapshots made inside the node to the mesh.

@@ -1,15 +1,21 @@
-//! CLI commands on a data dir whose node is running. The node holds the store open (sled
-//! allows one process), so the command runs inside the node, on a thread of its own,
-//! and what it prints comes back over the control socket: stdout and stderr lines, the
-//! progress bar's drawing, and questions that need a yes. The client replays it all on
-//! its own terminal, so a command looks the same whether a node runs or not.
+//! Who a command runs for, and how it reaches a running node. The node holds the store
+//! open (sled allows one process), so a command on a data dir whose node runs is sent to
+//! the node as a typed request: the operation, already parsed and with its paths made
+//! absolute in the command's own working directory, and what the command's process knows
+//! (uid, umask, whether its stdin and stderr are terminals, their width, its stdin itself
+//! for `backup IMAGE -`). The node runs the same function per operation a command without
+//! a node runs (`cli::execute`), for a `Caller` whose output comes back over the control
+//! socket: stdout and stderr lines, the progress bar's drawing, and questions that need a
+//! yes. The client replays it all on its own terminal, so a command looks the same
+//! whether a node runs or not. When the command goes away (Ctrl-C, SIGKILL), the control
+//! connection drops and the caller's `cancel` is set: its backup or restore stops.
 
-use std::cell::RefCell;
 use std::collections::HashMap;
+use std::fs::File;
 use std::io::{IsTerminal, Write};
 use std::ops::ControlFlow;
 use std::os::fd::AsFd;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -17,6 +23,8 @@ use anyhow::Result;
 use crossbeam_channel::Sender;
 use serde::{Deserialize, Serialize};
 
+use super::Operation;
+use crate::cancel::Cancel;
 use crate::control;
 use crate::mesh::MeshHandle;
 use crate::status::NodeStatus;
@@ -27,16 +35,10 @@ const ANSWER_WAIT: Duration = Duration::from_secs(600);
 
 #[derive(Serialize, Deserialize)]
 pub enum Request {
-    /// Run a `cairn` command line inside the node.
-    Cli {
-        args: Vec<String>,
-        cwd: PathBuf,
-        stdin_terminal: bool,
-        stderr_terminal: bool,
-        width: u16,
-        /// The command's umask, for files the node creates for it (a restore's output).
-        #[serde(default)]
-        umask: Option<u32>,
+    /// Run one operation inside the node, for the command that sent it.
+    Run {
+        operation: Operation,
+        caller: CallerInfo,
     },
     /// The user's answer to a `Confirm`.
     Answer {
@@ -44,6 +46,31 @@ pub enum Request {
         yes: bool,
     },
     Status,
+}
+
+/// What the command's process knows that the node cannot see for itself.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+pub struct CallerInfo {
+    pub uid: u32,
+    /// For files the node creates for the command (a restore's output).
+    pub umask: u32,
+    pub stdin_terminal: bool,
+    pub stderr_terminal: bool,
+    pub width: u16,
+}
+
+impl CallerInfo {
+    /// This process's.
+    pub fn here() -> CallerInfo {
+        CallerInfo {
+            // SAFETY: getuid has no preconditions and cannot fail.
+            uid: unsafe { libc::getuid() },
+            umask: current_umask(),
+            stdin_terminal: std::io::stdin().is_terminal(),
+            stderr_terminal: std::io::stderr().is_terminal(),
+            width: terminal_width(),
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -68,53 +95,146 @@ pub enum TermOp {
     Left(usize),
 }
 
-/// A command running inside the node: where its output goes.
-#[derive(Clone)]
-pub struct Context {
+/// The running node an operation runs inside, when it does.
+pub struct InNode {
     pub vault: Arc<Vault>,
     pub mesh: MeshHandle,
-    pub cwd: PathBuf,
-    pub stdin_terminal: bool,
-    pub stderr_terminal: bool,
-    pub width: u16,
-    /// The command's umask; None from a command too old to send it.
-    pub umask: Option<u32>,
-    pub out: Sender<Response>,
-    pub answers: Arc<Answers>,
-    /// The command's stdin, when it sent it (`cairn backup IMAGE -`); taken once.
-    pub stdin: Arc<Mutex<Option<std::fs::File>>>,
 }
 
-impl Context {
+/// Who an operation runs for: this process, or a command connected to the node.
+pub struct Caller {
+    pub info: CallerInfo,
+    /// Set when the command is gone or interrupted: long jobs stop.
+    pub cancel: Cancel,
+    sink: Sink,
+    /// The command's stdin, when it sent it (`cairn backup IMAGE -`); taken once.
+    stdin: Mutex<Option<File>>,
+}
+
+enum Sink {
+    /// This process's stdout and stderr.
+    Here,
+    /// A command connected to the node.
+    Remote {
+        out: Sender<Response>,
+        answers: Arc<Answers>,
+    },
+}
+
+impl Caller {
+    /// This process, running the operation itself.
+    pub fn here() -> Caller {
+        Caller {
+            info: CallerInfo::here(),
+            cancel: Cancel::new(),
+            sink: Sink::Here,
+            stdin: Mutex::new(None),
+        }
+    }
+
+    /// A command connected to the node; its output goes to `out`.
+    pub fn remote(
+        info: CallerInfo,
+        out: Sender<Response>,
+        answers: Arc<Answers>,
+        stdin: Option<File>,
+        cancel: Cancel,
+    ) -> Caller {
+        Caller {
+            info,
+            cancel,
+            sink: Sink::Remote { out, answers },
+            stdin: Mutex::new(stdin),
+        }
+    }
+
+    pub fn is_remote(&self) -> bool {
+        matches!(self.sink, Sink::Remote { .. })
+    }
+
+    /// A line on the caller's stdout.
+    pub fn out(&self, text: String) {
+        match &self.sink {
+            Sink::Remote { out, .. } => {
+                let _ = out.send(Response::Out(text + "\n"));
+            }
+            Sink::Here => print_or_exit(&mut std::io::stdout().lock(), &format!("{text}\n")),
+        }
+    }
+
+    /// A line on the caller's stderr.
+    pub fn err(&self, text: String) {
+        match &self.sink {
+            Sink::Remote { out, .. } => {
+                let _ = out.send(Response::Err(text + "\n"));
+            }
+            Sink::Here => eprintln!("{text}"),
+        }
+    }
+
     /// The stdin the command sent, if any and not taken yet.
-    pub fn take_stdin(&self) -> Option<std::fs::File> {
+    pub fn take_stdin(&self) -> Option<File> {
         self.stdin.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
-}
 
-thread_local! {
-    static CONTEXT: RefCell<Option<Context>> = const { RefCell::new(None) };
-}
-
-/// Runs `f` with this thread's output going to `context`.
-pub fn with_context<T>(context: Context, f: impl FnOnce() -> T) -> T {
-    CONTEXT.with(|c| *c.borrow_mut() = Some(context));
-    let result = f();
-    CONTEXT.with(|c| *c.borrow_mut() = None);
-    result
-}
-
-pub fn context() -> Option<Context> {
-    CONTEXT.with(|c| c.borrow().clone())
-}
-
-pub fn out(text: String) {
-    match context() {
-        Some(c) => {
-            let _ = c.out.send(Response::Out(text + "\n"));
-        }
-        None => print_or_exit(&mut std::io::stdout().lock(), &format!("{text}\n")),
+    /// Mode bits for a file the node creates for the command: what the command's umask
+    /// allows. None here: this process's own umask applies by itself.
+    pub fn file_mode(&self) -> Option<u32> {
+        self.is_remote().then(|| file_mode(Some(self.info.umask)))
     }
+
+    /// Asks the user; false when nobody answers. On this process's own terminal when
+    /// the operation runs here.
+    pub fn ask(&self, question: &str) -> std::io::Result<bool> {
+        let Sink::Remote { out, answers } = &self.sink else {
+            eprint!("{question} [y/N] ");
+            let mut answer = String::new();
+            std::io::stdin().read_line(&mut answer)?;
+            return Ok(is_yes(&answer));
+        };
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let ticket = {
+            let mut waiting = answers.waiting.lock().unwrap_or_else(|e| e.into_inner());
+            waiting.0 += 1;
+            let ticket = waiting.0;
+            waiting.1.insert(ticket, tx);
+            ticket
+        };
+        let sent = out.send(Response::Confirm {
+            ticket,
+            question: question.to_owned(),
+        });
+        let yes = sent.is_ok() && rx.recv_timeout(ANSWER_WAIT).unwrap_or(false);
+        answers
+            .waiting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .1
+            .remove(&ticket);
+        Ok(yes)
+    }
+
+    /// Tells a command connected to the node its exit code: its last frame.
+    pub fn send_exit(&self, code: u8) {
+        if let Sink::Remote { out, .. } = &self.sink {
+            let _ = out.send(Response::Exit(code));
+        }
+    }
+
+    /// Where a progress bar draws for a command connected to the node.
+    pub fn remote_term(&self) -> Option<RemoteTerm> {
+        match &self.sink {
+            Sink::Remote { out, .. } => Some(RemoteTerm {
+                out: out.clone(),
+                width: self.info.width,
+            }),
+            Sink::Here => None,
+        }
+    }
+}
+
+fn is_yes(answer: &str) -> bool {
+    matches!(answer.trim(), "y" | "Y" | "yes" | "YES" | "Yes")
 }
 
 /// Writes to stdout; a reader that went away (`cairn snapshots | head -1`) ends the
@@ -134,15 +254,6 @@ pub fn print_or_exit(stdout: &mut impl Write, text: &str) {
     }
 }
 
-pub fn err(text: String) {
-    match context() {
-        Some(c) => {
-            let _ = c.out.send(Response::Err(text + "\n"));
-        }
-        None => eprintln!("{text}"),
-    }
-}
-
 /// Questions waiting for their user's answer, by ticket.
 #[derive(Default)]
 pub struct Answers {
@@ -158,35 +269,6 @@ impl Answers {
     }
 }
 
-/// Asks the user of the command running in the node; false when nobody answers.
-pub fn ask(context: &Context, question: &str) -> bool {
-    let (tx, rx) = crossbeam_channel::bounded(1);
-    let ticket = {
-        let mut waiting = context
-            .answers
-            .waiting
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        waiting.0 += 1;
-        let ticket = waiting.0;
-        waiting.1.insert(ticket, tx);
-        ticket
-    };
-    let sent = context.out.send(Response::Confirm {
-        ticket,
-        question: question.to_owned(),
-    });
-    let yes = sent.is_ok() && rx.recv_timeout(ANSWER_WAIT).unwrap_or(false);
-    context
-        .answers
-        .waiting
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .1
-        .remove(&ticket);
-    yes
-}
-
 /// Draws a progress bar on the terminal of the command's user.
 #[derive(Debug)]
 pub struct RemoteTerm {
@@ -195,13 +277,6 @@ pub struct RemoteTerm {
 }
 
 impl RemoteTerm {
-    pub fn new(context: &Context) -> RemoteTerm {
-        RemoteTerm {
-            out: context.out.clone(),
-            width: context.width,
-        }
-    }
-
     fn send(&self, op: TermOp) -> std::io::Result<()> {
         self.out
             .send(Response::Term(op))
@@ -239,17 +314,14 @@ impl indicatif::TermLike for RemoteTerm {
     }
 }
 
-/// The client: runs this process's command line in the node of `data_dir` and plays
-/// back what it prints. With `send_stdin` the node gets this process's stdin and reads
-/// it itself (a backup from a pipe). Returns the command's exit code.
-pub fn forward(data_dir: &Path, args: Vec<String>, send_stdin: bool) -> Result<u8> {
-    let request = Request::Cli {
-        args,
-        cwd: std::env::current_dir()?,
-        stdin_terminal: std::io::stdin().is_terminal(),
-        stderr_terminal: std::io::stderr().is_terminal(),
-        width: terminal_width(),
-        umask: Some(current_umask()),
+/// The client: runs `operation` in the node of `data_dir` for this process and plays
+/// back what it prints. A backup of `-` hands the node this process's stdin, which the
+/// node then reads itself. Returns the operation's exit code.
+pub fn forward(data_dir: &Path, operation: Operation) -> Result<u8> {
+    let send_stdin = operation.reads_stdin();
+    let request = Request::Run {
+        operation,
+        caller: CallerInfo::here(),
     };
     let mut code = 1;
     let mut stderr = std::io::stderr();
@@ -274,8 +346,7 @@ pub fn forward(data_dir: &Path, args: Vec<String>, send_stdin: bool) -> Result<u
             Response::Confirm { ticket, question } => {
                 eprint!("{question} [y/N] ");
                 let mut answer = String::new();
-                let yes = std::io::stdin().read_line(&mut answer).is_ok()
-                    && matches!(answer.trim(), "y" | "Y" | "yes" | "YES" | "Yes");
+                let yes = std::io::stdin().read_line(&mut answer).is_ok() && is_yes(&answer);
                 let _ = control::call(data_dir, &Request::Answer { ticket, yes }, |_: Response| {
                     ControlFlow::Continue(())
                 });

@@ -37,6 +37,7 @@ use cairn_protocol::{ChunkId, Extent, SnapshotRecord};
 use crossbeam_channel::{bounded, unbounded, Receiver, RecvTimeoutError, Select, Sender};
 
 use super::{RestoreError, RestoreOptions};
+use crate::cancel::Cancel;
 use crate::fetch::{
     sealed_bytes_max, Checked, Fetched, RemoteChunks, RemoteError, Tries, DROPPED,
     REMOTE_FETCHES_MAX, REMOTE_FETCH_BYTES_MAX,
@@ -204,6 +205,7 @@ struct Pipeline<'a> {
     record: &'a SnapshotRecord,
     output: &'a Output<'a>,
     remote: Option<&'a dyn RemoteChunks>,
+    cancel: Option<&'a Cancel>,
     counters: Counters,
     first_error: Mutex<Option<RestoreError>>,
     failed: AtomicBool,
@@ -234,6 +236,7 @@ pub(super) fn run(
         record,
         output,
         remote: options.remote,
+        cancel: options.cancel,
         counters: Counters::default(),
         first_error: Mutex::new(None),
         failed: AtomicBool::new(false),
@@ -270,6 +273,9 @@ pub(super) fn run(
         pipeline.walk(local_tx, remote_tx, progress);
         // The walk is done; fetches may still be arriving.
         while let Err(RecvTimeoutError::Timeout) = alive_rx.recv_timeout(PROGRESS_EVERY) {
+            if pipeline.cancel.is_some_and(Cancel::is_cancelled) && !pipeline.failed() {
+                pipeline.fail(RestoreError::Cancelled);
+            }
             progress(pipeline.counters.done_bytes.load(Ordering::Relaxed));
         }
     });
@@ -330,6 +336,10 @@ impl Pipeline<'_> {
             .vault
             .walk_manifest_from(self.record, self.remote, |offset, extent| {
                 if self.failed() {
+                    return false;
+                }
+                if self.cancel.is_some_and(Cancel::is_cancelled) {
+                    self.fail(RestoreError::Cancelled);
                     return false;
                 }
                 if last_progress.elapsed() > PROGRESS_EVERY {
