@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use cairn_protocol::identity::{NodeId, RecoveryKey, SiteId};
-use cairn_protocol::ImageName;
+use cairn_protocol::{retention, ImageName};
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
@@ -23,7 +23,7 @@ use crate::source::Source;
 use crate::trust;
 use crate::units::{self, parse_duration_ms, parse_size};
 use crate::vault::Vault;
-use crate::{restore, verify};
+use crate::{forget, restore, verify};
 
 /// A line of output: stdout here, or the terminal of the command's user when it runs
 /// inside a node.
@@ -97,6 +97,21 @@ enum Command {
         /// Start over instead of resuming what an interrupted restore left in OUT.cairn-partial
         #[arg(long)]
         fresh: bool,
+        /// Print the result as JSON, for scripts
+        #[arg(long)]
+        json: bool,
+    },
+    /// Forget snapshots: those a retention policy does not keep (restic's --keep-* rules,
+    /// buckets in local time), or one named as IMAGE@SNAPSHOT. Deletes no data: `prune`
+    /// is not built yet, so no chunk is deleted. A snapshot not yet at R sites is always kept
+    Forget {
+        /// IMAGE (with --keep-* rules) or IMAGE@SNAPSHOT (just that snapshot)
+        target: String,
+        #[command(flatten)]
+        keep: KeepRules,
+        /// List what would be forgotten and why, and change nothing
+        #[arg(long)]
+        dry_run: bool,
         /// Print the result as JSON, for scripts
         #[arg(long)]
         json: bool,
@@ -338,6 +353,17 @@ fn forward_or_run(cli: Cli) -> Result<u8> {
             json,
         },
         Command::Snapshots { image, json } => Operation::Snapshots { image, json },
+        Command::Forget {
+            target,
+            keep,
+            dry_run,
+            json,
+        } => Operation::Forget {
+            target,
+            keep,
+            dry_run,
+            json,
+        },
         Command::Restore {
             snapshot,
             out,
@@ -405,6 +431,12 @@ pub enum Operation {
     Status {
         json: bool,
     },
+    Forget {
+        target: String,
+        keep: KeepRules,
+        dry_run: bool,
+        json: bool,
+    },
     Trust(TrustCommand),
     Site(SiteCommand),
     RecoverySheet {
@@ -421,6 +453,7 @@ impl Operation {
             Operation::Restore { .. } => "restore",
             Operation::Verify { .. } => "verify",
             Operation::Status { .. } => "status",
+            Operation::Forget { .. } => "forget",
             Operation::Trust(_) => "trust",
             Operation::Site(_) => "site",
             Operation::RecoverySheet { .. } => "key recovery-sheet",
@@ -507,6 +540,12 @@ pub(crate) fn execute(
             json,
         } => run_backup(io, node, &open, &image, source, zstd_level, json),
         Operation::Snapshots { image, json } => run_snapshots(io, &*open()?, image, json),
+        Operation::Forget {
+            target,
+            keep,
+            dry_run,
+            json,
+        } => run_forget(io, node, &*open()?, &target, &keep, dry_run, json),
         Operation::Restore {
             snapshot,
             out,
@@ -1322,6 +1361,112 @@ fn confirm(io: &remote::Caller, question: &str) -> Result<()> {
         anyhow::bail!("cancelled");
     }
     Ok(())
+}
+
+/// `cairn forget`'s --keep-* flags, as they travel to a running node.
+#[derive(clap::Args, Clone, Debug, Default, Serialize, Deserialize)]
+pub struct KeepRules {
+    /// Keep the N newest snapshots ("unlimited" for all)
+    #[arg(long, value_name = "N", value_parser = parse_keep)]
+    keep_last: Option<Keep>,
+    /// Keep the newest snapshot of each of the last N hours that have one
+    #[arg(long, value_name = "N", value_parser = parse_keep)]
+    keep_hourly: Option<Keep>,
+    /// Keep the newest snapshot of each of the last N days that have one
+    #[arg(long, value_name = "N", value_parser = parse_keep)]
+    keep_daily: Option<Keep>,
+    /// Keep the newest snapshot of each of the last N ISO weeks that have one
+    #[arg(long, value_name = "N", value_parser = parse_keep)]
+    keep_weekly: Option<Keep>,
+    /// Keep the newest snapshot of each of the last N months that have one
+    #[arg(long, value_name = "N", value_parser = parse_keep)]
+    keep_monthly: Option<Keep>,
+    /// Keep the newest snapshot of each of the last N years that have one
+    #[arg(long, value_name = "N", value_parser = parse_keep)]
+    keep_yearly: Option<Keep>,
+    /// Keep every snapshot newer than the newest one minus DURATION (e.g. 30d, 12h)
+    #[arg(long, value_name = "DURATION", value_parser = units::parse_duration_ms)]
+    keep_within: Option<u64>,
+}
+
+/// A --keep-* count: a number, or "unlimited" (also -1, as restic writes it).
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+pub enum Keep {
+    Of(u32),
+    Unlimited,
+}
+
+fn parse_keep(text: &str) -> Result<Keep, String> {
+    match text.trim() {
+        "unlimited" | "-1" => Ok(Keep::Unlimited),
+        n => n
+            .parse()
+            .map(Keep::Of)
+            .map_err(|_| format!("{text:?} is not a count: give a number or \"unlimited\"")),
+    }
+}
+
+impl KeepRules {
+    fn any(&self) -> bool {
+        self.policy() != retention::Policy::default()
+    }
+
+    fn policy(&self) -> retention::Policy {
+        let count = |k: Option<Keep>| {
+            k.map(|k| match k {
+                Keep::Of(n) => retention::Count::Of(n),
+                Keep::Unlimited => retention::Count::Unlimited,
+            })
+        };
+        retention::Policy {
+            last: count(self.keep_last),
+            hourly: count(self.keep_hourly),
+            daily: count(self.keep_daily),
+            weekly: count(self.keep_weekly),
+            monthly: count(self.keep_monthly),
+            yearly: count(self.keep_yearly),
+            within_ms: self.keep_within,
+        }
+    }
+}
+
+fn run_forget(
+    io: &remote::Caller,
+    node: Option<&remote::InNode>,
+    vault: &Vault,
+    target: &str,
+    keep: &KeepRules,
+    dry_run: bool,
+    json: bool,
+) -> Result<u8> {
+    let selection = match (target.contains('@'), keep.any()) {
+        (true, true) => {
+            anyhow::bail!("give either IMAGE@SNAPSHOT or --keep-* rules for IMAGE, not both")
+        }
+        (true, false) => forget::Selection::One {
+            spec: target.to_owned(),
+        },
+        (false, _) => {
+            ImageName::new(target)?;
+            forget::Selection::Policy {
+                image: target.to_owned(),
+                policy: keep.policy(),
+            }
+        }
+    };
+    // Inside a node, one writer at a time, as for a backup; the tombstones reach the
+    // engine with the site's other records when the command ends.
+    let write_lock = node.map(|node| node.mesh.write_lock.clone());
+    let _writing = write_lock
+        .as_ref()
+        .map(|l| l.lock().unwrap_or_else(|e| e.into_inner()));
+    let (report, _tombstones) = forget::forget(vault, &selection, dry_run, units::now_unix_ms())?;
+    if json {
+        print_json(io, &report);
+    } else {
+        outln!(io, "{}", forget::render(&report).trim_end());
+    }
+    Ok(0)
 }
 
 fn print_json(io: &remote::Caller, value: &impl Serialize) {
