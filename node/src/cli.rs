@@ -744,6 +744,9 @@ fn run_trust(vault: &Vault, command: TrustCommand) -> Result<u8> {
                     units::bytes(token.quota_bytes),
                     units::bytes(quota)
                 );
+                errln!(
+                    "  they will see this site's node names and addresses, partners and quotas, wrapped keys and snapshot records; their own partners will not, and cannot connect to this site's nodes"
+                );
                 errln!("Compare the fingerprint with them (by phone) before you accept.");
                 confirm("Trust this site?")?;
             }
