@@ -1034,6 +1034,10 @@ fn run_trust(io: &remote::Caller, vault: &Vault, command: TrustCommand) -> Resul
                 );
                 errln!(
                     io,
+                    "  they will see this site's node names and addresses, partners and quotas, wrapped keys and snapshot records; their own partners will not, and cannot connect to this site's nodes"
+                );
+                errln!(
+                    io,
                     "Compare the fingerprint with them (by phone) before you accept."
                 );
                 confirm(io, "Trust this site?")?;

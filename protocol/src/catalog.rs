@@ -8,7 +8,8 @@
 //! by exchanging one u64 per author.
 //!
 //! Trust is read from the catalog itself (see `TrustSets`): which sites this site stores
-//! for, which it revoked, and which its partners vouch for.
+//! for and which it revoked. Who may receive an author's records is the author's own
+//! choice (`may_see`).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -156,6 +157,14 @@ impl Catalog {
         self.digests.get(author).copied().unwrap_or(0)
     }
 
+    /// `digest` over the records of `author` that pass `keep`: what a peer that may see
+    /// only those compares.
+    pub fn digest_of(&self, author: SiteId, keep: impl Fn(&Record) -> bool) -> u64 {
+        self.by_author(author)
+            .filter(|r| keep(r))
+            .fold(0, |digest, r| digest ^ record_hash(r))
+    }
+
     pub fn entries(&self, author: SiteId) -> Vec<Entry> {
         self.by_author(author).map(Entry::of).collect()
     }
@@ -192,10 +201,10 @@ impl Catalog {
             .filter_map(|r| NodeCert::decode(&r.body).ok())
     }
 
-    /// Who this site trusts, read from the grants in the catalog. One hop only: a site
-    /// this site stores for is a partner, and a site a partner stores for is vouched for
-    /// by that partner (so the holders of one owner's chunks can find and check each
-    /// other). A site this site revoked is never trusted, whoever vouches for it.
+    /// Who this site trusts, read from its own grants alone: a site this site stores for
+    /// is a partner, a site it revoked is not. A partner's partners are not trusted: only
+    /// this site's own grants decide who may connect to its nodes and whose records they
+    /// keep (a site D that only our partner C trusts is refused).
     pub fn trust(&self, own: SiteId) -> TrustSets {
         let mut partners = BTreeSet::new();
         let mut revoked = BTreeSet::new();
@@ -206,24 +215,28 @@ impl Catalog {
                 partners.insert(grant.grantee);
             }
         }
-        let mut vouched = BTreeSet::new();
-        for partner in &partners {
-            for grant in self.grants_by(*partner) {
-                if !grant.revoked
-                    && grant.grantee != own
-                    && !revoked.contains(&grant.grantee)
-                    && !partners.contains(&grant.grantee)
-                {
-                    vouched.insert(grant.grantee);
-                }
-            }
-        }
         TrustSets {
             own,
             partners,
-            vouched,
             revoked,
         }
+    }
+
+    /// True when `site` may receive `author`'s records: the author's own site, and the
+    /// sites the author stores for (its partners, by its own grant). The author decides
+    /// who sees its records, whichever node relays them. See `may_see_record` for the one
+    /// record a site may see beyond that.
+    pub fn may_see(&self, author: SiteId, site: SiteId) -> bool {
+        site == author || self.grant(author, site).is_some_and(|g| !g.revoked)
+    }
+
+    /// `may_see` for one record, plus the grant that names `site`: a site learns what
+    /// another site granted it (a quota, or a revocation), so both sides agree on whether
+    /// it stores for the author. No other record of a site goes to a site it never
+    /// trusted.
+    pub fn may_see_record(&self, record: &Record, site: SiteId) -> bool {
+        self.may_see(record.author, site)
+            || (record.kind == RecordKind::TrustGrant && record.key == site.0)
     }
 
     /// The sites that may hold `owner`'s chunks, with the quota each grants it: the owner
@@ -250,13 +263,12 @@ impl Catalog {
 pub struct TrustSets {
     pub own: SiteId,
     pub partners: BTreeSet<SiteId>,
-    pub vouched: BTreeSet<SiteId>,
     pub revoked: BTreeSet<SiteId>,
 }
 
 impl TrustView for TrustSets {
     fn is_trusted(&self, site: &SiteId) -> bool {
-        *site == self.own || self.partners.contains(site) || self.vouched.contains(site)
+        *site == self.own || self.partners.contains(site)
     }
 }
 
@@ -344,18 +356,38 @@ mod tests {
         let trust = catalog.trust(site(1));
         assert!(trust.partners.contains(&site(2)));
         assert!(
-            trust.vouched.contains(&site(3)),
-            "a partner's partner is vouched for"
+            !trust.is_trusted(&site(3)),
+            "a partner's partner is not trusted"
         );
         assert_eq!(catalog.insert(grant(1, 2, 2, 0, true)), Insert::Replaced);
         assert_eq!(catalog.insert(grant(1, 2, 1, 50, false)), Insert::Stale);
         let trust = catalog.trust(site(1));
         assert!(trust.revoked.contains(&site(2)));
         assert!(!trust.is_trusted(&site(2)));
+    }
+
+    #[test]
+    fn an_authors_records_are_seen_by_its_partners_only() {
+        // 1 and 2 are partners, 2 and 3 are partners; 1 never trusted 3.
+        let catalog = merged(&[
+            grant(1, 2, 1, 10, false),
+            grant(2, 1, 1, 10, false),
+            grant(2, 3, 1, 10, false),
+            grant(3, 2, 1, 10, false),
+        ]);
+        assert!(catalog.may_see(site(1), site(1)));
+        assert!(catalog.may_see(site(1), site(2)));
         assert!(
-            !trust.is_trusted(&site(3)),
-            "vouching ends with the partner"
+            !catalog.may_see(site(1), site(3)),
+            "1's records never reach 3"
         );
+        assert!(catalog.may_see(site(2), site(3)));
+        let one_to_two = grant(1, 2, 1, 10, false);
+        assert!(!catalog.may_see_record(&one_to_two, site(3)));
+        // A grant naming a site reaches it, even once revoked.
+        let revoked = merged(&[grant(1, 2, 2, 0, true)]);
+        assert!(!revoked.may_see(site(1), site(2)));
+        assert!(revoked.may_see_record(&grant(1, 2, 2, 0, true), site(2)));
     }
 
     #[test]

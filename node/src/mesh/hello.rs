@@ -3,14 +3,20 @@
 use super::*;
 
 impl Node {
-    /// This node's certificate and every grant it holds to or from its site: all a
-    /// partner needs to check it, and all a recovered node needs to trust its partners
-    /// again.
+    /// This node's certificate, and what `peer_site` may see of the grants to or from
+    /// this site and of its wrapped keys: all a partner needs to check it, and all a
+    /// recovered node needs to trust its partners again. Every record but the certificate
+    /// passes `Engine::relays_to`, as gossip does: a site this site never trusted (a
+    /// partner's partner) gets nothing, and a hello to a peer whose site is not known yet
+    /// carries the certificate alone.
     /// In an answer, `peer_site`'s own records come too: a node recovered on a fresh
     /// machine learns its site's snapshots and grants from its first partner at once.
     pub(super) fn hello_payload(&self, peer_site: Option<SiteId>) -> Vec<u8> {
         let own = self.vault.dir.site_id();
         let mut records = vec![self.own_cert.clone()];
+        let Some(peer_site) = peer_site else {
+            return Message::Records { records }.encode();
+        };
         for author in self.engine.catalog().authors() {
             for record in self.engine.catalog().by_author(author) {
                 // The grants between the two sites, and this site's wrapped keys: a peer
@@ -18,23 +24,38 @@ impl Node {
                 // can still be recovered through any partner.
                 let grant =
                     record.kind == RecordKind::TrustGrant && (author == own || record.key == own.0);
-                if grant || (record.kind == RecordKind::WrappedKeys && author == own) {
+                let wanted = grant || (record.kind == RecordKind::WrappedKeys && author == own);
+                if wanted && self.engine.relays_to(record, peer_site) {
                     records.push(record.clone());
                 }
             }
         }
-        if let Some(site) = peer_site.filter(|s| *s != own) {
-            records.extend(self.engine.catalog().by_author(site).cloned());
+        if peer_site != own {
+            records.extend(
+                self.engine
+                    .catalog()
+                    .by_author(peer_site)
+                    .filter(|record| self.engine.relays_to(record, peer_site))
+                    .cloned(),
+            );
         }
         records.truncate(cairn_protocol::engine::message::RECORDS_PER_MESSAGE_MAX);
         Message::Records { records }.encode()
+    }
+
+    /// The site of the node behind `peer`, when this node already knows its certificate.
+    fn site_of_peer(&self, peer: PeerId) -> Option<SiteId> {
+        self.engine
+            .peers()
+            .find(|(node, _, _)| net::peer_id(node) == Some(peer))
+            .map(|(_, site, _)| site)
     }
 
     pub(super) fn send_hello(&mut self, peer: PeerId) {
         if !self.hello_sent.insert(peer) {
             return;
         }
-        let payload = self.hello_payload(None);
+        let payload = self.hello_payload(self.site_of_peer(peer));
         let id = self
             .swarm
             .behaviour_mut()

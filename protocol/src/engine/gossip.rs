@@ -7,6 +7,10 @@
 //!    for those it lacks itself; the responder answers a `Want` with `Records`.
 //!
 //! A converged pair exchanges two small messages: heartbeats and a u64 per trusted site.
+//!
+//! Every step is gated by `relays_to`: a record goes only to a peer whose site its author
+//! lets see it (`Catalog::may_see_record`), so a partner's records never reach a site the
+//! partner does not trust, whichever node holds them.
 
 use std::collections::BTreeMap;
 
@@ -25,7 +29,7 @@ impl Engine {
             return;
         };
         let beats = self.beats_to_send(now_ms);
-        let digests = self.trusted_digests();
+        let digests = self.trusted_digests(peer);
         self.send(
             peer,
             Message::Gossip {
@@ -36,14 +40,54 @@ impl Engine {
         );
     }
 
-    fn trusted_digests(&self) -> Vec<(SiteId, u64)> {
+    /// True when this node may send `record` to a node of `site`: the record's author
+    /// lets `site` see it (or `site` is this node's own), and lets this site see it too
+    /// (a site that was revoked keeps the revocation, not the rest, and never passes on
+    /// what it held from before).
+    pub fn relays_to(&self, record: &Record, site: SiteId) -> bool {
+        let ours = record.author == self.site || self.catalog.may_see_record(record, self.site);
+        ours && (site == self.site || self.catalog.may_see_record(record, site))
+    }
+
+    /// The digest of `author`'s records that `site` may get from this node.
+    fn digest_for(&self, author: SiteId, site: SiteId) -> u64 {
+        if self.relays_all_to(author, site) {
+            return self.catalog.digest(&author);
+        }
+        self.catalog
+            .digest_of(author, |record| self.relays_to(record, site))
+    }
+
+    /// True when every record of `author` passes `relays_to(_, site)`: the common case,
+    /// which keeps a converged round at one kept-up-to-date u64 per author.
+    fn relays_all_to(&self, author: SiteId, site: SiteId) -> bool {
+        let ours = author == self.site || self.catalog.may_see(author, self.site);
+        ours && (site == self.site || self.catalog.may_see(author, site))
+    }
+
+    fn peer_site(&self, node: NodeId) -> Option<SiteId> {
+        self.peers.get(&node).map(|p| p.site)
+    }
+
+    /// The digests `peer` may compare: of the trusted sites whose records it may see.
+    fn trusted_digests(&self, peer: NodeId) -> Vec<(SiteId, u64)> {
+        let Some(peer_site) = self.peer_site(peer) else {
+            return Vec::new();
+        };
         let mut sites = vec![self.trust.own];
         sites.extend(self.trust.partners.iter().copied());
-        sites.extend(self.trust.vouched.iter().copied());
+        // Authors the peer may see nothing of are not named to it at all.
+        sites.retain(|site| {
+            self.relays_all_to(*site, peer_site)
+                || self
+                    .catalog
+                    .by_author(*site)
+                    .any(|record| self.relays_to(record, peer_site))
+        });
         sites.truncate(DIGESTS_PER_MESSAGE_MAX);
         sites
             .into_iter()
-            .map(|site| (site, self.catalog.digest(&site)))
+            .map(|site| (site, self.digest_for(site, peer_site)))
             .collect()
     }
 
@@ -68,9 +112,17 @@ impl Engine {
                 reply: true,
             },
         );
+        let Some(from_site) = self.peer_site(from) else {
+            return;
+        };
         for (author, digest) in digests {
-            if self.trust.is_trusted(&author) && self.catalog.digest(&author) != digest {
-                let mut entries = self.catalog.entries(author);
+            if self.trust.is_trusted(&author) && self.digest_for(author, from_site) != digest {
+                let mut entries: Vec<Entry> = self
+                    .catalog
+                    .by_author(author)
+                    .filter(|record| self.relays_to(record, from_site))
+                    .map(Entry::of)
+                    .collect();
                 entries.truncate(ENTRIES_PER_MESSAGE_MAX);
                 self.send(from, Message::Entries { author, entries });
             }
@@ -78,6 +130,9 @@ impl Engine {
     }
 
     pub(super) fn on_entries(&mut self, from: NodeId, author: SiteId, entries: Vec<Entry>) {
+        let Some(from_site) = self.peer_site(from) else {
+            return;
+        };
         if !self.trust.is_trusted(&author) {
             return;
         }
@@ -86,6 +141,9 @@ impl Engine {
         let mut give: Vec<Record> = Vec::new();
         let mut want: Vec<(RecordKind, [u8; 32])> = Vec::new();
         for record in self.catalog.by_author(author) {
+            if !self.relays_to(record, from_site) {
+                continue;
+            }
             match theirs.get(&(record.kind, record.key)) {
                 Some(entry) if entry.beats(record) => {}
                 Some(entry) if entry.version == record.version && Entry::of(record) == *entry => {}
@@ -114,17 +172,26 @@ impl Engine {
         author: SiteId,
         keys: Vec<(RecordKind, [u8; 32])>,
     ) {
+        let Some(from_site) = self.peer_site(from) else {
+            return;
+        };
         if !self.trust.is_trusted(&author) {
             return;
         }
         let records: Vec<Record> = keys
             .into_iter()
-            .filter_map(|(kind, key)| self.catalog.get(&RecordKey { author, kind, key }).cloned())
+            .filter_map(|(kind, key)| self.catalog.get(&RecordKey { author, kind, key }))
+            .filter(|record| self.relays_to(record, from_site))
+            .cloned()
             .collect();
         self.send_records(from, records);
     }
 
-    fn send_records(&mut self, to: NodeId, records: Vec<Record>) {
+    fn send_records(&mut self, to: NodeId, mut records: Vec<Record>) {
+        let Some(to_site) = self.peer_site(to) else {
+            return;
+        };
+        records.retain(|record| self.relays_to(record, to_site));
         for batch in records.chunks(RECORDS_PER_MESSAGE_MAX) {
             self.send(
                 to,

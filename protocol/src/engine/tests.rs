@@ -105,6 +105,22 @@ impl Net {
 
     /// Node `i` belongs to site `site_of[i]`; every pair of sites grants the other storage.
     fn with_layout(site_of: &[usize], config: impl Fn(usize) -> EngineConfig) -> Net {
+        Net::with_grants(site_of, |_, _| true, config)
+    }
+
+    /// One node per site; only the listed pairs grant each other storage.
+    fn with_partners(n_sites: usize, pairs: &[(usize, usize)]) -> Net {
+        let site_of: Vec<usize> = (0..n_sites).collect();
+        let partners = |a: usize, b: usize| pairs.contains(&(a, b)) || pairs.contains(&(b, a));
+        Net::with_grants(&site_of, partners, |_| test_config())
+    }
+
+    /// Like `with_layout`, where site `a` grants site `b` storage when `grants(a, b)`.
+    fn with_grants(
+        site_of: &[usize],
+        grants: impl Fn(usize, usize) -> bool,
+        config: impl Fn(usize) -> EngineConfig,
+    ) -> Net {
         let n_sites = site_of.iter().max().map_or(0, |m| m + 1);
         let sites: Vec<TestSite> = (0..n_sites)
             .map(|i| {
@@ -118,8 +134,8 @@ impl Net {
             for (i, _) in site_of.iter().enumerate().filter(|(_, site)| **site == s) {
                 records.push(node_cert(&a.key, node_id(i)));
             }
-            for b in &sites {
-                if a.id != b.id {
+            for (t, b) in sites.iter().enumerate() {
+                if a.id != b.id && grants(s, t) {
                     records.push(grant(&a.key, b.id, 1, false));
                 }
             }
@@ -1040,6 +1056,68 @@ fn strangers_are_refused_and_not_counted_against_anyone() {
 }
 
 // ---- records --------------------------------------------------------------------
+
+#[test]
+fn a_partners_partner_is_refused_and_never_sees_this_sites_records() {
+    // Sites 0-1, 0-2 and 2-3 are partners; site 3 is trusted by site 2 alone.
+    let (a, c, d) = (0, 2, 3);
+    let mut net = Net::with_partners(4, &[(0, 1), (0, 2), (2, 3)]);
+    let site_a = net.sites[a].id;
+    assert!(
+        !net.nodes[a].engine.trust().is_trusted(&net.sites[d].id),
+        "site 0 never trusted site 3"
+    );
+    // Site 3's node connects to site 0's: refused, and never a peer.
+    let now_ms = net.now_ms;
+    let cert_d = node_cert(&net.sites[d].key, node_id(d));
+    assert!(net.nodes[a]
+        .engine
+        .handle_connect(node_id(d), cert_d, now_ms)
+        .is_err());
+    net.pump(a);
+    net.run_for(60_000);
+    assert!(net.nodes[a].engine.peers().all(|(n, _, _)| n != node_id(d)));
+    assert!(net.nodes[d].engine.peers().all(|(n, _, _)| n != node_id(a)));
+    // Site 3 holds nothing of site 0's: no node certificate, grant, wrapped keys or
+    // snapshot, though site 2 (which trusts both) holds them all.
+    assert!(net.nodes[c].engine.catalog().by_author(site_a).count() > 0);
+    assert_eq!(net.nodes[d].engine.catalog().by_author(site_a).count(), 0);
+    // Asked outright, site 2's node relays none of site 0's records to site 3.
+    let gossip = Message::Gossip {
+        beats: Vec::new(),
+        digests: vec![(site_a, 0)],
+        reply: false,
+    };
+    let answers = net.send(d, c, gossip);
+    assert!(
+        answers
+            .iter()
+            .all(|m| !matches!(m, Message::Entries { author, .. } if *author == site_a)),
+        "no entries of site 0 for site 3: {answers:?}"
+    );
+    let want = Message::Want {
+        author: site_a,
+        keys: vec![(RecordKind::NodeCert, node_id(a).0)],
+    };
+    let answers = net.send(d, c, want);
+    assert!(
+        answers.iter().all(|m| match m {
+            Message::Records { records } => records.iter().all(|r| r.author != site_a),
+            _ => true,
+        }),
+        "no records of site 0 for site 3: {answers:?}"
+    );
+    // Site 2's partners still get site 0's records from it (site 0 lets them).
+    let gossip = Message::Gossip {
+        beats: Vec::new(),
+        digests: vec![(site_a, 0)],
+        reply: false,
+    };
+    assert!(net
+        .send(a, c, gossip)
+        .iter()
+        .any(|m| matches!(m, Message::Entries { author, .. } if *author == site_a)));
+}
 
 #[test]
 fn records_of_a_revoked_site_are_never_stored_or_relayed() {

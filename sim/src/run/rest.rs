@@ -1,6 +1,7 @@
 //! The liveness phase and the checks at rest. After the heal the mesh has `settle_hours`
-//! to converge: every pair of live nodes holds the same records, every node holds the
-//! newest version of every record of the sites it trusts, and every chunk of every
+//! to converge: every pair of live nodes holds the same records of the authors both trust
+//! and both may see (`Catalog::may_see_record`), every node holds the newest version of
+//! every such record, and every chunk of every
 //! snapshot has good copies at R distinct sites. It is checked hourly (to report how long
 //! it took) and at the end (invariants 2 and 4). A chunk may stay below R only for a named
 //! excuse: it was lost beyond the fault budget, or fewer than R of the sites that may hold
@@ -8,12 +9,19 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use cairn_protocol::catalog::Catalog;
 use cairn_protocol::identity::SiteId;
 use cairn_protocol::ids::ChunkId;
-use cairn_protocol::record::TrustView;
+use cairn_protocol::record::{Record, TrustView};
 
 use super::Run;
 use crate::world::HOUR_US;
+
+/// True when `site` may hold `record` at rest: its own site's, or one its author lets
+/// `site` see (`Catalog::may_see_record`), judged on the true catalog.
+fn visible(truth: &Catalog, record: &Record, site: SiteId) -> bool {
+    record.author == site || truth.may_see_record(record, site)
+}
 
 /// What the mesh looks like now, against what it should be at rest.
 #[derive(Default)]
@@ -86,9 +94,16 @@ impl Run {
         for pair in live.windows(2) {
             let a = world.nodes[pair[0]].engine.as_ref().expect("live");
             let b = world.nodes[pair[1]].engine.as_ref().expect("live");
+            let (site_a, site_b) = (a.site(), b.site());
+            // Both must hold the same records of an author they both trust, among those
+            // the author lets both sites see (by the true catalog, not either node's).
+            let both_see =
+                |r: &Record| visible(&world.truth, r, site_a) && visible(&world.truth, r, site_b);
             for author in a.catalog().authors() {
-                if b.trust().is_trusted(&author)
-                    && a.catalog().digest(&author) != b.catalog().digest(&author)
+                if a.trust().is_trusted(&author)
+                    && b.trust().is_trusted(&author)
+                    && a.catalog().digest_of(author, both_see)
+                        != b.catalog().digest_of(author, both_see)
                 {
                     state.diverged += 1;
                 }
@@ -112,7 +127,9 @@ impl Run {
         for &node in &live {
             let engine = world.nodes[node].engine.as_ref().expect("live");
             for record in world.truth.records() {
-                if !engine.trust().is_trusted(&record.author) {
+                if !engine.trust().is_trusted(&record.author)
+                    || !visible(&world.truth, record, engine.site())
+                {
                     continue;
                 }
                 let key = cairn_protocol::catalog::RecordKey::of(record);
