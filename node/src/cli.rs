@@ -21,7 +21,7 @@ use crate::datadir::DataDir;
 use crate::join::{self, NewNode};
 use crate::source::Source;
 use crate::trust;
-use crate::units::{self, parse_duration_ms, parse_size};
+use crate::units::{self, parse_duration_ms, parse_quota, parse_size};
 use crate::vault::Vault;
 use crate::{restore, verify};
 
@@ -211,7 +211,7 @@ enum TrustCommand {
     /// Print an invite token for a partner consultant to accept
     Invite {
         /// What this site offers to store for the partner, e.g. 500GB or 2TiB
-        #[arg(long, value_parser = parse_size, default_value = "100GB")]
+        #[arg(long, value_parser = parse_quota, default_value = "100GB")]
         quota: u64,
         /// How long the invite stays valid, e.g. 7d or 12h
         #[arg(long, value_parser = parse_duration_ms, default_value = "7d")]
@@ -228,7 +228,7 @@ enum TrustCommand {
         /// The token from `cairn trust invite` (cairn-invite-...)
         token: String,
         /// What this site will store for the inviter [default: what they offered]
-        #[arg(long, value_parser = parse_size)]
+        #[arg(long, value_parser = parse_quota)]
         quota: Option<u64>,
         /// Do not ask for confirmation
         #[arg(long)]
@@ -247,8 +247,8 @@ enum TrustCommand {
     Quota {
         /// The partner's site id
         site: String,
-        /// The new quota, e.g. 750GB
-        #[arg(value_parser = parse_size)]
+        /// The new quota, e.g. 750GB (to stop storing for them, `trust revoke`)
+        #[arg(value_parser = parse_quota)]
         size: u64,
     },
     /// Stop storing for a partner; the revocation wins over every earlier grant
