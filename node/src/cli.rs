@@ -245,7 +245,7 @@ enum TrustCommand {
     },
     /// Change what this site stores for a partner
     Quota {
-        /// The partner's site id
+        /// The partner: its site id, its fingerprint, or the start of its name
         site: String,
         /// The new quota, e.g. 750GB (to stop storing for them, `trust revoke`)
         #[arg(value_parser = parse_quota)]
@@ -253,7 +253,7 @@ enum TrustCommand {
     },
     /// Stop storing for a partner; the revocation wins over every earlier grant
     Revoke {
-        /// The partner's site id
+        /// The partner: its site id, its fingerprint, or the start of its name
         site: String,
     },
 }
@@ -798,7 +798,7 @@ fn run_trust(vault: &Vault, command: TrustCommand) -> Result<u8> {
             }
         }
         TrustCommand::Quota { site, size } => {
-            let site: SiteId = site.parse().context("SITE")?;
+            let site = trust::resolve_partner(vault, &site)?;
             trust::set_quota(vault, &site, size)?;
             outln!(
                 "this site now stores up to {} for {site}",
@@ -806,7 +806,7 @@ fn run_trust(vault: &Vault, command: TrustCommand) -> Result<u8> {
             );
         }
         TrustCommand::Revoke { site } => {
-            let site: SiteId = site.parse().context("SITE")?;
+            let site = trust::resolve_partner(vault, &site)?;
             trust::revoke(vault, &site)?;
             outln!("revoked {site}: this site stores nothing more for it");
         }
