@@ -241,7 +241,10 @@ mod tests {
         }
         assert_eq!(
             parse_quota("0"),
-            Err("a quota of \"0\" is 0: to stop storing for a partner use `cairn trust revoke`".into())
+            Err(
+                "a quota of \"0\" is 0: to stop storing for a partner use `cairn trust revoke`"
+                    .into()
+            )
         );
         assert!(parse_quota("0GB").is_err());
         assert_eq!(parse_quota("1B"), Ok(1));

@@ -103,7 +103,10 @@ pub fn encode(bytes: &[u8]) -> String {
 /// a typo can only be placed to one of the two ("group 1 or 2"). Keys already printed must
 /// keep decoding, so the layout stays and the message says what it knows.
 fn printed_groups(start: usize, end: usize) -> String {
-    let (first, last) = (start / DISPLAY_GROUP_CHARS + 1, (end - 1) / DISPLAY_GROUP_CHARS + 1);
+    let (first, last) = (
+        start / DISPLAY_GROUP_CHARS + 1,
+        (end - 1) / DISPLAY_GROUP_CHARS + 1,
+    );
     if first == last {
         format!("group {first}")
     } else {
@@ -212,7 +215,9 @@ mod tests {
             let error = decode::<20>("recovery key", &typo.join("-")).unwrap_err();
             assert_eq!(
                 error.to_string(),
-                format!("invalid recovery key: typo in {expected} (check character does not match)"),
+                format!(
+                    "invalid recovery key: typo in {expected} (check character does not match)"
+                ),
                 "typo in printed group {}",
                 printed_idx + 1
             );

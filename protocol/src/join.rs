@@ -258,13 +258,14 @@ impl JoinToken {
     /// Parses and checks a token: its form, the site's signature over all of it, the
     /// records it carries, and that it has not expired. It is not opened yet.
     pub fn from_text(text: &str, now_unix_ms: u64) -> Result<JoinToken, JoinTokenError> {
-        let bytes = from_text(JOIN_PREFIX, "join token", JOIN_VERSION, text).map_err(|error| {
-            match error {
-                TextError::NoPrefix => JoinTokenError::NotAJoinToken,
-                TextError::NotAToken => JoinTokenError::NotAToken,
-                TextError::Decode(error) => JoinTokenError::Decode(error),
-            }
-        })?;
+        let bytes =
+            from_text(JOIN_PREFIX, "join token", JOIN_VERSION, text).map_err(
+                |error| match error {
+                    TextError::NoPrefix => JoinTokenError::NotAJoinToken,
+                    TextError::NotAToken => JoinTokenError::NotAToken,
+                    TextError::Decode(error) => JoinTokenError::Decode(error),
+                },
+            )?;
         let token = JoinToken::decode(&bytes)?;
         if !token
             .site

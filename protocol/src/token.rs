@@ -37,7 +37,9 @@ const TOKEN_VERSIONS_AHEAD_MAX: u8 = 8;
 pub enum TokenError {
     #[error("not a cairn invite token (it should start with {INVITE_PREFIX})")]
     NotAnInvite,
-    #[error("not a cairn token: what follows {INVITE_PREFIX} is no invite; copy the whole token again")]
+    #[error(
+        "not a cairn token: what follows {INVITE_PREFIX} is no invite; copy the whole token again"
+    )]
     NotAToken,
     #[error("invite token is damaged or truncated")]
     Decode(#[from] DecodeError),
@@ -128,13 +130,14 @@ impl InviteToken {
 
     /// Parses and checks a token: its form, its signature, and that it has not expired.
     pub fn from_text(text: &str, now_unix_ms: u64) -> Result<InviteToken, TokenError> {
-        let bytes = from_text(INVITE_PREFIX, "invite token", TOKEN_VERSION, text).map_err(
-            |error| match error {
-                TextError::NoPrefix => TokenError::NotAnInvite,
-                TextError::NotAToken => TokenError::NotAToken,
-                TextError::Decode(error) => TokenError::Decode(error),
-            },
-        )?;
+        let bytes =
+            from_text(INVITE_PREFIX, "invite token", TOKEN_VERSION, text).map_err(|error| {
+                match error {
+                    TextError::NoPrefix => TokenError::NotAnInvite,
+                    TextError::NotAToken => TokenError::NotAToken,
+                    TextError::Decode(error) => TokenError::Decode(error),
+                }
+            })?;
         let token = InviteToken::decode(&bytes)?;
         if !token
             .inviter
@@ -295,7 +298,10 @@ mod tests {
         newer[0] = TOKEN_VERSION + 1;
         assert!(matches!(
             InviteToken::from_text(&to_text(INVITE_PREFIX, &newer), 0),
-            Err(TokenError::Decode(DecodeError::UnsupportedVersion { version: 2, .. }))
+            Err(TokenError::Decode(DecodeError::UnsupportedVersion {
+                version: 2,
+                ..
+            }))
         ));
     }
 
