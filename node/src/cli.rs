@@ -21,7 +21,7 @@ use crate::datadir::DataDir;
 use crate::join::{self, NewNode};
 use crate::source::Source;
 use crate::trust;
-use crate::units::{self, parse_duration_ms, parse_size};
+use crate::units::{self, parse_duration_ms, parse_quota, parse_size};
 use crate::vault::Vault;
 use crate::{forget, restore, verify};
 
@@ -226,7 +226,7 @@ pub enum TrustCommand {
     /// Print an invite token for a partner consultant to accept
     Invite {
         /// What this site offers to store for the partner, e.g. 500GB or 2TiB
-        #[arg(long, value_parser = parse_size, default_value = "100GB")]
+        #[arg(long, value_parser = parse_quota, default_value = "100GB")]
         quota: u64,
         /// How long the invite stays valid, e.g. 7d or 12h
         #[arg(long, value_parser = parse_duration_ms, default_value = "7d")]
@@ -243,7 +243,7 @@ pub enum TrustCommand {
         /// The token from `cairn trust invite` (cairn-invite-...)
         token: String,
         /// What this site will store for the inviter [default: what they offered]
-        #[arg(long, value_parser = parse_size)]
+        #[arg(long, value_parser = parse_quota)]
         quota: Option<u64>,
         /// Do not ask for confirmation
         #[arg(long)]
@@ -260,15 +260,15 @@ pub enum TrustCommand {
     },
     /// Change what this site stores for a partner
     Quota {
-        /// The partner's site id
+        /// The partner: its site id, its fingerprint, or the start of its name
         site: String,
-        /// The new quota, e.g. 750GB
-        #[arg(value_parser = parse_size)]
+        /// The new quota, e.g. 750GB (to stop storing for them, `trust revoke`)
+        #[arg(value_parser = parse_quota)]
         size: u64,
     },
     /// Stop storing for a partner; the revocation wins over every earlier grant
     Revoke {
-        /// The partner's site id
+        /// The partner: its site id, its fingerprint, or the start of its name
         site: String,
     },
 }
@@ -1105,7 +1105,7 @@ fn run_trust(io: &remote::Caller, vault: &Vault, command: TrustCommand) -> Resul
             }
         }
         TrustCommand::Quota { site, size } => {
-            let site: SiteId = site.parse().context("SITE")?;
+            let site = trust::resolve_partner(vault, &site)?;
             trust::set_quota(vault, &site, size)?;
             outln!(
                 io,
@@ -1114,7 +1114,7 @@ fn run_trust(io: &remote::Caller, vault: &Vault, command: TrustCommand) -> Resul
             );
         }
         TrustCommand::Revoke { site } => {
-            let site: SiteId = site.parse().context("SITE")?;
+            let site = trust::resolve_partner(vault, &site)?;
             trust::revoke(vault, &site)?;
             outln!(io, "revoked {site}: this site stores nothing more for it");
         }

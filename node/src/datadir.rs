@@ -96,7 +96,10 @@ pub struct DataDir {
     /// This machine's own key: every machine of a site has its own (later its libp2p
     /// identity), made at init, at recovery, or on first open of an older data dir.
     pub node_key: SigningKey,
-    _lock: File,
+    /// True when the data dir cannot be written (a backup disk mounted read-only): the
+    /// lock is then shared, and the store is opened for reading only.
+    pub read_only: bool,
+    _lock: Option<File>,
 }
 
 impl std::fmt::Debug for DataDir {
@@ -142,7 +145,8 @@ impl DataDir {
             vault_key,
             recovery_key: Some(recovery_key),
             node_key,
-            _lock: lock,
+            read_only: false,
+            _lock: Some(lock),
         })
     }
 
@@ -234,7 +238,8 @@ impl DataDir {
             vault_key,
             recovery_key: Some(recovery_key.clone()),
             node_key,
-            _lock: lock,
+            read_only: false,
+            _lock: Some(lock),
         })
     }
 
@@ -246,7 +251,7 @@ impl DataDir {
         if root.join(JOINING_FILE).exists() {
             return Err(DataDirError::Joining(root.to_owned()));
         }
-        let lock = lock(root)?;
+        let (lock, read_only) = lock_or_share(root)?;
         let site = read_site_file(root)?;
         let site_key = SigningKey::from_bytes(&read_secret(root, &root.join("keys/site.key"))?);
         if hex(site_key.verifying_key().as_bytes()) != site.site_public_key {
@@ -266,6 +271,7 @@ impl DataDir {
             vault_key,
             recovery_key,
             node_key,
+            read_only,
             _lock: lock,
         })
     }
@@ -401,7 +407,8 @@ impl JoiningDir {
             vault_key,
             recovery_key: None,
             node_key: self.node_key,
-            _lock: self._lock,
+            read_only: false,
+            _lock: Some(self._lock),
         })
     }
 }
@@ -549,6 +556,39 @@ fn create_private_dir(path: &Path) -> Result<(), DataDirError> {
         Ok(()) => fs::set_permissions(path, fs::Permissions::from_mode(0o700)).map_err(io(path)),
         Err(e) => Err(io(path)(e)),
     }
+}
+
+/// The lock for opening a data dir that may be read-only. A dir that cannot be written
+/// (EROFS, or no write permission) cannot be changed by this process, so a shared lock is
+/// enough: it still waits out nothing and keeps out nothing but a writer that could only
+/// exist on a writable mount. Answers the lock (none when a read-only dir has no lock
+/// file) and whether the dir is read-only.
+fn lock_or_share(root: &Path) -> Result<(Option<File>, bool), DataDirError> {
+    match lock(root) {
+        Ok(file) => Ok((Some(file), false)),
+        Err(DataDirError::Io { source, .. }) if is_read_only(&source) => {
+            let path = root.join("lock");
+            let file = match File::open(&path) {
+                Ok(file) => file,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((None, true)),
+                Err(e) => return Err(io(&path)(e)),
+            };
+            match file.try_lock_shared() {
+                Ok(()) => Ok((Some(file), true)),
+                Err(std::fs::TryLockError::WouldBlock) => Err(DataDirError::Locked {
+                    path: root.to_owned(),
+                    holder: String::new(),
+                }),
+                Err(std::fs::TryLockError::Error(e)) => Err(io(&path)(e)),
+            }
+        }
+        Err(other) => Err(other),
+    }
+}
+
+fn is_read_only(error: &std::io::Error) -> bool {
+    error.raw_os_error() == Some(libc::EROFS)
+        || error.kind() == std::io::ErrorKind::PermissionDenied
 }
 
 fn lock(root: &Path) -> Result<File, DataDirError> {

@@ -10,8 +10,9 @@
 //! ```
 //!
 //! * A limit is a size per second as `units::parse_size` reads it (`2MiB/s`, `500kB/s`;
-//!   the `/s` may be left out), or `unlimited`. `0` also means unlimited, so there is no
-//!   way to pause a direction entirely: the smallest limit is 1 B/s.
+//!   the `/s` may be left out), or `unlimited`. `0` is refused: it reads as "paused" to
+//!   some and "no limit" to others, and a paused direction would silently stop a site's
+//!   copies from leaving. Write `unlimited` for no limit; the smallest limit is 1 B/s.
 //! * A rule is `[DAYS] [HH:MM-HH:MM] SETTING...`. DAYS is a comma list of days (`Mon`,
 //!   `tuesday`) and ranges (`Mon-Fri`, `Fri-Mon` wraps the week), or `daily`, `weekdays`,
 //!   `weekends`; without it the rule holds every day. Without a time it holds all day.
@@ -44,6 +45,8 @@ pub const RULES_MAX: usize = 256;
 pub enum ScheduleError {
     #[error("{text:?} is not a rate like 20MiB/s or unlimited: {why}")]
     BadLimit { text: String, why: String },
+    #[error("a limit of {text:?} is 0, which cairn refuses: write unlimited for no limit (there is no pause; the smallest limit is 1B/s)")]
+    ZeroLimit { text: String },
     #[error("schedule rule {rule:?}: {why} (rules look like \"Mon-Fri 08:00-18:00 upload=2MiB/s download=5MiB/s\")")]
     BadRule { rule: String, why: String },
     #[error("{n_rules} schedule rules is more than the {RULES_MAX} allowed")]
@@ -55,7 +58,7 @@ pub enum ScheduleError {
 pub enum Limit {
     #[default]
     Unlimited,
-    /// Never zero: zero is written `Unlimited`.
+    /// Never zero: the syntax refuses 0.
     BytesPerSec(u64),
 }
 
@@ -65,18 +68,9 @@ impl Limit {
         match self {
             Limit::Unlimited => None,
             Limit::BytesPerSec(rate) => {
-                assert!(rate > 0, "a zero limit is Unlimited");
+                assert!(rate > 0, "a zero limit is refused when parsed");
                 Some(rate)
             }
-        }
-    }
-
-    /// 0 means unlimited, as in the syntax.
-    pub fn from_bytes_per_sec(rate: u64) -> Limit {
-        if rate == 0 {
-            Limit::Unlimited
-        } else {
-            Limit::BytesPerSec(rate)
         }
     }
 }
@@ -105,9 +99,14 @@ impl FromStr for Limit {
         }
         let rate = parse_size(size).map_err(|why| bad(&why))?;
         if rate == 0 && size.contains(|c: char| ('1'..='9').contains(&c)) {
-            return Err(bad("below 1 B/s; write 0 or unlimited for no limit"));
+            return Err(bad("below 1 B/s; write unlimited for no limit"));
         }
-        Ok(Limit::from_bytes_per_sec(rate))
+        if rate == 0 {
+            return Err(ScheduleError::ZeroLimit {
+                text: text.to_owned(),
+            });
+        }
+        Ok(Limit::BytesPerSec(rate))
     }
 }
 
@@ -606,9 +605,28 @@ mod tests {
         assert_eq!("1.5 MB/S".parse(), Ok(limit(1_500_000)));
         assert_eq!(" unlimited ".parse(), Ok(Limit::Unlimited));
         assert_eq!("Unlimited".parse(), Ok(Limit::Unlimited));
-        assert_eq!("0".parse(), Ok(Limit::Unlimited));
-        assert_eq!("0MiB/s".parse(), Ok(Limit::Unlimited));
         assert_eq!("1B/s".parse(), Ok(limit(1)));
+    }
+
+    #[test]
+    fn a_zero_limit_is_refused_saying_how_to_write_no_limit() {
+        for text in ["0", "0MiB/s", " 0B/s", "0.0kB"] {
+            assert_eq!(
+                text.parse::<Limit>(),
+                Err(ScheduleError::ZeroLimit { text: text.into() })
+            );
+        }
+        let error = "0".parse::<Limit>().unwrap_err().to_string();
+        assert_eq!(
+            error,
+            "a limit of \"0\" is 0, which cairn refuses: write unlimited for no limit (there is no pause; the smallest limit is 1B/s)"
+        );
+        let rule = "Mon-Fri upload=0".parse::<Rule>().unwrap_err().to_string();
+        assert!(rule.contains("write unlimited for no limit"), "{rule}");
+        assert!(Limits::parse(Some("0"), None, &[]).is_err());
+        assert!(Limits::parse(None, Some("0B/s"), &[]).is_err());
+        let config = serde_json::from_str::<Limits>(r#"{"upload_limit": "0"}"#);
+        assert!(config.unwrap_err().to_string().contains("write unlimited"));
     }
 
     #[test]
@@ -777,7 +795,7 @@ mod tests {
                 "mon-fri 08:00-18:00 upload=2MiB/s download=5MiB/s",
                 "Mon-Fri 08:00-18:00 upload=2MiB/s download=5MiB/s",
             ),
-            ("daily 00:00-24:00 upload=0", "upload=unlimited"),
+            ("daily 00:00-24:00 upload=unlimited", "upload=unlimited"),
             (
                 "Fri-Mon 22:30-06:15 download=20MB/s",
                 "Mon,Fri-Sun 22:30-06:15 download=20MB/s",

@@ -88,6 +88,8 @@ pub enum StoreError {
     DamagedPack { path: PathBuf, why: String },
     #[error("snapshot {id} was forgotten: its record is final and is never signed again")]
     Forgotten { id: cairn_protocol::SnapshotId },
+    #[error("the data dir is read-only (a backup disk mounted read-only?): this command changes it, so remount it read-write; snapshots, verify, restore and site show work as it is")]
+    ReadOnly,
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
@@ -118,6 +120,21 @@ impl Store {
         };
         store.recover()?;
         Ok(store)
+    }
+
+    /// Opens the store of a data dir this process cannot write, for reading: the index is
+    /// a private copy (see `SledIndex::open_read_only`) that refuses commits, and the
+    /// recovery of an interrupted write is skipped, as it would change packs. A pack's
+    /// uncommitted tail was never indexed, so reads see what the last commit saw; a
+    /// truncated or missing pack shows as missing chunks, as `cairn verify` reports.
+    pub fn open_read_only(dir: &Path) -> Result<Store, StoreError> {
+        let packs_dir = dir.join("packs");
+        let index = Box::new(SledIndex::open_read_only(&dir.join("index"))?);
+        Ok(Store {
+            packs_dir,
+            index,
+            warnings: Vec::new(),
+        })
     }
 
     pub fn index(&self) -> &dyn MetaIndex {

@@ -3,7 +3,7 @@
 //! the partners that result. Everything is a signed record (see `records`) or a small
 //! catalog entry in the store's index; the mesh will gossip the records.
 
-use cairn_protocol::identity::SiteId;
+use cairn_protocol::identity::{Fingerprint, SiteId};
 use cairn_protocol::record::{
     check_addresses, is_valid_name, Record, RecordError, RecordKind, TrustGrant,
 };
@@ -36,6 +36,10 @@ pub enum TrustError {
     Reused(String),
     #[error("site {0} is not a partner of this site (`cairn trust list` shows partners)")]
     UnknownSite(SiteId),
+    #[error("no partner has the site id, fingerprint or a name starting with {0:?} (`cairn trust list` shows partners)")]
+    NoSuchPartner(String),
+    #[error("{text:?} could be any of {candidates}: give more of the name, or the fingerprint")]
+    AmbiguousPartner { text: String, candidates: String },
     #[error("this site never sent that invite (or it is from another site)")]
     NotOurInvite,
     #[error("a site cannot revoke itself")]
@@ -304,6 +308,58 @@ pub fn revoke(vault: &Vault, site: &SiteId) -> Result<(), TrustError> {
     Ok(())
 }
 
+/// The partner a person means by `text`: a site id, a fingerprint (as `trust list` shows
+/// it), or the start of a partner's name, in any case. A site id is taken as it is, partner
+/// or not, so the caller's own check names it; a name prefix that fits several partners is
+/// refused, naming each, unless one name is exactly `text`.
+pub fn resolve_partner(vault: &Vault, text: &str) -> Result<SiteId, TrustError> {
+    if let Ok(site) = text.parse::<SiteId>() {
+        return Ok(site);
+    }
+    let partners = partners(vault)?;
+    if let Ok(fingerprint) = text.parse::<Fingerprint>() {
+        let fingerprint = fingerprint.to_string();
+        return partners
+            .iter()
+            .find(|p| p.fingerprint == fingerprint)
+            .map(partner_site)
+            .unwrap_or_else(|| Err(TrustError::NoSuchPartner(text.to_owned())));
+    }
+    let wanted = text.trim().to_lowercase();
+    if wanted.is_empty() {
+        return Err(TrustError::NoSuchPartner(text.to_owned()));
+    }
+    let mut fits: Vec<&Partner> = partners
+        .iter()
+        .filter(|p| p.name.to_lowercase().starts_with(&wanted))
+        .collect();
+    fits.sort_by(|a, b| a.name.cmp(&b.name));
+    let exact: Vec<&Partner> = fits
+        .iter()
+        .copied()
+        .filter(|p| p.name.to_lowercase() == wanted)
+        .collect();
+    match (fits.as_slice(), exact.as_slice()) {
+        ([], _) => Err(TrustError::NoSuchPartner(text.to_owned())),
+        ([one], _) | (_, [one]) => partner_site(one),
+        (several, _) => Err(TrustError::AmbiguousPartner {
+            text: text.to_owned(),
+            candidates: several
+                .iter()
+                .map(|p| format!("{:?} ({})", p.name, p.fingerprint))
+                .collect::<Vec<_>>()
+                .join(", "),
+        }),
+    }
+}
+
+fn partner_site(partner: &Partner) -> Result<SiteId, TrustError> {
+    partner
+        .site_id
+        .parse()
+        .map_err(|_| TrustError::Damaged(format!("partner site id {}", partner.site_id)))
+}
+
 pub fn partners(vault: &Vault) -> Result<Vec<Partner>, TrustError> {
     let mut out = Vec::new();
     for (key, value) in vault.store.index().catalog_scan(KEY_PARTNER)? {
@@ -368,5 +424,50 @@ mod tests {
         assert_eq!(partners(&vault).unwrap()[0].grant_version, 2);
         revoke(&vault, &smith).unwrap();
         assert!(partners(&vault).unwrap()[0].revoked);
+    }
+
+    fn partner(vault: &Vault, seed: u8, name: &str) -> SiteId {
+        let key = SigningKey::from_bytes(&[seed; 32]);
+        let invite = InviteToken::sign(&key, name, vec![], 1 << 40, u64::MAX, [seed; 16]);
+        let invite = check_invite(vault, &invite.to_text(), 0).unwrap();
+        accept(vault, &invite, 5 << 30).unwrap();
+        SiteId(key.verifying_key().to_bytes())
+    }
+
+    #[test]
+    fn a_partner_is_named_by_site_id_fingerprint_or_unique_name_prefix() {
+        let tmp = tempfile::tempdir().unwrap();
+        let vault = Vault::init(&tmp.path().join("d"), "Jones").unwrap();
+        let smith = partner(&vault, 7, "Smith IT");
+        let smithers = partner(&vault, 8, "Smithers & Co");
+        let brown = partner(&vault, 9, "Brown");
+        assert_eq!(resolve_partner(&vault, &smith.to_string()).unwrap(), smith);
+        let fingerprint = smith.fingerprint().to_string();
+        assert_eq!(resolve_partner(&vault, &fingerprint).unwrap(), smith);
+        assert_eq!(
+            resolve_partner(&vault, &fingerprint.to_lowercase().replace('-', "")).unwrap(),
+            smith
+        );
+        assert_eq!(resolve_partner(&vault, "br").unwrap(), brown);
+        assert_eq!(resolve_partner(&vault, "smithers").unwrap(), smithers);
+        assert_eq!(resolve_partner(&vault, "smith it").unwrap(), smith);
+        assert_eq!(
+            resolve_partner(&vault, "Smith").unwrap_err().to_string(),
+            format!(
+                "\"Smith\" could be any of \"Smith IT\" ({}), \"Smithers & Co\" ({}): give more of the name, or the fingerprint",
+                smith.fingerprint(),
+                smithers.fingerprint()
+            )
+        );
+        assert_eq!(
+            resolve_partner(&vault, "Green").unwrap_err().to_string(),
+            "no partner has the site id, fingerprint or a name starting with \"Green\" (`cairn trust list` shows partners)"
+        );
+        let stranger = SiteId(SigningKey::from_bytes(&[10; 32]).verifying_key().to_bytes());
+        assert!(matches!(
+            resolve_partner(&vault, &stranger.fingerprint().to_string()),
+            Err(TrustError::NoSuchPartner(_))
+        ));
+        set_quota(&vault, &resolve_partner(&vault, "brown").unwrap(), 6 << 30).unwrap();
     }
 }

@@ -87,7 +87,23 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
     Ok(bytes.round() as u64)
 }
 
-/// Parses durations: 7d, 12h, 30m, 90s, 2w.
+/// A quota as `parse_size` reads it, but never 0: a partner given no room is a partner
+/// revoked, and `trust revoke` says so in a record the whole mesh honours.
+pub fn parse_quota(text: &str) -> Result<u64, String> {
+    match parse_size(text)? {
+        0 => Err(format!(
+            "a quota of {:?} is 0: to stop storing for a partner use `cairn trust revoke`",
+            text.trim()
+        )),
+        quota => Ok(quota),
+    }
+}
+
+/// The longest duration `parse_duration_ms` takes: anything longer is a typo, and a token
+/// that never expires in practice defeats its expiry.
+pub const DURATION_MS_MAX: u64 = 100 * 365 * 86_400_000;
+
+/// Parses durations: 7d, 12h, 30m, 90s, 2w; more than zero and at most 100 years.
 pub fn parse_duration_ms(text: &str) -> Result<u64, String> {
     let text = text.trim();
     let bad = || format!("{text:?} is not a duration like 7d, 12h, 30m or 90s");
@@ -104,9 +120,15 @@ pub fn parse_duration_ms(text: &str) -> Result<u64, String> {
         'w' => 7 * 86_400_000,
         _ => return Err(bad()),
     };
-    number
-        .checked_mul(unit_ms)
-        .ok_or_else(|| format!("{text:?} is too long"))
+    match number.checked_mul(unit_ms) {
+        Some(0) => Err(format!(
+            "{text:?} is no time at all: give a duration like 7d, 12h, 30m or 90s"
+        )),
+        Some(ms) if ms <= DURATION_MS_MAX => Ok(ms),
+        _ => Err(format!(
+            "{text:?} is longer than 100 years: give a duration like 7d, 12h, 30m or 90s"
+        )),
+    }
 }
 
 /// An error and its causes on one line, "outer: inner: innermost", as `{:#}` prints an
@@ -207,5 +229,36 @@ mod tests {
         for bad in ["", "d", "7", "7y", "-1d", "1.5h"] {
             assert!(parse_duration_ms(bad).is_err(), "{bad:?} accepted");
         }
+        assert_eq!(parse_duration_ms("36500d"), Ok(DURATION_MS_MAX));
+    }
+
+    #[test]
+    fn zero_and_absurd_durations_and_zero_quotas_are_refused() {
+        for zero in ["0s", "0d", "00w"] {
+            assert_eq!(
+                parse_duration_ms(zero),
+                Err(format!(
+                    "{zero:?} is no time at all: give a duration like 7d, 12h, 30m or 90s"
+                ))
+            );
+        }
+        for long in ["36501d", "99999999999d", "18446744073709551615w"] {
+            assert_eq!(
+                parse_duration_ms(long),
+                Err(format!(
+                    "{long:?} is longer than 100 years: give a duration like 7d, 12h, 30m or 90s"
+                ))
+            );
+        }
+        assert_eq!(
+            parse_quota("0"),
+            Err(
+                "a quota of \"0\" is 0: to stop storing for a partner use `cairn trust revoke`"
+                    .into()
+            )
+        );
+        assert!(parse_quota("0GB").is_err());
+        assert_eq!(parse_quota("1B"), Ok(1));
+        assert_eq!(parse_quota("500GB"), Ok(500_000_000_000));
     }
 }

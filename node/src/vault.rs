@@ -75,7 +75,10 @@ impl Vault {
 
     /// Opens the store of a data dir already open.
     pub fn from_dir(dir: DataDir) -> Result<Vault, VaultError> {
-        let store = Store::open(&dir.store_dir())?;
+        let store = match dir.read_only {
+            true => Store::open_read_only(&dir.store_dir())?,
+            false => Store::open(&dir.store_dir())?,
+        };
         let keys = dir.vault_key.derive();
         Ok(Vault { dir, store, keys })
     }

@@ -98,6 +98,22 @@ pub fn encode(bytes: &[u8]) -> String {
     groups.join("-")
 }
 
+/// Names the printed groups of 7 that characters `start..end` (dashes not counted) fall
+/// in: a check character covers 13 characters and itself, which is two printed groups, so
+/// a typo can only be placed to one of the two ("group 1 or 2"). Keys already printed must
+/// keep decoding, so the layout stays and the message says what it knows.
+fn printed_groups(start: usize, end: usize) -> String {
+    let (first, last) = (
+        start / DISPLAY_GROUP_CHARS + 1,
+        (end - 1) / DISPLAY_GROUP_CHARS + 1,
+    );
+    if first == last {
+        format!("group {first}")
+    } else {
+        format!("group {first} or {last}")
+    }
+}
+
 /// Parses what `encode` printed, in either case, with or without dashes and spaces.
 pub fn decode<const N: usize>(what: &'static str, text: &str) -> Result<[u8; N], DecodeError> {
     let chars: Vec<u8> = text
@@ -125,11 +141,12 @@ pub fn decode<const N: usize>(what: &'static str, text: &str) -> Result<[u8; N],
             });
         }
         if check_char(body) != check[0] {
+            let start = group_idx * (GROUP_DATA_CHARS + 1);
             return Err(DecodeError::Invalid {
                 what,
                 why: format!(
-                    "typo in group {} (check character does not match)",
-                    group_idx + 1
+                    "typo in {} (check character does not match)",
+                    printed_groups(start, start + group.len())
                 ),
             });
         }
@@ -173,6 +190,37 @@ mod tests {
         #[test]
         fn decoding_never_panics(text in "[A-Za-z0-9 -]{0,80}") {
             let _ = decode::<32>("id", &text);
+        }
+    }
+
+    /// A 20-byte key prints as 5 groups: a typo is named by the printed group it is in,
+    /// or the pair of printed groups one check character covers.
+    #[test]
+    fn a_typo_names_the_printed_group_it_is_in() {
+        let bytes: [u8; 20] = std::array::from_fn(|i| (i * 53 + 7) as u8);
+        let text = encode(&bytes);
+        let groups: Vec<&str> = text.split('-').collect();
+        assert_eq!(groups.len(), 5);
+        for (printed_idx, expected) in [
+            (0, "group 1 or 2"),
+            (1, "group 1 or 2"),
+            (2, "group 3 or 4"),
+            (3, "group 3 or 4"),
+            (4, "group 5"),
+        ] {
+            let mut typo: Vec<String> = groups.iter().map(|g| g.to_string()).collect();
+            let first = typo[printed_idx].as_bytes()[0];
+            let replacement = if first == b'A' { "B" } else { "A" };
+            typo[printed_idx].replace_range(0..1, replacement);
+            let error = decode::<20>("recovery key", &typo.join("-")).unwrap_err();
+            assert_eq!(
+                error.to_string(),
+                format!(
+                    "invalid recovery key: typo in {expected} (check character does not match)"
+                ),
+                "typo in printed group {}",
+                printed_idx + 1
+            );
         }
     }
 

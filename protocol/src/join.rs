@@ -34,7 +34,7 @@ use crate::keys::VaultKey;
 use crate::record::{
     get_name, put_name, validate, NodeCert, Record, RecordError, RecordKind, TrustView,
 };
-use crate::token::{from_text, to_text};
+use crate::token::{from_text, to_text, TextError};
 
 pub const JOIN_VERSION: u8 = 1;
 pub const JOIN_PREFIX: &str = "cairn-join-";
@@ -47,6 +47,8 @@ const SEALED_KEYS_BYTES: usize = 32 + 32 + 16;
 pub enum JoinTokenError {
     #[error("not a cairn join token (it should start with {JOIN_PREFIX})")]
     NotAJoinToken,
+    #[error("not a cairn token: what follows {JOIN_PREFIX} is no join token; copy the whole token again")]
+    NotAToken,
     #[error("join token is damaged or truncated")]
     Decode(#[from] DecodeError),
     #[error("join token signature does not verify: it was altered or forged")]
@@ -257,7 +259,13 @@ impl JoinToken {
     /// records it carries, and that it has not expired. It is not opened yet.
     pub fn from_text(text: &str, now_unix_ms: u64) -> Result<JoinToken, JoinTokenError> {
         let bytes =
-            from_text(JOIN_PREFIX, "join token", text).ok_or(JoinTokenError::NotAJoinToken)??;
+            from_text(JOIN_PREFIX, "join token", JOIN_VERSION, text).map_err(
+                |error| match error {
+                    TextError::NoPrefix => JoinTokenError::NotAJoinToken,
+                    TextError::NotAToken => JoinTokenError::NotAToken,
+                    TextError::Decode(error) => JoinTokenError::Decode(error),
+                },
+            )?;
         let token = JoinToken::decode(&bytes)?;
         if !token
             .site

@@ -9,6 +9,12 @@
 //! | u64 quota offered (bytes the inviter will store for the accepter) | u64 expires (unix ms)
 //! | [16] token id | [64] ed25519 signature over TOKEN_CONTEXT + all of the above
 //! ```
+//!
+//! As text, whitespace anywhere (a mail client's line wrap) and case are ignored. A later
+//! version keeps the prefix, the version byte first and, like every signed token, at least
+//! a site id and a signature ([`TOKEN_BYTES_MIN`]); a text that has our prefix but not that
+//! framing, or a version byte far past ours, is "not a cairn token" rather than a token
+//! from a newer build, so garbage does not advise an upgrade.
 
 use ed25519_dalek::SigningKey;
 use thiserror::Error;
@@ -21,11 +27,20 @@ use crate::record::{get_addresses, get_name, put_addresses, put_name};
 pub const TOKEN_VERSION: u8 = 1;
 pub const INVITE_PREFIX: &str = "cairn-invite-";
 const TOKEN_CONTEXT: &[u8] = b"cairn 2026-11 invite v1\0";
+/// The shortest any version of a token can be: its version byte, a site id, a signature.
+pub const TOKEN_BYTES_MIN: usize = 1 + 32 + 64;
+/// How far past the version this build reads a token's version byte may be and still be
+/// taken for a newer token: versions come one at a time, a garbage byte lands anywhere.
+const TOKEN_VERSIONS_AHEAD_MAX: u8 = 8;
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum TokenError {
     #[error("not a cairn invite token (it should start with {INVITE_PREFIX})")]
     NotAnInvite,
+    #[error(
+        "not a cairn token: what follows {INVITE_PREFIX} is no invite; copy the whole token again"
+    )]
+    NotAToken,
     #[error("invite token is damaged or truncated")]
     Decode(#[from] DecodeError),
     #[error("invite token signature does not verify: it was altered or forged")]
@@ -116,7 +131,13 @@ impl InviteToken {
     /// Parses and checks a token: its form, its signature, and that it has not expired.
     pub fn from_text(text: &str, now_unix_ms: u64) -> Result<InviteToken, TokenError> {
         let bytes =
-            from_text(INVITE_PREFIX, "invite token", text).ok_or(TokenError::NotAnInvite)??;
+            from_text(INVITE_PREFIX, "invite token", TOKEN_VERSION, text).map_err(|error| {
+                match error {
+                    TextError::NoPrefix => TokenError::NotAnInvite,
+                    TextError::NotAToken => TokenError::NotAToken,
+                    TextError::Decode(error) => TokenError::Decode(error),
+                }
+            })?;
         let token = InviteToken::decode(&bytes)?;
         if !token
             .inviter
@@ -140,15 +161,49 @@ pub(crate) fn to_text(prefix: &str, bytes: &[u8]) -> String {
     format!("{prefix}{}", body.to_lowercase())
 }
 
-/// The bytes of a token's text (surrounding whitespace ignored), or None when the text
-/// does not start with `prefix`.
+/// Why a text is not a token's bytes.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum TextError {
+    /// It does not start with the prefix: some other kind of text.
+    NoPrefix,
+    /// It has the prefix, but what follows is not the framing of any version of a token.
+    NotAToken,
+    /// It is a token, damaged, cut short, or from a newer build.
+    Decode(DecodeError),
+}
+
+/// The bytes of a token's text: whitespace anywhere (as mail wraps it) and case ignored.
+/// A version byte other than `version` counts as a newer token only when it is at most a
+/// few versions ahead and the bytes are long enough to hold a site id and a signature.
 pub(crate) fn from_text(
     prefix: &str,
     what: &'static str,
+    version: u8,
     text: &str,
-) -> Option<Result<Vec<u8>, DecodeError>> {
-    let body = text.trim().strip_prefix(prefix)?;
-    Some(humanid::unbase32_vec(what, body.as_bytes()))
+) -> Result<Vec<u8>, TextError> {
+    let text: String = text.chars().filter(|c| !c.is_whitespace()).collect();
+    let body = match text.get(..prefix.len()) {
+        Some(head) if head.eq_ignore_ascii_case(prefix) => &text[prefix.len()..],
+        _ => return Err(TextError::NoPrefix),
+    };
+    let bytes = humanid::unbase32_vec(what, body.as_bytes()).map_err(TextError::Decode)?;
+    match bytes.first() {
+        Some(&first) if first == version => Ok(bytes),
+        Some(&first)
+            if first > version
+                && first - version <= TOKEN_VERSIONS_AHEAD_MAX
+                && bytes.len() >= TOKEN_BYTES_MIN =>
+        {
+            Err(TextError::Decode(DecodeError::UnsupportedVersion {
+                what,
+                version: first,
+                supported: version,
+            }))
+        }
+        // Empty: a token cut right after its prefix.
+        None => Err(TextError::Decode(DecodeError::Truncated { needed: 1 })),
+        Some(_) => Err(TextError::NotAToken),
+    }
 }
 
 #[cfg(test)]
@@ -195,6 +250,59 @@ mod tests {
             InviteToken::from_text("cairn-join-abc", 0),
             Err(TokenError::NotAnInvite)
         );
+    }
+
+    #[test]
+    fn tokens_wrapped_by_mail_or_upper_cased_are_read() {
+        let token = token();
+        let text = token.to_text();
+        let (head, tail) = text.split_at(40);
+        for pasted in [
+            format!("{head}\n{tail}"),
+            format!("{head}\r\n  {tail}\n"),
+            format!("{head} {tail}"),
+            text.to_uppercase(),
+            format!("{}\n{}", head.to_uppercase(), tail),
+        ] {
+            assert_eq!(
+                InviteToken::from_text(&pasted, 1_000_000),
+                Ok(token.clone()),
+                "{pasted:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn garbage_is_not_a_cairn_token_and_a_newer_token_says_so() {
+        // Garbage after the prefix whose first byte is 7: once "unsupported version 7".
+        let garbage = to_text(INVITE_PREFIX, &[7, 1, 2, 3, 4, 5, 6, 7, 8, 9]);
+        assert_eq!(
+            InviteToken::from_text(&garbage, 0),
+            Err(TokenError::NotAToken)
+        );
+        assert_eq!(
+            TokenError::NotAToken.to_string(),
+            "not a cairn token: what follows cairn-invite- is no invite; copy the whole token again"
+        );
+        let far_ahead = to_text(INVITE_PREFIX, &[200; TOKEN_BYTES_MIN]);
+        assert_eq!(
+            InviteToken::from_text(&far_ahead, 0),
+            Err(TokenError::NotAToken)
+        );
+        assert_eq!(
+            InviteToken::from_text("hello there", 0),
+            Err(TokenError::NotAnInvite)
+        );
+        // A token of the next version, long enough to be signed: a newer build's.
+        let mut newer = token().encode();
+        newer[0] = TOKEN_VERSION + 1;
+        assert!(matches!(
+            InviteToken::from_text(&to_text(INVITE_PREFIX, &newer), 0),
+            Err(TokenError::Decode(DecodeError::UnsupportedVersion {
+                version: 2,
+                ..
+            }))
+        ));
     }
 
     proptest! {

@@ -93,6 +93,9 @@ const PREFIX_CATALOG: u8 = b'k';
 
 pub struct SledIndex {
     db: sled::Db,
+    /// Set for an index opened from a read-only data dir: `db` is then a private copy in
+    /// a temporary dir (sled cannot open a database it may not write), kept while open.
+    read_only_copy: Option<tempfile::TempDir>,
 }
 
 fn index_error(e: sled::Error) -> StoreError {
@@ -111,7 +114,12 @@ impl SledIndex {
         let mut attempts_left = SLED_OPEN_ATTEMPTS_MAX;
         loop {
             match config.open() {
-                Ok(db) => return Ok(SledIndex { db }),
+                Ok(db) => {
+                    return Ok(SledIndex {
+                        db,
+                        read_only_copy: None,
+                    })
+                }
                 Err(sled::Error::Io(e))
                     if e.to_string().contains("could not acquire lock") && attempts_left > 1 =>
                 {
@@ -122,6 +130,51 @@ impl SledIndex {
             }
         }
     }
+}
+
+impl SledIndex {
+    /// Opens the index of a data dir this process cannot write: sled needs to write even
+    /// to read, so it opens a copy in a temporary dir, and every commit is refused so that
+    /// nothing is silently kept only in the copy. The copy costs one read of the index.
+    pub fn open_read_only(path: &Path) -> Result<SledIndex, StoreError> {
+        let copy = tempfile::Builder::new()
+            .prefix("cairn-index-")
+            .tempdir()
+            .map_err(|e| StoreError::Io {
+                path: std::env::temp_dir(),
+                source: e,
+            })?;
+        let copy_path = copy.path().join("index");
+        copy_dir(path, &copy_path)?;
+        let mut index = SledIndex::open(&copy_path)?;
+        index.read_only_copy = Some(copy);
+        Ok(index)
+    }
+
+    fn writable(&self) -> Result<(), StoreError> {
+        match self.read_only_copy {
+            Some(_) => Err(StoreError::ReadOnly),
+            None => Ok(()),
+        }
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) -> Result<(), StoreError> {
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |source| StoreError::Io { path, source }
+    };
+    std::fs::create_dir_all(to).map_err(io(to))?;
+    for entry in std::fs::read_dir(from).map_err(io(from))? {
+        let entry = entry.map_err(io(from))?;
+        let (source, target) = (entry.path(), to.join(entry.file_name()));
+        if entry.file_type().map_err(io(&source))?.is_dir() {
+            copy_dir(&source, &target)?;
+        } else {
+            std::fs::copy(&source, &target).map_err(io(&source))?;
+        }
+    }
+    Ok(())
 }
 
 /// Tries to open sled while another handle in this process lets go: 2 s in all.
@@ -145,6 +198,7 @@ impl MetaIndex for SledIndex {
     }
 
     fn commit(&self, batch: IndexBatch) -> Result<(), StoreError> {
+        self.writable()?;
         let mut sled_batch = sled::Batch::default();
         for (id, location) in &batch.chunks {
             sled_batch.insert(key(PREFIX_CHUNK, &id.0), &location.encode()[..]);
@@ -224,6 +278,7 @@ impl MetaIndex for SledIndex {
     }
 
     fn catalog_update_u64(&self, k: &[u8], update: &dyn Fn(u64) -> u64) -> Result<u64, StoreError> {
+        self.writable()?;
         let malformed = std::cell::Cell::new(None);
         let stored = self
             .db
