@@ -20,6 +20,7 @@
 //! repairs and trims; `rng` is the seeded generator it and the simulator draw from, and
 //! `memo` what it remembers having verified.
 
+pub mod admission;
 pub mod blob;
 pub mod catalog;
 pub mod chunk;
