@@ -246,7 +246,11 @@ impl<C: Copy + Eq + Hash, P: Copy + Eq + Hash> Admission<C, P> {
     }
 
     /// An invite this site accepted now waits for the inviter's confirmation.
+    /// Known already, nothing changes.
     pub fn invite_accepted(&mut self, now: u64, inviter: SiteId) {
+        if self.invites.contains_key(&inviter) {
+            return;
+        }
         self.invites.entry(inviter).or_insert(Pending {
             next_ms: now,
             in_flight: None,
