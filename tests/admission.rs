@@ -54,7 +54,8 @@ async fn visit(addr: Multiaddr, wait: Duration) -> Result<(Option<String>, Optio
         match event {
             SwarmEvent::ConnectionEstablished { .. } => connected_at = Some(Instant::now()),
             SwarmEvent::Behaviour(StrangerEvent::Identify(identify::Event::Received {
-                info, ..
+                info,
+                ..
             })) => agent = Some(info.agent_version),
             SwarmEvent::ConnectionClosed { .. } => {
                 return Ok((agent, connected_at.map(|t| t.elapsed())));

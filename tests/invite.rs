@@ -16,7 +16,9 @@ fn token(text: &str) -> Result<String> {
 }
 
 fn partners(node: &Node) -> Result<serde_json::Value> {
-    Ok(serde_json::from_str(&node.ok(&["trust", "list", "--json"])?)?)
+    Ok(serde_json::from_str(
+        &node.ok(&["trust", "list", "--json"])?,
+    )?)
 }
 
 fn n_peers(node: &Node) -> usize {

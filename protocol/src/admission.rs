@@ -472,7 +472,10 @@ mod tests {
             }]
         );
         a.connection_opened(20, 1, 7, ip(1));
-        assert!(matches!(actions(&mut a)[..], [Action::Close { conn: 1, .. }]));
+        assert!(matches!(
+            actions(&mut a)[..],
+            [Action::Close { conn: 1, .. }]
+        ));
         a.handle_timeout(60_010);
         assert_eq!(actions(&mut a), vec![Action::Unblock { peer: 7 }]);
         assert!(!a.is_blocked(&7, 60_010));
@@ -490,10 +493,7 @@ mod tests {
         a.hello_passed(100, 5, inviter);
         assert_eq!(
             actions(&mut a),
-            vec![Action::SendAccept {
-                conn: 1,
-                inviter
-            }]
+            vec![Action::SendAccept { conn: 1, inviter }]
         );
         a.accept_answered(200, inviter, AcceptAnswer::Completed);
         a.handle_timeout(100_000);

@@ -142,8 +142,8 @@ pub(super) fn accept_payload(
     cert: &Record,
     inviter: &SiteId,
 ) -> Result<Vec<u8>, MeshError> {
-    let invite = trust::accepted_invite(vault, inviter)?
-        .ok_or(MeshError::NoAcceptedInvite(*inviter))?;
+    let invite =
+        trust::accepted_invite(vault, inviter)?.ok_or(MeshError::NoAcceptedInvite(*inviter))?;
     let grant = records::get(
         vault.store.index(),
         &vault.dir.site_id(),

@@ -15,8 +15,8 @@ use libp2p::identity::Keypair;
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::{
-    allow_block_list, connection_limits, dcutr, identify, mdns, ping, relay, request_response, Multiaddr, PeerId,
-    StreamProtocol, Swarm,
+    allow_block_list, connection_limits, dcutr, identify, mdns, ping, relay, request_response,
+    Multiaddr, PeerId, StreamProtocol, Swarm,
 };
 
 /// The one protocol cairn speaks to peers.
