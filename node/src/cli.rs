@@ -782,6 +782,30 @@ fn run_backup(
     Ok(0)
 }
 
+/// Where this site's nodes said they listen, in their certificates: what an invite
+/// without `--address` offers.
+fn own_addresses(vault: &Vault) -> Vec<String> {
+    use cairn_protocol::record::{NodeCert, RecordKind};
+    let site = vault.dir.site_id();
+    let mut out: Vec<String> = Vec::new();
+    let Ok(records) = crate::records::all(vault.store.index()) else {
+        return out;
+    };
+    for record in records {
+        if record.author != site || record.kind != RecordKind::NodeCert {
+            continue;
+        }
+        if let Ok(cert) = NodeCert::decode(&record.body) {
+            for address in cert.addresses {
+                if !out.contains(&address) {
+                    out.push(address);
+                }
+            }
+        }
+    }
+    out
+}
+
 fn run_snapshots(
     io: &remote::Caller,
     vault: &Vault,
@@ -985,6 +1009,14 @@ fn run_trust(io: &remote::Caller, vault: &Vault, command: TrustCommand) -> Resul
             addresses,
             json,
         } => {
+            let addresses = if addresses.is_empty() {
+                own_addresses(vault)
+            } else {
+                addresses
+            };
+            if addresses.is_empty() {
+                errln!(io, "warning: this invite names no address of this site (no node of it has run with --listen); the acceptor cannot complete it unless it reaches this site another way: pass --address HOST:PORT");
+            }
             let token = trust::invite(vault, quota, addresses, expires, now)?;
             if json {
                 print_json(
@@ -1057,7 +1089,7 @@ fn run_trust(io: &remote::Caller, vault: &Vault, command: TrustCommand) -> Resul
             } else {
                 outln!(
                     io,
-                    "now partners with {:?} ({})",
+                    "now partners with {:?} ({}), pending their confirmation: this site's node completes the invite when it reaches theirs (`cairn trust list` shows it refused if they do not)",
                     token.inviter_name,
                     token.inviter.fingerprint()
                 );
@@ -1094,8 +1126,12 @@ fn run_trust(io: &remote::Caller, vault: &Vault, command: TrustCommand) -> Resul
                         p.fingerprint,
                         used_of(p.they_hold_for_us_bytes, p.they_store_for_us_bytes),
                         ours,
-                        p.last_seen_unix_ms
-                            .map_or("never".into(), |t| format!("{} UTC", units::utc(t)))
+                        match &p.refused {
+                            Some(why) => format!("refused: {why}"),
+                            None => p
+                                .last_seen_unix_ms
+                                .map_or("never".into(), |t| format!("{} UTC", units::utc(t))),
+                        }
                     );
                 }
                 outln!(

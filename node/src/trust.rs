@@ -67,6 +67,10 @@ struct PartnerEntry {
     offered_quota_bytes: u64,
     /// The signed invite, kept as the partner's word for that offer.
     invite: String,
+    /// Why the inviter refused to complete the invite this site accepted (it will
+    /// never trust this site through it); None while it is complete or pending.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    refused: Option<String>,
 }
 
 /// A partner as `cairn trust list` shows it.
@@ -90,6 +94,10 @@ pub struct Partner {
     pub revoked: bool,
     /// Version of this site's grant: raised by every quota change or revocation.
     pub grant_version: u64,
+    /// The inviter refused to complete the invite this site accepted, and why: it is
+    /// not a partner and never will be through that invite.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refused: Option<String>,
 }
 
 /// Signs and sends nothing yet: returns a token for the caller to print, and remembers it
@@ -149,6 +157,7 @@ pub fn accept(vault: &Vault, token: &InviteToken, quota_bytes: u64) -> Result<()
         addresses: token.addresses.clone(),
         offered_quota_bytes: token.quota_bytes,
         invite: token.to_text(),
+        refused: None,
     };
     let entry = serde_json::to_vec(&entry).expect("partner entry serialises");
     let mut batch = grant_batch(vault, token.inviter, quota_bytes, false)?;
@@ -225,6 +234,7 @@ pub fn complete_invite(
         addresses: Vec::new(),
         offered_quota_bytes: if grant.revoked { 0 } else { grant.quota_bytes },
         invite: String::new(),
+        refused: None,
     };
     let mut batch = grant_batch(vault, acceptor, token.quota_bytes, false)?;
     let record = Record::decode(&batch.catalog[0].1).expect("just encoded");
@@ -265,6 +275,21 @@ fn grant_batch(
         catalog: vec![records::entry(&record)],
         ..IndexBatch::default()
     })
+}
+
+/// Records that the inviter refused to complete the invite this site accepted: the
+/// node stops asking, and `trust list` shows the partner as refused.
+pub fn mark_refused(vault: &Vault, site: &SiteId, why: &str) -> Result<(), TrustError> {
+    let mut entry = known_partner(vault, site)?;
+    entry.refused = Some(why.to_string());
+    vault.store.index().commit(IndexBatch {
+        catalog: vec![(
+            [KEY_PARTNER, &site.0].concat(),
+            serde_json::to_vec(&entry).expect("partner entry serialises"),
+        )],
+        ..IndexBatch::default()
+    })?;
+    Ok(())
 }
 
 fn known_partner(vault: &Vault, site: &SiteId) -> Result<PartnerEntry, TrustError> {
@@ -385,6 +410,7 @@ pub fn partners(vault: &Vault) -> Result<Vec<Partner>, TrustError> {
             last_seen_unix_ms: usage.last_seen_unix_ms,
             revoked: grant.revoked,
             grant_version: record.version,
+            refused: entry.refused,
         });
     }
     Ok(out)

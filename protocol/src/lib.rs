@@ -21,6 +21,7 @@
 //! `memo` what it remembers having verified. `retention` decides which snapshots a keep
 //! policy keeps (restic's `forget` rules).
 
+pub mod admission;
 pub mod blob;
 pub mod catalog;
 pub mod chunk;

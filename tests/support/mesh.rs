@@ -158,6 +158,15 @@ impl Node {
         self.child.is_some()
     }
 
+    /// Resident memory of the running node process, from `/proc/PID/status`.
+    pub fn rss_bytes(&self) -> Option<u64> {
+        let pid = self.child.as_ref()?.id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kib * 1024)
+    }
+
     /// CPU time (user and system, every thread) the running node process has used so
     /// far, from Linux's `/proc/PID/stat`; `None` when it is not running or the system
     /// does not say.

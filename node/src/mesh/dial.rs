@@ -68,16 +68,6 @@ impl Node {
             self.held_by_noted_at = now;
             self.note_held_by();
         }
-        let unblock: Vec<PeerId> = self
-            .blocked_until
-            .iter()
-            .filter(|(_, until)| *until <= now)
-            .map(|(p, _)| *p)
-            .collect();
-        self.blocked_until.retain(|(_, until)| *until > now);
-        for peer in unblock {
-            self.swarm.behaviour_mut().blocked.unblock_peer(peer);
-        }
         let overdue: Vec<PeerId> = self
             .refusing
             .iter()
@@ -102,15 +92,15 @@ impl Node {
             }
         }
         // Invites this site accepted whose inviter has not signed its grant yet.
+        // Admission asks them on any connection to the inviting site, or dials them.
         match pending_invites(&self.vault, &self.engine) {
             Ok(pending) => {
-                for (site, addresses) in pending {
-                    for addr in addresses {
-                        self.dial_address(addr, AddressDial::Accept(site));
-                    }
+                let now = now_ms();
+                for (site, _) in pending {
+                    self.admission.invite_accepted(now, site);
                 }
             }
-            Err(e) => warn!("cannot read accepted invites: {e:#}"),
+            Err(e) => warn!("cannot read accepted invites: {e}"),
         }
         // Nodes with queued messages that are not connected.
         let waiting: Vec<NodeId> = self

@@ -20,6 +20,7 @@ impl Node {
                 let link = self.links.entry(peer_id).or_default();
                 link.connections += 1;
                 let addr = endpoint.get_remote_address().clone();
+                self.connection_opened(connection_id, peer_id, &addr);
                 if endpoint.is_dialer() {
                     let known = self.addresses.entry(peer_id).or_default();
                     if !known.contains(&addr) {
@@ -27,10 +28,24 @@ impl Node {
                     }
                 }
                 match self.address_dials.remove(&connection_id) {
-                    Some(AddressDial::Accept(site)) => self.send_accept(peer_id, site),
+                    Some(AddressDial::Accept(site)) => {
+                        self.admission
+                            .inviter_reached(now_ms(), site, connection_id);
+                    }
                     Some(AddressDial::Bootstrap(addr)) => {
                         self.bootstrap_peers.insert(addr, peer_id);
-                        self.send_hello(peer_id);
+                        // A bootstrap address may be the inviter's node: invites waiting
+                        // are asked there first (its answer sends the hello), since our
+                        // hello cannot pass before it has completed.
+                        let waiting: Vec<SiteId> =
+                            self.admission.invites_pending().copied().collect();
+                        for site in &waiting {
+                            self.admission
+                                .inviter_reached(now_ms(), *site, connection_id);
+                        }
+                        if waiting.is_empty() {
+                            self.send_hello(peer_id);
+                        }
                     }
                     _ if endpoint.is_dialer() => self.send_hello(peer_id),
                     _ => {}
@@ -38,9 +53,12 @@ impl Node {
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
+                connection_id,
                 num_established,
                 ..
             } => {
+                self.connection_peers.remove(&connection_id);
+                self.admission.connection_closed(connection_id);
                 if num_established == 0 {
                     if let Some(link) = self.links.get_mut(&peer_id) {
                         link.ready = false;

@@ -75,6 +75,7 @@ impl Node {
         }
         let cert = records.remove(0);
         let node = NodeId(cert.key);
+        let site = cert.author;
         if net::peer_id(&node) != Some(peer) {
             return Err("the certificate is for another node key".into());
         }
@@ -98,6 +99,7 @@ impl Node {
         link.last_seen_unix_ms = Some(now);
         self.peer_of_node.insert(node, peer);
         info!("node {} is a peer", short(&node));
+        self.admission.hello_passed(now, peer, site);
         if let Some(queued) = self.outbox.remove(&node) {
             for message in queued {
                 self.send_mesh(peer, &message);
@@ -148,11 +150,9 @@ impl Node {
         }
     }
 
-    /// Drops a refused peer's connections and keeps it out for `REFUSED_BLOCK`.
+    /// Drops a refused peer's connections and keeps it out for a while (admission's
+    /// block).
     pub(super) fn block(&mut self, peer: PeerId) {
-        self.swarm.behaviour_mut().blocked.block_peer(peer);
-        self.blocked_until
-            .push((peer, tokio::time::Instant::now() + REFUSED_BLOCK));
-        let _ = self.swarm.disconnect_peer_id(peer);
+        self.admission.hello_refused(now_ms(), peer);
     }
 }

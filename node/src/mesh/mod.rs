@@ -12,6 +12,7 @@
 //! under a 256-bit recovery key; what `cairn recover` needs) and the completion of an
 //! invite it holds.
 
+mod admit;
 mod dial;
 mod events;
 mod hello;
@@ -33,11 +34,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use cairn_protocol::admission::{Admission, AdmissionConfig};
 use cairn_protocol::engine::{ChunkRef, Engine, EngineConfig, Event, Message, PeerState};
 use cairn_protocol::identity::{NodeId, SiteId};
 use cairn_protocol::ids::ChunkId;
 use cairn_protocol::record::{NodeCert, Record, RecordKind, TrustGrant};
-use cairn_protocol::token::InviteToken;
 use cairn_protocol::SnapshotRecord;
 use futures::StreamExt;
 use libp2p::swarm::dial_opts::DialOpts;
@@ -57,8 +58,6 @@ use storage::{Done, Storage};
 
 /// Messages waiting for a peer's connection and hello, per peer.
 const OUTBOX_MESSAGES_MAX: usize = 4096;
-/// How long a peer refused at hello is kept from connecting again.
-const REFUSED_BLOCK: Duration = Duration::from_secs(60);
 /// How long a refused peer's connection is kept for its refusal answer to go out.
 const REFUSAL_SEND_MAX: Duration = Duration::from_secs(5);
 /// How often what partners hold for this site is counted again for `cairn trust list`.
@@ -74,6 +73,19 @@ const BURST_BYTES: u64 = 4 << 20;
 /// How often the weekly schedule is looked at.
 const SCHEDULE_CHECK: Duration = Duration::from_secs(30);
 use crate::forget::KEY_ACKED;
+
+/// Why the mesh cannot do something.
+#[derive(Debug, thiserror::Error)]
+pub enum MeshError {
+    #[error("no accepted invite from {0}")]
+    NoAcceptedInvite(SiteId),
+    #[error("no grant to {0}")]
+    NoGrant(SiteId),
+    #[error("cannot read the store")]
+    Store(#[from] crate::store::StoreError),
+    #[error("cannot read the partners")]
+    Trust(#[from] trust::TrustError),
+}
 
 /// How `cairn node run` was asked to run.
 #[derive(Clone, Debug)]
@@ -242,7 +254,11 @@ struct Node {
     /// The peer last reached at each bootstrap address.
     bootstrap_peers: HashMap<Multiaddr, PeerId>,
     relays: Vec<Multiaddr>,
-    blocked_until: Vec<(PeerId, tokio::time::Instant)>,
+    /// Who may stay connected: the hello deadline, connection bounds, blocks, invite
+    /// completions (cairn-protocol's sans-IO policy; `admit.rs` carries out its actions).
+    admission: Admission<ConnectionId, PeerId>,
+    /// The peer at the other end of each open connection.
+    connection_peers: HashMap<ConnectionId, PeerId>,
     /// Peers refused at hello whose refusal answer is on its way (`refuse_after_answer`).
     refusing: Vec<(PeerId, tokio::time::Instant)>,
     /// When `note_held_by` last ran.
@@ -369,7 +385,8 @@ impl Node {
             hellos: HashMap::new(),
             accepts: HashMap::new(),
             fetches: HashMap::new(),
-            blocked_until: Vec::new(),
+            admission: Admission::new(AdmissionConfig::default()),
+            connection_peers: HashMap::new(),
             refusing: Vec::new(),
             held_by_noted_at: tokio::time::Instant::now(),
             listen: Vec::new(),
@@ -421,6 +438,8 @@ impl Node {
         loop {
             let deadline = self.engine.poll_timeout();
             let sleep_ms = deadline.saturating_sub(now_ms()).min(60_000);
+            let admit_at = self.admission.poll_timeout();
+            let admit_ms = admit_at.map_or(0, |at| at.saturating_sub(now_ms()));
             let bulk_at = self
                 .uploads
                 .front()
@@ -450,6 +469,9 @@ impl Node {
                     self.engine.handle_timeout(now_ms());
                 }
                 _ = retry.tick() => self.retry(),
+                _ = tokio::time::sleep(Duration::from_millis(admit_ms)), if admit_at.is_some() => {
+                    self.admission.handle_timeout(now_ms());
+                }
             }
             self.drain(now_ms());
         }
@@ -458,7 +480,7 @@ impl Node {
     /// Takes every output the engine has: the point of the sans-IO split.
     fn drain(&mut self, now: u64) {
         loop {
-            let mut any = false;
+            let mut any = self.apply_admission();
             while let Some(op) = self.engine.poll_storage() {
                 any = true;
                 self.storage.submit(op);

@@ -15,8 +15,8 @@ use libp2p::identity::Keypair;
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::{
-    allow_block_list, dcutr, identify, mdns, ping, relay, request_response, Multiaddr, PeerId,
-    StreamProtocol, Swarm,
+    allow_block_list, connection_limits, dcutr, identify, mdns, ping, relay, request_response,
+    Multiaddr, PeerId, StreamProtocol, Swarm,
 };
 
 /// The one protocol cairn speaks to peers.
@@ -27,6 +27,12 @@ pub const FRAME_BYTES_MAX: usize = 40 << 20;
 pub const STREAMS_PER_CONNECTION_MAX: usize = 512;
 /// A request not answered in this long fails (a chunk over a slow office uplink).
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(180);
+/// QUIC handshakes from others under way at once.
+pub const PENDING_INCOMING_MAX: u32 = 64;
+/// Connections others opened to this node, at once.
+pub const ESTABLISHED_INCOMING_MAX: u32 = 512;
+/// Connections to one peer at once.
+pub const CONNECTIONS_PER_PEER_MAX: u32 = 4;
 /// Connections with no open streams are closed after this long.
 pub const IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -77,6 +83,9 @@ impl Frame {
 /// Answer status bytes.
 pub const ANSWER_OK: u8 = 0;
 pub const ANSWER_REFUSED: u8 = 1;
+/// Not refused, but this node cannot answer it (an invite completion asked of a node
+/// that did not make the invite): ask another.
+pub const ANSWER_ELSEWHERE: u8 = 2;
 
 /// Length-prefixed frames, bounded by `FRAME_BYTES_MAX`.
 #[derive(Clone, Default)]
@@ -164,6 +173,10 @@ impl request_response::Codec for FrameCodec {
 
 #[derive(NetworkBehaviour)]
 pub struct Behaviour {
+    /// Bounds on connections before any cairn code sees them: handshakes under way and
+    /// connections established, so a dial flood cannot grow the node without bound
+    /// (per remote address and per hello, admission bounds them further).
+    pub limits: connection_limits::Behaviour,
     /// Peers refused at hello are blocked for a while: their connections are denied.
     pub blocked: allow_block_list::Behaviour<allow_block_list::BlockedPeers>,
     pub cairn: request_response::Behaviour<FrameCodec>,
@@ -207,11 +220,18 @@ pub fn swarm(node_key: &ed25519_dalek::SigningKey, mdns: bool) -> anyhow::Result
                 None
             };
             Ok(Behaviour {
+                limits: connection_limits::Behaviour::new(
+                    connection_limits::ConnectionLimits::default()
+                        .with_max_pending_incoming(Some(PENDING_INCOMING_MAX))
+                        .with_max_established_incoming(Some(ESTABLISHED_INCOMING_MAX))
+                        .with_max_established_per_peer(Some(CONNECTIONS_PER_PEER_MAX)),
+                ),
                 blocked: Default::default(),
                 cairn,
                 identify: identify::Behaviour::new(
+                    // No version: a stranger learns no more than that this is cairn.
                     identify::Config::new("/cairn/id/1".into(), key.public())
-                        .with_agent_version(format!("cairn/{}", env!("CARGO_PKG_VERSION"))),
+                        .with_agent_version("cairn".into()),
                 ),
                 ping: ping::Behaviour::new(
                     ping::Config::new().with_interval(Duration::from_secs(15)),

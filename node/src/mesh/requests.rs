@@ -1,6 +1,7 @@
 //! `/cairn/1` requests and answers: which kind goes where.
 
 use super::*;
+use cairn_protocol::admission::AcceptAnswer;
 
 impl Node {
     pub(super) fn on_cairn(&mut self, event: request_response::Event<Frame, Frame>) {
@@ -55,7 +56,10 @@ impl Node {
                 ..
             } => {
                 self.hellos.remove(&request_id);
-                self.accepts.remove(&request_id);
+                if let Some(site) = self.accepts.remove(&request_id) {
+                    self.admission
+                        .accept_answered(now_ms(), site, AcceptAnswer::Failed);
+                }
                 debug!("request to {peer} failed: {error}");
             }
         }
@@ -154,9 +158,16 @@ impl Node {
                     kind: ANSWER_OK,
                     payload,
                 },
-                Err(why) => {
+                Err((true, why)) => {
                     warn!("an invite completion was refused: {why}");
                     refused(&why)
+                }
+                Err((false, why)) => {
+                    debug!("an invite completion asked of this node: {why}");
+                    Frame {
+                        kind: net::ANSWER_ELSEWHERE,
+                        payload: why.into_bytes(),
+                    }
                 }
             },
             None => refused("unknown request kind"),
