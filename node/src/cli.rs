@@ -782,6 +782,73 @@ fn run_backup(
     Ok(0)
 }
 
+/// What `cairn verify` checked, in words: the site's own chunks, those on the site's other
+/// nodes, and those held for partners, each with its own verdict.
+fn verify_text(
+    report: &verify::VerifyReport,
+    held: Option<&verify::HeldReport>,
+    damaged_records: bool,
+) -> Vec<String> {
+    let verdict = |n_damaged: usize, what: &str| {
+        if n_damaged == 0 {
+            "all good".to_string()
+        } else {
+            format!("{n_damaged} {what}")
+        }
+    };
+    let n_damaged = report.damage.len();
+    let mut lines = vec![format!(
+        "verified {} snapshots: {} chunks, {} in {:.1}s: {}",
+        report.n_snapshots,
+        report.n_chunks_checked,
+        units::bytes(report.bytes_checked),
+        report.seconds,
+        if damaged_records && n_damaged == 0 {
+            "damaged snapshot records".into()
+        } else {
+            verdict(n_damaged, "damaged stretches")
+        }
+    )];
+    if report.n_chunks_held_elsewhere > 0 {
+        lines.push(format!(
+            "  {} chunks ({}) are on the site's other nodes, not this one: not checked here",
+            report.n_chunks_held_elsewhere,
+            units::bytes(report.bytes_held_elsewhere)
+        ));
+    }
+    if !report.snapshots_held_elsewhere.is_empty() {
+        lines.push(format!(
+            "  the manifests of {} are on the site's other nodes: checked only as far as this node holds them",
+            report.snapshots_held_elsewhere.join(", ")
+        ));
+    }
+    if let Some(held) = held {
+        for d in &held.damage {
+            lines.push(format!(
+                "DAMAGED chunk {} held for site {}: {}",
+                &d.chunk[..16.min(d.chunk.len())],
+                d.owner,
+                d.why
+            ));
+        }
+        if held.n_chunks_checked > 0 || held.n_chunks_lost_here > 0 {
+            lines.push(format!(
+                "held for partners: {} chunks, {} checked against their owners' signatures: {}",
+                held.n_chunks_checked,
+                units::bytes(held.bytes_checked),
+                verdict(held.damage.len(), "damaged chunks")
+            ));
+        }
+        if held.n_chunks_lost_here > 0 {
+            lines.push(format!(
+                "  {} chunks held for partners were lost from this store: the running node fetches them again from their other holders",
+                held.n_chunks_lost_here
+            ));
+        }
+    }
+    lines
+}
+
 /// Where this site's nodes said they listen, in their certificates: what an invite
 /// without `--address` offers.
 fn own_addresses(vault: &Vault) -> Vec<String> {
@@ -955,13 +1022,23 @@ fn run_verify(
     };
     let bar = progress_bar(io, None, "verifying");
     let report = verify::verify(vault, &records, n_workers(), &|done| bar.set_position(done));
+    // Partners' chunks are checked with the whole store, not for one image.
+    let held = snapshot
+        .is_none()
+        .then(|| verify::verify_held(vault, &|done| bar.set_position(report.bytes_checked + done)));
     bar.finish_and_clear();
-    let damaged = !report.damage.is_empty() || !damaged_records.is_empty();
+    let damaged = !report.damage.is_empty()
+        || !damaged_records.is_empty()
+        || held.as_ref().is_some_and(|h| !h.damage.is_empty());
     for e in &damaged_records {
         errln!(io, "DAMAGED {e}");
     }
     if json {
-        print_json(io, &report);
+        let mut value = serde_json::to_value(&report).expect("a report serializes");
+        if let Some(held) = &held {
+            value["held_for_partners"] = serde_json::to_value(held).expect("a report serializes");
+        }
+        print_json(io, &value);
     } else {
         for d in &report.damage {
             let chunk = d
@@ -980,19 +1057,9 @@ fn run_verify(
                 d.why
             );
         }
-        outln!(
-            io,
-            "verified {} snapshots: {} chunks, {} in {:.1}s: {}",
-            report.n_snapshots,
-            report.n_chunks_checked,
-            units::bytes(report.bytes_checked),
-            report.seconds,
-            if damaged {
-                format!("{} damaged stretches", report.damage.len())
-            } else {
-                "all good".into()
-            }
-        );
+        for line in verify_text(&report, held.as_ref(), !damaged_records.is_empty()) {
+            outln!(io, "{line}");
+        }
     }
     if damaged {
         return Ok(3);

@@ -9,6 +9,7 @@
 //! Names come from certificates other sites signed, so the text replaces control
 //! characters in them rather than let them move a terminal's cursor.
 
+mod build;
 mod metrics;
 mod prometheus;
 
@@ -20,6 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::units;
 
+pub use build::{build, sample_sent};
 pub use metrics::{
     serve_metrics, METRICS_CONNECTIONS_MAX, METRICS_REQUEST_BYTES_MAX, METRICS_REQUEST_TIMEOUT_MS,
     METRICS_WRITE_TIMEOUT_MS,
@@ -79,6 +81,33 @@ pub struct ImageStatus {
     pub under_replicated_bytes: u64,
     /// Per site holding any of the image's chunks.
     pub copies: Vec<SiteCopies>,
+    /// False when part of the snapshot's manifest is not on this node (it is on the
+    /// site's other nodes, or a lost pack took it): `chunks` counts what it could list.
+    #[serde(default = "yes")]
+    pub chunk_list_complete: bool,
+    /// Of `chunks`, those whose copies this node does not know yet (made on another node
+    /// of the site, or not yet handed to the mesh since a start): "checking", not zero.
+    #[serde(default)]
+    pub chunks_checking: u64,
+    /// Sealed bytes all R copies of the chunks come to, and of those the copies known to
+    /// be in place (each chunk counted at most R times).
+    #[serde(default)]
+    pub copy_bytes_target: u64,
+    #[serde(default)]
+    pub copy_bytes_done: u64,
+    /// While below R: what this node sends to peers, measured over the last minute, and
+    /// the time the missing copies take at that rate. `null`: not measured yet, or at R.
+    #[serde(default)]
+    pub rate_bytes_per_sec: Option<u64>,
+    #[serde(default)]
+    pub eta_ms: Option<u64>,
+    /// While below R and not moving: why, when the node can tell.
+    #[serde(default)]
+    pub waiting_for: Option<String>,
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl ImageStatus {
@@ -88,6 +117,28 @@ impl ImageStatus {
             1.0
         } else {
             self.chunks_at_target as f64 / self.chunks as f64
+        }
+    }
+}
+
+impl NodeStatus {
+    /// A node with nothing to say yet: no images, no peers, nothing held.
+    pub fn empty(vault: &crate::vault::Vault, now_unix_ms: u64) -> NodeStatus {
+        NodeStatus {
+            version: STATUS_VERSION,
+            node_id: vault.dir.node_id(),
+            site_id: vault.dir.site_id(),
+            site_name: vault.dir.site_name.clone(),
+            listen_addresses: Vec::new(),
+            now_unix_ms,
+            uptime_ms: 0,
+            chunks_own: 0,
+            chunks_for_partners: 0,
+            held_for_partners: Vec::new(),
+            upload_limit_bytes_per_sec: None,
+            download_limit_bytes_per_sec: None,
+            images: Vec::new(),
+            peers: Vec::new(),
         }
     }
 }
@@ -370,6 +421,7 @@ fn render_images(status: &NodeStatus, out: &mut String) {
         ("R", true),
         ("AT R", true),
         ("UNDER R", true),
+        ("REPLICATING", false),
         ("COPIES BY SITE", false),
     ]);
     for image in &status.images {
@@ -391,20 +443,58 @@ fn render_images(status: &NodeStatus, out: &mut String) {
             latest,
             size,
             image.replication_target.to_string(),
-            if image.chunks == 0 {
-                "-".into()
-            } else {
-                format!("{} of {}", percent_at_target(image), image.chunks)
-            },
+            at_target(image),
             units::bytes(image.under_replicated_bytes),
-            if copies.is_empty() {
-                "-".into()
-            } else {
+            replicating(image),
+            if !copies.is_empty() {
                 copies
+            } else if image.chunks_checking > 0 || !image.chunk_list_complete {
+                "checking".into()
+            } else {
+                "-".into()
             },
         ]);
     }
     table.render(out);
+}
+
+/// "99.9% of 100000 chunks"; "checking" while the copies of some are not known yet.
+fn at_target(image: &ImageStatus) -> String {
+    if image.chunks_checking > 0 || (image.chunks == 0 && !image.chunk_list_complete) {
+        let known = image.chunks - image.chunks_checking;
+        return if known == 0 {
+            "checking".into()
+        } else {
+            format!("checking, {known} of {} chunks known", image.chunks)
+        };
+    }
+    if image.chunks == 0 {
+        return "-".into();
+    }
+    format!("{} of {} chunks", percent_at_target(image), image.chunks)
+}
+
+/// While below R: "1.2 GiB of 3.0 GiB, 2.0 MiB/s, 5m 0s left", or why it is not moving.
+fn replicating(image: &ImageStatus) -> String {
+    if image.copy_bytes_done >= image.copy_bytes_target || image.chunks_checking > 0 {
+        return "-".into();
+    }
+    let mut text = format!(
+        "{} of {}",
+        units::bytes(image.copy_bytes_done),
+        units::bytes(image.copy_bytes_target)
+    );
+    match (image.rate_bytes_per_sec, image.eta_ms) {
+        (Some(rate), Some(eta)) if rate > 0 => {
+            write!(text, ", {}/s, {} left", units::bytes(rate), duration(eta))
+        }
+        _ => match &image.waiting_for {
+            Some(why) => write!(text, ", {}", printable(why)),
+            None => write!(text, ", rate not measured yet"),
+        },
+    }
+    .expect("writing to a String cannot fail");
+    text
 }
 
 fn render_peers(status: &NodeStatus, out: &mut String) {
@@ -500,6 +590,13 @@ mod tests {
                             bytes: 399 * GIB,
                         },
                     ],
+                    chunk_list_complete: true,
+                    chunks_checking: 0,
+                    copy_bytes_target: 1200 * GIB,
+                    copy_bytes_done: 799 * GIB,
+                    rate_bytes_per_sec: Some(4 << 20),
+                    eta_ms: Some(3_600_000),
+                    waiting_for: None,
                 },
                 ImageStatus {
                     image: ImageName::new("accounting").unwrap(),
@@ -509,6 +606,13 @@ mod tests {
                     chunks_at_target: 0,
                     under_replicated_bytes: 0,
                     copies: vec![],
+                    chunk_list_complete: true,
+                    chunks_checking: 0,
+                    copy_bytes_target: 0,
+                    copy_bytes_done: 0,
+                    rate_bytes_per_sec: None,
+                    eta_ms: None,
+                    waiting_for: None,
                 },
             ],
             peers: vec![
@@ -585,9 +689,9 @@ chunks    120000 own, 45000 for partners
 HELD FOR             BYTES  CHUNKS
 Harbour "Annex"  180.0 GiB   45000
 
-IMAGE       LATEST SNAPSHOT                        SIZE  R             AT R  UNDER R  COPIES BY SITE
-fileserver  2026-11-18 10:06:40 UTC abababab  500.0 GiB  3  99.9% of 100000  4.0 MiB  Main Street 400.0 GiB, Harbour "Annex" 399.0 GiB
-accounting  none yet                                  -  3                -      0 B  -
+IMAGE       LATEST SNAPSHOT                        SIZE  R                    AT R  UNDER R  REPLICATING                                  COPIES BY SITE
+fileserver  2026-11-18 10:06:40 UTC abababab  500.0 GiB  3  99.9% of 100000 chunks  4.0 MiB  799.0 GiB of 1.2 TiB, 4.0 MiB/s, 1h 0m left  Main Street 400.0 GiB, Harbour "Annex" 399.0 GiB
+accounting  none yet                                  -  3                       -      0 B  -                                            -
 
 PEER     SITE             STATE     LAST SEEN      RTT       SENT  RECEIVED
 {p2}  Harbour "Annex"  live         2s ago  12.3 ms  399.0 GiB   1.5 KiB
@@ -619,6 +723,81 @@ PEER     SITE             STATE     LAST SEEN      RTT       SENT  RECEIVED
         assert!(text.contains("no images yet: `cairn backup IMAGE SOURCE`"));
         assert!(text.contains("\nno peers yet\n"));
         assert!(!text.contains("HELD FOR"));
+    }
+
+    #[test]
+    fn copies_not_known_yet_read_checking_never_a_dash() {
+        // A restart after a lost pack, or the site's second node: the chunks are listed
+        // but where their copies are is not known yet.
+        let mut image = sample().images[0].clone();
+        image.copies.clear();
+        image.chunks_checking = image.chunks;
+        image.chunks_at_target = 0;
+        assert_eq!(at_target(&image), "checking");
+        assert_eq!(replicating(&image), "-");
+        image.chunks_checking = 40_000;
+        assert_eq!(at_target(&image), "checking, 60000 of 100000 chunks known");
+        // Part of the manifest is elsewhere and nothing could be listed yet.
+        image.chunks = 0;
+        image.chunks_checking = 0;
+        image.chunk_list_complete = false;
+        assert_eq!(at_target(&image), "checking");
+        let status = NodeStatus {
+            images: vec![image],
+            ..sample()
+        };
+        let text = render_text(&status);
+        let row = text.lines().find(|l| l.starts_with("fileserver")).unwrap();
+        assert!(row.ends_with("checking"), "{row}");
+    }
+
+    #[test]
+    fn below_target_shows_bytes_and_rate_or_why_it_waits() {
+        let mut image = sample().images[0].clone();
+        assert_eq!(
+            replicating(&image),
+            "799.0 GiB of 1.2 TiB, 4.0 MiB/s, 1h 0m left"
+        );
+        image.rate_bytes_per_sec = Some(0);
+        image.eta_ms = None;
+        image.waiting_for = Some("waiting for Harbour".into());
+        assert_eq!(
+            replicating(&image),
+            "799.0 GiB of 1.2 TiB, waiting for Harbour"
+        );
+        image.waiting_for = None;
+        image.rate_bytes_per_sec = None;
+        assert_eq!(
+            replicating(&image),
+            "799.0 GiB of 1.2 TiB, rate not measured yet"
+        );
+        image.copy_bytes_done = image.copy_bytes_target;
+        assert_eq!(replicating(&image), "-", "at R: nothing to show");
+    }
+
+    #[test]
+    fn json_of_an_older_node_without_the_new_fields_still_reads() {
+        let json = serde_json::to_value(sample()).unwrap();
+        let mut old = json.clone();
+        for image in old["images"].as_array_mut().unwrap() {
+            for field in [
+                "chunk_list_complete",
+                "chunks_checking",
+                "copy_bytes_target",
+                "copy_bytes_done",
+                "rate_bytes_per_sec",
+                "eta_ms",
+                "waiting_for",
+            ] {
+                assert!(
+                    image.as_object_mut().unwrap().remove(field).is_some(),
+                    "{field}"
+                );
+            }
+        }
+        let back: NodeStatus = serde_json::from_value(old).unwrap();
+        assert!(back.images[0].chunk_list_complete);
+        assert_eq!(back.images[0].chunks, 100_000);
     }
 
     #[test]

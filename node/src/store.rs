@@ -107,6 +107,38 @@ pub struct Store {
     pub warnings: Vec<String>,
 }
 
+/// The owner of each partner chunk this store holds: `held-chunk/` id -> site id. Chunks
+/// without one are this site's own. Written by the mesh's storage thread.
+pub const KEY_HELD_CHUNK: &[u8] = b"held-chunk/";
+
+/// Chunks a damaged or missing pack took with it, by whose they were: what is true to
+/// tell the user differs. A partner's chunk is the mesh's to repair; only this site's own
+/// data is stored again by a backup.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct LostChunks {
+    n_own: usize,
+    n_held: usize,
+}
+
+impl LostChunks {
+    fn advice(&self) -> String {
+        let held = format!(
+            "{} chunks held for partner sites lost; a running node fetches them again from their other holders",
+            self.n_held
+        );
+        let own = format!(
+            "{} of this site's chunks lost; a running node fetches them back from the sites that hold copies, the next backup of an affected image stores them again, and `cairn verify` names the affected snapshots",
+            self.n_own
+        );
+        match (self.n_own, self.n_held) {
+            (0, 0) => "no chunks lost".into(),
+            (0, _) => held,
+            (_, 0) => own,
+            _ => format!("{own}; {held}"),
+        }
+    }
+}
+
 impl Store {
     /// Opens (creating if needed) the store in `dir` and recovers from an interrupted write.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
@@ -167,10 +199,11 @@ impl Store {
         let committed: HashMap<PackId, u64> = self.index.packs()?.into_iter().collect();
         let on_disk = self.pack_ids_on_disk()?;
         for (&pack, _) in committed.iter().filter(|(pack, _)| !on_disk.contains(pack)) {
-            let n_lost = self.forget_chunks_past(pack, 0)?;
+            let lost = self.forget_chunks_past(pack, 0)?;
             self.warnings.push(format!(
-                "pack {} is missing: {n_lost} chunks lost; the next backup of an affected image stores them again, and `cairn verify` names the damaged snapshots",
-                self.pack_path(pack).display()
+                "pack {} is missing: {}",
+                self.pack_path(pack).display(),
+                lost.advice()
             ));
         }
         for pack in on_disk {
@@ -178,10 +211,11 @@ impl Store {
             let file_len = fs::metadata(&path).map_err(io(&path))?.len();
             let committed_len = committed.get(&pack).copied().unwrap_or(0);
             if file_len < committed_len {
-                let n_lost = self.cut_truncated(pack, file_len)?;
+                let lost = self.cut_truncated(pack, file_len)?;
                 self.warnings.push(format!(
-                    "pack {} was truncated to {file_len} of {committed_len} bytes: {n_lost} chunks lost; the next backup of an affected image stores them again, and `cairn verify` names the damaged snapshots",
-                    path.display()
+                    "pack {} was truncated to {file_len} of {committed_len} bytes: {}",
+                    path.display(),
+                    lost.advice()
                 ));
             } else if file_len > committed_len {
                 self.recover_tail(pack, committed_len, file_len)?;
@@ -265,8 +299,8 @@ impl Store {
 
     /// A committed pack lost its tail outside cairn: keep the whole entries that remain,
     /// forget the chunks that were cut off so the next backup stores them again, and carry
-    /// on appending after what remains. Returns how many chunks were lost.
-    fn cut_truncated(&mut self, pack: PackId, file_len: u64) -> Result<usize, StoreError> {
+    /// on appending after what remains. Returns what was lost.
+    fn cut_truncated(&mut self, pack: PackId, file_len: u64) -> Result<LostChunks, StoreError> {
         let path = self.pack_path(pack);
         let mut file = OpenOptions::new()
             .read(true)
@@ -286,7 +320,11 @@ impl Store {
 
     /// Removes from the index every chunk of `pack` that does not end by `good_len`, and
     /// records `good_len` as the pack's committed length (or forgets the pack at 0).
-    fn forget_chunks_past(&mut self, pack: PackId, good_len: u64) -> Result<usize, StoreError> {
+    fn forget_chunks_past(
+        &mut self,
+        pack: PackId,
+        good_len: u64,
+    ) -> Result<LostChunks, StoreError> {
         let lost: Vec<ChunkId> = self
             .index
             .chunks_in_pack(pack)?
@@ -296,7 +334,18 @@ impl Store {
             })
             .map(|(id, _)| id)
             .collect();
-        let n_lost = lost.len();
+        let mut counted = LostChunks::default();
+        for id in &lost {
+            if self
+                .index
+                .catalog_get(&[KEY_HELD_CHUNK, &id.0].concat())?
+                .is_some()
+            {
+                counted.n_held += 1;
+            } else {
+                counted.n_own += 1;
+            }
+        }
         let mut batch = IndexBatch {
             removed_chunks: lost,
             ..IndexBatch::default()
@@ -307,7 +356,7 @@ impl Store {
             batch.packs.push((pack, good_len));
         }
         self.index.commit(batch)?;
-        Ok(n_lost)
+        Ok(counted)
     }
 
     /// Starts writing; the caller is the store's only writer (the data dir lock ensures it).
@@ -794,7 +843,7 @@ mod tests {
         let store = Store::open(tmp.path()).unwrap();
         assert_eq!(store.warnings.len(), 1, "{:?}", store.warnings);
         assert!(
-            store.warnings[0].contains("1 chunks lost"),
+            store.warnings[0].contains("1 of this site's chunks lost"),
             "{:?}",
             store.warnings
         );
@@ -834,6 +883,55 @@ mod tests {
         writer.append(&id(2), b"new").unwrap();
         writer.commit().unwrap();
         assert_eq!(store.reader().read(&id(2)).unwrap(), b"new");
+    }
+
+    #[test]
+    fn a_lost_pack_of_partner_chunks_advises_no_backup() {
+        let tmp = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(tmp.path()).unwrap();
+            let mut writer = store.writer();
+            writer.append(&id(1), b"a partner's").unwrap();
+            writer.append(&id(2), b"another partner's").unwrap();
+            writer.commit().unwrap();
+            let marks = [id(1), id(2)]
+                .iter()
+                .map(|c| ([KEY_HELD_CHUNK, &c.0].concat(), vec![9u8; 32]))
+                .collect();
+            store
+                .index()
+                .commit(IndexBatch {
+                    catalog: marks,
+                    ..IndexBatch::default()
+                })
+                .unwrap();
+        }
+        fs::remove_file(tmp.path().join("packs/00000001.pack")).unwrap();
+        let store = Store::open(tmp.path()).unwrap();
+        assert_eq!(store.warnings.len(), 1, "{:?}", store.warnings);
+        let warning = &store.warnings[0];
+        assert!(
+            warning.ends_with(
+                "is missing: 2 chunks held for partner sites lost; a running node fetches them again from their other holders"
+            ),
+            "{warning}"
+        );
+        assert!(!warning.contains("backup"), "{warning}");
+    }
+
+    #[test]
+    fn a_lost_pack_of_both_kinds_names_each() {
+        let lost = LostChunks {
+            n_own: 3,
+            n_held: 2,
+        };
+        let advice = lost.advice();
+        assert!(
+            advice.starts_with("3 of this site's chunks lost; "),
+            "{advice}"
+        );
+        assert!(advice.contains("the next backup of an affected image stores them again"));
+        assert!(advice.ends_with("; 2 chunks held for partner sites lost; a running node fetches them again from their other holders"));
     }
 
     #[test]

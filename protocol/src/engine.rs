@@ -45,6 +45,7 @@ use membership::Peer;
 pub use membership::PeerState;
 pub use message::Message;
 pub use pull::PULLS_PER_SOURCE_MAX;
+pub use replication::capacity_weight;
 use replication::{Held, PendingSnapshot, PushQueue, ReadPurpose};
 pub use scrub::SCRUB_READ_INTERVAL_MIN_MS;
 

@@ -8,8 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context as _, Result};
-use cairn_protocol::engine::{EngineConfig, PeerState};
-use cairn_protocol::identity::SiteId;
+use cairn_protocol::engine::EngineConfig;
 use clap::{Args, Subcommand};
 use serde::{Deserialize, Serialize};
 
@@ -18,7 +17,7 @@ use super::Operation;
 use crate::control::ControlServer;
 use crate::mesh::{self, MeshHandle, NodeOptions};
 use crate::schedule::Limits;
-use crate::status::{self, ImageStatus, NodeStatus, PartnerHeld, SiteCopies, SnapshotSummary};
+use crate::status::{self, NodeStatus};
 use crate::units::{now_unix_ms, parse_duration_ms, parse_size};
 use crate::vault::Vault;
 
@@ -222,7 +221,7 @@ pub fn run(data_dir: &Path, command: NodeCommand) -> Result<u8> {
     if let Some(addr) = metrics {
         let (vault, mesh) = (vault.clone(), mesh.clone());
         let (bound, _) = status::serve_metrics(addr, move || {
-            status(&vault, &mesh).unwrap_or_else(|_| empty_status(&vault))
+            status(&vault, &mesh).unwrap_or_else(|_| NodeStatus::empty(&vault, now_unix_ms()))
         })
         .with_context(|| format!("--metrics {addr}"))?;
         tracing::info!("metrics at http://{bound}/metrics");
@@ -335,130 +334,7 @@ pub fn publish(vault: &Vault, mesh: &MeshHandle) -> Result<()> {
     Ok(())
 }
 
-fn empty_status(vault: &Vault) -> NodeStatus {
-    NodeStatus {
-        version: status::STATUS_VERSION,
-        node_id: vault.dir.node_id(),
-        site_id: vault.dir.site_id(),
-        site_name: vault.dir.site_name.clone(),
-        listen_addresses: Vec::new(),
-        now_unix_ms: now_unix_ms(),
-        uptime_ms: 0,
-        chunks_own: 0,
-        chunks_for_partners: 0,
-        held_for_partners: Vec::new(),
-        upload_limit_bytes_per_sec: None,
-        download_limit_bytes_per_sec: None,
-        images: Vec::new(),
-        peers: Vec::new(),
-    }
-}
-
 /// The node's status: the mesh loop's picture plus the vault's images.
 pub fn status(vault: &Vault, mesh: &MeshHandle) -> Result<NodeStatus> {
-    let m = mesh.status()?;
-    let own = vault.dir.site_id();
-    let name_of = |site: &SiteId| {
-        m.site_names
-            .get(site)
-            .cloned()
-            .unwrap_or_else(|| format!("site {}", site.fingerprint()))
-    };
-    let mut status = empty_status(vault);
-    status.listen_addresses = m.listen.clone();
-    status.uptime_ms = m.uptime_ms;
-    status.upload_limit_bytes_per_sec = m.upload_limit;
-    status.download_limit_bytes_per_sec = m.download_limit;
-    let mut partners: std::collections::BTreeMap<SiteId, (u64, u64)> = Default::default();
-    for chunk in &m.held {
-        if chunk.owner == own {
-            status.chunks_own += 1;
-        } else {
-            status.chunks_for_partners += 1;
-            let e = partners.entry(chunk.owner).or_default();
-            e.0 += 1;
-            e.1 += chunk.size_bytes;
-        }
-    }
-    status.held_for_partners = partners
-        .into_iter()
-        .map(|(site, (chunks, bytes))| PartnerHeld {
-            site_id: site,
-            site_name: name_of(&site),
-            chunks,
-            bytes,
-        })
-        .collect();
-    let r = m.replication_factor;
-    let mut latest: std::collections::BTreeMap<String, cairn_protocol::SnapshotRecord> =
-        Default::default();
-    for snapshot in vault.snapshots()? {
-        let newer = latest
-            .get(snapshot.image.as_str())
-            .is_none_or(|l| l.time_unix_ms <= snapshot.time_unix_ms);
-        if newer {
-            latest.insert(snapshot.image.as_str().to_owned(), snapshot);
-        }
-    }
-    for snapshot in latest.into_values() {
-        let mut image = ImageStatus {
-            image: snapshot.image.clone(),
-            latest_snapshot: Some(SnapshotSummary {
-                id: snapshot.id,
-                time_unix_ms: snapshot.time_unix_ms,
-                size_bytes: snapshot.size_bytes,
-            }),
-            replication_target: r as u32,
-            chunks: 0,
-            chunks_at_target: 0,
-            under_replicated_bytes: 0,
-            copies: Vec::new(),
-        };
-        // A recovered node has no local manifest yet: its image shows no chunks.
-        let chunks = mesh::snapshot_chunks(vault, &snapshot).unwrap_or_default();
-        let mut per_site: std::collections::BTreeMap<SiteId, (u64, u64)> = Default::default();
-        for chunk in &chunks {
-            let sites = m.copies.get(&chunk.id).cloned().unwrap_or_default();
-            image.chunks += 1;
-            if sites.len() >= r {
-                image.chunks_at_target += 1;
-            } else {
-                image.under_replicated_bytes += chunk.size_bytes;
-            }
-            for site in sites {
-                let e = per_site.entry(site).or_default();
-                e.0 += 1;
-                e.1 += chunk.size_bytes;
-            }
-        }
-        image.copies = per_site
-            .into_iter()
-            .map(|(site, (chunks, bytes))| SiteCopies {
-                site_id: site,
-                site_name: name_of(&site),
-                chunks,
-                bytes,
-            })
-            .collect();
-        status.images.push(image);
-    }
-    status.peers = m
-        .peers
-        .iter()
-        .map(|p| status::PeerStatus {
-            node_id: p.node,
-            site_id: p.site,
-            site_name: name_of(&p.site),
-            state: match p.state {
-                PeerState::Live => status::PeerState::Live,
-                PeerState::Suspected => status::PeerState::Suspect,
-                PeerState::Dead => status::PeerState::Dead,
-            },
-            last_seen_unix_ms: p.last_seen_unix_ms,
-            rtt_us: p.rtt.map(|d| d.as_micros() as u64),
-            sent_bytes: p.bytes_sent,
-            received_bytes: p.bytes_received,
-        })
-        .collect();
-    Ok(status)
+    Ok(status::build(vault, &mesh.status()?)?)
 }

@@ -155,6 +155,8 @@ pub struct MeshStatus {
     /// In force now; None is unlimited.
     pub upload_limit: Option<u64>,
     pub download_limit: Option<u64>,
+    /// The sites that may store this site's chunks (itself included), from the grants.
+    pub storers: Vec<SiteId>,
 }
 
 #[derive(Clone, Debug)]

@@ -27,6 +27,9 @@ impl Node {
     /// Keeps `cairn trust list`'s "they hold for us" current: this site's bytes at each
     /// partner, counted over the chunks this node holds.
     pub(super) fn note_held_by(&mut self) {
+        // A sample for `cairn status`'s replication rate, so it has one at its first look.
+        let sent = self.links.values().map(|l| l.bytes_sent).sum();
+        crate::status::sample_sent(now_ms(), sent);
         let own = self.vault.dir.site_id();
         let copies = self.copies();
         let mut by_site: HashMap<SiteId, u64> = HashMap::new();
@@ -98,6 +101,13 @@ impl Node {
             replication_factor: self.engine.config().replication_factor,
             upload_limit: self.upload.limit().bytes_per_sec(),
             download_limit: self.download.limit().bytes_per_sec(),
+            storers: self
+                .engine
+                .catalog()
+                .storers_for(own)
+                .into_iter()
+                .map(|(site, _)| site)
+                .collect(),
         }
     }
 }

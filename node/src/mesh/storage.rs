@@ -18,11 +18,9 @@ use cairn_protocol::record::{Record, RecordKind};
 use crossbeam_channel::{Receiver, Sender};
 
 use crate::records;
-use crate::store::{IndexBatch, StoreError, ENTRY_BYTES_MAX};
+use crate::store::{IndexBatch, StoreError, ENTRY_BYTES_MAX, KEY_HELD_CHUNK};
 use crate::vault::Vault;
 
-/// The owner of each partner chunk this node holds: `held-chunk/` id -> site id.
-const KEY_HELD_CHUNK: &[u8] = b"held-chunk/";
 /// Ops carried out per batch: bounds the time before the first completion is reported.
 const OPS_PER_BATCH_MAX: usize = 256;
 

@@ -1051,7 +1051,8 @@ pub(super) fn root_of(digests: &[u64; PARTITIONS]) -> u64 {
 /// What a node that states no capacity (0 in its certificate) counts as.
 pub const CAPACITY_UNSTATED_BYTES: u64 = 1 << 40;
 
-fn capacity_weight(capacity_bytes: u64) -> u64 {
+/// A node's weight in placement inside its site: its stated capacity.
+pub fn capacity_weight(capacity_bytes: u64) -> u64 {
     if capacity_bytes == 0 {
         CAPACITY_UNSTATED_BYTES
     } else {

@@ -1,0 +1,287 @@
+//! Fills a `NodeStatus` from the mesh loop's picture and the vault: what each image's
+//! chunks are, where the mesh knows them to be, and how fast they are getting to R.
+//!
+//! The rate is measured here, from the bytes this node sent to peers between two looks
+//! (`RATE_WINDOW_MS` apart at most); the node's loop looks periodically, so the first
+//! `cairn status` after a start already has a figure once the loop ran a while.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Mutex;
+
+use cairn_protocol::engine::PeerState;
+use cairn_protocol::identity::SiteId;
+use cairn_protocol::manifest::ManifestWalk;
+use cairn_protocol::seal::Opener;
+use cairn_protocol::{ChunkId, Extent, SnapshotRecord};
+
+use super::{ImageStatus, NodeStatus, PartnerHeld, PeerStatus, SiteCopies, SnapshotSummary};
+use crate::mesh::MeshStatus;
+use crate::units::now_unix_ms;
+use crate::vault::{Vault, VaultError};
+
+/// How far back the replication rate looks.
+pub const RATE_WINDOW_MS: u64 = 60_000;
+/// Samples kept for the rate; older ones past the window are dropped first.
+const RATE_SAMPLES_MAX: usize = 64;
+
+/// (time, bytes this node had sent to peers in all): one process runs one node.
+static SENT_SAMPLES: Mutex<VecDeque<(u64, u64)>> = Mutex::new(VecDeque::new());
+
+/// Notes how many bytes this node has sent to peers so far, and returns the rate over
+/// the window, when two samples at least a second apart exist.
+pub fn sample_sent(now_ms: u64, sent_bytes: u64) -> Option<u64> {
+    let mut samples = SENT_SAMPLES.lock().unwrap_or_else(|e| e.into_inner());
+    rate_from(&mut samples, now_ms, sent_bytes)
+}
+
+fn rate_from(samples: &mut VecDeque<(u64, u64)>, now_ms: u64, sent_bytes: u64) -> Option<u64> {
+    // A restarted counter (fewer bytes than before) starts the window afresh.
+    if samples
+        .back()
+        .is_some_and(|&(t, b)| b > sent_bytes || t > now_ms)
+    {
+        samples.clear();
+    }
+    samples.push_back((now_ms, sent_bytes));
+    while samples.len() > RATE_SAMPLES_MAX
+        || samples
+            .front()
+            .is_some_and(|&(t, _)| now_ms - t > RATE_WINDOW_MS && samples.len() > 2)
+    {
+        samples.pop_front();
+    }
+    let &(t0, b0) = samples.front()?;
+    let elapsed_ms = now_ms - t0;
+    (elapsed_ms >= 1_000).then(|| (sent_bytes - b0) * 1000 / elapsed_ms)
+}
+
+/// A snapshot's chunks as far as this node can list them: its manifest nodes, then its
+/// data chunks, each with its sealed size (from the index, or the plaintext length when
+/// the chunk is not here). `false` when part of the manifest is not on this node.
+fn known_chunks(vault: &Vault, snapshot: &SnapshotRecord) -> (Vec<(ChunkId, u64)>, bool) {
+    let mut reader = vault.store.reader();
+    let mut opener = Opener::new();
+    let mut manifest_ids = Vec::new();
+    let mut data: Vec<(ChunkId, u64)> = Vec::new();
+    let mut walk = ManifestWalk::new(snapshot.manifest_root());
+    let mut load = |id: &ChunkId| {
+        manifest_ids.push(*id);
+        vault.load_chunk(&mut reader, &mut opener, id)
+    };
+    let complete = loop {
+        match walk.next(&mut load) {
+            Ok(Some((_, Extent::Data { id, len_bytes }))) => data.push((id, u64::from(len_bytes))),
+            Ok(Some(_)) => {}
+            Ok(None) => break true,
+            Err(_) => break false,
+        }
+    };
+    let mut out: BTreeMap<ChunkId, u64> = BTreeMap::new();
+    let manifest = manifest_ids.into_iter().map(|id| (id, 0));
+    for (id, plain_len) in manifest.chain(data) {
+        let sealed = vault
+            .store
+            .index()
+            .chunk(&id)
+            .ok()
+            .flatten()
+            .map(|l| u64::from(l.len_bytes) + crate::mesh::storage::BLOB_EXTRA_BYTES);
+        out.insert(id, sealed.unwrap_or(plain_len));
+    }
+    (out.into_iter().collect(), complete)
+}
+
+/// Why replication below R is not moving, when this node can tell.
+fn waiting_for(m: &MeshStatus, r: usize, name_of: &dyn Fn(&SiteId) -> String) -> Option<String> {
+    if m.storers.len() < r {
+        return Some(format!(
+            "only {} of the {r} sites needed store for this site: add a partner or lower R",
+            m.storers.len()
+        ));
+    }
+    let node_site = m.storers.first().copied();
+    let unreachable: Vec<String> = m
+        .storers
+        .iter()
+        .filter(|site| Some(**site) != node_site)
+        .filter(|site| {
+            !m.peers
+                .iter()
+                .any(|p| p.site == **site && p.state == PeerState::Live && p.connected)
+        })
+        .map(name_of)
+        .collect();
+    (!unreachable.is_empty()).then(|| format!("waiting for {}", unreachable.join(", ")))
+}
+
+/// One image's row: its latest snapshot's chunks and where the mesh knows them to be.
+fn image_status(
+    vault: &Vault,
+    m: &MeshStatus,
+    snapshot: &SnapshotRecord,
+    name_of: &dyn Fn(&SiteId) -> String,
+) -> ImageStatus {
+    let r = m.replication_factor;
+    let (chunks, complete) = known_chunks(vault, snapshot);
+    let mut image = ImageStatus {
+        image: snapshot.image.clone(),
+        latest_snapshot: Some(SnapshotSummary {
+            id: snapshot.id,
+            time_unix_ms: snapshot.time_unix_ms,
+            size_bytes: snapshot.size_bytes,
+        }),
+        replication_target: r as u32,
+        chunks: 0,
+        chunks_at_target: 0,
+        under_replicated_bytes: 0,
+        copies: Vec::new(),
+        chunk_list_complete: complete,
+        chunks_checking: 0,
+        copy_bytes_target: 0,
+        copy_bytes_done: 0,
+        rate_bytes_per_sec: None,
+        eta_ms: None,
+        waiting_for: None,
+    };
+    let mut per_site: BTreeMap<SiteId, (u64, u64)> = BTreeMap::new();
+    for (id, size_bytes) in &chunks {
+        image.chunks += 1;
+        image.copy_bytes_target += size_bytes * r as u64;
+        let Some(sites) = m.copies.get(id) else {
+            image.chunks_checking += 1;
+            image.under_replicated_bytes += size_bytes;
+            continue;
+        };
+        image.copy_bytes_done += size_bytes * sites.len().min(r) as u64;
+        if sites.len() >= r {
+            image.chunks_at_target += 1;
+        } else {
+            image.under_replicated_bytes += size_bytes;
+        }
+        for site in sites {
+            let e = per_site.entry(*site).or_default();
+            e.0 += 1;
+            e.1 += size_bytes;
+        }
+    }
+    image.copies = per_site
+        .into_iter()
+        .map(|(site, (chunks, bytes))| SiteCopies {
+            site_id: site,
+            site_name: name_of(&site),
+            chunks,
+            bytes,
+        })
+        .collect();
+    image
+}
+
+/// The node's status: the mesh loop's picture plus the vault's images.
+pub fn build(vault: &Vault, m: &MeshStatus) -> Result<NodeStatus, VaultError> {
+    let own = vault.dir.site_id();
+    let name_of = |site: &SiteId| {
+        m.site_names
+            .get(site)
+            .cloned()
+            .unwrap_or_else(|| format!("site {}", site.fingerprint()))
+    };
+    let now = now_unix_ms();
+    let mut status = NodeStatus::empty(vault, now);
+    status.listen_addresses = m.listen.clone();
+    status.uptime_ms = m.uptime_ms;
+    status.upload_limit_bytes_per_sec = m.upload_limit;
+    status.download_limit_bytes_per_sec = m.download_limit;
+    let mut partners: BTreeMap<SiteId, (u64, u64)> = BTreeMap::new();
+    for chunk in &m.held {
+        if chunk.owner == own {
+            status.chunks_own += 1;
+        } else {
+            status.chunks_for_partners += 1;
+            let e = partners.entry(chunk.owner).or_default();
+            e.0 += 1;
+            e.1 += chunk.size_bytes;
+        }
+    }
+    status.held_for_partners = partners
+        .into_iter()
+        .map(|(site, (chunks, bytes))| PartnerHeld {
+            site_id: site,
+            site_name: name_of(&site),
+            chunks,
+            bytes,
+        })
+        .collect();
+    let mut latest: BTreeMap<String, SnapshotRecord> = BTreeMap::new();
+    for snapshot in vault.snapshots()? {
+        let newer = latest
+            .get(snapshot.image.as_str())
+            .is_none_or(|l| l.time_unix_ms <= snapshot.time_unix_ms);
+        if newer {
+            latest.insert(snapshot.image.as_str().to_owned(), snapshot);
+        }
+    }
+    let sent: u64 = m.peers.iter().map(|p| p.bytes_sent).sum();
+    let rate = sample_sent(now, sent);
+    let waiting = waiting_for(m, m.replication_factor, &name_of);
+    for snapshot in latest.into_values() {
+        let mut image = image_status(vault, m, &snapshot, &name_of);
+        if image.copy_bytes_done < image.copy_bytes_target {
+            image.rate_bytes_per_sec = rate;
+            image.eta_ms = rate.filter(|r| *r > 0).map(|r| {
+                (image.copy_bytes_target - image.copy_bytes_done).saturating_mul(1000) / r
+            });
+            if image.chunks_checking == 0 && rate.is_none_or(|r| r == 0) {
+                image.waiting_for = waiting.clone();
+            }
+        }
+        status.images.push(image);
+    }
+    status.peers = m
+        .peers
+        .iter()
+        .map(|p| PeerStatus {
+            node_id: p.node,
+            site_id: p.site,
+            site_name: name_of(&p.site),
+            state: match p.state {
+                PeerState::Live => super::PeerState::Live,
+                PeerState::Suspected => super::PeerState::Suspect,
+                PeerState::Dead => super::PeerState::Dead,
+            },
+            last_seen_unix_ms: p.last_seen_unix_ms,
+            rtt_us: p.rtt.map(|d| d.as_micros() as u64),
+            sent_bytes: p.bytes_sent,
+            received_bytes: p.bytes_received,
+        })
+        .collect();
+    Ok(status)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_rate_is_bytes_over_the_window_and_restarts_with_the_counter() {
+        let mut samples = VecDeque::new();
+        assert_eq!(
+            rate_from(&mut samples, 10_000, 0),
+            None,
+            "one sample: no rate"
+        );
+        assert_eq!(
+            rate_from(&mut samples, 10_500, 1_000),
+            None,
+            "under a second"
+        );
+        assert_eq!(rate_from(&mut samples, 12_000, 4_000), Some(2_000));
+        // Past the window the oldest samples go: the rate is that of the last minute.
+        assert_eq!(rate_from(&mut samples, 80_000, 4_000), Some(0));
+        assert!(samples.len() <= 3, "{samples:?}");
+        assert_eq!(
+            rate_from(&mut samples, 81_000, 10),
+            None,
+            "a restarted counter"
+        );
+    }
+}
