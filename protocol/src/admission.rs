@@ -15,8 +15,7 @@
 //!   and again every [`AdmissionConfig::retry_ms`]; a definite refusal stops it for good
 //!   and is persisted.
 
-use std::collections::{BTreeMap, HashMap};
-use std::hash::Hash;
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use crate::identity::SiteId;
@@ -49,7 +48,7 @@ impl Default for AdmissionConfig {
 }
 
 /// Why admission closes a connection.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum CloseReason {
     /// It did not pass the hello in time.
     HelloDeadline,
@@ -117,35 +116,35 @@ struct Pending<C> {
 /// The admission state of one node.
 pub struct Admission<C, P> {
     config: AdmissionConfig,
-    connections: HashMap<C, Connection<P>>,
-    per_address: HashMap<IpAddr, usize>,
+    connections: BTreeMap<C, Connection<P>>,
+    per_address: BTreeMap<IpAddr, usize>,
     n_pending: usize,
-    blocked: HashMap<P, u64>,
+    blocked: BTreeMap<P, u64>,
     /// Connections by hello deadline, for timeouts.
     deadlines: BTreeMap<(u64, u64), C>,
     deadline_seq: u64,
     /// Invites this site accepted whose completion is not confirmed.
     invites: BTreeMap<SiteId, Pending<C>>,
     /// Which site each admitted peer's node belongs to.
-    site_of: HashMap<P, SiteId>,
+    site_of: BTreeMap<P, SiteId>,
     actions: std::collections::VecDeque<Action<C, P>>,
-    closed_by_reason: HashMap<CloseReason, u64>,
+    closed_by_reason: BTreeMap<CloseReason, u64>,
 }
 
-impl<C: Copy + Eq + Hash, P: Copy + Eq + Hash> Admission<C, P> {
+impl<C: Copy + Ord, P: Copy + Ord> Admission<C, P> {
     pub fn new(config: AdmissionConfig) -> Admission<C, P> {
         Admission {
             config,
-            connections: HashMap::new(),
-            per_address: HashMap::new(),
+            connections: BTreeMap::new(),
+            per_address: BTreeMap::new(),
             n_pending: 0,
-            blocked: HashMap::new(),
+            blocked: BTreeMap::new(),
             deadlines: BTreeMap::new(),
             deadline_seq: 0,
             invites: BTreeMap::new(),
-            site_of: HashMap::new(),
+            site_of: BTreeMap::new(),
             actions: Default::default(),
-            closed_by_reason: HashMap::new(),
+            closed_by_reason: BTreeMap::new(),
         }
     }
 
