@@ -9,7 +9,9 @@
 //! - each bucket rule (hourly, daily, weekly, monthly, yearly) with count N keeps the
 //!   newest snapshot of each of the last N buckets that have snapshots; empty buckets do
 //!   not count;
-//! - `within D` keeps every snapshot newer than the newest snapshot's time minus D;
+//! - `within D` keeps every snapshot newer than the newest acknowledged snapshot's time
+//!   minus D (restic counts from the newest snapshot; an unacknowledged one is kept
+//!   anyway, so it must not move the window);
 //! - a snapshot not yet acknowledged at R sites is kept and takes no rule's slot, so
 //!   `last 1` never forgets the only restorable snapshot while a new one uploads;
 //! - a snapshot is kept when any rule keeps it.
@@ -63,7 +65,7 @@ impl Policy {
         counts
             .iter()
             .all(|c| matches!(c, None | Some(Count::Of(0))))
-            && self.within_ms.is_none()
+            && matches!(self.within_ms, None | Some(0))
     }
 }
 
@@ -212,7 +214,10 @@ pub fn decide(policy: &Policy, candidates: &[Candidate]) -> Result<Vec<Decision>
         Reason::Yearly(c.civil.year)
     });
 
-    if let (Some(within), Some(newest)) = (policy.within_ms, order.first()) {
+    // Counted from the newest acknowledged snapshot: one still uploading is kept anyway,
+    // and must not push the restorable ones out of the window.
+    let newest = order.iter().find(|c| c.acknowledged);
+    if let (Some(within), Some(newest)) = (policy.within_ms, newest) {
         let since = newest.time_unix_ms.saturating_sub(within);
         for (i, c) in order.iter().enumerate() {
             if c.acknowledged && c.time_unix_ms > since {
@@ -450,6 +455,15 @@ mod tests {
         };
         assert_eq!(decide(&Policy::default(), &[]), Err(PolicyError::Empty));
         assert_eq!(decide(&zero, &[snap(1, MAY_1)]), Err(PolicyError::Empty));
+        // Within 0 keeps nothing either (found by the property test below).
+        let within_zero = Policy {
+            within_ms: Some(0),
+            ..Policy::default()
+        };
+        assert_eq!(
+            decide(&within_zero, &[snap(1, MAY_1)]),
+            Err(PolicyError::Empty)
+        );
     }
 
     #[test]
