@@ -36,6 +36,8 @@ pub enum TrustError {
     Reused(String),
     #[error("site {0} is not a partner of this site (`cairn trust list` shows partners)")]
     UnknownSite(SiteId),
+    #[error(transparent)]
+    BadSiteId(cairn_protocol::codec::DecodeError),
     #[error("no partner has the site id, fingerprint or a name starting with {0:?} (`cairn trust list` shows partners)")]
     NoSuchPartner(String),
     #[error("{text:?} could be any of {candidates}: give more of the name, or the fingerprint")]
@@ -338,9 +340,10 @@ pub fn revoke(vault: &Vault, site: &SiteId) -> Result<(), TrustError> {
 /// or not, so the caller's own check names it; a name prefix that fits several partners is
 /// refused, naming each, unless one name is exactly `text`.
 pub fn resolve_partner(vault: &Vault, text: &str) -> Result<SiteId, TrustError> {
-    if let Ok(site) = text.parse::<SiteId>() {
-        return Ok(site);
-    }
+    let not_an_id = match text.parse::<SiteId>() {
+        Ok(site) => return Ok(site),
+        Err(e) => e,
+    };
     let partners = partners(vault)?;
     if let Ok(fingerprint) = text.parse::<Fingerprint>() {
         let fingerprint = fingerprint.to_string();
@@ -365,6 +368,8 @@ pub fn resolve_partner(vault: &Vault, text: &str) -> Result<SiteId, TrustError> 
         .filter(|p| p.name.to_lowercase() == wanted)
         .collect();
     match (fits.as_slice(), exact.as_slice()) {
+        // Shaped like a site id (8 groups of 7): its own error names the typo.
+        ([], _) if looks_like_site_id(text) => Err(TrustError::BadSiteId(not_an_id)),
         ([], _) => Err(TrustError::NoSuchPartner(text.to_owned())),
         ([one], _) | (_, [one]) => partner_site(one),
         (several, _) => Err(TrustError::AmbiguousPartner {
@@ -376,6 +381,14 @@ pub fn resolve_partner(vault: &Vault, text: &str) -> Result<SiteId, TrustError> 
                 .join(", "),
         }),
     }
+}
+
+fn looks_like_site_id(text: &str) -> bool {
+    let chars: Vec<char> = text
+        .chars()
+        .filter(|c| *c != '-' && !c.is_whitespace())
+        .collect();
+    chars.len() == 56 && chars.iter().all(char::is_ascii_alphanumeric)
 }
 
 fn partner_site(partner: &Partner) -> Result<SiteId, TrustError> {
