@@ -120,12 +120,13 @@ impl Node {
         }
     }
 
-    /// Refuses a peer whose hello this node asked for: there is no answer to send it, so
-    /// it is cut off at once.
+    /// Refuses a peer whose hello this node asked for. That peer has usually sent its
+    /// own hello too, and blocking it now would close the connection before the answer
+    /// that tells it why goes out (seen as a flaky `an_outsider_is_refused`), so it is cut
+    /// off as `refuse_after_answer` does: once the answer is sent, or after
+    /// `REFUSAL_SEND_MAX`. It is served nothing meanwhile: it never passed the hello.
     pub(super) fn refuse(&mut self, peer: PeerId, why: &str) {
-        warn!("refused {peer}: {why}");
-        self.peers_refused += 1;
-        self.block(peer);
+        self.refuse_after_answer(peer, why);
     }
 
     /// Refuses a peer whose hello this node is answering: it is cut off once the refusal
