@@ -243,6 +243,19 @@ mod tests {
         (dir, vault, ids)
     }
 
+    /// What the node writes once a snapshot is confirmed at R sites.
+    fn mark_acknowledged(vault: &Vault, id: &SnapshotId) {
+        let key = records::snapshot_key(id);
+        vault
+            .store
+            .index()
+            .commit(IndexBatch {
+                catalog: vec![([KEY_ACKED, &key].concat(), 1u64.to_le_bytes().to_vec())],
+                ..IndexBatch::default()
+            })
+            .unwrap();
+    }
+
     fn keep_last(n: u32) -> Selection {
         Selection::Policy {
             image: "fileserver".into(),
@@ -336,29 +349,13 @@ mod tests {
             .iter()
             .all(|l| l.reasons == ["not yet at R sites"]));
         // Once the newest is acknowledged, the older one goes.
-        let key = records::snapshot_key(&ids[1]);
-        vault
-            .store
-            .index()
-            .commit(IndexBatch {
-                catalog: vec![([KEY_ACKED, &key].concat(), 1u64.to_le_bytes().to_vec())],
-                ..IndexBatch::default()
-            })
-            .unwrap();
+        mark_acknowledged(&vault, &ids[1]);
         let (report, _) = forget(&vault, &keep_last(1), false, 1).unwrap();
         assert_eq!(
             report.forgotten, 0,
             "the older one is not acknowledged either"
         );
-        let key = records::snapshot_key(&ids[0]);
-        vault
-            .store
-            .index()
-            .commit(IndexBatch {
-                catalog: vec![([KEY_ACKED, &key].concat(), 1u64.to_le_bytes().to_vec())],
-                ..IndexBatch::default()
-            })
-            .unwrap();
+        mark_acknowledged(&vault, &ids[0]);
         let (report, _) = forget(&vault, &keep_last(1), false, 1).unwrap();
         assert_eq!(report.forgotten, 1);
         let left: Vec<SnapshotId> = vault.snapshots().unwrap().iter().map(|s| s.id).collect();
