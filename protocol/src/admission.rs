@@ -254,15 +254,7 @@ impl<C: Copy + Ord, P: Copy + Ord> Admission<C, P> {
             next_ms: now,
             in_flight: None,
         });
-        let conn = self
-            .connections
-            .iter()
-            .find(|(_, c)| c.admitted && self.site_of.get(&c.peer) == Some(&inviter))
-            .map(|(conn, _)| *conn);
-        match conn {
-            Some(conn) => self.ask_on(now, inviter, conn),
-            None => self.dial_inviter(now, inviter),
-        }
+        self.ask_or_dial(now, inviter);
     }
 
     /// A connection dialed to an invite's address opened: the inviter's node cannot
@@ -340,15 +332,7 @@ impl<C: Copy + Ord, P: Copy + Ord> Admission<C, P> {
             .map(|(s, _)| *s)
             .collect();
         for inviter in due {
-            let conn = self
-                .connections
-                .iter()
-                .find(|(_, c)| c.admitted && self.site_of.get(&c.peer) == Some(&inviter))
-                .map(|(conn, _)| *conn);
-            match conn {
-                Some(conn) => self.ask_on(now, inviter, conn),
-                None => self.dial_inviter(now, inviter),
-            }
+            self.ask_or_dial(now, inviter);
         }
     }
 
@@ -364,6 +348,20 @@ impl<C: Copy + Ord, P: Copy + Ord> Admission<C, P> {
     /// Connections open now, and of them those not past their hello.
     pub fn n_connections(&self) -> (usize, usize) {
         (self.connections.len(), self.n_pending)
+    }
+
+    /// Asks the inviting site to complete on an admitted connection to it, or dials it
+    /// when there is none.
+    fn ask_or_dial(&mut self, now: u64, inviter: SiteId) {
+        let conn = self
+            .connections
+            .iter()
+            .find(|(_, c)| c.admitted && self.site_of.get(&c.peer) == Some(&inviter))
+            .map(|(conn, _)| *conn);
+        match conn {
+            Some(conn) => self.ask_on(now, inviter, conn),
+            None => self.dial_inviter(now, inviter),
+        }
     }
 
     fn ask_on(&mut self, now: u64, inviter: SiteId, conn: C) {
