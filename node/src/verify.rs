@@ -307,14 +307,7 @@ mod tests {
         let mut writer = vault.store.writer();
         writer.append(id, blob).expect("append");
         writer.commit().expect("commit");
-        vault
-            .store
-            .index()
-            .commit(IndexBatch {
-                catalog: vec![([KEY_HELD_CHUNK, &id.0].concat(), owner.0.to_vec())],
-                ..IndexBatch::default()
-            })
-            .expect("mark");
+        crate::mesh::storage::tests::mark_owner(vault, id, owner);
     }
 
     #[test]

@@ -324,7 +324,7 @@ pub fn held_chunks(vault: &Vault) -> Result<Vec<ChunkRef>, StoreError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use cairn_protocol::seal::{Opener, Sealer};
 
@@ -341,8 +341,10 @@ mod tests {
         (tmp, vault, id, sealed, plaintext)
     }
 
-    /// What builds before this one wrote beside an own chunk they stored as a blob.
-    fn mark_owner(vault: &Vault, id: &ChunkId, owner: &SiteId) {
+    /// The `held-chunk/` mark: what the storage thread writes beside a chunk held for
+    /// `owner` (and what builds before this one wrote beside an own chunk stored as a
+    /// blob).
+    pub(crate) fn mark_owner(vault: &Vault, id: &ChunkId, owner: &SiteId) {
         vault
             .store
             .index()
