@@ -98,6 +98,9 @@ pub enum Insert {
 pub struct Catalog {
     records: BTreeMap<RecordKey, Record>,
     digests: BTreeMap<SiteId, u64>,
+    /// `digests` over Snapshot records only, tombstones included: garbage collection's
+    /// basis (`crate::gc`), which ties a statement to every snapshot its signer knew.
+    snapshot_digests: BTreeMap<SiteId, u64>,
 }
 
 impl Catalog {
@@ -118,8 +121,11 @@ impl Catalog {
             None if self.records.len() >= CATALOG_RECORDS_MAX => return Insert::Full,
             None => None,
         };
-        let digest = self.digests.entry(record.author).or_insert(0);
-        *digest ^= old_hash.unwrap_or(0) ^ record_hash(&record);
+        let change = old_hash.unwrap_or(0) ^ record_hash(&record);
+        *self.digests.entry(record.author).or_insert(0) ^= change;
+        if record.kind == RecordKind::Snapshot {
+            *self.snapshot_digests.entry(record.author).or_insert(0) ^= change;
+        }
         self.records.insert(key, record);
         if old_hash.is_some() {
             Insert::Replaced
@@ -157,6 +163,12 @@ impl Catalog {
         self.digests.get(author).copied().unwrap_or(0)
     }
 
+    /// `digest` over `author`'s Snapshot records (kept and forgotten); 0 when there are
+    /// none. Two nodes with equal snapshot digests know the same snapshots of `author`.
+    pub fn snapshot_digest(&self, author: &SiteId) -> u64 {
+        self.snapshot_digests.get(author).copied().unwrap_or(0)
+    }
+
     /// `digest` over the records of `author` that pass `keep`: what a peer that may see
     /// only those compares.
     pub fn digest_of(&self, author: SiteId, keep: impl Fn(&Record) -> bool) -> u64 {
@@ -176,6 +188,7 @@ impl Catalog {
             self.records.remove(key);
         }
         self.digests.remove(&author);
+        self.snapshot_digests.remove(&author);
         keys.len()
     }
 
@@ -311,22 +324,55 @@ mod tests {
         catalog
     }
 
-    fn summary(c: &Catalog) -> (Vec<Record>, Vec<(SiteId, u64)>) {
+    /// A snapshot record of `author` under key `snap`, or its tombstone.
+    fn snapshot(author: u8, snap: u8, version: u64, forgotten: bool) -> Record {
+        let (version, body) = if forgotten {
+            let body = crate::record::Tombstone {
+                forgotten_unix_ms: u64::from(snap),
+            };
+            (crate::record::TOMBSTONE_VERSION, body.encode())
+        } else {
+            (version, vec![snap; 8])
+        };
+        Record::sign(
+            &key(author),
+            RecordKind::Snapshot,
+            [snap; 32],
+            version,
+            body,
+        )
+    }
+
+    type Summary = (Vec<Record>, Vec<(SiteId, u64, u64)>);
+
+    fn summary(c: &Catalog) -> Summary {
         (
             c.records().cloned().collect(),
-            c.authors().map(|a| (a, c.digest(&a))).collect(),
+            c.authors()
+                .map(|a| (a, c.digest(&a), c.snapshot_digest(&a)))
+                .collect(),
         )
     }
 
     fn arb_records() -> impl Strategy<Value = Vec<Record>> {
-        prop::collection::vec((1u8..4, 1u8..4, 1u64..4, 0u64..3, any::<bool>()), 0..12).prop_map(
-            |xs| {
+        let grants =
+            prop::collection::vec((1u8..4, 1u8..4, 1u64..4, 0u64..3, any::<bool>()), 0..12)
+                .prop_map(|xs| {
+                    xs.into_iter()
+                        .filter(|(a, b, ..)| a != b)
+                        .map(|(a, b, v, q, r)| grant(a, b, v, q, r))
+                        .collect::<Vec<_>>()
+                });
+        let snapshots = prop::collection::vec((1u8..4, 1u8..4, 1u64..4, any::<bool>()), 0..8)
+            .prop_map(|xs| {
                 xs.into_iter()
-                    .filter(|(a, b, ..)| a != b)
-                    .map(|(a, b, v, q, r)| grant(a, b, v, q, r))
-                    .collect()
-            },
-        )
+                    .map(|(a, k, v, t)| snapshot(a, k, v, t))
+                    .collect::<Vec<_>>()
+            });
+        (grants, snapshots).prop_map(|(mut g, s)| {
+            g.extend(s);
+            g
+        })
     }
 
     proptest! {
@@ -347,7 +393,35 @@ mod tests {
             // The digest is exactly a function of the merged contents.
             let rebuilt = merged(&merged(&ab).records().cloned().collect::<Vec<_>>());
             prop_assert_eq!(summary(&rebuilt), summary(&merged(&ab)));
+            // The snapshot digest is the digest over Snapshot records alone.
+            let c_ab = merged(&ab);
+            for author in c_ab.authors() {
+                prop_assert_eq!(
+                    c_ab.snapshot_digest(&author),
+                    c_ab.digest_of(author, |r| r.kind == RecordKind::Snapshot)
+                );
+            }
         }
+    }
+
+    #[test]
+    fn the_snapshot_digest_moves_with_snapshots_and_tombstones_only() {
+        let mut catalog = merged(&[grant(1, 2, 1, 10, false)]);
+        assert_eq!(catalog.snapshot_digest(&site(1)), 0);
+        catalog.insert(snapshot(1, 7, 1, false));
+        let one = catalog.snapshot_digest(&site(1));
+        assert_ne!(one, 0);
+        catalog.insert(grant(1, 2, 2, 20, false));
+        assert_eq!(
+            catalog.snapshot_digest(&site(1)),
+            one,
+            "a grant does not move it"
+        );
+        catalog.insert(snapshot(1, 7, 0, true));
+        assert_ne!(catalog.snapshot_digest(&site(1)), one, "a tombstone does");
+        assert_eq!(catalog.insert(snapshot(1, 7, 1, false)), Insert::Stale);
+        catalog.remove_author(site(1));
+        assert_eq!(catalog.snapshot_digest(&site(1)), 0);
     }
 
     #[test]

@@ -19,7 +19,8 @@
 //! and `engine` is the sans-IO state machine that gossips, detects failures, replicates,
 //! repairs and trims; `rng` is the seeded generator it and the simulator draw from, and
 //! `memo` what it remembers having verified. `retention` decides which snapshots a keep
-//! policy keeps (restic's `forget` rules).
+//! policy keeps (restic's `forget` rules), and `gc` holds the formats and pure steps of
+//! garbage collection: batches of dead chunk ids and the statement that names them.
 
 pub mod admission;
 pub mod blob;
@@ -27,6 +28,7 @@ pub mod catalog;
 pub mod chunk;
 pub mod codec;
 pub mod engine;
+pub mod gc;
 pub mod humanid;
 pub mod identity;
 pub mod ids;

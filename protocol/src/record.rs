@@ -40,6 +40,10 @@ pub enum RecordKind {
     /// site can read it; partners carry it so a recovered site can find its snapshots.
     /// Key: the snapshot id, zero-padded.
     Snapshot = 4,
+    /// What the site's garbage collection asks holders to delete (`crate::gc`): the
+    /// batches of chunk ids in force and the snapshot digest they were computed from.
+    /// Key: all zeros (one per site).
+    GcStatement = 5,
 }
 
 impl RecordKind {
@@ -49,6 +53,7 @@ impl RecordKind {
             2 => Some(RecordKind::TrustGrant),
             3 => Some(RecordKind::WrappedKeys),
             4 => Some(RecordKind::Snapshot),
+            5 => Some(RecordKind::GcStatement),
             _ => None,
         }
     }
@@ -171,15 +176,15 @@ impl Record {
         }
     }
 
-    /// True when `self` replaces `other` for the same (author, kind, key): a higher
-    /// version, or the same version and the larger signature, so every node picks the
-    /// same winner.
     /// True for a forgotten snapshot's record: a Snapshot record at [`TOMBSTONE_VERSION`].
     /// `validate` lets that version mean nothing else.
     pub fn is_tombstone(&self) -> bool {
         self.kind == RecordKind::Snapshot && self.version == TOMBSTONE_VERSION
     }
 
+    /// True when `self` replaces `other` for the same (author, kind, key): a higher
+    /// version, or the same version and the larger signature, so every node picks the
+    /// same winner.
     pub fn supersedes(&self, other: &Record) -> bool {
         debug_assert_eq!(
             (self.author, self.kind, self.key),
@@ -246,6 +251,14 @@ fn validate_signed(record: &Record, trust: &impl TrustView) -> Result<(), Record
         RecordKind::Snapshot => {
             if record.version == TOMBSTONE_VERSION {
                 Tombstone::decode(&record.body)?;
+            }
+        }
+        RecordKind::GcStatement => {
+            crate::gc::GcStatement::decode(&record.body)?;
+            if record.key != [0; 32] {
+                return Err(RecordError::NotAllowed(
+                    "a gc statement must use the all-zero key".into(),
+                ));
             }
         }
     }
@@ -688,6 +701,30 @@ mod tests {
         let mut stolen = record.clone();
         stolen.signature = grant(&key(3), site(&key(2)), 1, 1, false).signature;
         assert_eq!(validate(&stolen, &TrustAll), Err(RecordError::BadSignature));
+    }
+
+    #[test]
+    fn a_gc_statement_needs_the_zero_key_and_a_body_that_decodes() {
+        let a = key(1);
+        let body = crate::gc::GcStatement {
+            basis: 1,
+            grace_ms: 2,
+            batches: vec![],
+        }
+        .encode();
+        let good = Record::sign(&a, RecordKind::GcStatement, [0; 32], 1, body.clone());
+        assert_eq!(validate(&good, &TrustAll), Ok(()));
+        assert_eq!(Record::decode(&good.encode()), Ok(good));
+        let keyed = Record::sign(&a, RecordKind::GcStatement, [1; 32], 1, body);
+        assert!(matches!(
+            validate(&keyed, &TrustAll),
+            Err(RecordError::NotAllowed(_))
+        ));
+        let garbage = Record::sign(&a, RecordKind::GcStatement, [0; 32], 1, vec![1, 2]);
+        assert!(matches!(
+            validate(&garbage, &TrustAll),
+            Err(RecordError::Decode(_))
+        ));
     }
 
     #[test]
