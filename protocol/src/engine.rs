@@ -258,6 +258,9 @@ pub struct EngineCounters {
     /// Times a holder was excluded from placement (`Event::HolderExcluded`).
     pub holders_excluded: u64,
     pub scrub_reads: u64,
+    /// Confirmations that came with another snapshot digest for the owner than this
+    /// node's (rule H5): remembered, not counted.
+    pub confirmations_on_other_basis: u64,
     /// Copies on this node's disk found damaged (by the scrub, an audit, a push or a
     /// fetch reading them).
     pub corrupt_chunks_found: u64,
@@ -635,21 +638,32 @@ impl Engine {
             Message::Records { records } => self.on_records(from, records, now_ms),
             Message::Want { author, keys } => self.on_want(from, author, keys),
             Message::Offer { owner, ids } => self.on_offer(from, owner, ids),
-            Message::Need { owner, need, have } => self.on_need(from, owner, need, have),
+            Message::Need {
+                owner,
+                need,
+                have,
+                basis,
+            } => self.on_need(from, owner, need, have, basis),
             Message::Push {
                 owner,
                 id,
                 size_bytes,
                 sealed,
             } => self.on_push(from, owner, id, size_bytes, sealed),
-            Message::PushAck { owner, id, stored } => self.on_push_ack(from, owner, id, stored),
+            Message::PushAck {
+                owner,
+                id,
+                stored,
+                basis,
+            } => self.on_push_ack(from, owner, id, stored, basis),
             Message::SyncDigest { owner, digests } => self.on_sync_digest(from, owner, digests),
             Message::SyncIds {
                 owner,
                 partition,
                 ids,
                 reply,
-            } => self.on_sync_ids(from, owner, partition, ids, reply),
+                basis,
+            } => self.on_sync_ids(from, owner, partition, ids, reply, basis),
             Message::Fetch { owner, id } => self.on_fetch(from, owner, id),
             Message::FetchReply { owner, id, sealed } => {
                 self.on_fetch_reply(from, owner, id, sealed, now_ms)

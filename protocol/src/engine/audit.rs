@@ -103,7 +103,7 @@ impl Engine {
                 .targets
                 .iter()
                 .copied()
-                .filter(|t| self.auditable(*t, owner, held.confirmed.contains(t)))
+                .filter(|t| self.auditable(*t, owner, held.confirmed.contains_key(t)))
                 .collect();
             if candidates.is_empty() {
                 continue;
@@ -278,7 +278,7 @@ impl Engine {
         };
         self.audits.remove(&from);
         match proof {
-            Some(proof) if proof == expected => self.audit_passed(from, id),
+            Some(proof) if proof == expected => self.audit_passed(from),
             Some(_) => self.audit_failed(from, owner, id, AuditFailure::Wrong),
             None => self.audit_failed(from, owner, id, AuditFailure::Missing),
         }
@@ -328,12 +328,13 @@ impl Engine {
         }
     }
 
-    fn audit_passed(&mut self, node: NodeId, id: ChunkId) {
+    /// A proof shows the copy is there, not which snapshots the holder knows, so it is
+    /// not a confirmation (rule H5): those come with a snapshot digest.
+    fn audit_passed(&mut self, node: NodeId) {
         self.counters.audits_passed += 1;
         if let Some(peer) = self.peers.get_mut(&node) {
             peer.audit_points = peer.audit_points.saturating_sub(AUDIT_PASS_POINTS);
         }
-        self.confirm(node, &id);
     }
 
     fn audit_failed(&mut self, node: NodeId, owner: SiteId, id: ChunkId, failure: AuditFailure) {

@@ -2,7 +2,7 @@
 //! named maximum that the decoder enforces, so a peer cannot make a node allocate more
 //! than a message's worth.
 //!
-//! Message format, version 1: `u8 MESSAGE_VERSION | u8 type | fields`, fields in the
+//! Message format, version 2: `u8 MESSAGE_VERSION | u8 type | fields`, fields in the
 //! order of the enum below, lists as `u32 count | items`, byte strings as
 //! `u32 length | bytes`.
 
@@ -13,7 +13,9 @@ use crate::identity::{NodeId, SiteId};
 use crate::ids::ChunkId;
 use crate::record::{Record, RecordKind};
 
-pub const MESSAGE_VERSION: u8 = 1;
+/// Version 2: confirmations (`Need`, `PushAck`, `SyncIds`) carry the sender's snapshot
+/// digest for the owner (rule H5 of docs/retention.md).
+pub const MESSAGE_VERSION: u8 = 2;
 /// Chunk ids are grouped by their top bits into this many partitions per owner.
 pub const PARTITIONS: usize = 64;
 pub const BEATS_PER_MESSAGE_MAX: usize = 8;
@@ -76,6 +78,10 @@ pub enum Message {
         owner: SiteId,
         need: Vec<ChunkId>,
         have: Vec<ChunkId>,
+        /// The sender's snapshot digest for `owner` (`Catalog::snapshot_digest`): `have`
+        /// counts as confirmation only at a node whose digest is the same (rule H5), so a
+        /// holder that confirms a chunk for a snapshot knew that snapshot.
+        basis: u64,
     },
     /// A chunk for the receiver to store, as a blob (`crate::blob`): the receiver checks
     /// the owner's signature before storing it. `size_bytes` is the blob's size the
@@ -91,6 +97,8 @@ pub enum Message {
         owner: SiteId,
         id: ChunkId,
         stored: bool,
+        /// As `Need::basis`.
+        basis: u64,
     },
     /// Digests of the chunks of `owner` that both sender and receiver should hold and
     /// the sender holds: either one root, or one per partition.
@@ -104,6 +112,8 @@ pub enum Message {
         partition: u16,
         ids: Vec<ChunkId>,
         reply: bool,
+        /// As `Need::basis`.
+        basis: u64,
     },
     Fetch {
         owner: SiteId,
@@ -202,11 +212,17 @@ impl Message {
                 w.array(&owner.0);
                 put_ids(&mut w, ids);
             }
-            Message::Need { owner, need, have } => {
+            Message::Need {
+                owner,
+                need,
+                have,
+                basis,
+            } => {
                 w.u8(6);
                 w.array(&owner.0);
                 put_ids(&mut w, need);
                 put_ids(&mut w, have);
+                w.u64(*basis);
             }
             Message::Push {
                 owner,
@@ -220,11 +236,17 @@ impl Message {
                 w.u64(*size_bytes);
                 put_bytes(&mut w, sealed);
             }
-            Message::PushAck { owner, id, stored } => {
+            Message::PushAck {
+                owner,
+                id,
+                stored,
+                basis,
+            } => {
                 w.u8(8);
                 w.array(&owner.0);
                 w.array(&id.0);
                 w.u8(u8::from(*stored));
+                w.u64(*basis);
             }
             Message::SyncDigest { owner, digests } => {
                 w.u8(9);
@@ -236,12 +258,14 @@ impl Message {
                 partition,
                 ids,
                 reply,
+                basis,
             } => {
                 w.u8(10);
                 w.array(&owner.0);
                 w.u16(*partition);
                 put_ids(&mut w, ids);
                 w.u8(u8::from(*reply));
+                w.u64(*basis);
             }
             Message::Fetch { owner, id } => {
                 w.u8(11);
@@ -349,6 +373,7 @@ impl Message {
                 owner: SiteId(r.array()?),
                 need: get_ids(&mut r)?,
                 have: get_ids(&mut r)?,
+                basis: r.u64()?,
             },
             7 => Message::Push {
                 owner: SiteId(r.array()?),
@@ -360,6 +385,7 @@ impl Message {
                 owner: SiteId(r.array()?),
                 id: ChunkId(r.array()?),
                 stored: get_bool(&mut r)?,
+                basis: r.u64()?,
             },
             9 => Message::SyncDigest {
                 owner: SiteId(r.array()?),
@@ -370,6 +396,7 @@ impl Message {
                 partition: r.u16()?,
                 ids: get_ids(&mut r)?,
                 reply: get_bool(&mut r)?,
+                basis: r.u64()?,
             },
             11 => Message::Fetch {
                 owner: SiteId(r.array()?),
@@ -508,11 +535,22 @@ mod tests {
                     digests: beats.iter().map(|(n, b)| (SiteId(*n), *b)).collect(),
                     reply,
                 }),
-            (arb_id(), ids(), ids()).prop_map(|(o, need, have)| Message::Need {
-                owner: SiteId(o),
-                need,
-                have
+            (arb_id(), ids(), ids(), any::<u64>()).prop_map(|(o, need, have, basis)| {
+                Message::Need {
+                    owner: SiteId(o),
+                    need,
+                    have,
+                    basis,
+                }
             }),
+            (arb_id(), arb_id(), any::<bool>(), any::<u64>()).prop_map(
+                |(o, id, stored, basis)| Message::PushAck {
+                    owner: SiteId(o),
+                    id: ChunkId(id),
+                    stored,
+                    basis,
+                }
+            ),
             (
                 arb_id(),
                 arb_id(),
@@ -525,14 +563,15 @@ mod tests {
                     size_bytes,
                     sealed
                 }),
-            (arb_id(), any::<u16>(), ids(), any::<bool>()).prop_map(|(o, p, ids, reply)| {
-                Message::SyncIds {
+            (arb_id(), any::<u16>(), ids(), any::<bool>(), any::<u64>()).prop_map(
+                |(o, p, ids, reply, basis)| Message::SyncIds {
                     owner: SiteId(o),
                     partition: p,
                     ids,
                     reply,
+                    basis,
                 }
-            }),
+            ),
             (
                 arb_id(),
                 arb_id(),

@@ -40,8 +40,11 @@ pub(super) struct Held {
     pub targets: Vec<NodeId>,
     /// Set while this node is not one of the targets.
     pub excess_since_ms: Option<u64>,
-    /// Targets that said they hold the chunk since placement last changed.
-    pub confirmed: BTreeSet<NodeId>,
+    /// Targets that said they hold the chunk since placement last changed, each with
+    /// the snapshot digest for the owner it said so with. A confirmation counts (toward
+    /// a snapshot at R, or a trim) only while that digest equals this node's own
+    /// (`Engine::counts`, rule H5).
+    pub confirmed: BTreeMap<NodeId, u64>,
     /// When this node last offered the chunk to anyone.
     pub offered_at_ms: Option<u64>,
 }
@@ -178,7 +181,7 @@ impl Engine {
                 size_bytes: chunk.size_bytes,
                 targets: Vec::new(),
                 excess_since_ms: None,
-                confirmed: BTreeSet::new(),
+                confirmed: BTreeMap::new(),
                 offered_at_ms: None,
             },
         );
@@ -406,12 +409,14 @@ impl Engine {
             }
         }
         if !have.is_empty() {
+            let basis = self.catalog.snapshot_digest(&owner);
             self.send(
                 from,
                 Message::Need {
                     owner,
                     need: Vec::new(),
                     have,
+                    basis,
                 },
             );
         }
@@ -426,12 +431,14 @@ impl Engine {
             by_owner.entry(owner).or_default().push(id);
         }
         for (owner, need) in by_owner {
+            let basis = self.catalog.snapshot_digest(&owner);
             self.send(
                 source,
                 Message::Need {
                     owner,
                     need,
                     have: Vec::new(),
+                    basis,
                 },
             );
         }
@@ -443,9 +450,10 @@ impl Engine {
         owner: SiteId,
         need: Vec<ChunkId>,
         have: Vec<ChunkId>,
+        basis: u64,
     ) {
         for id in have {
-            self.confirm(from, &id);
+            self.confirm(from, owner, &id, basis);
         }
         if need.is_empty() {
             return;
@@ -482,7 +490,7 @@ impl Engine {
             // misfiled it, or a peer pushing someone else's id): not stored for this one,
             // so the owner never counts a copy that is not kept for it.
             let stored = held.owner == owner;
-            self.send(from, Message::PushAck { owner, id, stored });
+            self.send_push_ack(from, owner, id, stored);
             return;
         }
         if self.writes.values().any(|(_, c)| c.id == id) {
@@ -493,14 +501,7 @@ impl Engine {
             && self.writes.len() < WRITES_IN_FLIGHT_MAX
             && self.quota_left(&owner) >= size_bytes;
         if !fits {
-            self.send(
-                from,
-                Message::PushAck {
-                    owner,
-                    id,
-                    stored: false,
-                },
-            );
+            self.send_push_ack(from, owner, id, false);
             return;
         }
         // The bytes must be the owner's chunk `id` before they are stored; a holder
@@ -510,14 +511,7 @@ impl Engine {
             // The request goes back to the pool when it times out, and the other holders
             // are asked first.
             self.strike(from, format!("push of chunk {id:?} with a bad signature"));
-            self.send(
-                from,
-                Message::PushAck {
-                    owner,
-                    id,
-                    stored: false,
-                },
-            );
+            self.send_push_ack(from, owner, id, false);
             return;
         }
         let op = self.next_op();
@@ -549,21 +543,34 @@ impl Engine {
             self.push_event(Event::ChunkStored { chunk, from });
         }
         if from != self.node {
-            self.send(
-                from,
-                Message::PushAck {
-                    owner: chunk.owner,
-                    id: chunk.id,
-                    stored: ok,
-                },
-            );
+            self.send_push_ack(from, chunk.owner, chunk.id, ok);
         }
     }
 
-    pub(super) fn on_push_ack(&mut self, from: NodeId, _owner: SiteId, id: ChunkId, stored: bool) {
+    fn send_push_ack(&mut self, to: NodeId, owner: SiteId, id: ChunkId, stored: bool) {
+        let basis = self.catalog.snapshot_digest(&owner);
+        self.send(
+            to,
+            Message::PushAck {
+                owner,
+                id,
+                stored,
+                basis,
+            },
+        );
+    }
+
+    pub(super) fn on_push_ack(
+        &mut self,
+        from: NodeId,
+        owner: SiteId,
+        id: ChunkId,
+        stored: bool,
+        basis: u64,
+    ) {
         self.pushes.in_flight.remove(&(from, id));
         if stored {
-            self.confirm(from, &id);
+            self.confirm(from, owner, &id, basis);
         } else {
             self.push_event(Event::PushRefused { to: from, id });
         }
@@ -598,6 +605,7 @@ impl Engine {
         for partition in 0..PARTITIONS {
             if mine[partition] != digests[partition] {
                 let ids = self.shared_ids(from, owner, partition);
+                let basis = self.catalog.snapshot_digest(&owner);
                 self.send(
                     from,
                     Message::SyncIds {
@@ -605,6 +613,7 @@ impl Engine {
                         partition: partition as u16,
                         ids,
                         reply: true,
+                        basis,
                     },
                 );
             }
@@ -633,6 +642,7 @@ impl Engine {
         partition: u16,
         theirs: Vec<ChunkId>,
         reply: bool,
+        basis: u64,
     ) {
         let partition = usize::from(partition);
         if partition >= PARTITIONS {
@@ -641,7 +651,7 @@ impl Engine {
         let mine = self.shared_ids(from, owner, partition);
         let theirs: BTreeSet<ChunkId> = theirs.into_iter().collect();
         for id in &theirs {
-            self.confirm(from, id);
+            self.confirm(from, owner, id, basis);
         }
         // Offer rather than push: the receiver asks only one holder for each chunk, so two
         // holders repairing the same target do not both send it.
@@ -652,6 +662,7 @@ impl Engine {
         }
         let mine: BTreeSet<ChunkId> = mine.into_iter().collect();
         if reply && theirs.iter().any(|id| !mine.contains(id)) {
+            let basis = self.catalog.snapshot_digest(&owner);
             self.send(
                 from,
                 Message::SyncIds {
@@ -659,6 +670,7 @@ impl Engine {
                     partition: partition as u16,
                     ids: mine.into_iter().collect(),
                     reply: false,
+                    basis,
                 },
             );
         }
@@ -810,15 +822,32 @@ impl Engine {
 
     // ---- confirmations, snapshots, trims ------------------------------------------
 
-    /// `node` said it holds `id`.
-    pub(super) fn confirm(&mut self, node: NodeId, id: &ChunkId) {
+    /// `node` said it holds `id` of `owner`, knowing the owner's snapshots whose digest
+    /// is `basis`. Rule H5: it counts toward a snapshot at R sites only when `basis` is
+    /// this node's own digest, so a counted holder holds every snapshot record this node
+    /// does, and no garbage statement lacking one of them is active there
+    /// (docs/retention.md, section 4). A confirmation on another basis is remembered, in
+    /// case the digests meet again, and the chunk is offered again at the next tidy walk
+    /// (the holder will usually have the record by then).
+    pub(super) fn confirm(&mut self, node: NodeId, owner: SiteId, id: &ChunkId, basis: u64) {
         let Some(site) = self.peers.get(&node).map(|p| p.site) else {
             return;
         };
-        if let Some(held) = self.held.get_mut(id) {
+        let current = basis == self.catalog.snapshot_digest(&owner);
+        if let Some(held) = self.held.get_mut(id).filter(|h| h.owner == owner) {
             if held.targets.contains(&node) {
-                held.confirmed.insert(node);
+                held.confirmed.insert(node, basis);
             }
+            if !current {
+                held.offered_at_ms = None;
+            }
+        }
+        if !current {
+            self.counters.confirmations_on_other_basis += 1;
+            return;
+        }
+        if owner != self.site {
+            return; // pending snapshots are this site's
         }
         let r = self.config.replication_factor;
         let mut done = Vec::new();
@@ -851,9 +880,12 @@ impl Engine {
         for chunk in chunks {
             let mut sites = BTreeSet::from([self.site]);
             if let Some(held) = self.held.get(&chunk.id) {
+                // Confirmations from before this snapshot's record was here do not
+                // count for it (H5): its record changed this node's digest.
                 sites.extend(
                     held.confirmed
-                        .iter()
+                        .keys()
+                        .filter(|n| self.counts(held, n))
                         .filter_map(|n| self.peers.get(n).map(|p| p.site)),
                 );
                 if sites.len() < r {
@@ -949,7 +981,7 @@ impl Engine {
                 continue;
             };
             for target in &held.targets {
-                if !held.confirmed.contains(target) {
+                if !self.counts(held, target) {
                     offers.push((*target, held.owner, *id));
                 }
             }
@@ -1003,7 +1035,7 @@ impl Engine {
             })
             .collect();
         let answers = |held: &Held, t: &NodeId| {
-            held.confirmed.contains(t)
+            self.counts(held, t)
                 || self
                     .peers
                     .get(t)
@@ -1018,7 +1050,7 @@ impl Engine {
                 let ripe = now_ms.saturating_sub(since) >= grace_ms;
                 let safe = held.targets.len() >= r
                     && held.targets.iter().all(|t| answers(held, t))
-                    && held.targets.iter().any(|t| held.confirmed.contains(t));
+                    && held.targets.iter().any(|t| self.counts(held, t));
                 // A target of this node's own site holds it: this copy adds no site, and
                 // that target, syncing with the others, repairs what they lack. Waiting
                 // for every target instead keeps the copy forever when one never
@@ -1026,7 +1058,7 @@ impl Engine {
                 // placement differs for good (one site revoked another, the owner did not).
                 let site_kept = !awaited.contains(*id)
                     && held.targets.iter().any(|t| {
-                        held.confirmed.contains(t)
+                        self.counts(held, t)
                             && self.peers.get(t).is_some_and(|p| p.site == self.site)
                     });
                 let unwanted = unwanted_owners.contains(&held.owner);
@@ -1040,6 +1072,15 @@ impl Engine {
             self.push_storage(StorageOp::Delete { owner, id });
             self.push_event(Event::Trimmed { id });
         }
+    }
+}
+
+impl Engine {
+    /// True when `node`'s confirmation of `held` counts now: it came with this node's
+    /// current snapshot digest for the owner (rule H5). Trims use it too: an extra copy
+    /// goes only once its targets confirmed knowing every snapshot this node knows.
+    pub(super) fn counts(&self, held: &Held, node: &NodeId) -> bool {
+        held.confirmed.get(node) == Some(&self.catalog.snapshot_digest(&held.owner))
     }
 }
 

@@ -481,7 +481,8 @@ fn a_push_with_a_bad_blob_is_never_stored_and_counts_against_the_sender() {
             vec![Message::PushAck {
                 owner,
                 id,
-                stored: false
+                stored: false,
+                basis: net.nodes[1].engine.catalog().snapshot_digest(&owner),
             }]
         );
     }
@@ -505,7 +506,8 @@ fn a_push_with_a_bad_blob_is_never_stored_and_counts_against_the_sender() {
         Message::PushAck {
             owner,
             id,
-            stored: true
+            stored: true,
+            basis: net.nodes[1].engine.catalog().snapshot_digest(&owner),
         }
     );
     assert_eq!(net.nodes[1].disk.get(&id), Some(&good));
@@ -539,7 +541,8 @@ fn a_chunk_held_for_one_owner_is_not_acknowledged_to_another() {
         vec![Message::PushAck {
             owner: second,
             id,
-            stored: false
+            stored: false,
+            basis: net.nodes[1].engine.catalog().snapshot_digest(&second),
         }]
     );
     assert_eq!(net.nodes[1].disk.len(), 1, "the first owner's copy is kept");
@@ -1012,12 +1015,14 @@ fn messages_that_break_the_rules_are_strikes() {
             partition: PARTITIONS as u16,
             ids: Vec::new(),
             reply: false,
+            basis: 0,
         },
         Message::SyncIds {
             owner,
             partition: 0,
             ids: vec![ChunkId([0xff; 32])],
             reply: false,
+            basis: 0,
         },
         Message::Push {
             owner,
@@ -1627,5 +1632,43 @@ fn a_forgotten_snapshot_is_never_acknowledged_and_no_replay_brings_it_back() {
         acknowledged(&net),
         0,
         "a replayed forgotten snapshot was acknowledged"
+    );
+}
+
+#[test]
+fn a_confirmation_made_without_the_snapshots_record_does_not_acknowledge_it() {
+    // Rule H5 (docs/retention.md): a holder that confirms a chunk for a snapshot must
+    // have known the snapshot, or a garbage statement that lacks it could be active there.
+    let mut net = Net::new(3, test_config());
+    let owner = net.sites[net.site_of[0]].id;
+    let chunks = net.backup(0, 4, 3);
+    // Nothing delivered: no other node has heard of the snapshot yet.
+    net.queue.clear();
+    let have: Vec<ChunkId> = chunks.iter().map(|c| c.id).collect();
+    let theirs = net.nodes[1].engine.catalog().snapshot_digest(&owner);
+    let ours = net.nodes[0].engine.catalog().snapshot_digest(&owner);
+    assert_ne!(theirs, ours, "the new record moved the owner's digest");
+    let need = |basis| Message::Need {
+        owner,
+        need: Vec::new(),
+        have: have.clone(),
+        basis,
+    };
+    net.send(1, 0, need(theirs));
+    assert!(
+        net.nodes[0].engine.snapshot_pending(&[3; 32]),
+        "acknowledged on confirmations from a holder that did not know the snapshot"
+    );
+    assert_eq!(net.counters(0).confirmations_on_other_basis, 4);
+    // The same confirmations from a holder that knows it count (R = 2: this site and one
+    // other).
+    net.send(1, 0, need(ours));
+    assert!(!net.nodes[0].engine.snapshot_pending(&[3; 32]));
+    assert_eq!(
+        count(
+            net.events(0),
+            |e| matches!(e, Event::SnapshotReplicated { snapshot } if *snapshot == [3; 32])
+        ),
+        1
     );
 }
