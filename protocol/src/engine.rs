@@ -17,6 +17,7 @@
 
 mod audit;
 mod fetch;
+mod gc;
 mod gossip;
 mod guard;
 mod membership;
@@ -40,6 +41,7 @@ pub use audit::{
     AUDIT_PASS_POINTS, AUDIT_POINTS_MAX,
 };
 pub use fetch::{FetchError, FETCHES_MAX};
+pub use gc::{GC_AGREEMENT_FRESH_MS, GC_BATCH_FETCHES_MAX};
 pub use guard::{CUT_OFF_MS, STRIKES_MAX, STRIKE_MEMORY_MS};
 use membership::Peer;
 pub use membership::PeerState;
@@ -80,6 +82,15 @@ pub struct EngineConfig {
     pub trim_grace_ms: u64,
     /// How long a push, fetch or audit waits for an answer before giving up on that peer.
     pub request_timeout_ms: u64,
+    /// Garbage collection (docs/retention.md, H4): the least time a chunk stays condemned
+    /// here before it is deleted on its owner's word, whatever grace the owner asks.
+    pub gc_grace_min_ms: u64,
+    /// In any window of this length, this node deletes on one owner's word at most
+    /// `gc_window_percent` of what it held for that owner when the window began (and at
+    /// least `gc_window_min_bytes`): what a stolen site key can wipe.
+    pub gc_window_ms: u64,
+    pub gc_window_percent: u64,
+    pub gc_window_min_bytes: u64,
     /// How often this node audits one co-holder of one chunk it holds itself.
     pub audit_interval_ms: u64,
     /// How long one pass of the scrub (re-reading every chunk this node holds) takes; the
@@ -98,6 +109,10 @@ impl Default for EngineConfig {
             push_bytes_per_sec: 40 << 20,
             pushes_in_flight_max: 32,
             trim_grace_ms: 3_600_000,
+            gc_grace_min_ms: 24 * 3_600_000,
+            gc_window_ms: 7 * 24 * 3_600_000,
+            gc_window_percent: 50,
+            gc_window_min_bytes: 1 << 30,
             request_timeout_ms: 60_000,
             audit_interval_ms: 300_000,
             scrub_period_ms: 7 * 24 * 3_600_000,
@@ -166,6 +181,11 @@ pub enum Event {
         id: ChunkId,
     },
     Trimmed {
+        id: ChunkId,
+    },
+    /// A condemned chunk deleted on its owner's word (garbage collection, H4).
+    Collected {
+        owner: SiteId,
         id: ChunkId,
     },
     /// A fetched chunk: its sealed bytes, the owner's signature checked and removed. The
@@ -261,6 +281,15 @@ pub struct EngineCounters {
     /// Confirmations that came with another snapshot digest for the owner than this
     /// node's (rule H5): remembered, not counted.
     pub confirmations_on_other_basis: u64,
+    /// Garbage batches fetched and checked against their ids.
+    pub gc_batches_fetched: u64,
+    /// Condemned chunks a later statement no longer listed.
+    pub gc_revived: u64,
+    /// Chunks deleted on their owner's word, and their bytes.
+    pub gc_collected: u64,
+    pub gc_collected_bytes: u64,
+    /// Tidy walks that left ripe garbage for the next window (the budget was spent).
+    pub gc_window_deferred: u64,
     /// Copies on this node's disk found damaged (by the scrub, an audit, a push or a
     /// fetch reading them).
     pub corrupt_chunks_found: u64,
@@ -307,6 +336,8 @@ pub struct Engine {
     /// Held chunks this node is not a target for.
     excess: std::collections::BTreeSet<ChunkId>,
     pending_snapshots: BTreeMap<[u8; 32], PendingSnapshot>,
+    /// Garbage collection's holder state (`gc`).
+    gc: gc::GcState,
     fetches: BTreeMap<ChunkId, fetch::Fetch>,
     /// Fetches waiting on each peer.
     fetch_load: BTreeMap<NodeId, u32>,
@@ -373,6 +404,7 @@ impl Engine {
             excess: std::collections::BTreeSet::new(),
             pulls: pull::Pulls::default(),
             pending_snapshots: BTreeMap::new(),
+            gc: gc::GcState::default(),
             fetches: BTreeMap::new(),
             fetch_load: BTreeMap::new(),
             next_gossip_ms,
@@ -675,6 +707,18 @@ impl Engine {
                 nonce,
                 proof,
             } => self.on_audit_reply(from, owner, id, nonce, proof),
+            Message::GcWant {
+                owner,
+                batch,
+                from_index,
+            } => self.on_gc_want(from, owner, batch, from_index),
+            Message::GcIds {
+                owner,
+                batch,
+                from_index,
+                ids,
+                last,
+            } => self.on_gc_ids(from, owner, batch, from_index, ids, last),
         }
         self.after_input(now_ms);
     }
@@ -857,9 +901,12 @@ impl Engine {
                     // Forgotten: nothing waits for it to reach R sites any more.
                     self.pending_snapshots.remove(&record.key);
                 }
+                let author = record.author;
                 self.push_storage(StorageOp::SaveRecord(record));
-                if kind != crate::record::RecordKind::Snapshot {
-                    self.trust_changed();
+                match kind {
+                    crate::record::RecordKind::Snapshot
+                    | crate::record::RecordKind::GcStatement => self.gc_refresh(author, now_ms),
+                    _ => self.trust_changed(),
                 }
             }
             Insert::Stale => {}
@@ -887,6 +934,7 @@ impl Engine {
                 let keys: Vec<RecordKey> =
                     self.catalog.by_author(author).map(RecordKey::of).collect();
                 self.catalog.remove_author(author);
+                self.gc_forget_owner(&author);
                 for key in keys {
                     self.push_storage(StorageOp::DropRecord(key));
                 }

@@ -52,6 +52,7 @@ impl BatchId {
 
 /// `BatchId::of` over ids that arrive in pieces: a holder hashes a batch as it fetches
 /// it and never keeps the whole list. Refuses ids out of order, since a batch is sorted.
+#[derive(Clone, Debug)]
 pub struct BatchHasher {
     hasher: blake3::Hasher,
     last: Option<ChunkId>,

@@ -1150,5 +1150,7 @@ pub fn message_type(message: &Message) -> &'static str {
         Message::FetchReply { .. } => "fetch-reply",
         Message::Audit { .. } => "audit",
         Message::AuditReply { .. } => "audit-reply",
+        Message::GcWant { .. } => "gc-want",
+        Message::GcIds { .. } => "gc-ids",
     }
 }

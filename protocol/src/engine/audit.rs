@@ -95,7 +95,11 @@ impl Engine {
                 return;
             };
             self.audit_cursor = Some(*id);
-            if held.excess_since_ms.is_some() || !self.trust.is_trusted(&held.owner) {
+            // A condemned chunk's co-holders may have deleted it, as they should.
+            if held.excess_since_ms.is_some()
+                || !self.trust.is_trusted(&held.owner)
+                || self.gc_frozen(id)
+            {
                 continue;
             }
             let (id, owner) = (*id, held.owner);

@@ -116,7 +116,9 @@ impl Engine {
             return;
         };
         for (author, digest) in digests {
-            if self.trust.is_trusted(&author) && self.digest_for(author, from_site) != digest {
+            let equal = self.digest_for(author, from_site) == digest;
+            self.gc_heard_digest(from_site, author, equal);
+            if self.trust.is_trusted(&author) && !equal {
                 let mut entries: Vec<Entry> = self
                     .catalog
                     .by_author(author)

@@ -9,6 +9,7 @@
 use crate::blob::BLOB_BYTES_MAX;
 use crate::catalog::Entry;
 use crate::codec::{DecodeError, Reader, Writer};
+use crate::gc::BatchId;
 use crate::identity::{NodeId, SiteId};
 use crate::ids::ChunkId;
 use crate::record::{Record, RecordKind};
@@ -140,6 +141,22 @@ pub enum Message {
         nonce: [u8; 32],
         proof: Option<[u8; 32]>,
     },
+    /// "Send me batch `batch` of `owner`'s garbage from id number `from_index` on":
+    /// asked only of a node of the owner's site (rule H1).
+    GcWant {
+        owner: SiteId,
+        batch: BatchId,
+        from_index: u32,
+    },
+    /// A piece of a batch: its ids from `from_index` on; `last` on the final piece. A node
+    /// that does not have the batch answers with no ids and `last` at index 0.
+    GcIds {
+        owner: SiteId,
+        batch: BatchId,
+        from_index: u32,
+        ids: Vec<ChunkId>,
+        last: bool,
+    },
 }
 
 impl Message {
@@ -153,13 +170,15 @@ impl Message {
             | Message::Need { .. }
             | Message::PushAck { .. }
             | Message::FetchReply { .. }
-            | Message::AuditReply { .. } => true,
+            | Message::AuditReply { .. }
+            | Message::GcIds { .. } => true,
             Message::Records { .. }
             | Message::Want { .. }
             | Message::Offer { .. }
             | Message::Push { .. }
             | Message::Fetch { .. }
-            | Message::Audit { .. } => false,
+            | Message::Audit { .. }
+            | Message::GcWant { .. } => false,
         }
     }
 
@@ -308,6 +327,30 @@ impl Message {
                     }
                 }
             }
+            Message::GcWant {
+                owner,
+                batch,
+                from_index,
+            } => {
+                w.u8(15);
+                w.array(&owner.0);
+                w.array(&batch.0);
+                w.u32(*from_index);
+            }
+            Message::GcIds {
+                owner,
+                batch,
+                from_index,
+                ids,
+                last,
+            } => {
+                w.u8(16);
+                w.array(&owner.0);
+                w.array(&batch.0);
+                w.u32(*from_index);
+                put_ids(&mut w, ids);
+                w.u8(u8::from(*last));
+            }
         }
         let bytes = w.finish();
         assert!(
@@ -426,6 +469,18 @@ impl Message {
                     other => return Err(invalid("audit reply", format!("flag {other}"))),
                 },
             },
+            15 => Message::GcWant {
+                owner: SiteId(r.array()?),
+                batch: BatchId(r.array()?),
+                from_index: r.u32()?,
+            },
+            16 => Message::GcIds {
+                owner: SiteId(r.array()?),
+                batch: BatchId(r.array()?),
+                from_index: r.u32()?,
+                ids: get_ids(&mut r)?,
+                last: get_bool(&mut r)?,
+            },
             other => return Err(invalid("message type", format!("unknown type {other}"))),
         };
         r.finish()?;
@@ -543,14 +598,14 @@ mod tests {
                     basis,
                 }
             }),
-            (arb_id(), arb_id(), any::<bool>(), any::<u64>()).prop_map(
-                |(o, id, stored, basis)| Message::PushAck {
+            (arb_id(), arb_id(), any::<bool>(), any::<u64>()).prop_map(|(o, id, stored, basis)| {
+                Message::PushAck {
                     owner: SiteId(o),
                     id: ChunkId(id),
                     stored,
                     basis,
                 }
-            ),
+            }),
             (
                 arb_id(),
                 arb_id(),
@@ -595,11 +650,25 @@ mod tests {
                     proof
                 }
             ),
-            (arb_id(), 1u8..=4, arb_id(), any::<u64>(), any::<u64>()).prop_map(
+            (arb_id(), arb_id(), any::<u32>()).prop_map(|(o, b, from_index)| Message::GcWant {
+                owner: SiteId(o),
+                batch: BatchId(b),
+                from_index,
+            }),
+            (arb_id(), arb_id(), any::<u32>(), ids(), any::<bool>()).prop_map(
+                |(o, b, from_index, ids, last)| Message::GcIds {
+                    owner: SiteId(o),
+                    batch: BatchId(b),
+                    from_index,
+                    ids,
+                    last,
+                }
+            ),
+            (arb_id(), 1u8..=5, arb_id(), any::<u64>(), any::<u64>()).prop_map(
                 |(a, k, key, version, tag)| Message::Entries {
                     author: SiteId(a),
                     entries: vec![Entry {
-                        kind: RecordKind::from_u8(k).expect("1..=4 are kinds"),
+                        kind: RecordKind::from_u8(k).expect("1..=5 are kinds"),
                         key,
                         version,
                         tag

@@ -199,13 +199,14 @@ impl Engine {
         };
         let used = self.used_by_owner.entry(held.owner).or_insert(0);
         *used = used.saturating_sub(held.size_bytes);
-        if held.excess_since_ms.is_none() {
+        // A frozen (condemned) chunk is already out of the digests.
+        if held.excess_since_ms.is_none() && !self.gc_frozen(id) {
             self.xor_pair_digests(id, &held.owner, &held.targets);
         }
         self.excess.remove(id);
     }
 
-    fn xor_pair_digests(&mut self, id: &ChunkId, owner: &SiteId, targets: &[NodeId]) {
+    pub(super) fn xor_pair_digests(&mut self, id: &ChunkId, owner: &SiteId, targets: &[NodeId]) {
         let partition = partition_of(id);
         for target in targets {
             if *target != self.node {
@@ -307,17 +308,22 @@ impl Engine {
         let owner = held.owner;
         let targets = self.placement.targets(&owner, &id, r);
         let in_place = targets.contains(&self.node);
+        let frozen = self.gc_frozen(&id);
         let held = self.held.get_mut(&id).expect("looked up above");
         held.targets = targets.clone();
         held.confirmed.clear();
         if in_place {
             held.excess_since_ms = None;
-            self.xor_pair_digests(&id, &owner, &targets);
+            if !frozen {
+                self.xor_pair_digests(&id, &owner, &targets);
+            }
         } else {
             held.excess_since_ms.get_or_insert(now_ms);
             self.excess.insert(id);
-            for target in targets {
-                self.offer(target, owner, id);
+            if !frozen {
+                for target in targets {
+                    self.offer(target, owner, id);
+                }
             }
         }
     }
@@ -389,8 +395,11 @@ impl Engine {
 
     pub(super) fn on_offer(&mut self, from: NodeId, owner: SiteId, ids: Vec<ChunkId>) {
         let may_store = self.may_store_for(&owner);
-        let (have, lacking): (Vec<ChunkId>, Vec<ChunkId>) =
-            ids.into_iter().partition(|id| self.held.contains_key(id));
+        // Condemned chunks are neither confirmed nor pulled back (H3).
+        let (have, lacking): (Vec<ChunkId>, Vec<ChunkId>) = ids
+            .into_iter()
+            .filter(|id| !self.gc_refuses(&owner, id))
+            .partition(|id| self.held.contains_key(id));
         if may_store {
             // The owner's site decides where its chunks go. Another holder offers by its
             // own view of placement, which can differ from the owner's for good: a site
@@ -471,7 +480,7 @@ impl Engine {
             return;
         }
         for id in need {
-            if self.held.get(&id).is_some_and(|h| h.owner == owner) {
+            if self.held.get(&id).is_some_and(|h| h.owner == owner) && !self.gc_frozen(&id) {
                 self.queue_push(from, id);
             }
         }
@@ -485,6 +494,13 @@ impl Engine {
         size_bytes: u64,
         sealed: Vec<u8>,
     ) {
+        if self.gc_refuses(&owner, &id) {
+            // Condemned here, or deleted under the statement in force (H3): the pusher's
+            // digest differs from ours, and once its new snapshot record arrives here the
+            // statement is inactive and the chunk is taken.
+            self.send_push_ack(from, owner, id, false);
+            return;
+        }
         if let Some(held) = self.held.get(&id) {
             // Held for this owner: stored. Held under another owner (a node whose index
             // misfiled it, or a peer pushing someone else's id): not stored for this one,
@@ -627,8 +643,11 @@ impl Engine {
         self.held
             .range(start..)
             .take_while(|(id, _)| partition_of(id) == partition)
-            .filter(|(_, h)| {
-                h.owner == owner && h.excess_since_ms.is_none() && h.targets.contains(&peer)
+            .filter(|(id, h)| {
+                h.owner == owner
+                    && h.excess_since_ms.is_none()
+                    && h.targets.contains(&peer)
+                    && !self.gc_frozen(id)
             })
             .map(|(id, _)| *id)
             .take(IDS_PER_MESSAGE_MAX)
@@ -916,6 +935,7 @@ impl Engine {
             self.next_tidy_ms = now_ms + self.config.request_timeout_ms / 4;
             self.reoffer(now_ms);
             self.trim(now_ms);
+            self.gc_tick(now_ms);
         }
     }
 
@@ -965,7 +985,7 @@ impl Engine {
         let mut offers = Vec::new();
         for pending in self.pending_snapshots.values() {
             for (id, sites) in &pending.chunks {
-                let Some(held) = self.held.get(id).filter(|h| due(h)) else {
+                let Some(held) = self.held.get(id).filter(|h| due(h) && !self.gc_frozen(id)) else {
                     continue;
                 };
                 for target in &held.targets {
@@ -977,7 +997,7 @@ impl Engine {
             }
         }
         for id in &self.excess {
-            let Some(held) = self.held.get(id).filter(|h| due(h)) else {
+            let Some(held) = self.held.get(id).filter(|h| due(h) && !self.gc_frozen(id)) else {
                 continue;
             };
             for target in &held.targets {
@@ -1046,6 +1066,9 @@ impl Engine {
             .iter()
             .filter(|id| {
                 let held = &self.held[*id];
+                if self.gc_frozen(id) {
+                    return false; // garbage collection's to delete, under its rules
+                }
                 let since = held.excess_since_ms.unwrap_or(now_ms);
                 let ripe = now_ms.saturating_sub(since) >= grace_ms;
                 let safe = held.targets.len() >= r

@@ -33,6 +33,10 @@ enum Hostile {
     Mute,
     /// Every other audit answer to each auditor is lost on the way, as over a lossy link.
     LosesEveryOtherAuditReply,
+    /// Serves garbage batches with one id altered.
+    WrongGcBatch,
+    /// Sends nothing at all: a site burnt down or unreachable.
+    Gone,
 }
 
 struct Net {
@@ -194,6 +198,28 @@ impl Net {
             }
             while let Some((to, message)) = node.engine.poll_transmit() {
                 let message = match (self.hostile.get(&i), message) {
+                    (Some(Hostile::Gone), _) => continue,
+                    (
+                        Some(Hostile::WrongGcBatch),
+                        Message::GcIds {
+                            owner,
+                            batch,
+                            from_index,
+                            mut ids,
+                            last,
+                        },
+                    ) => {
+                        if let Some(first) = ids.first_mut() {
+                            first.0[31] ^= 1;
+                        }
+                        Message::GcIds {
+                            owner,
+                            batch,
+                            from_index,
+                            ids,
+                            last,
+                        }
+                    }
                     (Some(Hostile::Silent), Message::AuditReply { .. }) => continue,
                     (Some(Hostile::Mute), message) if message.is_answer() => continue,
                     (
@@ -406,6 +432,8 @@ impl Net {
         answers
     }
 }
+
+mod gc;
 
 fn count(events: &[Event], matches: impl Fn(&Event) -> bool) -> usize {
     events.iter().filter(|e| matches(e)).count()
