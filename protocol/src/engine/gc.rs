@@ -67,10 +67,18 @@ struct Window {
 pub(super) struct Condemned {
     owner: SiteId,
     since_ms: u64,
-    /// Out of the sync digests (set while the statement that lists it is active).
+    /// Set while the statement that lists it is active: out of the sync digests (while
+    /// held), and no copy of it is taken here.
     frozen: bool,
     /// Deleted here; kept while its batch is in force so no sync pulls it back.
     deleted: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Change {
+    Revive,
+    Forget,
+    Freeze,
 }
 
 #[derive(Clone, Debug)]
@@ -101,6 +109,31 @@ impl Engine {
         self.gc_refresh(site, now_ms);
         self.after_input(now_ms);
         id
+    }
+
+    /// This node's prune swept these chunks of its own site off its disk (they are in no
+    /// kept snapshot it knows of): they are no longer held here.
+    pub fn handle_swept(&mut self, ids: &[ChunkId], now_ms: u64) {
+        self.now_ms = self.now_ms.max(now_ms);
+        for id in ids {
+            if self.held.get(id).is_some_and(|h| h.owner == self.site) {
+                self.unhold(id);
+                if let Some(c) = self.gc.condemned.get_mut(id) {
+                    c.deleted = true;
+                }
+            }
+        }
+        self.after_input(now_ms);
+    }
+
+    /// The ids of one of `owner`'s batches as known here: all of them on a node of the
+    /// owner's site (once made here or fetched), else the listed ids this node held.
+    pub fn gc_batch(&self, owner: &SiteId, batch: &BatchId) -> Option<&[ChunkId]> {
+        self.gc
+            .owners
+            .get(owner)
+            .and_then(|o| o.batches.get(batch))
+            .map(Vec::as_slice)
     }
 
     /// Chunks of `owner` condemned here and not yet deleted, and their bytes.
@@ -137,13 +170,13 @@ impl Engine {
         self.gc.condemned.get(id).is_some_and(|c| c.frozen)
     }
 
-    /// True when a copy of `id` of `owner` must not come here: it is condemned or was
-    /// deleted under the statement active now.
+    /// True when a copy of `id` of `owner` must not come here: it is condemned, or was
+    /// deleted, under the statement active now.
     pub(super) fn gc_refuses(&self, owner: &SiteId, id: &ChunkId) -> bool {
         self.gc
             .condemned
             .get(id)
-            .is_some_and(|c| c.owner == *owner && (c.frozen || c.deleted))
+            .is_some_and(|c| c.owner == *owner && c.frozen)
     }
 
     /// A gossip round from a node of `site` carried this digest for `site`'s records:
@@ -207,21 +240,26 @@ impl Engine {
                 // may still list it, with its old time). A deleted id whose batch left
                 // the statement may come back like any chunk.
                 if known_all {
-                    changes.push((*id, None));
+                    changes.push((*id, Change::Revive));
                 }
-            } else if !c.frozen && !c.deleted {
-                changes.push((*id, Some(())));
+            } else if c.deleted && self.held.contains_key(id) {
+                // Held again since it was deleted here (taken while no statement was
+                // active): condemned afresh below.
+                changes.push((*id, Change::Forget));
+            } else if !c.frozen {
+                changes.push((*id, Change::Freeze));
             }
         }
         for (id, change) in changes {
             match change {
-                None => {
+                Change::Revive | Change::Forget => {
                     self.gc_set_frozen(&id, false);
-                    if self.gc.condemned.remove(&id).is_some_and(|c| !c.deleted) {
+                    let revived = self.gc.condemned.remove(&id).is_some_and(|c| !c.deleted);
+                    if revived && change == Change::Revive {
                         self.counters.gc_revived += 1;
                     }
                 }
-                Some(()) => self.gc_set_frozen(&id, true),
+                Change::Freeze => self.gc_set_frozen(&id, true),
             }
         }
         for id in listed {
@@ -264,7 +302,7 @@ impl Engine {
         let Some(c) = self.gc.condemned.get_mut(id) else {
             return;
         };
-        if c.frozen == frozen || c.deleted {
+        if c.frozen == frozen {
             return;
         }
         c.frozen = frozen;
