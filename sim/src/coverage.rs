@@ -84,4 +84,16 @@ counters! {
     false drill_fetches,
     false drill_fetch_failures,
     false bad_copies_routed_around,
+    /// Garbage collection: snapshots forgotten, prunes run, statements signed, batches
+    /// re-issued by a commit (O3) and restates a node skipped for lack of a batch's ids;
+    /// chunks swept at owners and collected at holders; copies of garbage left at
+    /// partners at rest.
+    false gc_forgotten,
+    false gc_prunes,
+    false gc_statements,
+    false gc_revived_batches,
+    false gc_restate_skipped,
+    false gc_swept,
+    false gc_collected,
+    false gc_garbage_left_at_partners,
 }

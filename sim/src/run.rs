@@ -24,6 +24,7 @@
 //! liveness phase (`rest`, `restore`): after the faults, partitions heal, stopped nodes
 //! restart and hostile nodes stop, and the mesh must converge within `settle_hours`.
 
+mod gc;
 mod rest;
 mod restore;
 
@@ -55,7 +56,10 @@ pub fn stand_in(id: &ChunkId) -> Vec<u8> {
 pub struct Snapshot {
     pub key: [u8; 32],
     pub chunks: Vec<ChunkRef>,
+    pub taken_us: u64,
     pub acked_us: Option<u64>,
+    /// When its site forgot it (its tombstone signed).
+    pub forgotten_us: Option<u64>,
 }
 
 pub struct Image {
@@ -166,8 +170,6 @@ pub struct Report {
 pub struct Run {
     pub world: World,
     pub images: Vec<Image>,
-    /// Chunks of acknowledged snapshots, with how many such snapshots hold each.
-    acked_chunks: BTreeMap<ChunkId, u32>,
     snapshot_index: BTreeMap<[u8; 32], (usize, usize)>,
     lost_beyond_budget: BTreeSet<ChunkId>,
     /// Fetch answers, for the restore in progress.
@@ -187,7 +189,6 @@ impl Run {
         Run {
             world,
             images,
-            acked_chunks: BTreeMap::new(),
             snapshot_index: BTreeMap::new(),
             lost_beyond_budget: BTreeSet::new(),
             fetch_events: Vec::new(),
@@ -228,6 +229,7 @@ impl Run {
         self.check_losses();
         self.world.check_peer_sites();
         self.check_at_rest();
+        self.gc_figures();
         self.restore_all();
         self.report.violations.append(&mut self.world.violations);
         self.report.trace_hash = self.world.trace.finalize().to_hex().to_string();
@@ -242,6 +244,7 @@ impl Run {
         let mut pending_checks = false;
         let mut drills_due = 0;
         let mut snapshot_events = Vec::new();
+        let mut prunes = Vec::new();
         self.world.run_until(until_us, |world, ev| match ev {
             Ev::Fault(idx) => world.apply_fault(idx),
             Ev::Restart(node) => world.restart_node(node),
@@ -267,6 +270,15 @@ impl Run {
                 let next = world.now_us + image.every_us;
                 world.schedule(next, Ev::Snapshot(idx));
             }
+            Ev::Prune(site) => {
+                prunes.push(site);
+                if let Some(gc) = &world.scenario.gc {
+                    let next = world.now_us + hours_us(gc.prune_every_hours);
+                    if next < world.heal_us {
+                        world.schedule(next, Ev::Prune(site));
+                    }
+                }
+            }
             Ev::Check => {
                 pending_checks = true;
                 let next = world.now_us + HOUR_US;
@@ -283,8 +295,15 @@ impl Run {
             let key = self.images[image].snapshots[snapshot].key;
             self.snapshot_index.insert(key, (image, snapshot));
             self.report.snapshots_taken += 1;
+            self.apply_policy(image);
         }
         self.collect_events();
+        for site in prunes {
+            if !self.world.healed {
+                let turn = self.world.coverage.gc_prunes as usize;
+                self.prune(site, turn);
+            }
+        }
         self.tend_drill();
         if drills_due > 0 && !self.world.healed {
             self.start_drill();
@@ -315,9 +334,12 @@ impl Run {
                     if snap.acked_us.is_none() {
                         snap.acked_us = Some(self.world.now_us);
                         self.report.snapshots_acked += 1;
-                        for chunk in &snap.chunks {
-                            *self.acked_chunks.entry(chunk.id).or_insert(0) += 1;
+                        if snap.forgotten_us.is_none() {
+                            for chunk in &snap.chunks {
+                                *self.world.acked_chunks.entry(chunk.id).or_insert(0) += 1;
+                            }
                         }
+                        self.apply_policy(image);
                     }
                 }
             }
@@ -329,7 +351,7 @@ impl Run {
         let r = self.world.scenario.replication_factor;
         let window_us = hours_us(self.world.scenario.repair_window_hours);
         for (id, at_us) in std::mem::take(&mut self.world.zeroed) {
-            if !self.acked_chunks.contains_key(&id) || self.world.copies.contains_key(&id) {
+            if !self.world.acked_chunks.contains_key(&id) || self.world.copies.contains_key(&id) {
                 continue;
             }
             let sites_hit: BTreeSet<usize> = self
@@ -409,10 +431,16 @@ fn take_snapshot(world: &mut World, image: &mut Image) -> Option<usize> {
         .handle_new_snapshot(record, &chunks, now_ms)
         .expect("the site's own snapshot record is valid");
     world.pump(node);
+    // O3: the commit revives what the statement in force lists of it.
+    let used: BTreeSet<ChunkId> = chunks.iter().map(|c| c.id).collect();
+    gc::restate(world, node, &used);
+    world.pump(node);
     image.snapshots.push(Snapshot {
         key,
         chunks,
+        taken_us: world.now_us,
         acked_us: None,
+        forgotten_us: None,
     });
     Some(image.snapshots.len() - 1)
 }

@@ -50,6 +50,25 @@ pub struct Scenario {
     /// its newest acknowledged snapshot (a restore drill in the middle of the faults).
     #[serde(default)]
     pub drill_every_hours: Option<f64>,
+    /// Garbage collection: forgotten snapshots' chunks listed by prunes and deleted at
+    /// holders (docs/retention.md). Absent: nothing is pruned.
+    #[serde(default)]
+    pub gc: Option<GcSpec>,
+}
+
+/// How a scenario's sites prune.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GcSpec {
+    /// Each site prunes this often, on one live node of it (in turn).
+    pub prune_every_hours: f64,
+    /// The grace the owners ask holders to wait.
+    #[serde(default = "default_gc_grace_hours")]
+    pub grace_hours: f64,
+}
+
+fn default_gc_grace_hours() -> f64 {
+    1.0
 }
 
 fn default_r() -> usize {
@@ -101,6 +120,11 @@ pub struct ImageSpec {
     pub snapshot_every_hours: f64,
     #[serde(default)]
     pub first_snapshot_hours: f64,
+    /// Retention: after each snapshot and each acknowledgement, the image's site forgets
+    /// all but the newest `keep_last` snapshots (`cairn_protocol::retention`, which
+    /// keeps snapshots not yet at R besides). Absent: nothing is forgotten.
+    #[serde(default)]
+    pub keep_last: Option<u32>,
 }
 
 fn default_change() -> f64 {
@@ -154,6 +178,10 @@ pub struct EngineSpec {
     /// How long one scrub pass over a node's chunks takes (the engine's default is a
     /// week, longer than most runs).
     pub scrub_period_ms: Option<u64>,
+    /// Garbage collection at holders: the least grace, and the deletion window.
+    pub gc_grace_min_ms: Option<u64>,
+    pub gc_window_ms: Option<u64>,
+    pub gc_window_percent: Option<u64>,
 }
 
 /// How long a lost-writes fault waits for the node's next write before crashing it anyway.

@@ -45,6 +45,7 @@ pub fn scenario_for_seed(seed: u64) -> Scenario {
             continue;
         }
         images.push(ImageSpec {
+            keep_last: None,
             site: site.clone(),
             name: format!("image{i}"),
             size_gib: [0.1, 0.25, 0.5][rng.below(3) as usize],
@@ -120,6 +121,7 @@ pub fn scenario_for_seed(seed: u64) -> Scenario {
         hostile: draw.hostile,
         outsider,
         drill_every_hours,
+        gc: None,
     }
 }
 

@@ -153,6 +153,8 @@ pub enum Ev {
     LoseWrites(usize),
     /// Start a restore drill while faults run.
     Drill,
+    /// A site prunes (the site's index).
+    Prune(usize),
 }
 
 enum Completion {
@@ -244,6 +246,11 @@ pub struct World {
     pub grant_changed_at: BTreeMap<(usize, SiteId), u64>,
     /// Bytes each site holds for each owner, across its nodes' disks.
     pub site_held: BTreeMap<(usize, SiteId), u64>,
+    /// Chunks of kept, acknowledged snapshots, with how many such snapshots use each:
+    /// what garbage collection must never take below R sites (invariant 11).
+    pub acked_chunks: BTreeMap<ChunkId, u32>,
+    /// Invariant 13: snapshots forgotten (their tombstone signed), by key.
+    pub forgotten: BTreeSet<[u8; 32]>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -346,6 +353,8 @@ impl World {
             healed: false,
             heal_us: 0,
             site_held: BTreeMap::new(),
+            acked_chunks: BTreeMap::new(),
+            forgotten: BTreeSet::new(),
             grant_changed_at: BTreeMap::new(),
         };
         world.heal_us = hours_us(world.scenario.heal_hours());
@@ -364,6 +373,11 @@ impl World {
         world.schedule(HOUR_US, Ev::Check);
         if let Some(every) = world.scenario.drill_every_hours {
             world.schedule(hours_us(every), Ev::Drill);
+        }
+        if let Some(gc) = world.scenario.gc.clone() {
+            for site in 0..world.sites.len() {
+                world.schedule(hours_us(gc.prune_every_hours), Ev::Prune(site));
+            }
         }
         world
     }
@@ -1130,6 +1144,15 @@ fn engine_config(scenario: &Scenario) -> EngineConfig {
     }
     if let Some(v) = e.scrub_period_ms {
         config.scrub_period_ms = v;
+    }
+    if let Some(v) = e.gc_grace_min_ms {
+        config.gc_grace_min_ms = v;
+    }
+    if let Some(v) = e.gc_window_ms {
+        config.gc_window_ms = v;
+    }
+    if let Some(v) = e.gc_window_percent {
+        config.gc_window_percent = v;
     }
     config
 }

@@ -486,3 +486,17 @@ gib = 1
         report.excuses
     );
 }
+
+#[test]
+fn forgotten_snapshots_are_collected_at_holders_and_kept_ones_restore() {
+    let scenario = Scenario::parse(include_str!("../scenarios/retention.toml")).unwrap();
+    let report = Run::new(scenario, 1).execute();
+    assert_clean(&report, "retention scenario");
+    let c = &report.coverage;
+    assert!(c.gc_forgotten > 0 && c.gc_prunes > 0, "{c:?}");
+    // Holders deleted on the owners' word, and the owners swept their own copies; every
+    // deletion was checked against invariant 11 as it happened.
+    assert!(c.gc_collected > 100, "collected {}", c.gc_collected);
+    assert!(c.gc_swept > 0);
+    assert_eq!(report.restores_ok, 2, "{:#?}", report.notes);
+}

@@ -175,7 +175,9 @@ impl Run {
         for image in &self.images {
             let owner = world.sites[image.site].id;
             let (want, excuse) = self.sites_wanted(owner);
-            for snapshot in &image.snapshots {
+            // A forgotten snapshot's chunks may go; those a kept one uses are checked
+            // through it.
+            for snapshot in image.snapshots.iter().filter(|s| s.forgotten_us.is_none()) {
                 for chunk in &snapshot.chunks {
                     if !checked.insert(chunk.id) {
                         continue;
@@ -191,7 +193,7 @@ impl Run {
                     // before that its chunks may sit on one disk, and a disk fault there
                     // (within the budget) takes them. Only a disk fault: a last copy an
                     // engine deleted is no excuse.
-                    if !self.acked_chunks.contains_key(&chunk.id)
+                    if !self.world.acked_chunks.contains_key(&chunk.id)
                         && !world.copies.contains_key(&chunk.id)
                         && world.last_copy_lost_to_fault.contains(&chunk.id)
                     {

@@ -38,7 +38,7 @@ impl Run {
         for k in 0..self.images.len() {
             let image_idx = (self.next_drill_image + k) % self.images.len();
             let image = &self.images[image_idx];
-            let Some(snapshot) = image.snapshots.iter().rev().find(|s| s.acked_us.is_some()) else {
+            let Some(snapshot) = image.snapshots.iter().rev().find(|s| s.acked_us.is_some() && s.forgotten_us.is_none()) else {
                 continue;
             };
             let nodes: Vec<usize> = self
@@ -133,7 +133,10 @@ impl Run {
     pub(super) fn restore_all(&mut self) {
         for image_idx in 0..self.images.len() {
             let image = &self.images[image_idx];
-            let Some(snapshot_idx) = image.snapshots.iter().rposition(|s| s.acked_us.is_some())
+            let Some(snapshot_idx) = image
+                .snapshots
+                .iter()
+                .rposition(|s| s.acked_us.is_some() && s.forgotten_us.is_none())
             else {
                 // A snapshot is acknowledged at R sites; while fewer than R of the sites
                 // that may hold the owner's chunks are standing, none can be. The check

@@ -15,7 +15,7 @@ use cairn_protocol::identity::NodeId;
 use cairn_protocol::ids::ChunkId;
 use cairn_protocol::record::{Record, RecordKind};
 
-use super::{message_type, World, GRANT_PROPAGATION_US};
+use super::{message_type, World, GRANT_PROPAGATION_US, HOUR_US};
 
 /// How soon some honest node's audit must name a node that claims a chunk it does not
 /// hold (invariant 7).
@@ -98,6 +98,25 @@ impl World {
                 self.coverage.holders_excluded += 1;
                 self.penalty_until(*until_ms);
             }
+            Event::Collected { id, .. } => {
+                self.coverage.gc_collected += 1;
+                self.check_gc_deletion(node, id, "collected on its owner's word");
+            }
+            // Invariant 13: a forgotten snapshot is never acknowledged once the engine
+            // holds its tombstone (a live record replacing the tombstone is invariant 9).
+            Event::SnapshotReplicated { snapshot } => {
+                let engine = self.nodes[node].engine.as_ref().expect("an engine reported it");
+                let key = RecordKey {
+                    author: engine.site(),
+                    kind: RecordKind::Snapshot,
+                    key: *snapshot,
+                };
+                if engine.catalog().get(&key).is_some_and(Record::is_tombstone) {
+                    self.add_violation(format!(
+                        "invariant 13: node {node} acknowledged a snapshot its site forgot"
+                    ));
+                }
+            }
             Event::MessageDropped { .. } => self.coverage.messages_dropped += 1,
             Event::RecordRejected { .. } => self.coverage.records_rejected += 1,
             Event::MessageRefused { from }
@@ -109,6 +128,29 @@ impl World {
                 self.coverage.outsider_messages_refused += 1;
             }
             _ => {}
+        }
+    }
+
+    /// Invariant 11: a chunk of a kept, acknowledged snapshot that garbage collection
+    /// deleted (at a holder, or swept at an owner) must still have good copies at R
+    /// distinct sites, on disks that exist.
+    pub fn check_gc_deletion(&mut self, node: usize, id: &ChunkId, how: &str) {
+        if !self.acked_chunks.contains_key(id) {
+            return;
+        }
+        let sites: std::collections::BTreeSet<usize> = self
+            .nodes
+            .iter()
+            .filter(|n| n.disk.chunks.get(id).is_some_and(|c| c.good))
+            .map(|n| n.site)
+            .collect();
+        let r = self.scenario.replication_factor;
+        if sites.len() < r {
+            self.add_violation(format!(
+                "invariant 11: node {node} deleted chunk {id:?} of a kept, acknowledged snapshot ({how}), leaving good copies at {} sites (R = {r}) at {:.2} h",
+                sites.len(),
+                self.now_us as f64 / HOUR_US as f64
+            ));
         }
     }
 
@@ -484,5 +526,81 @@ mod tests {
             "{:?}",
             world.violations
         );
+    }
+
+    #[test]
+    fn invariant_11_fires_when_a_deletion_leaves_a_kept_acknowledged_chunk_below_r() {
+        let mut run = world();
+        let world = &mut run.world;
+        let r = world.scenario.replication_factor;
+        let sites_of = |world: &World, id: &cairn_protocol::ids::ChunkId| -> Vec<usize> {
+            let mut sites: Vec<usize> = world
+                .nodes
+                .iter()
+                .filter(|n| n.disk.chunks.get(id).is_some_and(|c| c.good))
+                .map(|n| n.site)
+                .collect();
+            sites.sort_unstable();
+            sites.dedup();
+            sites
+        };
+        let id = world
+            .acked_chunks
+            .keys()
+            .copied()
+            .find(|id| sites_of(world, id).len() == r)
+            .expect("an acknowledged chunk at R sites after two hours");
+        // A deletion that leaves R sites is fine (an extra copy, say).
+        world.check_gc_deletion(0, &id, "a test");
+        assert_eq!(violations(world, "invariant 11"), 0);
+        // Every copy at one site goes: below R.
+        let site = sites_of(world, &id)[0];
+        let nodes: Vec<usize> = world.sites[site].nodes.clone();
+        for node in nodes {
+            world.remove_copy(node, &id);
+        }
+        world.check_gc_deletion(world.sites[site].nodes[0], &id, "a test");
+        assert_eq!(violations(world, "invariant 11"), 1, "{:?}", world.violations);
+        // A chunk no kept, acknowledged snapshot uses may go.
+        world.acked_chunks.remove(&id);
+        world.check_gc_deletion(0, &id, "a test");
+        assert_eq!(violations(world, "invariant 11"), 1);
+    }
+
+    #[test]
+    fn invariant_13_fires_on_a_forgotten_snapshot_acknowledged_or_brought_back() {
+        use cairn_protocol::catalog::RecordKey;
+        use cairn_protocol::engine::Event;
+        use cairn_protocol::record::{Tombstone, TOMBSTONE_VERSION};
+        let mut run = world();
+        let world = &mut run.world;
+        let node = world.sites[0].nodes[0];
+        let key = world.sites[0].key.clone();
+        let snapshot = [0x5a; 32];
+        let live = Record::sign(&key, RecordKind::Snapshot, snapshot, 1, vec![1; 8]);
+        let body = Tombstone {
+            forgotten_unix_ms: 1,
+        }
+        .encode();
+        let tombstone = Record::sign(&key, RecordKind::Snapshot, snapshot, TOMBSTONE_VERSION, body);
+        world.signed(live.clone());
+        world.signed(tombstone.clone());
+        // Before the tombstone, an acknowledgement is fine.
+        world.check_event(node, &Event::SnapshotReplicated { snapshot });
+        assert_eq!(violations(world, "invariant 13"), 0);
+        let now_ms = world.now_us / 1000;
+        let engine = world.nodes[node].engine.as_mut().expect("live");
+        engine.handle_local_record(tombstone.clone(), now_ms).expect("valid");
+        world.pump(node);
+        world.check_event(node, &Event::SnapshotReplicated { snapshot });
+        assert_eq!(violations(world, "invariant 13"), 1, "{:?}", world.violations);
+        // The live record saved over the tombstone, bypassing the catalog: an older
+        // version replacing a newer one, which invariant 9 names.
+        assert_eq!(
+            world.nodes[node].disk.records.get(&RecordKey::of(&live)),
+            Some(&tombstone)
+        );
+        world.check_saved_record(node, &live);
+        assert_eq!(violations(world, "invariant 9"), 1, "{:?}", world.violations);
     }
 }
