@@ -433,8 +433,17 @@ fn take_snapshot(world: &mut World, image: &mut Image) -> Option<usize> {
     world.pump(node);
     // O3: the commit revives what the statement in force lists of it.
     let used: BTreeSet<ChunkId> = chunks.iter().map(|c| c.id).collect();
-    gc::restate(world, node, &used);
-    world.pump(node);
+    let skip = world
+        .scenario
+        .gc
+        .as_ref()
+        .map_or(0.0, |g| g.skip_restate_chance);
+    if skip > 0.0 && world.rng.chance(skip) {
+        world.coverage.gc_restate_skipped += 1;
+    } else {
+        gc::restate(world, node, &used);
+        world.pump(node);
+    }
     image.snapshots.push(Snapshot {
         key,
         chunks,

@@ -65,6 +65,11 @@ pub struct GcSpec {
     /// The grace the owners ask holders to wait.
     #[serde(default = "default_gc_grace_hours")]
     pub grace_hours: f64,
+    /// The chance that the node that commits a snapshot does not restate the statement
+    /// at once (rule O3: it crashed between the commit and the restate), so holders that
+    /// know the snapshot see a statement without it until the next prune (rule H2).
+    #[serde(default)]
+    pub skip_restate_chance: f64,
 }
 
 fn default_gc_grace_hours() -> f64 {
