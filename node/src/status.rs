@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::units;
 
-pub use build::{build, sample_sent};
+pub use build::{build, copies_record, sample_sent};
 pub use metrics::{
     serve_metrics, METRICS_CONNECTIONS_MAX, METRICS_REQUEST_BYTES_MAX, METRICS_REQUEST_TIMEOUT_MS,
     METRICS_WRITE_TIMEOUT_MS,
@@ -104,6 +104,11 @@ pub struct ImageStatus {
     /// While below R and not moving: why, when the node can tell.
     #[serde(default)]
     pub waiting_for: Option<String>,
+    /// Set when this node cannot follow the image's copies itself (the snapshot was made
+    /// on the site's other node): the copies are those that node confirmed at R, at this
+    /// time. `null`: this node's own view.
+    #[serde(default)]
+    pub copies_acknowledged_unix_ms: Option<u64>,
 }
 
 fn yes() -> bool {
@@ -597,6 +602,7 @@ mod tests {
                     rate_bytes_per_sec: Some(4 << 20),
                     eta_ms: Some(3_600_000),
                     waiting_for: None,
+                    copies_acknowledged_unix_ms: None,
                 },
                 ImageStatus {
                     image: ImageName::new("accounting").unwrap(),
@@ -613,6 +619,7 @@ mod tests {
                     rate_bytes_per_sec: None,
                     eta_ms: None,
                     waiting_for: None,
+                    copies_acknowledged_unix_ms: None,
                 },
             ],
             peers: vec![
@@ -805,6 +812,13 @@ PEER     SITE             STATE     LAST SEEN      RTT       SENT  RECEIVED
         let mut image = sample().images[0].clone();
         image.chunks_at_target = image.chunks - 1;
         assert_eq!(percent_at_target(&image), "99.9%");
+        // 99.95% and 99.999%: floored, never rounded up to 100.
+        image.chunks = 10_000;
+        image.chunks_at_target = 9_995;
+        assert_eq!(percent_at_target(&image), "99.9%");
+        image.chunks = 100_000;
+        image.chunks_at_target = 99_999;
+        assert_eq!(at_target(&image), "99.9% of 100000 chunks");
         image.chunks_at_target = image.chunks;
         assert_eq!(percent_at_target(&image), "100.0%");
         assert_eq!(image.fraction_at_target(), 1.0);

@@ -9,6 +9,7 @@ use cairn_protocol::record::{
 };
 use cairn_protocol::token::{InviteToken, TokenError};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use thiserror::Error;
 
 use crate::datadir::random_bytes;
@@ -162,7 +163,13 @@ pub fn accept(vault: &Vault, token: &InviteToken, quota_bytes: u64) -> Result<()
         refused: None,
     };
     let entry = serde_json::to_vec(&entry).expect("partner entry serialises");
-    let mut batch = grant_batch(vault, token.inviter, quota_bytes, false)?;
+    let mut batch = grant_batch(
+        vault,
+        token.inviter,
+        &token.inviter_name,
+        quota_bytes,
+        false,
+    )?;
     batch
         .catalog
         .push(([KEY_PARTNER, &token.inviter.0].concat(), entry));
@@ -231,6 +238,7 @@ pub fn complete_invite(
     } else {
         format!("site {}", acceptor.fingerprint())
     };
+    let mut batch = grant_batch(vault, acceptor, &name, token.quota_bytes, false)?;
     let entry = PartnerEntry {
         name,
         addresses: Vec::new(),
@@ -238,7 +246,6 @@ pub fn complete_invite(
         invite: String::new(),
         refused: None,
     };
-    let mut batch = grant_batch(vault, acceptor, token.quota_bytes, false)?;
     let record = Record::decode(&batch.catalog[0].1).expect("just encoded");
     batch.catalog.push((
         [KEY_PARTNER, &acceptor.0].concat(),
@@ -259,10 +266,12 @@ fn our_grant(vault: &Vault, site: &SiteId) -> Result<Option<(Record, TrustGrant)
     Ok(Some((record, grant)))
 }
 
-/// A batch holding this site's grant to `site`, one version past the last.
+/// A batch holding this site's grant to `site`, one version past the last. The grant
+/// carries the partner's name, so the site's other nodes name it too.
 fn grant_batch(
     vault: &Vault,
     site: SiteId,
+    name: &str,
     quota_bytes: u64,
     revoked: bool,
 ) -> Result<IndexBatch, TrustError> {
@@ -271,7 +280,7 @@ fn grant_batch(
         quota_bytes,
         revoked,
     }
-    .encode();
+    .encode_named(name);
     let record = records::sign_next(vault, RecordKind::TrustGrant, site.0, body)?;
     Ok(IndexBatch {
         catalog: vec![records::entry(&record)],
@@ -315,10 +324,13 @@ pub fn set_quota(vault: &Vault, site: &SiteId, quota_bytes: u64) -> Result<(), T
             held_bytes,
         });
     }
-    vault
-        .store
-        .index()
-        .commit(grant_batch(vault, *site, quota_bytes, false)?)?;
+    vault.store.index().commit(grant_batch(
+        vault,
+        *site,
+        &partner.name,
+        quota_bytes,
+        false,
+    )?)?;
     Ok(())
 }
 
@@ -327,11 +339,11 @@ pub fn revoke(vault: &Vault, site: &SiteId) -> Result<(), TrustError> {
     if *site == vault.dir.site_id() {
         return Err(TrustError::RevokeSelf);
     }
-    known_partner(vault, site)?;
+    let partner = known_partner(vault, site)?;
     vault
         .store
         .index()
-        .commit(grant_batch(vault, *site, 0, true)?)?;
+        .commit(grant_batch(vault, *site, &partner.name, 0, true)?)?;
     Ok(())
 }
 
@@ -396,6 +408,28 @@ fn partner_site(partner: &Partner) -> Result<SiteId, TrustError> {
         .site_id
         .parse()
         .map_err(|_| TrustError::Damaged(format!("partner site id {}", partner.site_id)))
+}
+
+/// What this site calls each partner, on any of its nodes: the name this node learnt
+/// when it accepted or completed the invite, else the name in the site's grant (signed on
+/// whichever node of the site added the partner, and gossiped to the others).
+pub fn partner_names(vault: &Vault) -> Result<BTreeMap<SiteId, String>, TrustError> {
+    let own = vault.dir.site_id();
+    let mut names = BTreeMap::new();
+    for record in records::scan(vault.store.index(), &own, RecordKind::TrustGrant)? {
+        if let Ok((grant, Some(name))) = TrustGrant::decode_named(&record.body) {
+            names.insert(grant.grantee, name);
+        }
+    }
+    for (key, value) in vault.store.index().catalog_scan(KEY_PARTNER)? {
+        let Ok(site) = <[u8; 32]>::try_from(&key[KEY_PARTNER.len()..]) else {
+            continue;
+        };
+        if let Ok(entry) = serde_json::from_slice::<PartnerEntry>(&value) {
+            names.insert(SiteId(site), entry.name);
+        }
+    }
+    Ok(names)
 }
 
 pub fn partners(vault: &Vault) -> Result<Vec<Partner>, TrustError> {
@@ -471,6 +505,34 @@ mod tests {
         let invite = check_invite(vault, &invite.to_text(), 0).unwrap();
         accept(vault, &invite, 5 << 30).unwrap();
         SiteId(key.verifying_key().to_bytes())
+    }
+
+    #[test]
+    fn the_sites_other_nodes_name_a_partner_from_the_grant() {
+        let tmp = tempfile::tempdir().unwrap();
+        let vault = Vault::init(&tmp.path().join("d"), "Jones").unwrap();
+        let smith = partner(&vault, 7, "Smith IT");
+        set_quota(&vault, &smith, 6 << 30).unwrap();
+        // Another node of the site has the grant (gossiped) but not this node's entry.
+        vault
+            .store
+            .index()
+            .commit(IndexBatch {
+                removed_catalog: vec![[KEY_PARTNER, &smith.0].concat()],
+                ..IndexBatch::default()
+            })
+            .unwrap();
+        let names = partner_names(&vault).unwrap();
+        assert_eq!(names.get(&smith).map(String::as_str), Some("Smith IT"));
+        let own = vault.dir.site_id();
+        let record = records::get(vault.store.index(), &own, RecordKind::TrustGrant, &smith.0)
+            .unwrap()
+            .unwrap();
+        let (grant, name) = TrustGrant::decode_named(&record.body).unwrap();
+        assert_eq!(
+            (grant.quota_bytes, name.as_deref()),
+            (6 << 30, Some("Smith IT"))
+        );
     }
 
     #[test]

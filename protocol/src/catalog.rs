@@ -101,6 +101,15 @@ pub struct Catalog {
     /// `digests` over Snapshot records only, tombstones included: garbage collection's
     /// basis (`crate::gc`), which ties a statement to every snapshot its signer knew.
     snapshot_digests: BTreeMap<SiteId, u64>,
+    /// `digests` without the records only the author's own site sees (`site_private`):
+    /// what a partner holding all it may have of an author compares, kept up to date so a
+    /// converged round with a partner stays one u64 per author.
+    shared_digests: BTreeMap<SiteId, u64>,
+}
+
+/// Records no site but their author's may see: where its snapshots are.
+pub fn site_private(kind: RecordKind) -> bool {
+    kind == RecordKind::SnapshotCopies
 }
 
 impl Catalog {
@@ -125,6 +134,9 @@ impl Catalog {
         *self.digests.entry(record.author).or_insert(0) ^= change;
         if record.kind == RecordKind::Snapshot {
             *self.snapshot_digests.entry(record.author).or_insert(0) ^= change;
+        }
+        if !site_private(record.kind) {
+            *self.shared_digests.entry(record.author).or_insert(0) ^= change;
         }
         self.records.insert(key, record);
         if old_hash.is_some() {
@@ -169,6 +181,11 @@ impl Catalog {
         self.snapshot_digests.get(author).copied().unwrap_or(0)
     }
 
+    /// `digest` over the records of `author` that sites other than its own may see.
+    pub fn shared_digest(&self, author: &SiteId) -> u64 {
+        self.shared_digests.get(author).copied().unwrap_or(0)
+    }
+
     /// `digest` over the records of `author` that pass `keep`: what a peer that may see
     /// only those compares.
     pub fn digest_of(&self, author: SiteId, keep: impl Fn(&Record) -> bool) -> u64 {
@@ -189,6 +206,7 @@ impl Catalog {
         }
         self.digests.remove(&author);
         self.snapshot_digests.remove(&author);
+        self.shared_digests.remove(&author);
         keys.len()
     }
 
@@ -246,8 +264,11 @@ impl Catalog {
     /// `may_see` for one record, plus the grant that names `site`: a site learns what
     /// another site granted it (a quota, or a revocation), so both sides agree on whether
     /// it stores for the author. No other record of a site goes to a site it never
-    /// trusted.
+    /// trusted. Where a site's snapshots are (`SnapshotCopies`) is for its own nodes only.
     pub fn may_see_record(&self, record: &Record, site: SiteId) -> bool {
+        if site_private(record.kind) {
+            return site == record.author;
+        }
         self.may_see(record.author, site)
             || (record.kind == RecordKind::TrustGrant && record.key == site.0)
     }
@@ -314,6 +335,30 @@ mod tests {
 
     fn site(i: u8) -> SiteId {
         SiteId(key(i).verifying_key().to_bytes())
+    }
+
+    #[test]
+    fn where_a_sites_snapshots_are_is_for_its_own_nodes_and_not_in_partner_digests() {
+        let body = crate::record::SnapshotCopies {
+            acknowledged_unix_ms: 1,
+            replication_target: 2,
+            chunks: 3,
+            sites: vec![],
+        }
+        .encode();
+        let copies = Record::sign(&key(1), RecordKind::SnapshotCopies, [4; 32], 1, body);
+        let mut catalog = merged(&[grant(1, 2, 1, 10, false), grant(2, 1, 1, 10, false)]);
+        let shared_before = catalog.shared_digest(&site(1));
+        assert_eq!(shared_before, catalog.digest(&site(1)));
+        catalog.insert(copies.clone());
+        assert!(catalog.may_see_record(&copies, site(1)));
+        assert!(!catalog.may_see_record(&copies, site(2)), "a partner");
+        assert!(catalog.may_see(site(1), site(2)));
+        // A partner holding every other record of site 1 compares equal.
+        assert_eq!(catalog.shared_digest(&site(1)), shared_before);
+        assert_ne!(catalog.digest(&site(1)), shared_before);
+        catalog.remove_author(site(1));
+        assert_eq!(catalog.shared_digest(&site(1)), 0);
     }
 
     fn merged(records: &[Record]) -> Catalog {

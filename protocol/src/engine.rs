@@ -120,6 +120,17 @@ impl Default for EngineConfig {
     }
 }
 
+/// What `Engine::held_copies` knows of one held chunk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HeldCopies {
+    /// Distinct sites known to hold it, this node's first.
+    pub sites: Vec<SiteId>,
+    /// Targets at other sites that neither confirmed it nor claimed, by a sync root equal
+    /// to ours, to hold everything we both should (since a start or a placement change),
+    /// and did not say they lack it either: not known yet.
+    pub targets_unknown: usize,
+}
+
 /// A chunk as the engine knows it: whose it is, its id, and its size as a blob (the
 /// sealed bytes and the owner's signature).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -475,6 +486,41 @@ impl Engine {
             .chunks
             .get(id)
             .map(|sites| sites.iter().copied().collect())
+    }
+
+    /// Where a chunk this node holds is known to be now, for status displays: this site,
+    /// and the site of each placement target that confirmed it since placement last
+    /// changed, or whose last sync root for the owner matched ours (its claim to hold
+    /// every chunk we both should hold). A target whose sync listed the chunk's partition
+    /// without it is not counted, whatever it claimed before; one not heard from either
+    /// way is `targets_unknown`. `None` for a chunk not held here.
+    pub fn held_copies(&self, id: &ChunkId) -> Option<HeldCopies> {
+        let held = self.held.get(id)?;
+        let mut copies = HeldCopies {
+            sites: vec![self.site],
+            targets_unknown: 0,
+        };
+        for target in &held.targets {
+            let Some(site) = self.peers.get(target).map(|p| p.site) else {
+                continue;
+            };
+            if *target == self.node || site == self.site || held.lacking.contains(target) {
+                continue;
+            }
+            let claimed_all = self
+                .their_roots
+                .get(&(*target, held.owner))
+                .zip(self.pair_digests.get(&(*target, held.owner)))
+                .is_some_and(|(theirs, ours)| *theirs == replication::root_of(ours));
+            if held.confirmed.contains_key(target) || claimed_all {
+                if !copies.sites.contains(&site) {
+                    copies.sites.push(site);
+                }
+            } else {
+                copies.targets_unknown += 1;
+            }
+        }
+        Some(copies)
     }
 
     /// True while a snapshot waits for some chunk to reach R sites.

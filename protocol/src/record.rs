@@ -44,6 +44,10 @@ pub enum RecordKind {
     /// batches of chunk ids in force and the snapshot digest they were computed from.
     /// Key: all zeros (one per site).
     GcStatement = 5,
+    /// Where a snapshot's chunks were when the node that made it saw every one at R sites
+    /// (`SnapshotCopies`), so the site's other nodes can show it. Only the author's own
+    /// site sees it (`Catalog::may_see_record`). Key: the snapshot's record key.
+    SnapshotCopies = 6,
 }
 
 impl RecordKind {
@@ -54,6 +58,7 @@ impl RecordKind {
             3 => Some(RecordKind::WrappedKeys),
             4 => Some(RecordKind::Snapshot),
             5 => Some(RecordKind::GcStatement),
+            6 => Some(RecordKind::SnapshotCopies),
             _ => None,
         }
     }
@@ -260,6 +265,9 @@ fn validate_signed(record: &Record, trust: &impl TrustView) -> Result<(), Record
                     "a gc statement must use the all-zero key".into(),
                 ));
             }
+        }
+        RecordKind::SnapshotCopies => {
+            SnapshotCopies::decode(&record.body)?;
         }
     }
     Ok(())
@@ -469,6 +477,15 @@ impl NodeCert {
 
 /// Body of a `TrustGrant` record: the author stores for `grantee` up to `quota_bytes`,
 /// unless `revoked`.
+///
+/// ```text
+/// [32] grantee | u64 quota | u8 revoked | optional: u16 + the grantee's name
+/// ```
+///
+/// The name is what the author calls the grantee (learnt from its invite, or from its
+/// completion), so every node of the author's site names the partner alike, also one
+/// that joined the site after the partner was added. Grants signed before it existed end
+/// after `revoked`; a build from before it refuses a grant that carries one.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TrustGrant {
     pub grantee: SiteId,
@@ -478,13 +495,33 @@ pub struct TrustGrant {
 
 impl TrustGrant {
     pub fn encode(&self) -> Vec<u8> {
+        self.writer().finish()
+    }
+
+    /// `encode`, with the grantee's name after the grant (left out when it is not a
+    /// valid name).
+    pub fn encode_named(&self, grantee_name: &str) -> Vec<u8> {
+        let mut w = self.writer();
+        if is_valid_name(grantee_name) {
+            put_name(&mut w, grantee_name);
+        }
+        w.finish()
+    }
+
+    fn writer(&self) -> Writer {
         let mut w = Writer::default();
         w.array(&self.grantee.0);
         w.u64(self.quota_bytes);
         w.u8(u8::from(self.revoked));
-        w.finish()
+        w
     }
+
     pub fn decode(bytes: &[u8]) -> Result<TrustGrant, DecodeError> {
+        Ok(TrustGrant::decode_named(bytes)?.0)
+    }
+
+    /// The grant and the grantee's name, when the grant carries one.
+    pub fn decode_named(bytes: &[u8]) -> Result<(TrustGrant, Option<String>), DecodeError> {
         let mut r = Reader::new(bytes);
         let grantee = SiteId(r.array()?);
         let quota_bytes = r.u64()?;
@@ -498,11 +535,98 @@ impl TrustGrant {
                 })
             }
         };
+        let name = if r.remaining() > 0 {
+            Some(get_name(&mut r, "partner name")?)
+        } else {
+            None
+        };
         r.finish()?;
-        Ok(TrustGrant {
+        let grant = TrustGrant {
             grantee,
             quota_bytes,
             revoked,
+        };
+        Ok((grant, name))
+    }
+}
+
+/// Sites one `SnapshotCopies` record names (R is rarely past 5).
+pub const SNAPSHOT_COPIES_SITES_MAX: usize = 64;
+const SNAPSHOT_COPIES_FORMAT: u8 = 1;
+
+/// Body of a `SnapshotCopies` record: when the node that made a snapshot saw each of its
+/// `chunks` at `replication_target` sites or more, and how many of them, of how many
+/// sealed bytes, each site held then.
+///
+/// ```text
+/// u8 format (1) | u64 acknowledged at (unix ms) | u32 R | u64 chunks
+/// | u8 count, then per site: [32] site id | u64 chunks | u64 bytes
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotCopies {
+    pub acknowledged_unix_ms: u64,
+    pub replication_target: u32,
+    pub chunks: u64,
+    pub sites: Vec<SiteCopyCount>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SiteCopyCount {
+    pub site: SiteId,
+    pub chunks: u64,
+    pub bytes: u64,
+}
+
+impl SnapshotCopies {
+    pub fn encode(&self) -> Vec<u8> {
+        assert!(
+            self.sites.len() <= SNAPSHOT_COPIES_SITES_MAX,
+            "callers bound the sites"
+        );
+        let mut w = Writer::default();
+        w.u8(SNAPSHOT_COPIES_FORMAT);
+        w.u64(self.acknowledged_unix_ms);
+        w.u32(self.replication_target);
+        w.u64(self.chunks);
+        w.u8(self.sites.len() as u8);
+        for site in &self.sites {
+            w.array(&site.site.0);
+            w.u64(site.chunks);
+            w.u64(site.bytes);
+        }
+        let bytes = w.finish();
+        debug_assert_eq!(SnapshotCopies::decode(&bytes).as_ref(), Ok(self));
+        bytes
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<SnapshotCopies, DecodeError> {
+        let mut r = Reader::new(bytes);
+        r.version("snapshot copies", SNAPSHOT_COPIES_FORMAT)?;
+        let acknowledged_unix_ms = r.u64()?;
+        let replication_target = r.u32()?;
+        let chunks = r.u64()?;
+        let n_sites = usize::from(r.u8()?);
+        if n_sites > SNAPSHOT_COPIES_SITES_MAX {
+            return Err(DecodeError::TooMany {
+                what: "sites in snapshot copies",
+                count: n_sites as u64,
+                max: SNAPSHOT_COPIES_SITES_MAX as u64,
+            });
+        }
+        let mut sites = Vec::with_capacity(n_sites);
+        for _ in 0..n_sites {
+            sites.push(SiteCopyCount {
+                site: SiteId(r.array()?),
+                chunks: r.u64()?,
+                bytes: r.u64()?,
+            });
+        }
+        r.finish()?;
+        Ok(SnapshotCopies {
+            acknowledged_unix_ms,
+            replication_target,
+            chunks,
+            sites,
         })
     }
 }
@@ -606,7 +730,53 @@ mod tests {
         SiteId(key.verifying_key().to_bytes())
     }
 
+    #[test]
+    fn a_grant_carries_the_partners_name_and_one_without_still_reads() {
+        let grant = TrustGrant {
+            grantee: SiteId([3; 32]),
+            quota_bytes: 5 << 30,
+            revoked: false,
+        };
+        let old = grant.encode();
+        assert_eq!(TrustGrant::decode_named(&old), Ok((grant.clone(), None)));
+        let named = grant.encode_named("Smith IT");
+        assert_eq!(
+            TrustGrant::decode_named(&named),
+            Ok((grant.clone(), Some("Smith IT".into())))
+        );
+        assert_eq!(TrustGrant::decode(&named), Ok(grant.clone()));
+        // Not a name: left out rather than signed.
+        assert_eq!(grant.encode_named("bad\nname"), old);
+        let record = Record::sign(&key(1), RecordKind::TrustGrant, [3; 32], 1, named.clone());
+        assert_eq!(validate(&record, &TrustAll), Ok(()));
+        let mut garbage = named;
+        garbage.push(0);
+        assert!(TrustGrant::decode_named(&garbage).is_err());
+    }
+
     proptest! {
+        #[test]
+        fn snapshot_copies_round_trip(at: u64, r: u32, chunks: u64, n_sites in 0usize..8, seed: u8) {
+            let copies = SnapshotCopies {
+                acknowledged_unix_ms: at,
+                replication_target: r,
+                chunks,
+                sites: (0..n_sites)
+                    .map(|i| SiteCopyCount {
+                        site: SiteId([seed.wrapping_add(i as u8); 32]),
+                        chunks: chunks / (i as u64 + 1),
+                        bytes: at / (i as u64 + 1),
+                    })
+                    .collect(),
+            };
+            let bytes = copies.encode();
+            prop_assert_eq!(SnapshotCopies::decode(&bytes), Ok(copies.clone()));
+            let record = Record::sign(&key(seed), RecordKind::SnapshotCopies, [seed; 32], 1, bytes.clone());
+            prop_assert!(validate(&record, &TrustAll).is_ok());
+            let truncated = Record::sign(&key(seed), RecordKind::SnapshotCopies, [seed; 32], 1, bytes[..bytes.len() - 1].to_vec());
+            prop_assert!(validate(&truncated, &TrustAll).is_err());
+        }
+
         #[test]
         fn records_round_trip_and_verify(version: u64, quota: u64, revoked: bool, seed: u8) {
             let record = grant(&key(seed), site(&key(seed.wrapping_add(1))), version, quota, revoked);

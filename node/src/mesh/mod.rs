@@ -546,6 +546,7 @@ impl Node {
                     catalog: vec![([KEY_ACKED, &snapshot].concat(), now.to_le_bytes().to_vec())],
                     ..IndexBatch::default()
                 });
+                self.publish_copies(snapshot, now);
             }
             Event::Fetched {
                 owner,

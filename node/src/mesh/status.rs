@@ -3,25 +3,61 @@
 use super::*;
 
 impl Node {
-    /// Where each chunk of this site's tracked snapshots is, as the engine knows it:
-    /// placement targets once a snapshot is confirmed, else the sites confirmed so far.
+    /// Where each chunk of this site's tracked snapshots is, as the engine knows it: the
+    /// sites confirmed so far while a snapshot waits for R; once a chunk reached R, the
+    /// sites that hold it now as far as this node can tell (`Engine::held_copies`: a
+    /// partner that lost it is not counted), or nothing ("checking") while a target has
+    /// not been heard from since a start; for a chunk this node no longer holds (its
+    /// site's other node does), the placement targets it was confirmed at.
     pub(super) fn copies(&self) -> HashMap<ChunkId, Vec<SiteId>> {
         let own = self.vault.dir.site_id();
+        let r = self.engine.config().replication_factor;
         let mut copies = HashMap::new();
         for (snapshot, chunks) in &self.snapshot_chunks {
+            let reached = self.engine.snapshot_pending(snapshot) || self.acked.contains(snapshot);
             for id in chunks {
                 let sites = match self.engine.chunk_below_r(snapshot, id) {
                     Some(sites) => sites,
-                    None if self.engine.snapshot_pending(snapshot) => {
-                        self.engine.target_sites(&own, id)
-                    }
-                    None if self.acked.contains(snapshot) => self.engine.target_sites(&own, id),
-                    None => vec![own],
+                    None if !reached => vec![own],
+                    None => match self.engine.held_copies(id) {
+                        Some(held) if held.targets_unknown == 0 || held.sites.len() >= r => {
+                            held.sites
+                        }
+                        Some(_) => continue,
+                        None => self.engine.target_sites(&own, id),
+                    },
                 };
                 copies.insert(*id, sites);
             }
         }
         copies
+    }
+
+    /// Signs where a snapshot made here is now that every chunk reached R (a
+    /// `SnapshotCopies` record) and hands it to the engine, which gossips it to this site's
+    /// other nodes only: their `cairn status` shows it for a snapshot they cannot follow.
+    pub(super) fn publish_copies(&mut self, snapshot: [u8; 32], now: u64) {
+        let Some(ids) = self.snapshot_chunks.get(&snapshot) else {
+            return;
+        };
+        let own = self.vault.dir.site_id();
+        let sizes: HashMap<ChunkId, u64> = self
+            .engine
+            .held()
+            .map(|chunk| (chunk.id, chunk.size_bytes))
+            .collect();
+        let chunks: Vec<(u64, Vec<SiteId>)> = ids
+            .iter()
+            .map(|id| {
+                let size = sizes.get(id).copied().unwrap_or(0);
+                (size, self.engine.target_sites(&own, id))
+            })
+            .collect();
+        let r = self.engine.config().replication_factor as u32;
+        match crate::status::copies_record(&self.vault, snapshot, r, &chunks, now) {
+            Ok(record) => self.local_records(vec![record]),
+            Err(e) => warn!("cannot record where snapshot {} is: {e}", hex8(&snapshot)),
+        }
     }
 
     /// Keeps `cairn trust list`'s "they hold for us" current: this site's bytes at each

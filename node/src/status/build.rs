@@ -1,6 +1,11 @@
 //! Fills a `NodeStatus` from the mesh loop's picture and the vault: what each image's
 //! chunks are, where the mesh knows them to be, and how fast they are getting to R.
 //!
+//! A snapshot made on another node of the site is followed by that node; this one shows
+//! what that node signed when the snapshot reached R (a `SnapshotCopies` record, gossiped
+//! only inside the site) for as long as it cannot tell more itself. Partners are named
+//! as the site's grants name them, so every node of the site names them alike.
+//!
 //! The rate is measured here, from the bytes this node sent to peers between two looks
 //! (`RATE_WINDOW_MS` apart at most); the node's loop looks periodically, so the first
 //! `cairn status` after a start already has a figure once the loop ran a while.
@@ -11,11 +16,16 @@ use std::sync::Mutex;
 use cairn_protocol::engine::PeerState;
 use cairn_protocol::identity::SiteId;
 use cairn_protocol::manifest::ManifestWalk;
+use cairn_protocol::record::{
+    Record, RecordKind, SiteCopyCount, SnapshotCopies, SNAPSHOT_COPIES_SITES_MAX,
+};
 use cairn_protocol::seal::Opener;
 use cairn_protocol::{ChunkId, Extent, SnapshotRecord};
 
 use super::{ImageStatus, NodeStatus, PartnerHeld, PeerStatus, SiteCopies, SnapshotSummary};
 use crate::mesh::MeshStatus;
+use crate::records;
+use crate::store::{IndexBatch, StoreError};
 use crate::units::now_unix_ms;
 use crate::vault::{Vault, VaultError};
 
@@ -142,6 +152,7 @@ fn image_status(
         rate_bytes_per_sec: None,
         eta_ms: None,
         waiting_for: None,
+        copies_acknowledged_unix_ms: None,
     };
     let mut per_site: BTreeMap<SiteId, (u64, u64)> = BTreeMap::new();
     for (id, size_bytes) in &chunks {
@@ -176,12 +187,102 @@ fn image_status(
     image
 }
 
+/// Signs and stores where a snapshot's chunks are as it reaches R: for each chunk its
+/// sealed size and the sites holding it. The caller hands the record to the engine.
+pub fn copies_record(
+    vault: &Vault,
+    snapshot_key: [u8; 32],
+    replication_target: u32,
+    chunks: &[(u64, Vec<SiteId>)],
+    now_unix_ms: u64,
+) -> Result<Record, StoreError> {
+    let mut per_site: BTreeMap<SiteId, (u64, u64)> = BTreeMap::new();
+    for (size_bytes, sites) in chunks {
+        for site in sites {
+            let entry = per_site.entry(*site).or_default();
+            entry.0 += 1;
+            entry.1 += size_bytes;
+        }
+    }
+    let body = SnapshotCopies {
+        acknowledged_unix_ms: now_unix_ms,
+        replication_target,
+        chunks: chunks.len() as u64,
+        sites: per_site
+            .into_iter()
+            .take(SNAPSHOT_COPIES_SITES_MAX)
+            .map(|(site, (chunks, bytes))| SiteCopyCount {
+                site,
+                chunks,
+                bytes,
+            })
+            .collect(),
+    };
+    let record = records::sign_next(
+        vault,
+        RecordKind::SnapshotCopies,
+        snapshot_key,
+        body.encode(),
+    )?;
+    vault.store.index().commit(IndexBatch {
+        catalog: vec![records::entry(&record)],
+        ..IndexBatch::default()
+    })?;
+    Ok(record)
+}
+
+/// An image whose copies this node cannot tell (made on the site's other node) from
+/// what that node signed when it reached R, if it did.
+fn from_copies_record(
+    vault: &Vault,
+    image: &mut ImageStatus,
+    snapshot: &SnapshotRecord,
+    name_of: &dyn Fn(&SiteId) -> String,
+) {
+    let key = records::snapshot_key(&snapshot.id);
+    let own = vault.dir.site_id();
+    let Ok(Some(record)) =
+        records::get(vault.store.index(), &own, RecordKind::SnapshotCopies, &key)
+    else {
+        return;
+    };
+    let Ok(copies) = SnapshotCopies::decode(&record.body) else {
+        return;
+    };
+    let r = u64::from(copies.replication_target);
+    let bytes_at = |site: &SiteCopyCount| site.bytes;
+    // Each chunk's bytes once: the most any site holds of them (the owner's site holds
+    // them all).
+    let bytes = copies.sites.iter().map(bytes_at).max().unwrap_or(0);
+    image.replication_target = copies.replication_target;
+    image.chunks = copies.chunks;
+    image.chunks_at_target = copies.chunks;
+    image.chunks_checking = 0;
+    image.under_replicated_bytes = 0;
+    image.copy_bytes_target = bytes * r;
+    image.copy_bytes_done = bytes * r;
+    image.copies = copies
+        .sites
+        .iter()
+        .map(|site| SiteCopies {
+            site_id: site.site,
+            site_name: name_of(&site.site),
+            chunks: site.chunks,
+            bytes: site.bytes,
+        })
+        .collect();
+    image.copies_acknowledged_unix_ms = Some(copies.acknowledged_unix_ms);
+}
+
 /// The node's status: the mesh loop's picture plus the vault's images.
 pub fn build(vault: &Vault, m: &MeshStatus) -> Result<NodeStatus, VaultError> {
     let own = vault.dir.site_id();
+    // Names this node learnt itself first, then those the site's grants carry.
+    let granted = crate::trust::partner_names(vault).unwrap_or_default();
     let name_of = |site: &SiteId| {
         m.site_names
             .get(site)
+            .or_else(|| granted.get(site))
             .cloned()
             .unwrap_or_else(|| format!("site {}", site.fingerprint()))
     };
@@ -225,6 +326,9 @@ pub fn build(vault: &Vault, m: &MeshStatus) -> Result<NodeStatus, VaultError> {
     let waiting = waiting_for(m, m.replication_factor, &name_of);
     for snapshot in latest.into_values() {
         let mut image = image_status(vault, m, &snapshot, &name_of);
+        if image.chunks_checking > 0 || !image.chunk_list_complete {
+            from_copies_record(vault, &mut image, &snapshot, &name_of);
+        }
         if image.copy_bytes_done < image.copy_bytes_target {
             image.rate_bytes_per_sec = rate;
             image.eta_ms = rate.filter(|r| *r > 0).map(|r| {
@@ -260,6 +364,61 @@ pub fn build(vault: &Vault, m: &MeshStatus) -> Result<NodeStatus, VaultError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_snapshot_made_on_the_sites_other_node_shows_the_copies_it_signed_at_r() {
+        let tmp = tempfile::tempdir().unwrap();
+        let vault = Vault::init(&tmp.path().join("d"), "Jones").unwrap();
+        let own = vault.dir.site_id();
+        let partner = SiteId([7; 32]);
+        let snapshot = SnapshotRecord {
+            id: cairn_protocol::SnapshotId([5; 16]),
+            time_unix_ms: 1_000,
+            size_bytes: 8 << 20,
+            root: ChunkId([1; 32]),
+            image: cairn_protocol::ImageName::new("fs").unwrap(),
+        };
+        let name_of = |site: &SiteId| format!("{site:?}");
+        let checking = |vault: &Vault| {
+            let mut image = image_status(vault, &MeshStatus::default(), &snapshot, &name_of);
+            from_copies_record(vault, &mut image, &snapshot, &name_of);
+            image
+        };
+        // Before: nothing of the snapshot is here and nothing says where it is.
+        let image = checking(&vault);
+        assert!(!image.chunk_list_complete);
+        assert_eq!(image.chunks_checking, image.chunks, "only the root, unread");
+        assert_eq!(
+            (image.chunks_at_target, image.copies_acknowledged_unix_ms),
+            (0, None)
+        );
+        // The other node saw its 3 chunks at R = 2: each at this site and the partner's.
+        let key = records::snapshot_key(&snapshot.id);
+        let chunks = [
+            (100, vec![own, partner]),
+            (200, vec![own, partner]),
+            (50, vec![own, partner]),
+        ];
+        copies_record(&vault, key, 2, &chunks, 9_000).unwrap();
+        let image = checking(&vault);
+        assert_eq!(image.chunks, 3);
+        assert_eq!(image.chunks_at_target, 3);
+        assert_eq!(image.chunks_checking, 0);
+        assert_eq!(image.copies_acknowledged_unix_ms, Some(9_000));
+        assert_eq!(image.copy_bytes_target, 700);
+        assert_eq!(image.copy_bytes_done, 700);
+        let copies: Vec<(SiteId, u64, u64)> = image
+            .copies
+            .iter()
+            .map(|c| (c.site_id, c.chunks, c.bytes))
+            .collect();
+        let mut expected = vec![(own, 3, 350), (partner, 3, 350)];
+        expected.sort();
+        assert_eq!(copies, expected);
+        // Signed again later (a new version), it still reads.
+        copies_record(&vault, key, 2, &chunks[..2], 10_000).unwrap();
+        assert_eq!(checking(&vault).chunks, 2);
+    }
 
     #[test]
     fn the_rate_is_bytes_over_the_window_and_restarts_with_the_counter() {

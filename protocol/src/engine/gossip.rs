@@ -52,14 +52,20 @@ impl Engine {
     /// The digest of `author`'s records that `site` may get from this node.
     fn digest_for(&self, author: SiteId, site: SiteId) -> u64 {
         if self.relays_all_to(author, site) {
-            return self.catalog.digest(&author);
+            return if site == author || site == self.site {
+                self.catalog.digest(&author)
+            } else {
+                self.catalog.shared_digest(&author)
+            };
         }
         self.catalog
             .digest_of(author, |record| self.relays_to(record, site))
     }
 
-    /// True when every record of `author` passes `relays_to(_, site)`: the common case,
-    /// which keeps a converged round at one kept-up-to-date u64 per author.
+    /// True when every record of `author` passes `relays_to(_, site)`, but those only the
+    /// author's own site sees (`catalog::site_private`), which `site` never gets from
+    /// anyone: the common case, which keeps a converged round at one kept-up-to-date u64
+    /// per author.
     fn relays_all_to(&self, author: SiteId, site: SiteId) -> bool {
         let ours = author == self.site || self.catalog.may_see(author, self.site);
         ours && (site == self.site || self.catalog.may_see(author, site))

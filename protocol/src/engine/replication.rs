@@ -45,6 +45,9 @@ pub(super) struct Held {
     /// a snapshot at R, or a trim) only while that digest equals this node's own
     /// (`Engine::counts`, rule H5).
     pub confirmed: BTreeMap<NodeId, u64>,
+    /// Targets whose sync listed the chunk's partition without it, since they last
+    /// confirmed it: what status counts as missing there rather than unknown.
+    pub lacking: BTreeSet<NodeId>,
     /// When this node last offered the chunk to anyone.
     pub offered_at_ms: Option<u64>,
 }
@@ -182,6 +185,7 @@ impl Engine {
                 targets: Vec::new(),
                 excess_since_ms: None,
                 confirmed: BTreeMap::new(),
+                lacking: BTreeSet::new(),
                 offered_at_ms: None,
             },
         );
@@ -312,6 +316,7 @@ impl Engine {
         let held = self.held.get_mut(&id).expect("looked up above");
         held.targets = targets.clone();
         held.confirmed.clear();
+        held.lacking.clear();
         if in_place {
             held.excess_since_ms = None;
             if !frozen {
@@ -676,6 +681,12 @@ impl Engine {
         // holders repairing the same target do not both send it.
         for id in &mine {
             if !theirs.contains(id) {
+                // It lacks the chunk now, whatever it confirmed before (a lost pack):
+                // status must not count it there until it confirms again.
+                if let Some(held) = self.held.get_mut(id) {
+                    held.confirmed.remove(&from);
+                    held.lacking.insert(from);
+                }
                 self.offer(from, owner, *id);
             }
         }
@@ -857,6 +868,7 @@ impl Engine {
             if held.targets.contains(&node) {
                 held.confirmed.insert(node, basis);
             }
+            held.lacking.remove(&node);
             if !current {
                 held.offered_at_ms = None;
             }

@@ -806,6 +806,69 @@ fn a_holder_that_lost_a_chunk_fails_its_audit_and_gets_the_chunk_back() {
     assert!(!net.nodes[0].engine.is_excluded(&node_id(1)));
 }
 
+#[test]
+fn a_holder_whose_sync_lacks_a_chunk_no_longer_counts_as_holding_it() {
+    // Audits off: only the sync can tell node 0 that node 1 lost something.
+    let mut net = Net::with_configs(2, |_| EngineConfig {
+        audit_interval_ms: u64::MAX / 4,
+        ..test_config()
+    });
+    let chunks = net.backup(0, 8, 5);
+    net.run_for(30_000);
+    let (site0, site1) = (net.sites[0].id, net.sites[1].id);
+    for chunk in &chunks {
+        let copies = net.nodes[0].engine.held_copies(&chunk.id).unwrap();
+        assert_eq!(
+            copies.sites,
+            vec![site0, site1],
+            "confirmed by its push ack"
+        );
+        assert_eq!(copies.targets_unknown, 0);
+    }
+    // Node 1 lost one chunk (a pack gone in a restart) and lists its partition without it.
+    let lost = chunks[3].id;
+    let partition = partition_of(&lost);
+    let still_held: Vec<ChunkId> = chunks
+        .iter()
+        .map(|c| c.id)
+        .filter(|id| partition_of(id) == partition && *id != lost)
+        .collect();
+    net.send(
+        1,
+        0,
+        Message::SyncIds {
+            owner: site0,
+            partition: partition as u16,
+            ids: still_held.clone(),
+            reply: false,
+            basis: net.nodes[1].engine.catalog().snapshot_digest(&site0),
+        },
+    );
+    let copies = net.nodes[0].engine.held_copies(&lost).unwrap();
+    assert_eq!(copies.sites, vec![site0], "site 1 said it lacks it");
+    for id in &still_held {
+        let copies = net.nodes[0].engine.held_copies(id).unwrap();
+        assert_eq!(copies.sites, vec![site0, site1]);
+    }
+    // Once its sync lists the chunk again (repaired), site 1 counts again.
+    let mut repaired = still_held;
+    repaired.push(lost);
+    net.send(
+        1,
+        0,
+        Message::SyncIds {
+            owner: site0,
+            partition: partition as u16,
+            ids: repaired,
+            reply: false,
+            basis: net.nodes[1].engine.catalog().snapshot_digest(&site0),
+        },
+    );
+    let copies = net.nodes[0].engine.held_copies(&lost).unwrap();
+    assert_eq!(copies.sites, vec![site0, site1]);
+    assert!(net.nodes[0].engine.held_copies(&ChunkId([7; 32])).is_none());
+}
+
 /// Every site backs up, so every pair of sites shares chunks and audits each other.
 fn three_sites_backing_up(hostile: Hostile) -> (Net, Vec<ChunkRef>) {
     let mut net = Net::new(3, test_config());
