@@ -128,7 +128,10 @@ impl Run {
             let Some(&(image, idx)) = self.snapshot_index.get(&record.key) else {
                 continue;
             };
-            let ids = self.images[image].snapshots[idx].chunks.iter().map(|c| c.id);
+            let ids = self.images[image].snapshots[idx]
+                .chunks
+                .iter()
+                .map(|c| c.id);
             if record.is_tombstone() {
                 forgotten.extend(ids);
             } else {
@@ -142,7 +145,11 @@ impl Run {
             .filter(|(_, c)| c.owner == owner)
             .map(|(id, _)| *id)
             .collect();
-        let swept: Vec<ChunkId> = local.iter().filter(|id| !live.contains(*id)).copied().collect();
+        let swept: Vec<ChunkId> = local
+            .iter()
+            .filter(|id| !live.contains(*id))
+            .copied()
+            .collect();
         let dead = gc::dead(local, forgotten, &live);
         // What the batches in force list already is not listed again.
         let statement = engine.gc_statement(&owner);
@@ -181,7 +188,8 @@ impl Run {
         // Sweep: this node's own copies no kept snapshot it knows uses.
         for id in &swept {
             if self.world.remove_copy(node, id).is_some() {
-                self.world.check_gc_deletion(node, id, "swept by its site's prune");
+                self.world
+                    .check_gc_deletion(node, id, "swept by its site's prune");
                 self.world.coverage.gc_swept += 1;
             }
         }
@@ -286,7 +294,10 @@ pub(super) fn restate(world: &mut World, node: usize, used: &BTreeSet<ChunkId>) 
         batches.push(batch);
     }
     if batches.len() != statement.batches.len()
-        || batches.iter().zip(&statement.batches).any(|(a, b)| a.id != b.id)
+        || batches
+            .iter()
+            .zip(&statement.batches)
+            .any(|(a, b)| a.id != b.id)
     {
         world.coverage.gc_revived_batches += 1;
     }

@@ -38,7 +38,12 @@ impl Run {
         for k in 0..self.images.len() {
             let image_idx = (self.next_drill_image + k) % self.images.len();
             let image = &self.images[image_idx];
-            let Some(snapshot) = image.snapshots.iter().rev().find(|s| s.acked_us.is_some() && s.forgotten_us.is_none()) else {
+            let Some(snapshot) = image
+                .snapshots
+                .iter()
+                .rev()
+                .find(|s| s.acked_us.is_some() && s.forgotten_us.is_none())
+            else {
                 continue;
             };
             let nodes: Vec<usize> = self

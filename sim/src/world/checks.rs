@@ -105,7 +105,10 @@ impl World {
             // Invariant 13: a forgotten snapshot is never acknowledged once the engine
             // holds its tombstone (a live record replacing the tombstone is invariant 9).
             Event::SnapshotReplicated { snapshot } => {
-                let engine = self.nodes[node].engine.as_ref().expect("an engine reported it");
+                let engine = self.nodes[node]
+                    .engine
+                    .as_ref()
+                    .expect("an engine reported it");
                 let key = RecordKey {
                     author: engine.site(),
                     kind: RecordKind::Snapshot,
@@ -560,7 +563,12 @@ mod tests {
             world.remove_copy(node, &id);
         }
         world.check_gc_deletion(world.sites[site].nodes[0], &id, "a test");
-        assert_eq!(violations(world, "invariant 11"), 1, "{:?}", world.violations);
+        assert_eq!(
+            violations(world, "invariant 11"),
+            1,
+            "{:?}",
+            world.violations
+        );
         // A chunk no kept, acknowledged snapshot uses may go.
         world.acked_chunks.remove(&id);
         world.check_gc_deletion(0, &id, "a test");
@@ -582,7 +590,13 @@ mod tests {
             forgotten_unix_ms: 1,
         }
         .encode();
-        let tombstone = Record::sign(&key, RecordKind::Snapshot, snapshot, TOMBSTONE_VERSION, body);
+        let tombstone = Record::sign(
+            &key,
+            RecordKind::Snapshot,
+            snapshot,
+            TOMBSTONE_VERSION,
+            body,
+        );
         world.signed(live.clone());
         world.signed(tombstone.clone());
         // Before the tombstone, an acknowledgement is fine.
@@ -590,10 +604,17 @@ mod tests {
         assert_eq!(violations(world, "invariant 13"), 0);
         let now_ms = world.now_us / 1000;
         let engine = world.nodes[node].engine.as_mut().expect("live");
-        engine.handle_local_record(tombstone.clone(), now_ms).expect("valid");
+        engine
+            .handle_local_record(tombstone.clone(), now_ms)
+            .expect("valid");
         world.pump(node);
         world.check_event(node, &Event::SnapshotReplicated { snapshot });
-        assert_eq!(violations(world, "invariant 13"), 1, "{:?}", world.violations);
+        assert_eq!(
+            violations(world, "invariant 13"),
+            1,
+            "{:?}",
+            world.violations
+        );
         // The live record saved over the tombstone, bypassing the catalog: an older
         // version replacing a newer one, which invariant 9 names.
         assert_eq!(
@@ -601,6 +622,11 @@ mod tests {
             Some(&tombstone)
         );
         world.check_saved_record(node, &live);
-        assert_eq!(violations(world, "invariant 9"), 1, "{:?}", world.violations);
+        assert_eq!(
+            violations(world, "invariant 9"),
+            1,
+            "{:?}",
+            world.violations
+        );
     }
 }
