@@ -89,6 +89,10 @@ counters! {
     /// chunks swept at owners and collected at holders; copies of garbage left at
     /// partners at rest.
     false gc_forgotten,
+    /// Newest acknowledged snapshots forgotten by hand (`forget_newest_every`).
+    false gc_forgot_newest,
+    /// Chunks a backup used while the statement in force listed them.
+    false gc_dedup_of_listed,
     false gc_prunes,
     false gc_statements,
     false gc_revived_batches,

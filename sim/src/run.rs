@@ -69,6 +69,9 @@ pub struct Image {
     pub change: f64,
     pub every_us: u64,
     pub snapshots: Vec<Snapshot>,
+    /// The count of acknowledged snapshots at which the newest was last forgotten by
+    /// hand (`forget_newest_every`).
+    pub forgot_newest_at: usize,
     rng: Rng,
     generation: u64,
 }
@@ -90,6 +93,7 @@ impl Image {
             change: spec.change_per_snapshot,
             every_us: hours_us(spec.snapshot_every_hours),
             snapshots: Vec::new(),
+            forgot_newest_at: 0,
             rng: rng.fork(),
             generation: 0,
         };
@@ -433,6 +437,7 @@ fn take_snapshot(world: &mut World, image: &mut Image) -> Option<usize> {
     world.pump(node);
     // O3: the commit revives what the statement in force lists of it.
     let used: BTreeSet<ChunkId> = chunks.iter().map(|c| c.id).collect();
+    gc::count_dedup_of_listed(world, node, &used);
     let skip = world
         .scenario
         .gc

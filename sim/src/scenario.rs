@@ -130,6 +130,11 @@ pub struct ImageSpec {
     /// keeps snapshots not yet at R besides). Absent: nothing is forgotten.
     #[serde(default)]
     pub keep_last: Option<u32>,
+    /// Every this many acknowledged snapshots, the site forgets its newest acknowledged
+    /// one by hand (`cairn forget IMAGE@SNAPSHOT`) while an older one is kept: the next
+    /// backup then dedups against chunks the next prune lists as garbage.
+    #[serde(default)]
+    pub forget_newest_every: Option<u32>,
 }
 
 fn default_change() -> f64 {

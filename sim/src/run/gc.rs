@@ -31,10 +31,29 @@ use crate::world::{hours_us, World, HOUR_US};
 impl Run {
     /// O1: the image's policy, applied now.
     pub(super) fn apply_policy(&mut self, image_idx: usize) {
-        let Some(keep_last) = self.world.scenario.images[image_idx].keep_last else {
+        let spec = &self.world.scenario.images[image_idx];
+        let (keep_last, forget_newest_every) = (spec.keep_last, spec.forget_newest_every);
+        let Some(keep_last) = keep_last else {
             return;
         };
         let image = &self.images[image_idx];
+        let site = image.site;
+        // By hand: the newest acknowledged snapshot, while an older one is kept.
+        let acked: Vec<[u8; 32]> = image
+            .snapshots
+            .iter()
+            .filter(|s| s.acked_us.is_some() && s.forgotten_us.is_none())
+            .map(|s| s.key)
+            .collect();
+        let n_acked = image.snapshots.iter().filter(|s| s.acked_us.is_some()).count();
+        let by_hand = forget_newest_every
+            .filter(|every| {
+                *every > 0
+                    && n_acked.is_multiple_of(*every as usize)
+                    && n_acked > image.forgot_newest_at
+                    && acked.len() >= 2
+            })
+            .and_then(|_| acked.last().copied());
         let candidates: Vec<Candidate> = image
             .snapshots
             .iter()
@@ -51,7 +70,7 @@ impl Run {
             ..Policy::default()
         };
         let decisions = retention::decide(&policy, &candidates).expect("keep_last is a policy");
-        let forget: Vec<[u8; 32]> = decisions
+        let mut forget: Vec<[u8; 32]> = decisions
             .iter()
             .filter(|d| !d.keep())
             .map(|d| {
@@ -60,13 +79,19 @@ impl Run {
                 key
             })
             .collect();
+        if let Some(key) = by_hand.filter(|k| !forget.contains(k)) {
+            forget.push(key);
+        }
         if forget.is_empty() {
             return;
         }
-        let site = image.site;
         let Some(node) = honest_live_node(&self.world, site, 0) else {
             return; // nobody at the office: it forgets later
         };
+        if forget.last() == by_hand.as_ref() {
+            self.images[image_idx].forgot_newest_at = n_acked;
+            self.world.coverage.gc_forgot_newest += 1;
+        }
         let key = self.world.sites[site].key.clone();
         let now_us = self.world.now_us;
         for snapshot_key in forget {
@@ -302,6 +327,24 @@ pub(super) fn restate(world: &mut World, node: usize, used: &BTreeSet<ChunkId>) 
         world.coverage.gc_revived_batches += 1;
     }
     sign_statement(world, node, batches);
+}
+
+/// Coverage: a backup at `node` used chunks the statement in force lists as garbage
+/// (it deduplicated against them), the race rules O3, H2 and H5 close.
+pub(super) fn count_dedup_of_listed(world: &mut World, node: usize, used: &BTreeSet<ChunkId>) {
+    let owner = world.sites[world.nodes[node].site].id;
+    let engine = world.nodes[node].engine.as_ref().expect("live");
+    let Some(statement) = engine.gc_statement(&owner) else {
+        return;
+    };
+    let listed = statement
+        .batches
+        .iter()
+        .filter_map(|b| engine.gc_batch(&owner, &b.id))
+        .flatten()
+        .filter(|id| used.contains(*id))
+        .count();
+    world.coverage.gc_dedup_of_listed += listed as u64;
 }
 
 /// Signs the site's next statement at `node` on its snapshot digest now.
