@@ -189,6 +189,10 @@ pub fn build(vault: &Vault, m: &MeshStatus) -> Result<NodeStatus, VaultError> {
     let mut status = NodeStatus::empty(vault, now);
     status.listen_addresses = m.listen.clone();
     status.uptime_ms = m.uptime_ms;
+    status.loop_busy_max_ms = m.lag.busy_max.as_millis() as u64;
+    status.loop_busy_max_in = (!m.lag.busy_max_in.is_empty()).then(|| m.lag.busy_max_in.into());
+    status.loop_late_max_ms = m.lag.late_max.as_millis() as u64;
+    status.loop_disk_waits = m.disk_waits_on_loop;
     status.upload_limit_bytes_per_sec = m.upload_limit;
     status.download_limit_bytes_per_sec = m.download_limit;
     let mut partners: BTreeMap<SiteId, (u64, u64)> = BTreeMap::new();
