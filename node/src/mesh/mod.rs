@@ -311,6 +311,9 @@ struct Node {
 }
 
 /// What woke the node's loop: taken out of `select!` so the handler can be timed.
+/// One lives on the stack for one turn of the loop; boxing the swarm event would cost an
+/// allocation per event for nothing.
+#[allow(clippy::large_enum_variant)]
 enum Wake {
     Bulk,
     Schedule,
