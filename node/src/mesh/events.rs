@@ -164,7 +164,10 @@ fn event_name(event: &SwarmEvent<BehaviourEvent>) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use libp2p::ping;
+    use libp2p::swarm::SwarmEvent;
+
+    use super::{event_name, BehaviourEvent};
 
     #[test]
     fn a_swarm_event_is_named_without_its_peer_id() {

@@ -93,7 +93,9 @@ impl Lag {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use std::time::Duration;
+
+    use super::{disk_waits_on_loop, note_disk_wait, Busy, Lag};
 
     #[test]
     fn a_disk_wait_counts_only_inside_a_handler() {

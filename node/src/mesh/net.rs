@@ -324,7 +324,10 @@ pub fn peer_of(addr: &Multiaddr) -> Option<PeerId> {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use cairn_protocol::identity::NodeId;
+    use libp2p::identity::Keypair;
+
+    use super::{multiaddr, peer_id, AddressError};
 
     #[test]
     fn addresses_people_write_become_quic_multiaddrs() {

@@ -109,7 +109,10 @@ pub fn node_of_peer(peer: &PeerId) -> Option<NodeId> {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use cairn_protocol::identity::NodeId;
+    use libp2p::PeerId;
+
+    use super::{node_of_peer, PeerName};
 
     fn node(seed: u8) -> (NodeId, PeerId) {
         let key = ed25519_dalek::SigningKey::from_bytes(&[seed; 32]);

@@ -384,7 +384,12 @@ pub fn held_chunks(vault: &Vault) -> Result<Vec<ChunkRef>, StoreError> {
 
 #[cfg(test)]
 pub(crate) mod tests {
-    use super::*;
+    use cairn_protocol::identity::SiteId;
+    use cairn_protocol::ids::ChunkId;
+
+    use super::{held_chunks, migrate_own_blobs, own_blob, owner_of, write_chunks};
+    use crate::store::{IndexBatch, KEY_HELD_CHUNK};
+    use crate::vault::Vault;
     use cairn_protocol::seal::{Opener, Sealer};
 
     /// A vault in a temp dir and one sealed chunk of its site.
