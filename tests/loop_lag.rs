@@ -73,7 +73,7 @@ fn run(root: &Path) -> Result<()> {
     step(&format!("{image_mib} MiB backed up on a1; replicating"));
 
     // Every node's status round trip, the way a ping sees the loop.
-    let mut answer_max = vec![Duration::ZERO; 3];
+    let mut answer_max = [Duration::ZERO; 3];
     let mut replicated_at: Option<Instant> = None;
     for _ in 0..POLLS_MAX {
         for (n_site, site) in mesh.sites.iter().enumerate() {
