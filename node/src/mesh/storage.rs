@@ -387,7 +387,7 @@ pub(crate) mod tests {
     use cairn_protocol::identity::SiteId;
     use cairn_protocol::ids::ChunkId;
 
-    use super::{held_chunks, migrate_own_blobs, own_blob, owner_of, write_chunks};
+    use super::{held_chunks, migrate_own_blobs, own_blob, owner_of, write_chunks, Note, Storage};
     use crate::store::{IndexBatch, KEY_HELD_CHUNK};
     use crate::vault::Vault;
     use cairn_protocol::seal::{Opener, Sealer};
@@ -424,6 +424,44 @@ pub(crate) mod tests {
         vault
             .load_chunk(&mut reader, &mut Opener::new(), id)
             .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn the_loops_notes_are_written_by_the_storage_thread() {
+        let (_tmp, vault, _, _, _) = vault_with_chunk();
+        let vault = std::sync::Arc::new(vault);
+        let (done_tx, _done_rx) = tokio::sync::mpsc::unbounded_channel();
+        let storage = Storage::start(
+            vault.clone(),
+            std::sync::Arc::new(std::sync::Mutex::new(())),
+            done_tx,
+        );
+        let partner = SiteId([5; 32]);
+        storage.note(Note::Catalog(vec![(b"acked/test".to_vec(), vec![1])]));
+        storage.note(Note::Seen {
+            site: partner,
+            now_unix_ms: 1_000,
+        });
+        storage.note(Note::HeldBy(vec![(partner, 4096)]));
+        // The thread writes them in its next batch; wait for it, boundedly.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let usage = vault.store.usage(&partner).expect("usage");
+            let acked = vault.store.index().catalog_get(b"acked/test").expect("get");
+            if usage.last_seen_unix_ms == Some(1_000)
+                && usage.held_by_them_bytes == 4096
+                && acked == Some(vec![1])
+            {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the notes were not written: {acked:?}, {:?}, {}",
+                usage.last_seen_unix_ms,
+                usage.held_by_them_bytes
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
     }
 
     #[test]
