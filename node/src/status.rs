@@ -53,6 +53,19 @@ pub struct NodeStatus {
     pub download_limit_bytes_per_sec: Option<u64>,
     pub images: Vec<ImageStatus>,
     pub peers: Vec<PeerStatus>,
+    /// Since start: the longest one event kept the node's loop busy, and which; no peer
+    /// is answered meanwhile (a ping waits that long).
+    #[serde(default)]
+    pub loop_busy_max_ms: u64,
+    #[serde(default)]
+    pub loop_busy_max_in: Option<String>,
+    /// Since start: how late, at worst, the loop served a timer that was due.
+    #[serde(default)]
+    pub loop_late_max_ms: u64,
+    /// Since start: how often the loop waited for the disk itself (0: the storage
+    /// thread did all of it).
+    #[serde(default)]
+    pub loop_disk_waits: u64,
 }
 
 /// What this node stores for one partner site.
@@ -144,6 +157,10 @@ impl NodeStatus {
             download_limit_bytes_per_sec: None,
             images: Vec::new(),
             peers: Vec::new(),
+            loop_busy_max_ms: 0,
+            loop_busy_max_in: None,
+            loop_late_max_ms: 0,
+            loop_disk_waits: 0,
         }
     }
 }
@@ -654,6 +671,10 @@ mod tests {
                     received_bytes: 0,
                 },
             ],
+            loop_busy_max_ms: 3,
+            loop_busy_max_in: Some("a swarm event".into()),
+            loop_late_max_ms: 4,
+            loop_disk_waits: 0,
         }
     }
 

@@ -1,6 +1,13 @@
 //! What the swarm reports: connections, identify and mDNS addresses, ping times.
 
-use super::*;
+use cairn_protocol::identity::SiteId;
+use libp2p::swarm::dial_opts::DialOpts;
+use libp2p::swarm::SwarmEvent;
+use libp2p::{identify, mdns, ping};
+use tracing::{debug, info};
+
+use super::net::BehaviourEvent;
+use super::{now_ms, AddressDial, Node};
 
 impl Node {
     pub(super) fn on_swarm(&mut self, event: SwarmEvent<BehaviourEvent>) {
@@ -75,7 +82,7 @@ impl Node {
             } => {
                 self.address_dials.remove(&connection_id);
                 if let Some(peer) = peer_id {
-                    debug!("cannot reach {peer}: {error}");
+                    debug!("cannot reach {}: {error}", self.name_peer(&peer));
                     self.dial_failed_ms.insert(peer, now_ms());
                     self.dialing.remove(&peer);
                     // What waited for it is dropped (the engine retries what matters);
@@ -126,7 +133,58 @@ impl Node {
             })) => {
                 self.links.entry(peer).or_default().rtt = Some(rtt);
             }
-            other => debug!("{other:?}"),
+            other => debug!("swarm event {}", event_name(&other)),
         }
+    }
+}
+
+/// A swarm event's kind, e.g. `Dialing` or `Behaviour/Identify`: its Debug text would
+/// print libp2p PeerIds, which the log never shows (`peer_name.rs`).
+fn event_name(event: &SwarmEvent<BehaviourEvent>) -> String {
+    let SwarmEvent::Behaviour(behaviour) = event else {
+        let text = format!("{event:?}");
+        return text
+            .split([' ', '{', '('])
+            .next()
+            .unwrap_or_default()
+            .to_owned();
+    };
+    let name = match behaviour {
+        BehaviourEvent::Limits(_) => "Limits",
+        BehaviourEvent::Blocked(_) => "Blocked",
+        BehaviourEvent::Cairn(_) => "Cairn",
+        BehaviourEvent::Identify(_) => "Identify",
+        BehaviourEvent::Ping(_) => "Ping",
+        BehaviourEvent::Mdns(_) => "Mdns",
+        BehaviourEvent::Relay(_) => "Relay",
+        BehaviourEvent::Dcutr(_) => "Dcutr",
+    };
+    format!("Behaviour/{name}")
+}
+
+#[cfg(test)]
+mod tests {
+    use libp2p::ping;
+    use libp2p::swarm::SwarmEvent;
+
+    use super::{event_name, BehaviourEvent};
+
+    #[test]
+    fn a_swarm_event_is_named_without_its_peer_id() {
+        let peer = libp2p::PeerId::random();
+        let event: SwarmEvent<BehaviourEvent> = SwarmEvent::Dialing {
+            peer_id: Some(peer),
+            connection_id: libp2p::swarm::ConnectionId::new_unchecked(1),
+        };
+        assert_eq!(event_name(&event), "Dialing");
+        let event: SwarmEvent<BehaviourEvent> =
+            SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event {
+                peer,
+                connection: libp2p::swarm::ConnectionId::new_unchecked(1),
+                result: Err(ping::Failure::Timeout),
+            }));
+        let name = event_name(&event);
+        assert_eq!(name, "Behaviour/Ping");
+        assert!(!name.contains(&peer.to_string()));
     }
 }

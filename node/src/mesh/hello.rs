@@ -1,6 +1,13 @@
 //! Admission: the hello each peer must pass before it is served, and refusals.
 
-use super::*;
+use cairn_protocol::engine::Message;
+use cairn_protocol::identity::{NodeId, SiteId};
+use cairn_protocol::record::{Record, RecordKind};
+use libp2p::PeerId;
+use tracing::{info, warn};
+
+use super::net::{self, Frame, Kind};
+use super::{now_ms, storage, Node, REFUSAL_SEND_MAX, REFUSING_MAX};
 
 impl Node {
     /// This node's certificate, and what `peer_site` may see of the grants to or from
@@ -98,7 +105,7 @@ impl Node {
         link.ready = true;
         link.last_seen_unix_ms = Some(now);
         self.peer_of_node.insert(node, peer);
-        info!("node {} is a peer", short(&node));
+        info!("{} is a peer", self.name_node(&node));
         self.admission.hello_passed(now, peer, site);
         if let Some(queued) = self.outbox.remove(&node) {
             for message in queued {
@@ -116,7 +123,10 @@ impl Node {
         let last = self.seen_noted_ms.entry(site).or_insert(0);
         if now >= *last + 60_000 {
             *last = now;
-            let _ = self.vault.store.note_seen(&site, now);
+            self.storage.note(storage::Note::Seen {
+                site,
+                now_unix_ms: now,
+            });
         }
     }
 
@@ -132,7 +142,7 @@ impl Node {
     /// Refuses a peer whose hello this node is answering: it is cut off once the refusal
     /// (which says why) is sent, or after `REFUSAL_SEND_MAX` if it never is.
     pub(super) fn refuse_after_answer(&mut self, peer: PeerId, why: &str) {
-        warn!("refused {peer}: {why}");
+        warn!("refused {}: {why}", self.name_peer(&peer));
         self.peers_refused += 1;
         if self.refusing.len() >= REFUSING_MAX {
             self.block(peer);

@@ -17,7 +17,9 @@ mod dial;
 mod events;
 mod hello;
 mod invite;
+pub mod lag;
 pub mod net;
+mod peer_name;
 mod publish;
 mod recover;
 mod requests;
@@ -33,27 +35,24 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::{Context, Result};
 use cairn_protocol::admission::{Admission, AdmissionConfig};
 use cairn_protocol::engine::{ChunkRef, Engine, EngineConfig, Event, Message, PeerState};
 use cairn_protocol::identity::{NodeId, SiteId};
 use cairn_protocol::ids::ChunkId;
-use cairn_protocol::record::{NodeCert, Record, RecordKind, TrustGrant};
-use cairn_protocol::SnapshotRecord;
+use cairn_protocol::record::{NodeCert, Record, RecordKind};
 use futures::StreamExt;
 use libp2p::swarm::dial_opts::DialOpts;
 use libp2p::swarm::{ConnectionId, SwarmEvent};
-use libp2p::{identify, mdns, ping, request_response, Multiaddr, PeerId, Swarm};
+use libp2p::{request_response, Multiaddr, PeerId, Swarm};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
 use crate::records;
 use crate::schedule::{Limits, RateLimiter};
-use crate::store::IndexBatch;
 use crate::trust;
 use crate::units::now_unix_ms;
 use crate::vault::Vault;
-use net::{Behaviour, BehaviourEvent, Frame, Kind, ANSWER_OK, ANSWER_REFUSED};
+use net::{Behaviour, BehaviourEvent};
 use storage::{Done, Storage};
 
 /// Messages waiting for a peer's connection and hello, per peer.
@@ -85,6 +84,27 @@ pub enum MeshError {
     Store(#[from] crate::store::StoreError),
     #[error("cannot read the partners")]
     Trust(#[from] trust::TrustError),
+    #[error("the node is shutting down")]
+    ShuttingDown,
+    /// An address given on the command line (`--listen`, `--bootstrap`, `--relay`).
+    #[error("{flag}")]
+    Address {
+        flag: &'static str,
+        #[source]
+        source: net::AddressError,
+    },
+    #[error("cannot listen on {addr}")]
+    Listen {
+        addr: Multiaddr,
+        #[source]
+        source: libp2p::TransportError<std::io::Error>,
+    },
+    #[error("cannot start the node's network")]
+    Net(#[from] net::NetError),
+    #[error("cannot rewrite this site's chunks stored in the mesh's format")]
+    Migrate(#[source] crate::store::StoreError),
+    #[error("cannot hand this site's records and snapshots to the engine")]
+    Publish(#[from] publish::PublishError),
 }
 
 /// How `cairn node run` was asked to run.
@@ -157,6 +177,9 @@ pub struct MeshStatus {
     pub download_limit: Option<u64>,
     /// The sites that may store this site's chunks (itself included), from the grants.
     pub storers: Vec<SiteId>,
+    /// The worst the node's loop did since start (`lag.rs`).
+    pub lag: lag::Lag,
+    pub disk_waits_on_loop: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -195,18 +218,17 @@ pub struct MeshHandle {
 }
 
 impl MeshHandle {
-    pub fn send(&self, command: Command) -> Result<()> {
+    pub fn send(&self, command: Command) -> Result<(), MeshError> {
         self.commands
             .send(command)
-            .map_err(|_| anyhow::anyhow!("the node is shutting down"))
+            .map_err(|_| MeshError::ShuttingDown)
     }
 
     /// Blocks for the node's status.
-    pub fn status(&self) -> Result<MeshStatus> {
+    pub fn status(&self) -> Result<MeshStatus, MeshError> {
         let (tx, rx) = oneshot::channel();
         self.send(Command::Status(tx))?;
-        rx.blocking_recv()
-            .map_err(|_| anyhow::anyhow!("the node is shutting down"))
+        rx.blocking_recv().map_err(|_| MeshError::ShuttingDown)
     }
 }
 
@@ -285,6 +307,23 @@ struct Node {
     /// Chunk messages received, waiting for the download limit before the engine sees
     /// them (so their acknowledgements, and the sender's window, wait too).
     downloads: VecDeque<(tokio::time::Instant, NodeId, Message)>,
+    lag: lag::Lag,
+}
+
+/// What woke the node's loop: taken out of `select!` so the handler can be timed.
+/// One lives on the stack for one turn of the loop; boxing the swarm event would cost an
+/// allocation per event for nothing.
+#[allow(clippy::large_enum_variant)]
+enum Wake {
+    Bulk,
+    Schedule,
+    Swarm(SwarmEvent<BehaviourEvent>),
+    Done(Done),
+    Command(Command),
+    EngineTimeout,
+    Retry,
+    AdmissionTimeout,
+    LagTick(tokio::time::Instant),
 }
 
 /// Chunk-carrying messages: what the upload and download limits apply to.
@@ -303,13 +342,18 @@ fn now_ms() -> u64 {
     now_unix_ms()
 }
 
+/// An address given after `flag` on the command line, as a multiaddr.
+fn parse_address(flag: &'static str, text: &str) -> Result<Multiaddr, MeshError> {
+    net::multiaddr(text).map_err(|source| MeshError::Address { flag, source })
+}
+
 /// Starts the node's loop on a tokio runtime in the background and returns its handle.
 /// The loop runs until the process exits.
 pub fn start(
     vault: Arc<Vault>,
     options: NodeOptions,
     runtime: &tokio::runtime::Runtime,
-) -> Result<MeshHandle> {
+) -> Result<MeshHandle, MeshError> {
     let _enter = runtime.enter();
     let vault_site = vault.dir.site_id();
     let (commands, command_rx) = mpsc::unbounded_channel();
@@ -317,19 +361,18 @@ pub fn start(
     let write_lock = Arc::new(Mutex::new(()));
     {
         let _guard = write_lock.lock().unwrap_or_else(|e| e.into_inner());
-        let n_rewritten = storage::migrate_own_blobs(&vault)
-            .context("cannot rewrite this site's chunks stored in the mesh's format")?;
+        let n_rewritten = storage::migrate_own_blobs(&vault).map_err(MeshError::Migrate)?;
         if n_rewritten > 0 {
             info!("{n_rewritten} chunks of this site's, stored as the mesh carries them by an older build, rewritten as the vault's");
         }
     }
     let storage = Storage::start(vault.clone(), write_lock.clone(), done_tx);
     let mut node = Node::new(vault, &options, storage)?;
-    for addr in &options.listen {
-        let addr = net::multiaddr(addr).with_context(|| format!("--listen {addr}"))?;
+    for text in &options.listen {
+        let addr = parse_address("--listen", text)?;
         node.swarm
             .listen_on(addr.clone())
-            .with_context(|| format!("cannot listen on {addr}"))?;
+            .map_err(|source| MeshError::Listen { addr, source })?;
     }
     for relay in node.relays.clone() {
         let circuit = relay
@@ -348,7 +391,7 @@ pub fn start(
 }
 
 impl Node {
-    fn new(vault: Arc<Vault>, options: &NodeOptions, storage: Storage) -> Result<Node> {
+    fn new(vault: Arc<Vault>, options: &NodeOptions, storage: Storage) -> Result<Node, MeshError> {
         let now = now_ms();
         let seed = u64::from_le_bytes(crate::datadir::random_bytes());
         let mut engine = Engine::new(
@@ -364,10 +407,8 @@ impl Node {
         }
         let own_cert = own_node_cert(&vault, options)?;
         let swarm = net::swarm(&vault.dir.node_key, options.mdns)?;
-        let parse = |list: &[String], what: &str| -> Result<Vec<Multiaddr>> {
-            list.iter()
-                .map(|a| net::multiaddr(a).with_context(|| format!("{what} {a}")))
-                .collect()
+        let parse = |list: &[String], flag: &'static str| -> Result<Vec<Multiaddr>, MeshError> {
+            list.iter().map(|text| parse_address(flag, text)).collect()
         };
         let mut node = Node {
             bootstrap: parse(&options.bootstrap, "--bootstrap")?,
@@ -413,6 +454,7 @@ impl Node {
             limits: options.limits.clone(),
             uploads: VecDeque::new(),
             downloads: VecDeque::new(),
+            lag: lag::Lag::default(),
         };
         // This node's certificate, the wrapped keys (what `cairn recover` fetches from
         // partners) and any record signed while the node was stopped.
@@ -437,6 +479,7 @@ impl Node {
     ) {
         let mut retry = tokio::time::interval(RETRY_INTERVAL);
         let mut schedule = tokio::time::interval(SCHEDULE_CHECK);
+        let mut lag_tick = tokio::time::interval(lag::TICK_INTERVAL);
         loop {
             let deadline = self.engine.poll_timeout();
             let sleep_ms = deadline.saturating_sub(now_ms()).min(60_000);
@@ -449,33 +492,73 @@ impl Node {
                 .into_iter()
                 .chain(self.downloads.front().map(|d| d.0))
                 .min();
-            tokio::select! {
+            let wake = tokio::select! {
                 _ = tokio::time::sleep_until(bulk_at.unwrap_or_else(tokio::time::Instant::now)),
-                    if bulk_at.is_some() => self.release_bulk(),
-                _ = schedule.tick() => {
-                    let now = std::time::Instant::now();
-                    let limits = self.limits.now();
-                    self.upload.set_rate(limits.upload, now);
-                    self.download.set_rate(limits.download, now);
-                }
-                event = self.swarm.select_next_some() => self.on_swarm(event),
-                Some(done) = done.recv() => {
-                    let now = now_ms();
-                    match done {
-                        Done::Write { op, ok } => self.engine.handle_write_done(op, ok, now),
-                        Done::Read { op, blob } => self.engine.handle_read_done(op, blob, now),
-                    }
-                }
-                Some(command) = commands.recv() => self.on_command(command),
-                _ = tokio::time::sleep(Duration::from_millis(sleep_ms)) => {
-                    self.engine.handle_timeout(now_ms());
-                }
-                _ = retry.tick() => self.retry(),
+                    if bulk_at.is_some() => Wake::Bulk,
+                _ = schedule.tick() => Wake::Schedule,
+                event = self.swarm.select_next_some() => Wake::Swarm(event),
+                Some(done) = done.recv() => Wake::Done(done),
+                Some(command) = commands.recv() => Wake::Command(command),
+                _ = tokio::time::sleep(Duration::from_millis(sleep_ms)) => Wake::EngineTimeout,
+                _ = retry.tick() => Wake::Retry,
                 _ = tokio::time::sleep(Duration::from_millis(admit_ms)), if admit_at.is_some() => {
-                    self.admission.handle_timeout(now_ms());
+                    Wake::AdmissionTimeout
                 }
-            }
+                due = lag_tick.tick() => Wake::LagTick(due),
+            };
+            let busy = lag::Busy::start();
+            let what = self.on_wake(wake);
             self.drain(now_ms());
+            self.lag.end(busy, what);
+        }
+    }
+
+    /// Handles what woke the loop; returns its name for `lag`.
+    fn on_wake(&mut self, wake: Wake) -> &'static str {
+        match wake {
+            Wake::Bulk => {
+                self.release_bulk();
+                "releasing rate-limited chunks"
+            }
+            Wake::Schedule => {
+                let now = std::time::Instant::now();
+                let limits = self.limits.now();
+                self.upload.set_rate(limits.upload, now);
+                self.download.set_rate(limits.download, now);
+                "the limits' schedule"
+            }
+            Wake::Swarm(event) => {
+                self.on_swarm(event);
+                "a swarm event"
+            }
+            Wake::Done(done) => {
+                let now = now_ms();
+                match done {
+                    Done::Write { op, ok } => self.engine.handle_write_done(op, ok, now),
+                    Done::Read { op, blob } => self.engine.handle_read_done(op, blob, now),
+                }
+                "a storage completion"
+            }
+            Wake::Command(command) => {
+                self.on_command(command);
+                "a command"
+            }
+            Wake::EngineTimeout => {
+                self.engine.handle_timeout(now_ms());
+                "the engine's timer"
+            }
+            Wake::Retry => {
+                self.retry();
+                "retries and counts"
+            }
+            Wake::AdmissionTimeout => {
+                self.admission.handle_timeout(now_ms());
+                "admission's timer"
+            }
+            Wake::LagTick(due) => {
+                self.lag.tick(due);
+                "the lag tick"
+            }
         }
     }
 
@@ -542,10 +625,12 @@ impl Node {
                     hex8(&snapshot),
                     self.engine.config().replication_factor
                 );
-                let _ = self.vault.store.index().commit(IndexBatch {
-                    catalog: vec![([KEY_ACKED, &snapshot].concat(), now.to_le_bytes().to_vec())],
-                    ..IndexBatch::default()
-                });
+                // For `cairn status` after a restart; lost in a crash, the snapshot is
+                // handed to the engine again and confirmed again.
+                self.storage.note(storage::Note::Catalog(vec![(
+                    [KEY_ACKED, &snapshot].concat(),
+                    now.to_le_bytes().to_vec(),
+                )]));
                 self.publish_copies(snapshot, now);
             }
             Event::Fetched {
@@ -570,18 +655,54 @@ impl Node {
                     )));
                 }
             }
-            Event::PeerDead(node) => info!("node {} is declared dead", short(&node)),
-            Event::PeerSuspected(node) => debug!("node {} is silent", short(&node)),
-            Event::PeerLive(node) => debug!("node {} is live", short(&node)),
+            Event::PeerDead(node) => info!("{} is declared dead", self.name_node(&node)),
+            Event::PeerSuspected(node) => debug!("{} is silent", self.name_node(&node)),
+            Event::PeerLive(node) => debug!("{} is live", self.name_node(&node)),
             Event::ChunkLost { id } => warn!("chunk {} here could not be read back", hex8(&id.0)),
             Event::RecordRejected { from, error } => {
-                warn!("record from {} refused: {error}", short(&from));
+                warn!("record from {} refused: {error}", self.name_node(&from));
             }
             Event::MessageRefused { from } => {
                 self.messages_refused += 1;
-                debug!("message from {} refused: not a trusted peer", short(&from));
+                debug!(
+                    "message from {} refused: not a trusted peer",
+                    self.name_node(&from)
+                );
             }
-            other => debug!("{other:?}"),
+            Event::ChunkStored { chunk, from } => debug!(
+                "chunk {} of {} stored, from {}",
+                hex8(&chunk.id.0),
+                chunk.owner.fingerprint(),
+                self.name_node(&from)
+            ),
+            Event::PushRefused { to, id } => {
+                debug!("{} refused chunk {}", self.name_node(&to), hex8(&id.0));
+            }
+            Event::MessageDropped { from, reason } => {
+                debug!("message from {} dropped: {reason}", self.name_node(&from));
+            }
+            Event::PeerCutOff { node, until_ms } => info!(
+                "{} is cut off for {} s",
+                self.name_node(&node),
+                until_ms.saturating_sub(now) / 1000
+            ),
+            Event::AuditFailed { node, id, failure } => warn!(
+                "{} failed the audit of chunk {}: {failure:?}",
+                self.name_node(&node),
+                hex8(&id.0)
+            ),
+            Event::HolderExcluded { node, until_ms } => info!(
+                "{} holds no new chunks for {} s",
+                self.name_node(&node),
+                until_ms.saturating_sub(now) / 1000
+            ),
+            // What is left (a trimmed chunk) names no peer.
+            event @ Event::Trimmed { .. } => debug!("{event:?}"),
+            // Nothing in the node signs garbage statements yet, so no owner's word
+            // reaches this engine to act on; when one does, the delete is a StorageOp.
+            Event::Collected { owner, id } => {
+                info!("deleted {id:?} of site {owner:?} on its owner's word (garbage collection)")
+            }
         }
     }
 }
@@ -593,10 +714,6 @@ fn message_name(message: &Message) -> String {
         .next()
         .unwrap_or_default()
         .to_owned()
-}
-
-fn short(node: &NodeId) -> String {
-    node.to_string()[..8].to_string()
 }
 
 fn hex8(bytes: &[u8]) -> String {

@@ -19,6 +19,34 @@ use libp2p::{
     Multiaddr, PeerId, StreamProtocol, Swarm,
 };
 
+/// Why the libp2p stack cannot be built.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error("the node key is not a libp2p identity")]
+    Identity(#[source] libp2p::identity::DecodingError),
+    #[error("cannot build the libp2p stack")]
+    Build(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// Why an address someone wrote is not one to dial or listen on.
+#[derive(Debug, thiserror::Error)]
+pub enum AddressError {
+    #[error("{text:?} is not a multiaddr")]
+    NotMultiaddr {
+        text: String,
+        #[source]
+        source: libp2p::multiaddr::Error,
+    },
+    #[error("{text:?} is not HOST:PORT")]
+    NotHostPort {
+        text: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{0:?} resolves to no address")]
+    NoAddress(String),
+}
+
 /// The one protocol cairn speaks to peers.
 pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/cairn/1");
 /// Largest request or answer: a full chunk message with room to spare.
@@ -189,8 +217,11 @@ pub struct Behaviour {
 
 /// Builds the swarm for a node key. `mdns` is off in tests: it multicasts on every
 /// interface.
-pub fn swarm(node_key: &ed25519_dalek::SigningKey, mdns: bool) -> anyhow::Result<Swarm<Behaviour>> {
-    let keypair = Keypair::ed25519_from_bytes(node_key.to_bytes())?;
+pub fn swarm(
+    node_key: &ed25519_dalek::SigningKey,
+    mdns: bool,
+) -> Result<Swarm<Behaviour>, NetError> {
+    let keypair = Keypair::ed25519_from_bytes(node_key.to_bytes()).map_err(NetError::Identity)?;
     let swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
         .with_quic_config(|mut config| {
@@ -201,7 +232,8 @@ pub fn swarm(node_key: &ed25519_dalek::SigningKey, mdns: bool) -> anyhow::Result
             config.keep_alive_interval = Duration::from_secs(10);
             config
         })
-        .with_relay_client(libp2p::noise::Config::new, libp2p::yamux::Config::default)?
+        .with_relay_client(libp2p::noise::Config::new, libp2p::yamux::Config::default)
+        .map_err(|e| NetError::Build(Box::new(e)))?
         .with_behaviour(|key, relay| {
             let peer_id = key.public().to_peer_id();
             let cairn = request_response::Behaviour::with_codec(
@@ -240,7 +272,8 @@ pub fn swarm(node_key: &ed25519_dalek::SigningKey, mdns: bool) -> anyhow::Result
                 relay,
                 dcutr: dcutr::Behaviour::new(peer_id),
             })
-        })?
+        })
+        .map_err(|e| NetError::Build(Box::new(e)))?
         .with_swarm_config(|c| c.with_idle_connection_timeout(IDLE_CONNECTION_TIMEOUT))
         .build();
     Ok(swarm)
@@ -255,18 +288,22 @@ pub fn peer_id(node: &NodeId) -> Option<PeerId> {
 
 /// Turns what people write (`host:port`, `[v6]:port`, or a multiaddr) into the QUIC
 /// multiaddr to dial or listen on. Host names are resolved now.
-pub fn multiaddr(text: &str) -> anyhow::Result<Multiaddr> {
+pub fn multiaddr(text: &str) -> Result<Multiaddr, AddressError> {
     if text.starts_with('/') {
-        return text
-            .parse()
-            .map_err(|e| anyhow::anyhow!("{text:?} is not a multiaddr: {e}"));
+        return text.parse().map_err(|source| AddressError::NotMultiaddr {
+            text: text.into(),
+            source,
+        });
     }
     use std::net::ToSocketAddrs;
     let socket = text
         .to_socket_addrs()
-        .map_err(|e| anyhow::anyhow!("{text:?} is not HOST:PORT: {e}"))?
+        .map_err(|source| AddressError::NotHostPort {
+            text: text.into(),
+            source,
+        })?
         .next()
-        .ok_or_else(|| anyhow::anyhow!("{text:?} resolves to no address"))?;
+        .ok_or_else(|| AddressError::NoAddress(text.into()))?;
     let ip = match socket.ip() {
         std::net::IpAddr::V4(ip) => Protocol::Ip4(ip),
         std::net::IpAddr::V6(ip) => Protocol::Ip6(ip),
@@ -287,7 +324,10 @@ pub fn peer_of(addr: &Multiaddr) -> Option<PeerId> {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use cairn_protocol::identity::NodeId;
+    use libp2p::identity::Keypair;
+
+    use super::{multiaddr, peer_id, AddressError};
 
     #[test]
     fn addresses_people_write_become_quic_multiaddrs() {
@@ -305,8 +345,25 @@ mod tests {
                 .to_string(),
             "/ip4/10.0.0.1/udp/1/quic-v1"
         );
-        assert!(multiaddr("nonsense").is_err());
-        assert!(multiaddr("/not/a/multiaddr").is_err());
+    }
+
+    #[test]
+    fn an_address_error_names_the_text_once_and_its_cause_after_it() {
+        let error = multiaddr("/not/a/multiaddr").unwrap_err();
+        let line = crate::units::chain(&error);
+        assert!(
+            line.starts_with("\"/not/a/multiaddr\" is not a multiaddr: "),
+            "{line}"
+        );
+        assert_eq!(line.matches("not/a/multiaddr").count(), 1, "{line}");
+        let error = multiaddr("nonsense").unwrap_err();
+        assert!(matches!(error, AddressError::NotHostPort { .. }));
+        let line = crate::units::chain(&error);
+        assert!(
+            line.starts_with("\"nonsense\" is not HOST:PORT: "),
+            "{line}"
+        );
+        assert_eq!(line.matches("nonsense").count(), 1, "{line}");
     }
 
     #[test]

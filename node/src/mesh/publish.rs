@@ -1,6 +1,34 @@
 //! This site's records and snapshots handed to the engine, and the node's own certificate.
 
-use super::*;
+use cairn_protocol::engine::{ChunkRef, Message};
+use cairn_protocol::identity::NodeId;
+use cairn_protocol::ids::ChunkId;
+use cairn_protocol::record::{NodeCert, Record, RecordKind, TrustGrant};
+use cairn_protocol::SnapshotRecord;
+use tracing::{debug, warn};
+
+use super::{hex8, now_ms, storage, Node, NodeOptions};
+use crate::forget::KEY_ACKED;
+use crate::records;
+use crate::store::{IndexBatch, StoreError};
+use crate::vault::{ChunkError, Vault, VaultError};
+
+/// Why this site's records or snapshots cannot be read for the engine.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("cannot read the store")]
+    Store(#[from] StoreError),
+    #[error("cannot read this site's snapshots")]
+    Vault(#[from] VaultError),
+    #[error("snapshot {snapshot}")]
+    Manifest {
+        snapshot: String,
+        #[source]
+        source: cairn_protocol::manifest::ManifestError<ChunkError>,
+    },
+    #[error("chunk {0} is missing")]
+    ChunkMissing(String),
+}
 
 impl Node {
     pub(super) fn local_records(&mut self, records: Vec<Record>) {
@@ -48,7 +76,7 @@ impl Node {
 
     /// Hands the engine every snapshot of this site not yet confirmed at R sites (again
     /// after a restart: the engine tracks them in memory only).
-    pub(super) fn publish_snapshots(&mut self) -> Result<()> {
+    pub(super) fn publish_snapshots(&mut self) -> Result<(), PublishError> {
         let now = now_ms();
         for (record, chunks) in snapshots_to_publish(&self.vault, true)? {
             self.snapshot_chunks
@@ -61,7 +89,7 @@ impl Node {
     }
 
     /// Snapshots confirmed at R before this start, for `cairn status`.
-    pub(super) fn remember_acked(&mut self) -> Result<()> {
+    pub(super) fn remember_acked(&mut self) -> Result<(), PublishError> {
         for snapshot in self.vault.snapshots()? {
             let key = records::snapshot_key(&snapshot.id);
             let index = self.vault.store.index();
@@ -79,7 +107,7 @@ impl Node {
 }
 
 /// This node's certificate, signed anew when its name, addresses or capacity changed.
-pub(super) fn own_node_cert(vault: &Vault, options: &NodeOptions) -> Result<Record> {
+pub(super) fn own_node_cert(vault: &Vault, options: &NodeOptions) -> Result<Record, StoreError> {
     let node = vault.dir.node_id();
     let site = vault.dir.site_id();
     let existing = records::get(vault.store.index(), &site, RecordKind::NodeCert, &node.0)?
@@ -126,7 +154,7 @@ pub(super) fn own_node_cert(vault: &Vault, options: &NodeOptions) -> Result<Reco
 }
 
 /// Every record this site signed, as stored.
-pub fn own_records(vault: &Vault) -> Result<Vec<Record>> {
+pub fn own_records(vault: &Vault) -> Result<Vec<Record>, StoreError> {
     let site = vault.dir.site_id();
     Ok(records::all(vault.store.index())?
         .into_iter()
@@ -137,7 +165,10 @@ pub fn own_records(vault: &Vault) -> Result<Vec<Record>> {
 /// Snapshots of this site for the engine, with their chunks: those without a catalog
 /// record yet (made by a backup: the record is signed and stored now), and with
 /// `unacked` also those not yet confirmed at R sites.
-pub fn snapshots_to_publish(vault: &Vault, unacked: bool) -> Result<Vec<(Record, Vec<ChunkRef>)>> {
+pub fn snapshots_to_publish(
+    vault: &Vault,
+    unacked: bool,
+) -> Result<Vec<(Record, Vec<ChunkRef>)>, PublishError> {
     let site = vault.dir.site_id();
     let index = vault.store.index();
     let snapshots = vault.snapshots()?;
@@ -167,7 +198,11 @@ pub fn snapshots_to_publish(vault: &Vault, unacked: bool) -> Result<Vec<(Record,
         match snapshot_chunks(vault, snapshot) {
             Ok(chunks) => out.push((record, chunks)),
             // A recovered node knows the snapshot but holds none of its chunks yet.
-            Err(e) => debug!("snapshot {} is not published from here: {e:#}", id.short()),
+            Err(e) => debug!(
+                "snapshot {} is not published from here: {}",
+                id.short(),
+                crate::units::chain(&e)
+            ),
         }
     }
     Ok(out)
@@ -175,7 +210,10 @@ pub fn snapshots_to_publish(vault: &Vault, unacked: bool) -> Result<Vec<(Record,
 
 /// Every chunk a snapshot references, its manifest's included, as the engine knows
 /// chunks.
-pub fn snapshot_chunks(vault: &Vault, snapshot: &SnapshotRecord) -> Result<Vec<ChunkRef>> {
+pub fn snapshot_chunks(
+    vault: &Vault,
+    snapshot: &SnapshotRecord,
+) -> Result<Vec<ChunkRef>, PublishError> {
     let site = vault.dir.site_id();
     let mut ids: Vec<ChunkId> = Vec::new();
     let mut reader = vault.store.reader();
@@ -188,7 +226,10 @@ pub fn snapshot_chunks(vault: &Vault, snapshot: &SnapshotRecord) -> Result<Vec<C
     let mut data = Vec::new();
     while let Some((_, extent)) = walk
         .next(&mut load)
-        .map_err(|e| anyhow::anyhow!("snapshot {}: {e}", snapshot.id.short()))?
+        .map_err(|source| PublishError::Manifest {
+            snapshot: snapshot.id.short(),
+            source,
+        })?
     {
         if let cairn_protocol::Extent::Data { id, .. } = extent {
             data.push(id);
@@ -203,7 +244,7 @@ pub fn snapshot_chunks(vault: &Vault, snapshot: &SnapshotRecord) -> Result<Vec<C
             .store
             .index()
             .chunk(&id)?
-            .ok_or_else(|| anyhow::anyhow!("chunk {} is missing", hex8(&id.0)))?;
+            .ok_or_else(|| PublishError::ChunkMissing(hex8(&id.0)))?;
         out.push(ChunkRef {
             owner: site,
             id,

@@ -1,6 +1,29 @@
 //! `cairn recover --bootstrap`: fetching a site's wrapped keys from partners as a stranger.
 
-use super::*;
+use std::time::Duration;
+
+use cairn_protocol::identity::SiteId;
+use futures::StreamExt;
+use libp2p::swarm::SwarmEvent;
+use libp2p::{request_response, Multiaddr};
+
+use super::net::{self, BehaviourEvent, Frame, Kind, ANSWER_OK};
+use super::peer_name::PeerName;
+
+/// Why `cairn recover --bootstrap` got no wrapped keys.
+#[derive(Debug, thiserror::Error)]
+pub enum RecoverError {
+    #[error("--bootstrap")]
+    Address(#[source] net::AddressError),
+    #[error("cannot start the network for the partners")]
+    Runtime(#[source] std::io::Error),
+    #[error("cannot start the network for the partners")]
+    Net(#[source] net::NetError),
+    #[error("no node answered at {addresses} within {secs}s")]
+    NoAnswer { addresses: String, secs: u64 },
+    #[error("no node there holds this site's wrapped keys ({0})")]
+    NotHeld(String),
+}
 
 /// How long `cairn recover --bootstrap` waits for the nodes it was given.
 pub(super) const RECOVER_TIMEOUT: Duration = Duration::from_secs(30);
@@ -8,17 +31,18 @@ pub(super) const RECOVER_TIMEOUT: Duration = Duration::from_secs(30);
 /// Asks partner nodes for a site's wrapped-keys record, for `cairn recover` on a fresh
 /// machine. Uses a throwaway identity: the machine has no node certificate yet, and the
 /// record is all a node serves to a stranger.
-pub fn fetch_wrapped_keys(site: &SiteId, addresses: &[String]) -> Result<Vec<u8>> {
+pub fn fetch_wrapped_keys(site: &SiteId, addresses: &[String]) -> Result<Vec<u8>, RecoverError> {
     let addresses: Vec<Multiaddr> = addresses
         .iter()
-        .map(|a| net::multiaddr(a).with_context(|| format!("--bootstrap {a}")))
-        .collect::<Result<_>>()?;
+        .map(|a| net::multiaddr(a).map_err(RecoverError::Address))
+        .collect::<Result<_, _>>()?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
-        .build()?;
+        .build()
+        .map_err(RecoverError::Runtime)?;
     runtime.block_on(async {
         let key = ed25519_dalek::SigningKey::from_bytes(&crate::datadir::random_bytes());
-        let mut swarm = net::swarm(&key, false)?;
+        let mut swarm = net::swarm(&key, false).map_err(RecoverError::Net)?;
         for addr in &addresses {
             let _ = swarm.dial(addr.clone());
         }
@@ -49,7 +73,8 @@ pub fn fetch_wrapped_keys(site: &SiteId, addresses: &[String]) -> Result<Vec<u8>
                         return Ok(response.payload);
                     }
                     refusals.push(format!(
-                        "{peer}: {}",
+                        "{}: {}",
+                        PeerName::of(&peer),
                         String::from_utf8_lossy(&response.payload)
                     ));
                 }
@@ -64,19 +89,15 @@ pub fn fetch_wrapped_keys(site: &SiteId, addresses: &[String]) -> Result<Vec<u8>
             }
         }
         if refusals.is_empty() {
-            anyhow::bail!(
-                "no node answered at {} within {}s",
-                addresses
+            return Err(RecoverError::NoAnswer {
+                addresses: addresses
                     .iter()
                     .map(|a| a.to_string())
                     .collect::<Vec<_>>()
                     .join(", "),
-                RECOVER_TIMEOUT.as_secs()
-            );
+                secs: RECOVER_TIMEOUT.as_secs(),
+            });
         }
-        anyhow::bail!(
-            "no node there holds this site's wrapped keys ({})",
-            refusals.join("; ")
-        )
+        Err(RecoverError::NotHeld(refusals.join("; ")))
     })
 }

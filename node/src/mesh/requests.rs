@@ -1,7 +1,16 @@
 //! `/cairn/1` requests and answers: which kind goes where.
 
-use super::*;
+use std::time::Duration;
+
 use cairn_protocol::admission::AcceptAnswer;
+use cairn_protocol::engine::Message;
+use cairn_protocol::identity::SiteId;
+use cairn_protocol::record::RecordKind;
+use libp2p::{request_response, PeerId};
+use tracing::{debug, warn};
+
+use super::net::{self, Frame, Kind, ANSWER_OK, ANSWER_REFUSED};
+use super::{is_bulk, message_name, now_ms, Node};
 
 impl Node {
     pub(super) fn on_cairn(&mut self, event: request_response::Event<Frame, Frame>) {
@@ -23,7 +32,7 @@ impl Node {
             }
             E::ResponseSent { peer, .. } => self.refusal_sent(peer),
             E::InboundFailure { peer, error, .. } => {
-                debug!("answer to {peer} failed: {error}");
+                debug!("answer to {} failed: {error}", self.name_peer(&peer));
                 self.refusal_sent(peer);
             }
             E::Message {
@@ -38,7 +47,8 @@ impl Node {
                 if let Some(peer) = self.hellos.remove(&request_id) {
                     if response.kind != ANSWER_OK {
                         warn!(
-                            "{peer} refused this node: {}",
+                            "{} refused this node: {}",
+                            self.name_peer(&peer),
                             String::from_utf8_lossy(&response.payload)
                         );
                         let _ = self.swarm.disconnect_peer_id(peer);
@@ -60,7 +70,7 @@ impl Node {
                     self.admission
                         .accept_answered(now_ms(), site, AcceptAnswer::Failed);
                 }
-                debug!("request to {peer} failed: {error}");
+                debug!("request to {} failed: {error}", self.name_peer(&peer));
             }
         }
     }
@@ -105,7 +115,11 @@ impl Node {
                 self.note_seen(node, now);
                 match Message::decode(&request.payload) {
                     Ok(message) => {
-                        tracing::trace!("from {}: {}", short(&node), message_name(&message));
+                        tracing::trace!(
+                            "from {}: {}",
+                            self.name_node(&node),
+                            message_name(&message)
+                        );
                         let wait = if is_bulk(&message) {
                             self.download
                                 .take(request.payload.len() as u64, std::time::Instant::now())
@@ -128,7 +142,7 @@ impl Node {
                         // The engine counts it against the peer and cuts off a peer
                         // that keeps sending them.
                         self.messages_refused += 1;
-                        debug!("malformed message from {}: {e}", short(&node));
+                        debug!("malformed message from {}: {e}", self.name_node(&node));
                         self.engine
                             .handle_message_bytes(node, &request.payload, now);
                         refused("malformed message")
@@ -159,7 +173,10 @@ impl Node {
                     payload,
                 },
                 Err((true, why)) => {
-                    warn!("an invite completion was refused: {why}");
+                    warn!(
+                        "an invite completion from {} was refused: {why}",
+                        self.name_peer(&peer)
+                    );
                     refused(&why)
                 }
                 Err((false, why)) => {

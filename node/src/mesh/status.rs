@@ -1,6 +1,14 @@
 //! What `cairn status`, metrics and `trust list` are told about the mesh.
 
-use super::*;
+use std::collections::HashMap;
+
+use cairn_protocol::engine::ChunkRef;
+use cairn_protocol::identity::SiteId;
+use cairn_protocol::ids::ChunkId;
+
+use super::{hex8, lag, now_ms, storage, MeshStatus, Node, PeerStatus};
+use crate::trust;
+use tracing::warn;
 
 impl Node {
     /// Where each chunk of this site's tracked snapshots is, as the engine knows it: the
@@ -77,15 +85,12 @@ impl Node {
         let Ok(partners) = trust::partners(&self.vault) else {
             return;
         };
-        for partner in partners {
-            let Ok(site) = partner.site_id.parse::<SiteId>() else {
-                continue;
-            };
-            let bytes = by_site.get(&site).copied().unwrap_or(0);
-            if let Err(e) = self.vault.store.set_held_by(&site, bytes) {
-                debug!("cannot note what {site} holds: {e}");
-            }
-        }
+        let held = partners
+            .iter()
+            .filter_map(|partner| partner.site_id.parse::<SiteId>().ok())
+            .map(|site| (site, by_site.get(&site).copied().unwrap_or(0)))
+            .collect();
+        self.storage.note(storage::Note::HeldBy(held));
     }
 
     pub(super) fn status(&self) -> MeshStatus {
@@ -110,7 +115,7 @@ impl Node {
                     name: self
                         .node_cert(&node)
                         .map(|c| c.name)
-                        .unwrap_or_else(|| short(&node)),
+                        .unwrap_or_else(|| crate::status::short_node_id(&node)),
                     state,
                     connected: link.is_some_and(|l| l.ready && l.connections > 0),
                     last_seen_unix_ms: link.and_then(|l| l.last_seen_unix_ms),
@@ -144,6 +149,8 @@ impl Node {
                 .into_iter()
                 .map(|(site, _)| site)
                 .collect(),
+            lag: self.lag.clone(),
+            disk_waits_on_loop: lag::disk_waits_on_loop(),
         }
     }
 }

@@ -8,6 +8,12 @@
 //! is the site's second node, or its pack was lost and fetched back) has its signature
 //! checked and dropped before it is written, so verify, restore and dedup use it as
 //! their own.
+//!
+//! The node's own bookkeeping (a snapshot confirmed at R, when a site was last heard
+//! from, what partners hold) comes here too, as `Note`s: every index commit waits for an
+//! fsync, and on the node's loop that wait stalls every peer (issue 14's 11 s pings).
+//! None of it is something the engine or a peer relies on having been persisted: a
+//! note lost in a crash is counted or confirmed again after the restart.
 
 use std::sync::{Arc, Mutex};
 
@@ -31,9 +37,28 @@ pub enum Done {
     Read { op: u64, blob: Option<Vec<u8>> },
 }
 
+/// What the node's loop writes without waiting: applied with the next batch, answered
+/// to no one.
+#[derive(Debug)]
+pub enum Note {
+    /// Catalog entries to set (a snapshot confirmed at R sites).
+    Catalog(Vec<(Vec<u8>, Vec<u8>)>),
+    /// `site` was heard from at this time (`cairn trust list`'s last seen).
+    Seen { site: SiteId, now_unix_ms: u64 },
+    /// This site's bytes each partner holds (`cairn trust list`'s they hold for us).
+    HeldBy(Vec<(SiteId, u64)>),
+}
+
+/// What the storage thread is given: the engine's ops, and the loop's notes.
+#[derive(Debug)]
+pub enum Job {
+    Engine(StorageOp),
+    Note(Note),
+}
+
 /// What the node's loop keeps: where to send ops.
 pub struct Storage {
-    ops: Sender<StorageOp>,
+    ops: Sender<Job>,
 }
 
 impl Storage {
@@ -54,14 +79,19 @@ impl Storage {
 
     pub fn submit(&self, op: StorageOp) {
         // The thread ends only when this sender is dropped.
-        let _ = self.ops.send(op);
+        let _ = self.ops.send(Job::Engine(op));
+    }
+
+    /// Hands the node's bookkeeping to the storage thread: the loop never waits for it.
+    pub fn note(&self, note: Note) {
+        let _ = self.ops.send(Job::Note(note));
     }
 }
 
 fn run(
     vault: &Vault,
     write_lock: &Mutex<()>,
-    rx: &Receiver<StorageOp>,
+    rx: &Receiver<Job>,
     done: &tokio::sync::mpsc::UnboundedSender<Done>,
 ) {
     let own = vault.dir.site_id();
@@ -77,7 +107,19 @@ fn run(
         let mut writes = Vec::new();
         let mut batch = IndexBatch::default();
         let mut held_delta: Vec<(SiteId, i64)> = Vec::new();
-        for op in ops {
+        let mut notes = Vec::new();
+        for job in ops {
+            let op = match job {
+                Job::Engine(op) => op,
+                Job::Note(Note::Catalog(entries)) => {
+                    batch.catalog.extend(entries);
+                    continue;
+                }
+                Job::Note(note) => {
+                    notes.push(note);
+                    continue;
+                }
+            };
             match op {
                 StorageOp::Write {
                     op,
@@ -138,6 +180,23 @@ fn run(
                 ok: ok && committed,
             });
         }
+        for note in notes {
+            apply_note(vault, note);
+        }
+    }
+}
+
+/// The counters of `cairn trust list`, after the batch's completions went out.
+fn apply_note(vault: &Vault, note: Note) {
+    let result = match note {
+        Note::Catalog(_) => Ok(()), // part of the batch
+        Note::Seen { site, now_unix_ms } => vault.store.note_seen(&site, now_unix_ms),
+        Note::HeldBy(held) => held
+            .iter()
+            .try_for_each(|(site, bytes)| vault.store.set_held_by(site, *bytes)),
+    };
+    if let Err(e) = result {
+        tracing::debug!("cannot note what trust list shows: {e}");
     }
 }
 
@@ -325,7 +384,12 @@ pub fn held_chunks(vault: &Vault) -> Result<Vec<ChunkRef>, StoreError> {
 
 #[cfg(test)]
 pub(crate) mod tests {
-    use super::*;
+    use cairn_protocol::identity::SiteId;
+    use cairn_protocol::ids::ChunkId;
+
+    use super::{held_chunks, migrate_own_blobs, own_blob, owner_of, write_chunks, Note, Storage};
+    use crate::store::{IndexBatch, KEY_HELD_CHUNK};
+    use crate::vault::Vault;
     use cairn_protocol::seal::{Opener, Sealer};
 
     /// A vault in a temp dir and one sealed chunk of its site.
@@ -360,6 +424,44 @@ pub(crate) mod tests {
         vault
             .load_chunk(&mut reader, &mut Opener::new(), id)
             .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn the_loops_notes_are_written_by_the_storage_thread() {
+        let (_tmp, vault, _, _, _) = vault_with_chunk();
+        let vault = std::sync::Arc::new(vault);
+        let (done_tx, _done_rx) = tokio::sync::mpsc::unbounded_channel();
+        let storage = Storage::start(
+            vault.clone(),
+            std::sync::Arc::new(std::sync::Mutex::new(())),
+            done_tx,
+        );
+        let partner = SiteId([5; 32]);
+        storage.note(Note::Catalog(vec![(b"acked/test".to_vec(), vec![1])]));
+        storage.note(Note::Seen {
+            site: partner,
+            now_unix_ms: 1_000,
+        });
+        storage.note(Note::HeldBy(vec![(partner, 4096)]));
+        // The thread writes them in its next batch; wait for it, boundedly.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let usage = vault.store.usage(&partner).expect("usage");
+            let acked = vault.store.index().catalog_get(b"acked/test").expect("get");
+            if usage.last_seen_unix_ms == Some(1_000)
+                && usage.held_by_them_bytes == 4096
+                && acked == Some(vec![1])
+            {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the notes were not written: {acked:?}, {:?}, {}",
+                usage.last_seen_unix_ms,
+                usage.held_by_them_bytes
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
     }
 
     #[test]

@@ -1,10 +1,15 @@
 //! Sending: engine messages to connected peers, queued behind a dial or the upload limit.
 
-use super::*;
+use cairn_protocol::engine::Message;
+use cairn_protocol::identity::NodeId;
+use libp2p::PeerId;
+
+use super::net::{Frame, Kind};
+use super::{is_bulk, message_name, now_ms, Node, OUTBOX_MESSAGES_MAX};
 
 impl Node {
     pub(super) fn transmit(&mut self, to: NodeId, message: Message) {
-        tracing::trace!("to {}: {}", short(&to), message_name(&message));
+        tracing::trace!("to {}: {}", self.name_node(&to), message_name(&message));
         if let Some(peer) = self.peer_of_node.get(&to).copied() {
             if self.links.get(&peer).is_some_and(|l| l.ready) {
                 self.send_mesh(peer, &message);

@@ -25,7 +25,7 @@ use cairn_protocol::{ChunkId, Extent, SnapshotRecord};
 use super::{ImageStatus, NodeStatus, PartnerHeld, PeerStatus, SiteCopies, SnapshotSummary};
 use crate::mesh::MeshStatus;
 use crate::records;
-use crate::store::{IndexBatch, StoreError};
+use crate::store::StoreError;
 use crate::units::now_unix_ms;
 use crate::vault::{Vault, VaultError};
 
@@ -218,17 +218,14 @@ pub fn copies_record(
             })
             .collect(),
     };
-    let record = records::sign_next(
+    // Stored by the engine's `SaveRecord`, on the storage thread: the mesh's loop
+    // never waits for the disk.
+    records::sign_next(
         vault,
         RecordKind::SnapshotCopies,
         snapshot_key,
         body.encode(),
-    )?;
-    vault.store.index().commit(IndexBatch {
-        catalog: vec![records::entry(&record)],
-        ..IndexBatch::default()
-    })?;
-    Ok(record)
+    )
 }
 
 /// An image whose copies this node cannot tell (made on the site's other node) from
@@ -290,6 +287,10 @@ pub fn build(vault: &Vault, m: &MeshStatus) -> Result<NodeStatus, VaultError> {
     let mut status = NodeStatus::empty(vault, now);
     status.listen_addresses = m.listen.clone();
     status.uptime_ms = m.uptime_ms;
+    status.loop_busy_max_ms = m.lag.busy_max.as_millis() as u64;
+    status.loop_busy_max_in = (!m.lag.busy_max_in.is_empty()).then(|| m.lag.busy_max_in.into());
+    status.loop_late_max_ms = m.lag.late_max.as_millis() as u64;
+    status.loop_disk_waits = m.disk_waits_on_loop;
     status.upload_limit_bytes_per_sec = m.upload_limit;
     status.download_limit_bytes_per_sec = m.download_limit;
     let mut partners: BTreeMap<SiteId, (u64, u64)> = BTreeMap::new();
@@ -399,7 +400,18 @@ mod tests {
             (200, vec![own, partner]),
             (50, vec![own, partner]),
         ];
-        copies_record(&vault, key, 2, &chunks, 9_000).unwrap();
+        let commit = |record: Record| {
+            use crate::store::IndexBatch;
+            vault
+                .store
+                .index()
+                .commit(IndexBatch {
+                    catalog: vec![records::entry(&record)],
+                    ..IndexBatch::default()
+                })
+                .unwrap()
+        };
+        commit(copies_record(&vault, key, 2, &chunks, 9_000).unwrap());
         let image = checking(&vault);
         assert_eq!(image.chunks, 3);
         assert_eq!(image.chunks_at_target, 3);
@@ -416,7 +428,7 @@ mod tests {
         expected.sort();
         assert_eq!(copies, expected);
         // Signed again later (a new version), it still reads.
-        copies_record(&vault, key, 2, &chunks[..2], 10_000).unwrap();
+        commit(copies_record(&vault, key, 2, &chunks[..2], 10_000).unwrap());
         assert_eq!(checking(&vault).chunks, 2);
     }
 

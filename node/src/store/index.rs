@@ -228,6 +228,7 @@ impl MetaIndex for SledIndex {
             sled_batch.insert(key(PREFIX_CATALOG, k), v.as_slice());
         }
         self.db.apply_batch(sled_batch).map_err(index_error)?;
+        crate::mesh::lag::note_disk_wait("an index commit");
         self.db.flush().map_err(index_error)?;
         Ok(())
     }
@@ -297,6 +298,7 @@ impl MetaIndex for SledIndex {
         if let Some(e) = malformed.take() {
             return Err(e);
         }
+        crate::mesh::lag::note_disk_wait("an index counter update");
         self.db.flush().map_err(index_error)?;
         decode_counter(&stored.expect("the update always stores a value"))
     }

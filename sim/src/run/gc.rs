@@ -45,7 +45,11 @@ impl Run {
             .filter(|s| s.acked_us.is_some() && s.forgotten_us.is_none())
             .map(|s| s.key)
             .collect();
-        let n_acked = image.snapshots.iter().filter(|s| s.acked_us.is_some()).count();
+        let n_acked = image
+            .snapshots
+            .iter()
+            .filter(|s| s.acked_us.is_some())
+            .count();
         let by_hand = forget_newest_every
             .filter(|every| {
                 *every > 0
