@@ -97,6 +97,8 @@ counters! {
     false gc_statements,
     false gc_revived_batches,
     false gc_restate_skipped,
+    /// Batches a prune left out of its statement because its node did not know their ids.
+    false gc_batch_dropped_unknown,
     false gc_swept,
     false gc_collected,
     false gc_garbage_left_at_partners,

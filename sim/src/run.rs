@@ -431,6 +431,7 @@ fn take_snapshot(world: &mut World, image: &mut Image) -> Option<usize> {
     world.signed(record.clone());
     let now_ms = world.now_us / 1000;
     let engine = world.nodes[node].engine.as_mut().expect("live node");
+    let basis_before = engine.catalog().snapshot_digest(&owner);
     engine
         .handle_new_snapshot(record, &chunks, now_ms)
         .expect("the site's own snapshot record is valid");
@@ -446,7 +447,7 @@ fn take_snapshot(world: &mut World, image: &mut Image) -> Option<usize> {
     if skip > 0.0 && world.rng.chance(skip) {
         world.coverage.gc_restate_skipped += 1;
     } else {
-        gc::restate(world, node, &used);
+        gc::restate(world, node, basis_before, &used);
         world.pump(node);
     }
     image.snapshots.push(Snapshot {

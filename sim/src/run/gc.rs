@@ -98,6 +98,13 @@ impl Run {
         }
         let key = self.world.sites[site].key.clone();
         let now_us = self.world.now_us;
+        let owner = self.world.sites[site].id;
+        let basis_before = self.world.nodes[node]
+            .engine
+            .as_ref()
+            .expect("live")
+            .catalog()
+            .snapshot_digest(&owner);
         for snapshot_key in forget {
             let body = Tombstone {
                 forgotten_unix_ms: now_us / 1000,
@@ -134,8 +141,9 @@ impl Run {
             }
             self.world.coverage.gc_forgotten += 1;
         }
-        // Tombstones only take liveness away: the same batches, on the new basis.
-        restate(&mut self.world, node, &BTreeSet::new());
+        // Tombstones only take liveness away: the same batches, on the new basis, if
+        // they were right for this node's view before them.
+        restate(&mut self.world, node, basis_before, &BTreeSet::new());
         self.world.pump(node);
     }
 
@@ -191,10 +199,34 @@ impl Run {
             .collect();
         let new: Vec<ChunkId> = dead.into_iter().filter(|id| !listed.contains(id)).collect();
         let now_ms = self.world.now_us / 1000;
-        let mut batches: Vec<BatchRef> = statement.map(|s| s.batches).unwrap_or_default();
-        // Retirement: a batch leaves once every holder has had long enough with it.
+        // The batches in force are restated only as far as this mark vouches for them:
+        // any id a kept snapshot uses leaves its batch (a commit whose restate was lost,
+        // rule O3, may use it), and a batch whose ids this node does not know is dropped.
         let retire_ms = self.retire_after_ms();
-        batches.retain(|b| now_ms.saturating_sub(b.listed_unix_ms) < retire_ms);
+        let mut in_force = Vec::new();
+        for batch in statement.map(|s| s.batches).unwrap_or_default() {
+            // Retirement: a batch leaves once every holder has had long enough with it.
+            if now_ms.saturating_sub(batch.listed_unix_ms) >= retire_ms {
+                continue;
+            }
+            match engine.gc_batch(&owner, &batch.id) {
+                Some(ids) => in_force.push((batch, ids.to_vec())),
+                None => self.world.coverage.gc_batch_dropped_unknown += 1,
+            }
+        }
+        let sizes = &self.world.chunk_sizes;
+        let revived = gc::revive(&in_force, &live, |id| sizes.get(id).copied().unwrap_or(0));
+        if revived.iter().map(|(b, _)| b.id).ne(in_force.iter().map(|(b, _)| b.id)) {
+            self.world.coverage.gc_revived_batches += 1;
+        }
+        let mut batches = Vec::with_capacity(revived.len());
+        for (batch, ids) in revived {
+            let engine = self.world.nodes[node].engine.as_mut().expect("live");
+            if engine.gc_batch(&owner, &batch.id).is_none() {
+                engine.handle_gc_batch(ids, now_ms);
+            }
+            batches.push(batch);
+        }
         for (_, ids) in gc::cut_batches(&new) {
             if batches.len() >= GC_BATCHES_MAX {
                 break; // the rest waits for the next prune, once old batches retire
@@ -288,12 +320,25 @@ impl Run {
 
 /// O3: right after node `node` committed a snapshot using `used`, the statement is
 /// restated on its new basis, without those ids. Called with nothing used after a forget.
-pub(super) fn restate(world: &mut World, node: usize, used: &BTreeSet<ChunkId>) {
+/// Only a statement that was right for this node's view just before (`basis_before`, its
+/// snapshot digest then) can be carried over so: one signed on another view may list ids
+/// of a snapshot this node knows and the statement's signer did not, and only a prune's
+/// full mark can tell.
+pub(super) fn restate(
+    world: &mut World,
+    node: usize,
+    basis_before: u64,
+    used: &BTreeSet<ChunkId>,
+) {
     let owner = world.sites[world.nodes[node].site].id;
     let engine = world.nodes[node].engine.as_ref().expect("live");
     let Some(statement) = engine.gc_statement(&owner) else {
         return;
     };
+    if statement.basis != basis_before {
+        world.coverage.gc_restate_skipped += 1;
+        return;
+    }
     let mut known = Vec::new();
     for batch in &statement.batches {
         match engine.gc_batch(&owner, &batch.id) {
