@@ -94,6 +94,8 @@ counters! {
     /// Chunks a backup used while the statement in force listed them.
     false gc_dedup_of_listed,
     false gc_prunes,
+    /// Prunes left for later because a backup ran on their node.
+    false gc_prune_waited_for_backup,
     false gc_statements,
     false gc_revived_batches,
     false gc_restate_skipped,

@@ -69,6 +69,10 @@ pub struct Image {
     pub change: f64,
     pub every_us: u64,
     pub snapshots: Vec<Snapshot>,
+    /// Its index in the scenario.
+    pub index: usize,
+    /// A backup that takes time, between its start and its commit: the node and chunks.
+    pub in_progress: Option<(usize, Vec<ChunkRef>)>,
     /// The count of acknowledged snapshots at which the newest was last forgotten by
     /// hand (`forget_newest_every`).
     pub forgot_newest_at: usize,
@@ -93,6 +97,8 @@ impl Image {
             change: spec.change_per_snapshot,
             every_us: hours_us(spec.snapshot_every_hours),
             snapshots: Vec::new(),
+            index: idx,
+            in_progress: None,
             forgot_newest_at: 0,
             rng: rng.fork(),
             generation: 0,
@@ -283,6 +289,11 @@ impl Run {
                     }
                 }
             }
+            Ev::Commit(idx) => {
+                if let Some(taken) = finish_backup(world, &mut images[idx]) {
+                    snapshot_events.push((idx, taken));
+                }
+            }
             Ev::Check => {
                 pending_checks = true;
                 let next = world.now_us + HOUR_US;
@@ -388,6 +399,9 @@ impl Run {
 /// A backup at the image's site: the new chunks are written to one live node's disk, and
 /// its engine is handed the snapshot record and chunk list.
 fn take_snapshot(world: &mut World, image: &mut Image) -> Option<usize> {
+    if image.in_progress.is_some() {
+        return None; // the last backup is still running
+    }
     // The backup runs on an honest machine of the office when there is one. At the heal's
     // instant, not on one the heal is about to retire when another is up: the wipe would
     // take the snapshot's record before any gossip, while the office had a machine to
@@ -401,8 +415,31 @@ fn take_snapshot(world: &mut World, image: &mut Image) -> Option<usize> {
         .or(live.first())?;
     let owner = world.sites[image.site].id;
     let chunks = image.next_version(owner);
-    for chunk in &chunks {
-        let body = world.register_chunk(image.site, chunk);
+    write_backup(world, node, owner, image.site, &chunks);
+    let minutes = world.scenario.images[image.index].backup_minutes;
+    if minutes > 0.0 {
+        // Deduplicated against the disk now; the record and the engine at the end.
+        let at = world.now_us + (minutes * 60e6) as u64;
+        world.schedule(at, Ev::Commit(image.index));
+        image.in_progress = Some((node, chunks));
+        return None;
+    }
+    commit_snapshot(world, image, node, chunks)
+}
+
+/// The end of a backup that took time: its node commits it, if it is still up.
+pub(crate) fn finish_backup(world: &mut World, image: &mut Image) -> Option<usize> {
+    let (node, chunks) = image.in_progress.take()?;
+    if world.nodes[node].engine.is_none() {
+        return None; // crashed mid-backup: no snapshot, its chunks stay on the disk
+    }
+    commit_snapshot(world, image, node, chunks)
+}
+
+/// The new chunks of a backup written to its node's disk.
+fn write_backup(world: &mut World, node: usize, owner: SiteId, site: usize, chunks: &[ChunkRef]) {
+    for chunk in chunks {
+        let body = world.register_chunk(site, chunk);
         if !world.nodes[node].disk.chunks.contains_key(&chunk.id) {
             world.add_copy(
                 node,
@@ -417,6 +454,16 @@ fn take_snapshot(world: &mut World, image: &mut Image) -> Option<usize> {
             );
         }
     }
+}
+
+/// The commit: the snapshot record signed and handed, with its chunks, to the engine.
+fn commit_snapshot(
+    world: &mut World,
+    image: &mut Image,
+    node: usize,
+    chunks: Vec<ChunkRef>,
+) -> Option<usize> {
+    let owner = world.sites[image.site].id;
     let mut key = [0u8; 32];
     world.rng.fill(&mut key[..16]);
     let mut body = vec![0u8; 64];

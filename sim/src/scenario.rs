@@ -135,6 +135,10 @@ pub struct ImageSpec {
     /// backup then dedups against chunks the next prune lists as garbage.
     #[serde(default)]
     pub forget_newest_every: Option<u32>,
+    /// How long a backup takes: it deduplicates against its node's disk at the start and
+    /// commits (signs its record, hands its chunks to the engine) at the end.
+    #[serde(default)]
+    pub backup_minutes: f64,
 }
 
 fn default_change() -> f64 {

@@ -47,6 +47,7 @@ pub fn scenario_for_seed(seed: u64) -> Scenario {
         images.push(ImageSpec {
             keep_last: None,
             forget_newest_every: None,
+            backup_minutes: 0.0,
             site: site.clone(),
             name: format!("image{i}"),
             size_gib: [0.1, 0.25, 0.5][rng.below(3) as usize],

@@ -155,6 +155,8 @@ pub enum Ev {
     Drill,
     /// A site prunes (the site's index).
     Prune(usize),
+    /// A backup of an image that took `backup_minutes` commits (the image's index).
+    Commit(usize),
 }
 
 enum Completion {

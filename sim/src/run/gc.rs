@@ -152,6 +152,16 @@ impl Run {
         let Some(node) = honest_live_node(&self.world, site, turn) else {
             return;
         };
+        // A node's backup holds its store's lock from its first dedup to its commit: a
+        // prune there waits (here: is left for the next one).
+        if self
+            .images
+            .iter()
+            .any(|i| i.in_progress.as_ref().is_some_and(|(n, _)| *n == node))
+        {
+            self.world.coverage.gc_prune_waited_for_backup += 1;
+            return;
+        }
         let owner = self.world.sites[site].id;
         let engine = self.world.nodes[node].engine.as_ref().expect("live");
         // Mark: every kept snapshot of the site this node knows of.
@@ -216,7 +226,11 @@ impl Run {
         }
         let sizes = &self.world.chunk_sizes;
         let revived = gc::revive(&in_force, &live, |id| sizes.get(id).copied().unwrap_or(0));
-        if revived.iter().map(|(b, _)| b.id).ne(in_force.iter().map(|(b, _)| b.id)) {
+        if revived
+            .iter()
+            .map(|(b, _)| b.id)
+            .ne(in_force.iter().map(|(b, _)| b.id))
+        {
             self.world.coverage.gc_revived_batches += 1;
         }
         let mut batches = Vec::with_capacity(revived.len());
@@ -324,12 +338,7 @@ impl Run {
 /// snapshot digest then) can be carried over so: one signed on another view may list ids
 /// of a snapshot this node knows and the statement's signer did not, and only a prune's
 /// full mark can tell.
-pub(super) fn restate(
-    world: &mut World,
-    node: usize,
-    basis_before: u64,
-    used: &BTreeSet<ChunkId>,
-) {
+pub(super) fn restate(world: &mut World, node: usize, basis_before: u64, used: &BTreeSet<ChunkId>) {
     let owner = world.sites[world.nodes[node].site].id;
     let engine = world.nodes[node].engine.as_ref().expect("live");
     let Some(statement) = engine.gc_statement(&owner) else {
