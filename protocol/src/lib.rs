@@ -26,6 +26,7 @@ pub mod blob;
 pub mod catalog;
 pub mod chunk;
 pub mod codec;
+pub mod dialer;
 pub mod engine;
 pub mod humanid;
 pub mod identity;

@@ -277,6 +277,8 @@ impl Run {
             | Ev::SaveImage(_)
             | Ev::HostileTick(_)
             | Ev::OutsiderTick
+            | Ev::AdmissionTimer { .. }
+            | Ev::StrangerDue { .. }
             | Ev::LoseWrites(_) => unreachable!("world handles these"),
         });
         for (image, snapshot) in snapshot_events {
