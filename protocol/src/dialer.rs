@@ -197,6 +197,11 @@ impl<P: Copy + Ord> Dialer<P> {
         self.actions.pop_front()
     }
 
+    /// Whether a dial to `peer` is under way.
+    pub fn is_dialing(&self, peer: &P) -> bool {
+        self.peers.get(peer).is_some_and(|p| p.state == State::Dialing)
+    }
+
     /// The time the next dial to `peer` may start, if it is waiting after failures.
     pub fn next_dial_ms(&self, peer: &P) -> Option<u64> {
         self.peers

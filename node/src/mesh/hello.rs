@@ -79,6 +79,9 @@ impl Node {
         if net::peer_id(&node) != Some(peer) {
             return Err("the certificate is for another node key".into());
         }
+        if cert.verify_signature().is_ok() {
+            self.admission.hello_claimed(peer, site);
+        }
         let own = self.vault.dir.site_id();
         let (ours, theirs): (Vec<Record>, Vec<Record>) =
             records.into_iter().partition(|r| r.author == own);

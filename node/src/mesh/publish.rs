@@ -39,10 +39,22 @@ impl Node {
                 }
             }
         }
+        // A grant to a site (an invite accepted or completed): its nodes refused before
+        // are let in and dialed now, not when a block runs out.
+        let granted: Vec<SiteId> = records
+            .iter()
+            .filter(|r| r.kind == RecordKind::TrustGrant && r.author == own)
+            .filter_map(|r| TrustGrant::decode(&r.body).ok())
+            .filter(|g| !g.revoked)
+            .map(|g| g.grantee)
+            .collect();
         for record in records {
             if let Err(e) = self.engine.handle_local_record(record, now) {
                 warn!("a record of this site was refused: {e}");
             }
+        }
+        for site in granted {
+            self.admission.trust_granted(now, site);
         }
     }
 
