@@ -85,21 +85,22 @@ fn a_site_refused_before_it_accepted_completes_its_invite_at_once() -> Result<()
     let mut d1 = mesh.stranger("d1", "Delta")?;
     d1.start(&[c1.address()])?;
     wait_for(Duration::from_secs(30), "C to refuse D's hello", || {
-        Ok(c1
-            .log_text()
-            .lines()
-            .any(|l| l.contains("refused 12D3Koo")))
+        Ok(c1.log_text().lines().any(|l| l.contains("refused 12D3Koo")))
     })
     .with_context(|| format!("{}\n{}", c1.log_tail(), d1.log_tail()))?;
 
     let invite = c1.ok(&["trust", "invite", "--quota", "1GB"])?;
     let token = token(&invite)?;
     d1.ok(&["trust", "accept", &token, "--quota", "1GB", "--yes"])?;
-    wait_for(Duration::from_secs(30), "the invite to complete after the refusal", || {
-        Ok(partners(c1)?.as_array().map_or(0, |l| l.len()) == 1
-            && n_peers(c1) == 1
-            && n_peers(&d1) == 1)
-    })
+    wait_for(
+        Duration::from_secs(30),
+        "the invite to complete after the refusal",
+        || {
+            Ok(partners(c1)?.as_array().map_or(0, |l| l.len()) == 1
+                && n_peers(c1) == 1
+                && n_peers(&d1) == 1)
+        },
+    )
     .with_context(|| format!("{}\n{}", c1.log_tail(), d1.log_tail()))?;
     Ok(())
 }

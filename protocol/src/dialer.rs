@@ -199,7 +199,9 @@ impl<P: Copy + Ord> Dialer<P> {
 
     /// Whether a dial to `peer` is under way.
     pub fn is_dialing(&self, peer: &P) -> bool {
-        self.peers.get(peer).is_some_and(|p| p.state == State::Dialing)
+        self.peers
+            .get(peer)
+            .is_some_and(|p| p.state == State::Dialing)
     }
 
     /// The time the next dial to `peer` may start, if it is waiting after failures.

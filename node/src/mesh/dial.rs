@@ -69,7 +69,11 @@ impl Node {
             .filter(|(_, p)| **p == peer)
             .map(|(n, _)| *n);
         for node in nodes {
-            for text in self.node_cert(&node).map(|c| c.addresses).unwrap_or_default() {
+            for text in self
+                .node_cert(&node)
+                .map(|c| c.addresses)
+                .unwrap_or_default()
+            {
                 if let Ok(addr) = net::multiaddr(&text) {
                     if !addresses.contains(&addr) {
                         addresses.push(addr);

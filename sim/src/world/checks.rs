@@ -237,7 +237,11 @@ impl World {
 
     /// Whether `site` grants the partner's partner (D) trust now.
     fn trusts_partners_partner(&self, site: usize) -> bool {
-        let Some(pp) = self.outsider.as_ref().and_then(|o| o.partners_partner.as_ref()) else {
+        let Some(pp) = self
+            .outsider
+            .as_ref()
+            .and_then(|o| o.partners_partner.as_ref())
+        else {
             return true;
         };
         self.truth
@@ -609,7 +613,11 @@ mod tests {
             },
         );
         world.check_stranger(node, 1 << 50);
-        assert_eq!(violations(world, "admission"), 0, "at the deadline, not past it");
+        assert_eq!(
+            violations(world, "admission"),
+            0,
+            "at the deadline, not past it"
+        );
         world.now_us += 1;
         world.check_stranger(node, 1 << 50);
         assert_eq!(violations(world, "admission"), 1, "{:?}", world.violations);
@@ -640,8 +648,8 @@ mod tests {
     }
 
     #[test]
-    fn invariant_8_fires_on_anything_sent_to_the_partners_partner_by_a_site_that_never_trusted_it(
-    ) {
+    fn invariant_8_fires_on_anything_sent_to_the_partners_partner_by_a_site_that_never_trusted_it()
+    {
         let mut run = world();
         let world = &mut run.world;
         let pp = world
@@ -666,12 +674,27 @@ mod tests {
         // D's one partner may send it its own records.
         let message = records_of(world, partner);
         world.check_outgoing(partner_node, &pp_id, &message);
-        assert_eq!(violations(world, "invariant 8"), 0, "{:?}", world.violations);
+        assert_eq!(
+            violations(world, "invariant 8"),
+            0,
+            "{:?}",
+            world.violations
+        );
         // A site that never trusted D: anything it sends, and its records from anyone.
         let message = records_of(world, stranger_site);
         world.check_outgoing(partner_node, &pp_id, &message);
-        assert_eq!(violations(world, "invariant 8"), 1, "{:?}", world.violations);
+        assert_eq!(
+            violations(world, "invariant 8"),
+            1,
+            "{:?}",
+            world.violations
+        );
         world.check_outgoing(stranger_node, &pp_id, &message);
-        assert_eq!(violations(world, "invariant 8"), 3, "{:?}", world.violations);
+        assert_eq!(
+            violations(world, "invariant 8"),
+            3,
+            "{:?}",
+            world.violations
+        );
     }
 }
