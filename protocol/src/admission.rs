@@ -227,9 +227,15 @@ impl<C: Copy + Ord, P: Copy + Ord> Admission<C, P> {
         }
     }
 
-    /// The peer's hello carried a certificate that `site` really signed (trusted or
-    /// not). Call before `hello_passed` or `hello_refused`.
-    pub fn hello_claimed(&mut self, peer: P, site: SiteId) {
+    /// What the peer's hello presented: a certificate that `Some(site)` really signed
+    /// (trusted or not), or `None` for one whose signature fails. Call at every hello,
+    /// before `hello_passed` or `hello_refused`: a peer that once showed a genuine
+    /// certificate and now a forged one is treated as the forger it is now.
+    pub fn hello_presented(&mut self, peer: P, site: Option<SiteId>) {
+        let Some(site) = site else {
+            self.claimed.remove(&peer);
+            return;
+        };
         self.claimed_seq += 1;
         self.claimed.insert(peer, (site, self.claimed_seq));
         if self.claimed.len() > self.config.claimed_max {
@@ -624,7 +630,7 @@ mod tests {
         let mut a = A::new(AdmissionConfig::default());
         // D's node dials C before D has accepted C's invite: C does not trust D yet.
         a.connection_opened(0, 1, 7, ip(1));
-        a.hello_claimed(7, site_d);
+        a.hello_presented(7, Some(site_d));
         a.hello_refused(10, 7);
         assert_eq!(
             actions(&mut a),
@@ -664,6 +670,26 @@ mod tests {
     }
 
     #[test]
+    fn a_peer_that_showed_a_genuine_certificate_and_then_a_forged_one_is_blocked() {
+        let mut a = A::new(AdmissionConfig::default());
+        a.connection_opened(0, 1, 7, ip(1));
+        a.hello_presented(7, Some(SiteId([4; 32])));
+        a.hello_refused(10, 7);
+        actions(&mut a);
+        a.connection_closed(1);
+        a.connection_opened(20, 2, 7, ip(1));
+        a.hello_presented(7, None);
+        a.hello_refused(30, 7);
+        assert_eq!(
+            actions(&mut a),
+            vec![Action::Block {
+                peer: 7,
+                until_ms: 60_030
+            }]
+        );
+    }
+
+    #[test]
     fn claimed_sites_are_bounded() {
         let config = AdmissionConfig {
             claimed_max: 2,
@@ -671,7 +697,7 @@ mod tests {
         };
         let mut a = A::new(config);
         for peer in 0..3 {
-            a.hello_claimed(peer, SiteId([9; 32]));
+            a.hello_presented(peer, Some(SiteId([9; 32])));
         }
         a.trust_granted(0, SiteId([9; 32]));
         // The oldest (peer 0) was forgotten.

@@ -88,9 +88,9 @@ impl World {
         let site = cert.author;
         let genuine = cert.verify_signature().is_ok()
             && NodeCert::decode(&cert.body).is_ok_and(|c| c.node == from_id && c.site == site);
-        if genuine {
-            self.nodes[to].admission.hello_claimed(from, site);
-        }
+        self.nodes[to]
+            .admission
+            .hello_presented(from, genuine.then_some(site));
         let engine = self.nodes[to].engine.as_mut().expect("delivering to it");
         let accepted = engine.handle_connect(from_id, cert, now_ms).is_ok();
         self.stats.engine_calls += 1;
