@@ -10,7 +10,13 @@
 //!   [`AdmissionConfig::hello_deadline_ms`], or it is closed;
 //! - connections from one remote address, and connections still before their hello, are
 //!   bounded: past either bound a new connection is closed at once;
-//! - a peer refused at hello is blocked for [`AdmissionConfig::block_ms`];
+//! - a peer refused at hello is blocked for [`AdmissionConfig::block_ms`], unless its
+//!   certificate was genuine and only its site is not trusted (yet): then its connections
+//!   are closed but it is not kept out, since a block would also keep out the connection
+//!   on which it completes an invite of this site's;
+//! - when this site grants trust to a site (an invite accepted or completed), every peer
+//!   refused or blocked as that site's node is let in again and dialed at once, so trust
+//!   that arrives after a refusal takes effect now, not when a block runs out;
 //! - an accepted invite is asked to complete on every connection to the inviting site,
 //!   and again every [`AdmissionConfig::retry_ms`]; a definite refusal stops it for good
 //!   and is persisted.
@@ -33,6 +39,9 @@ pub struct AdmissionConfig {
     pub block_ms: u64,
     /// How often an unfinished invite completion is asked again.
     pub retry_ms: u64,
+    /// Peers remembered with the site their genuine certificate named, for
+    /// [`Admission::trust_granted`]; past it the oldest remembered is forgotten.
+    pub claimed_max: usize,
 }
 
 impl Default for AdmissionConfig {
@@ -43,6 +52,7 @@ impl Default for AdmissionConfig {
             pending_max: 64,
             block_ms: 60_000,
             retry_ms: 5_000,
+            claimed_max: 4_096,
         }
     }
 }
@@ -56,6 +66,8 @@ pub enum CloseReason {
     AddressFull,
     /// Too many connections waiting for their hello.
     PendingFull,
+    /// Its hello was refused: its site is not trusted (yet), or it was blocked.
+    Refused,
 }
 
 impl std::fmt::Display for CloseReason {
@@ -64,6 +76,7 @@ impl std::fmt::Display for CloseReason {
             CloseReason::HelloDeadline => "no hello from a trusted site's node in time",
             CloseReason::AddressFull => "too many connections from its address",
             CloseReason::PendingFull => "too many connections waiting for their hello",
+            CloseReason::Refused => "its hello was refused",
         })
     }
 }
@@ -77,6 +90,8 @@ pub enum Action<C, P> {
     Block { peer: P, until_ms: u64 },
     /// Let this peer connect again.
     Unblock { peer: P },
+    /// Dial this peer now: this site has just come to trust its site.
+    Dial { peer: P },
     /// Ask the inviting site to complete the invite this site accepted, on this
     /// connection (which reaches one of the inviter's nodes).
     SendAccept { conn: C, inviter: SiteId },
@@ -127,6 +142,10 @@ pub struct Admission<C, P> {
     invites: BTreeMap<SiteId, Pending<C>>,
     /// Which site each admitted peer's node belongs to.
     site_of: BTreeMap<P, SiteId>,
+    /// The site each peer's genuine certificate named (admitted or not), with a sequence
+    /// number to forget the oldest past `claimed_max`.
+    claimed: BTreeMap<P, (SiteId, u64)>,
+    claimed_seq: u64,
     actions: std::collections::VecDeque<Action<C, P>>,
     closed_by_reason: BTreeMap<CloseReason, u64>,
 }
@@ -143,6 +162,8 @@ impl<C: Copy + Ord, P: Copy + Ord> Admission<C, P> {
             deadline_seq: 0,
             invites: BTreeMap::new(),
             site_of: BTreeMap::new(),
+            claimed: BTreeMap::new(),
+            claimed_seq: 0,
             actions: Default::default(),
             closed_by_reason: BTreeMap::new(),
         }
@@ -157,7 +178,7 @@ impl<C: Copy + Ord, P: Copy + Ord> Admission<C, P> {
     pub fn connection_opened(&mut self, now: u64, conn: C, peer: P, ip: IpAddr) {
         if let Some(until) = self.blocked.get(&peer).copied() {
             if until > now {
-                self.close(conn, CloseReason::PendingFull);
+                self.close(conn, CloseReason::Refused);
                 return;
             }
         }
@@ -206,11 +227,73 @@ impl<C: Copy + Ord, P: Copy + Ord> Admission<C, P> {
         }
     }
 
-    /// The peer failed the hello: its connections are dropped and it is kept out.
+    /// What the peer's hello presented: a certificate that `Some(site)` really signed
+    /// (trusted or not), or `None` for one whose signature fails. Call at every hello,
+    /// before `hello_passed` or `hello_refused`: a peer that once showed a genuine
+    /// certificate and now a forged one is treated as the forger it is now.
+    pub fn hello_presented(&mut self, peer: P, site: Option<SiteId>) {
+        let Some(site) = site else {
+            self.claimed.remove(&peer);
+            return;
+        };
+        self.claimed_seq += 1;
+        self.claimed.insert(peer, (site, self.claimed_seq));
+        if self.claimed.len() > self.config.claimed_max {
+            let oldest = self
+                .claimed
+                .iter()
+                .min_by_key(|(_, (_, seq))| *seq)
+                .map(|(p, _)| *p);
+            if let Some(oldest) = oldest {
+                self.claimed.remove(&oldest);
+            }
+        }
+        assert!(self.claimed.len() <= self.config.claimed_max);
+    }
+
+    /// The peer failed the hello. A genuine node of a site this site does not trust
+    /// (yet) has its connections closed; any other is kept out for `block_ms` (its
+    /// connections dropped by the caller on [`Action::Block`]).
     pub fn hello_refused(&mut self, now: u64, peer: P) {
+        if self.claimed.contains_key(&peer) {
+            let conns: Vec<C> = self
+                .connections
+                .iter()
+                .filter(|(_, c)| c.peer == peer)
+                .map(|(conn, _)| *conn)
+                .collect();
+            for conn in conns {
+                self.close(conn, CloseReason::Refused);
+            }
+            return;
+        }
         let until_ms = now + self.config.block_ms;
         self.blocked.insert(peer, until_ms);
         self.actions.push_back(Action::Block { peer, until_ms });
+    }
+
+    /// This site now trusts `site` (it accepted that site's invite, or that site
+    /// completed one of this site's): every peer refused or blocked as that site's node
+    /// is let in and dialed at once.
+    pub fn trust_granted(&mut self, now: u64, site: SiteId) {
+        let peers: Vec<P> = self
+            .claimed
+            .iter()
+            .filter(|(_, (s, _))| *s == site)
+            .map(|(p, _)| *p)
+            .collect();
+        for peer in peers {
+            if self.blocked.remove(&peer).is_some_and(|until| until > now) {
+                self.actions.push_back(Action::Unblock { peer });
+            }
+            let connected = self
+                .connections
+                .values()
+                .any(|c| c.peer == peer && c.admitted);
+            if !connected {
+                self.actions.push_back(Action::Dial { peer });
+            }
+        }
     }
 
     pub fn is_blocked(&self, peer: &P, now: u64) -> bool {
@@ -539,5 +622,88 @@ mod tests {
         assert_eq!(a.poll_timeout(), Some(6_000));
         a.handle_timeout(6_000);
         assert_eq!(actions(&mut a), vec![Action::DialInviter { inviter }]);
+    }
+
+    #[test]
+    fn a_peer_refused_before_its_site_was_trusted_is_let_in_and_dialed_when_trust_arrives() {
+        let site_d = SiteId([4; 32]);
+        let mut a = A::new(AdmissionConfig::default());
+        // D's node dials C before D has accepted C's invite: C does not trust D yet.
+        a.connection_opened(0, 1, 7, ip(1));
+        a.hello_presented(7, Some(site_d));
+        a.hello_refused(10, 7);
+        assert_eq!(
+            actions(&mut a),
+            vec![Action::Close {
+                conn: 1,
+                reason: CloseReason::Refused
+            }]
+        );
+        a.connection_closed(1);
+        // Not kept out: its next connection (the invite completion) may open.
+        assert!(!a.is_blocked(&7, 20));
+        a.connection_opened(20, 2, 7, ip(1));
+        assert!(actions(&mut a).is_empty());
+        a.connection_closed(2);
+        // Trust arrives: D's node is dialed at once, not after a block runs out.
+        a.trust_granted(30, SiteId([5; 32]));
+        assert!(actions(&mut a).is_empty());
+        a.trust_granted(30, site_d);
+        assert_eq!(actions(&mut a), vec![Action::Dial { peer: 7 }]);
+    }
+
+    #[test]
+    fn a_peer_without_a_genuine_certificate_is_still_blocked() {
+        let mut a = A::new(AdmissionConfig::default());
+        a.connection_opened(0, 1, 7, ip(1));
+        a.hello_refused(10, 7);
+        assert_eq!(
+            actions(&mut a),
+            vec![Action::Block {
+                peer: 7,
+                until_ms: 60_010
+            }]
+        );
+        a.trust_granted(20, SiteId([4; 32]));
+        assert!(actions(&mut a).is_empty());
+        assert!(a.is_blocked(&7, 20));
+    }
+
+    #[test]
+    fn a_peer_that_showed_a_genuine_certificate_and_then_a_forged_one_is_blocked() {
+        let mut a = A::new(AdmissionConfig::default());
+        a.connection_opened(0, 1, 7, ip(1));
+        a.hello_presented(7, Some(SiteId([4; 32])));
+        a.hello_refused(10, 7);
+        actions(&mut a);
+        a.connection_closed(1);
+        a.connection_opened(20, 2, 7, ip(1));
+        a.hello_presented(7, None);
+        a.hello_refused(30, 7);
+        assert_eq!(
+            actions(&mut a),
+            vec![Action::Block {
+                peer: 7,
+                until_ms: 60_030
+            }]
+        );
+    }
+
+    #[test]
+    fn claimed_sites_are_bounded() {
+        let config = AdmissionConfig {
+            claimed_max: 2,
+            ..AdmissionConfig::default()
+        };
+        let mut a = A::new(config);
+        for peer in 0..3 {
+            a.hello_presented(peer, Some(SiteId([9; 32])));
+        }
+        a.trust_granted(0, SiteId([9; 32]));
+        // The oldest (peer 0) was forgotten.
+        assert_eq!(
+            actions(&mut a),
+            vec![Action::Dial { peer: 1 }, Action::Dial { peer: 2 }]
+        );
     }
 }

@@ -27,6 +27,7 @@ pub mod blob;
 pub mod catalog;
 pub mod chunk;
 pub mod codec;
+pub mod dialer;
 pub mod engine;
 pub mod gc;
 pub mod humanid;

@@ -73,6 +73,22 @@ counters! {
     false outsider_attempts,
     false outsider_connects_refused,
     false outsider_messages_refused,
+    /// Admission (`world::admit`): hellos refused, peers blocked for a bad hello and
+    /// messages of theirs the transport denied, connections closed as they opened (a
+    /// bound, a block); the outsider's silent strangers opened, closed at the hello
+    /// deadline, and refused past a bound; dials admission asked for when trust arrived.
+    false hellos_refused,
+    false peers_blocked,
+    false admission_blocked_messages,
+    false connections_closed_at_open,
+    false strangers_connected,
+    false strangers_closed_at_deadline,
+    false strangers_refused_over_bound,
+    false trust_granted_dials,
+    /// Hellos of the partner's partner (a site trusted by one scenario site only),
+    /// admitted by its one partner's nodes and refused by the others'.
+    false partners_partner_admitted,
+    false partners_partner_refused,
     /// Messages engines dropped as malformed, forged or against the rules (strikes),
     /// peers they cut off, and holders they left out of placement after failed audits.
     false messages_dropped,

@@ -304,6 +304,8 @@ impl Run {
             | Ev::SaveImage(_)
             | Ev::HostileTick(_)
             | Ev::OutsiderTick
+            | Ev::AdmissionTimer { .. }
+            | Ev::StrangerDue { .. }
             | Ev::LoseWrites(_) => unreachable!("world handles these"),
         });
         for (image, snapshot) in snapshot_events {
@@ -430,9 +432,8 @@ fn take_snapshot(world: &mut World, image: &mut Image) -> Option<usize> {
 /// The end of a backup that took time: its node commits it, if it is still up.
 pub(crate) fn finish_backup(world: &mut World, image: &mut Image) -> Option<usize> {
     let (node, chunks) = image.in_progress.take()?;
-    if world.nodes[node].engine.is_none() {
-        return None; // crashed mid-backup: no snapshot, its chunks stay on the disk
-    }
+    // Crashed mid-backup: no snapshot, its chunks stay on the disk.
+    world.nodes[node].engine.as_ref()?;
     commit_snapshot(world, image, node, chunks)
 }
 

@@ -270,6 +270,11 @@ pub struct OutsiderSpec {
     /// Seconds between its attempts (a connection, a push, gossip, a fetch).
     #[serde(default = "default_outsider_every_secs")]
     pub every_secs: f64,
+    /// A partner's partner comes with it: a site that this scenario site alone trusts.
+    /// Its node says hello to every site's nodes; only that site's may admit it, and no
+    /// other site's records may reach it.
+    #[serde(default)]
+    pub partners_partner_of: Option<String>,
 }
 
 fn default_outsider_every_secs() -> f64 {
@@ -422,6 +427,9 @@ impl Scenario {
                 outsider.every_secs >= 0.1,
                 "the outsider tries at most ten times a second"
             );
+            if let Some(site) = &outsider.partners_partner_of {
+                self.site_index(site)?;
+            }
         }
         Ok(())
     }

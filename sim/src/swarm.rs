@@ -98,6 +98,7 @@ pub fn scenario_for_seed(seed: u64) -> Scenario {
         from_hours: draw.rng.range(0, 12) as f64,
         until_hours: None,
         every_secs: [1.0, 5.0, 20.0][draw.rng.below(3) as usize],
+        partners_partner_of: None,
     });
     let drill_every_hours = Some([3.0, 5.0, 8.0][draw.rng.below(3) as usize]);
     // The engine's scrub takes a week by default; a two-day run scrubs faster.

@@ -11,8 +11,10 @@
 //! `faults` holds the scenario's faults (crashes, disks that rot, lose writes or come back
 //! old, partitions, trust changes) and the liveness phase's heal; `hostile` the hostile
 //! node wrapper and the outsider; `checks` the invariants checked as things happen
-//! (quotas, records accepted, copies served, who is heard).
+//! (quotas, records accepted, copies served, who is heard); `admit` runs each node's
+//! `cairn_protocol::admission` on the connections between processes.
 
+mod admit;
 mod checks;
 mod faults;
 mod hostile;
@@ -20,6 +22,7 @@ mod hostile;
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 
+use cairn_protocol::admission::{Admission, AdmissionConfig};
 use cairn_protocol::blob::sign_blob;
 use cairn_protocol::catalog::{Catalog, RecordKey};
 use cairn_protocol::engine::{ChunkRef, Engine, EngineConfig, Event, Message, StorageOp};
@@ -32,6 +35,7 @@ use ed25519_dalek::SigningKey;
 use crate::coverage::Coverage;
 use crate::scenario::Scenario;
 
+pub use admit::Stranger;
 pub use checks::record_hash;
 pub use faults::Undo;
 pub use hostile::{HostileState, Lies, Outsider};
@@ -103,6 +107,13 @@ pub struct SimNode {
     /// The peers that have connected to this process: the peer's incarnation when it
     /// did. A peer restarted since connects again (and presents its certificate).
     pub connected: BTreeMap<usize, u64>,
+    /// The connection each peer in `connected` came on, as this node's admission names it.
+    pub conns: BTreeMap<usize, u64>,
+    /// Who may stay connected: the node's real admission policy (hello deadline, bounds,
+    /// blocks), fed as `node/src/mesh/admit.rs` feeds it.
+    pub admission: Admission<u64, usize>,
+    /// The timer currently scheduled for this node's admission.
+    pub admission_timer_at_us: Option<u64>,
 }
 
 impl SimNode {
@@ -121,6 +132,9 @@ impl SimNode {
             comes_back_with: None,
             retired: false,
             connected: BTreeMap::new(),
+            conns: BTreeMap::new(),
+            admission: Admission::new(AdmissionConfig::default()),
+            admission_timer_at_us: None,
         }
     }
 }
@@ -149,6 +163,16 @@ pub enum Ev {
     SaveImage(usize),
     HostileTick(usize),
     OutsiderTick,
+    /// A node's admission timer (hello deadlines, blocks ending).
+    AdmissionTimer {
+        node: usize,
+        incarnation: u64,
+    },
+    /// A stranger's connection reaches its hello deadline: it must be closed by now.
+    StrangerDue {
+        node: usize,
+        conn: u64,
+    },
     /// A lost-writes fault's crash (on the node's next write, or when it waited too long).
     LoseWrites(usize),
     /// Start a restore drill while faults run.
@@ -253,6 +277,11 @@ pub struct World {
     pub acked_chunks: BTreeMap<ChunkId, u32>,
     /// Invariant 13: snapshots forgotten (their tombstone signed), by key.
     pub forgotten: BTreeSet<[u8; 32]>,
+    /// Connections that never say hello (the outsider's silent strangers), open now:
+    /// (node, connection) -> when and from where.
+    pub strangers: BTreeMap<(usize, u64), Stranger>,
+    /// The last connection id handed out (ids are unique across the run).
+    pub conn_seq: u64,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -358,6 +387,8 @@ impl World {
             acked_chunks: BTreeMap::new(),
             forgotten: BTreeSet::new(),
             grant_changed_at: BTreeMap::new(),
+            strangers: BTreeMap::new(),
+            conn_seq: 0,
         };
         world.heal_us = hours_us(world.scenario.heal_hours());
         world.sign_initial_records();
@@ -543,6 +574,8 @@ impl World {
         self.nodes[node].engine = Some(engine);
         self.nodes[node].timer_at_us = None;
         self.nodes[node].started_us = self.now_us;
+        self.nodes[node].admission = Admission::new(AdmissionConfig::default());
+        self.nodes[node].admission_timer_at_us = None;
         self.pump(node);
     }
 
@@ -551,6 +584,7 @@ impl World {
         self.nodes[node].incarnation += 1;
         self.nodes[node].timer_at_us = None;
         self.nodes[node].connected.clear();
+        self.connections_gone(node);
     }
 
     pub fn wipe_disk(&mut self, node: usize) {
@@ -682,6 +716,16 @@ impl World {
                 }
                 Ev::HostileTick(node) => self.hostile_tick(node),
                 Ev::OutsiderTick => self.outsider_tick(),
+                Ev::AdmissionTimer { node, incarnation } => {
+                    if self.nodes[node].incarnation == incarnation
+                        && self.nodes[node].admission_timer_at_us == Some(at_us)
+                    {
+                        self.nodes[node].admission_timer_at_us = None;
+                        self.nodes[node].admission.handle_timeout(at_us / 1000);
+                        self.apply_admission(node);
+                    }
+                }
+                Ev::StrangerDue { node, conn } => self.check_stranger(node, conn),
                 Ev::LoseWrites(node) => self.lose_writes(node),
                 other => on_event(self, other),
             }
@@ -713,22 +757,18 @@ impl World {
             .is_some_and(|e| e.peer_state(&from_id).is_some());
         let from_incarnation = self.nodes[from].incarnation;
         let connected = self.nodes[to].connected.get(&from) == Some(&from_incarnation);
-        if !knows_sender || !connected {
-            // The transport's handshake, once per connection (per pair of processes):
-            // the sender presents its certificate (the transport has checked that it
-            // holds the certificate's key).
-            if self.nodes[to].connected.len() < PEERS_CONNECTED_MAX {
-                self.nodes[to].connected.insert(from, from_incarnation);
-            }
-            if let Some(cert) = self.presented_cert(from) {
-                let engine = self.nodes[to].engine.as_mut().expect("checked above");
-                let accepted = engine
-                    .handle_connect(from_id, cert, self.now_us / 1000)
-                    .is_ok();
-                if self.is_outsider(from) {
-                    self.coverage.outsider_connects_refused += u64::from(!accepted);
-                }
-            }
+        if self.nodes[to]
+            .admission
+            .is_blocked(&from, self.now_us / 1000)
+        {
+            // The transport denies a blocked peer's connections.
+            self.coverage.admission_blocked_messages += 1;
+            self.stats.dropped += 1;
+            return;
+        }
+        if (!knows_sender || !connected) && !self.handshake(to, from) {
+            self.stats.dropped += 1;
+            return;
         }
         let engine = self.nodes[to].engine.as_mut().expect("checked above");
         engine.handle_message(from_id, message, self.now_us / 1000);

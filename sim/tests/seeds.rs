@@ -24,9 +24,11 @@ fn assert_clean(report: &cairn_sim::Report, what: &str) {
 
 /// Swarm seeds chosen from long runs because they are quick and between them reach
 /// every rare path the coverage counters name: 14 an audit failing mid-repair, 19 a
-/// restore drill during a partition, 21 that and repair racing a deletion. (Seed 40
-/// raced a deletion only while honest holders were still excluded for lost audits.)
-const FIXED_SEEDS: &[u64] = &[14, 19, 21];
+/// restore drill during a partition, 20 repair racing a deletion. (Seed 40 raced a
+/// deletion only while honest holders were still excluded for lost audits; seed 21 did
+/// until every simulated node ran admission, which changed what its outsider's tries
+/// draw.)
+const FIXED_SEEDS: &[u64] = &[14, 19, 20];
 
 #[test]
 fn fixed_swarm_seeds_hold_every_invariant_and_reach_rare_paths() {

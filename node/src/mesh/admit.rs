@@ -36,6 +36,10 @@ impl Node {
                 Action::Unblock { peer } => {
                     self.swarm.behaviour_mut().blocked.unblock_peer(peer);
                 }
+                Action::Dial { peer } => {
+                    self.dialer.want(now_ms(), peer);
+                    self.apply_dials();
+                }
                 Action::SendAccept { conn, inviter } => {
                     if let Some(peer) = self.connection_peers.get(&conn).copied() {
                         self.send_accept(peer, inviter);

@@ -1,11 +1,20 @@
-//! Reaching nodes: dials with backoff, bootstrap and invite addresses retried, blocks lifted.
+//! Reaching nodes: the dialer's dials (when, and the backoff, are
+//! `cairn_protocol::dialer`'s), bootstrap and invite addresses retried.
+
+use cairn_protocol::dialer::{DialAction, Reach};
+use cairn_protocol::identity::NodeId;
+use cairn_protocol::record::{NodeCert, RecordKind};
+use libp2p::swarm::dial_opts::DialOpts;
+use libp2p::{Multiaddr, PeerId};
+use tracing::{debug, warn};
 
 use super::invite::pending_invites;
-use super::*;
+use super::{net, now_ms, AddressDial, Node, HELD_BY_INTERVAL};
 
 impl Node {
     /// Dials a node the engine wants to talk to, at the addresses its certificate,
-    /// identify or mDNS gave. False when it cannot be reached for now.
+    /// identify or mDNS gave, when the dialer's backoff lets it. False when it cannot be
+    /// reached for now (no address, or waiting after failed dials).
     pub(super) fn dial_node(&mut self, node: NodeId) -> bool {
         let Some(peer) = net::peer_id(&node) else {
             return false;
@@ -17,18 +26,54 @@ impl Node {
             }
             return true;
         }
-        let now = now_ms();
-        if let Some(at) = self.dial_failed_ms.get(&peer) {
-            // A dial under way (marked when it started), or one that failed lately.
-            return self.dialing.contains(&peer)
-                || now >= at + DIAL_BACKOFF_MS && {
-                    self.dial_failed_ms.remove(&peer);
-                    self.dial_node(node)
-                };
+        if self.peer_addresses(peer).is_empty() {
+            return false;
         }
+        let now = now_ms();
+        if self.dialer.want(now, peer) == Reach::Connected {
+            // The swarm has no connection left, whatever the dialer last heard.
+            self.dialer.disconnected(now, peer);
+            self.dialer.want(now, peer);
+        }
+        self.apply_dials();
+        if self.dialer.is_dialing(&peer) {
+            return true;
+        }
+        // Waiting after failed dials: what waits for it is dropped, as before the wait.
+        self.dialer.unwant(&peer);
+        false
+    }
+
+    /// Carries out the dialer's dials.
+    pub(super) fn apply_dials(&mut self) {
+        while let Some(DialAction::Dial { peer }) = self.dialer.poll_action() {
+            let addresses = self.peer_addresses(peer);
+            if addresses.is_empty() {
+                self.dialer.dial_failed(now_ms(), peer);
+                continue;
+            }
+            let opts = DialOpts::peer_id(peer).addresses(addresses).build();
+            if let Err(e) = self.swarm.dial(opts) {
+                debug!("dial {peer}: {e}");
+                self.dialer.dial_failed(now_ms(), peer);
+            }
+        }
+    }
+
+    /// Every address known for a peer: identify, mDNS, and its node's certificate.
+    fn peer_addresses(&self, peer: PeerId) -> Vec<Multiaddr> {
         let mut addresses = self.addresses.get(&peer).cloned().unwrap_or_default();
-        if let Some(cert) = self.node_cert(&node) {
-            for text in cert.addresses {
+        let nodes = self
+            .peer_of_node
+            .iter()
+            .filter(|(_, p)| **p == peer)
+            .map(|(n, _)| *n);
+        for node in nodes {
+            for text in self
+                .node_cert(&node)
+                .map(|c| c.addresses)
+                .unwrap_or_default()
+            {
                 if let Ok(addr) = net::multiaddr(&text) {
                     if !addresses.contains(&addr) {
                         addresses.push(addr);
@@ -36,21 +81,7 @@ impl Node {
                 }
             }
         }
-        if addresses.is_empty() {
-            return false;
-        }
-        self.dial_failed_ms.insert(peer, now);
-        let opts = DialOpts::peer_id(peer).addresses(addresses).build();
-        match self.swarm.dial(opts) {
-            Ok(()) => {
-                self.dialing.insert(peer);
-                true
-            }
-            Err(e) => {
-                debug!("dial {node}: {e}");
-                false
-            }
-        }
+        addresses
     }
 
     pub(super) fn node_cert(&self, node: &NodeId) -> Option<NodeCert> {

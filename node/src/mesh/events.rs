@@ -22,8 +22,7 @@ impl Node {
                 endpoint,
                 ..
             } => {
-                self.dial_failed_ms.remove(&peer_id);
-                self.dialing.remove(&peer_id);
+                self.dialer.connected(now_ms(), peer_id);
                 let link = self.links.entry(peer_id).or_default();
                 link.connections += 1;
                 let addr = endpoint.get_remote_address().clone();
@@ -72,6 +71,7 @@ impl Node {
                         link.connections = 0;
                     }
                     self.hello_sent.remove(&peer_id);
+                    self.dialer.disconnected(now_ms(), peer_id);
                 }
             }
             SwarmEvent::OutgoingConnectionError {
@@ -83,8 +83,7 @@ impl Node {
                 self.address_dials.remove(&connection_id);
                 if let Some(peer) = peer_id {
                     debug!("cannot reach {}: {error}", self.name_peer(&peer));
-                    self.dial_failed_ms.insert(peer, now_ms());
-                    self.dialing.remove(&peer);
+                    self.dialer.dial_failed(now_ms(), peer);
                     // What waited for it is dropped (the engine retries what matters);
                     // fetches learn at once that this holder cannot answer.
                     let node = self

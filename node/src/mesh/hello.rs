@@ -86,6 +86,8 @@ impl Node {
         if net::peer_id(&node) != Some(peer) {
             return Err("the certificate is for another node key".into());
         }
+        self.admission
+            .hello_presented(peer, cert.verify_signature().is_ok().then_some(site));
         let own = self.vault.dir.site_id();
         let (ours, theirs): (Vec<Record>, Vec<Record>) =
             records.into_iter().partition(|r| r.author == own);

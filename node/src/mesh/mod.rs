@@ -36,12 +36,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cairn_protocol::admission::{Admission, AdmissionConfig};
+use cairn_protocol::dialer::{Dialer, DialerConfig};
 use cairn_protocol::engine::{ChunkRef, Engine, EngineConfig, Event, Message, PeerState};
 use cairn_protocol::identity::{NodeId, SiteId};
 use cairn_protocol::ids::ChunkId;
-use cairn_protocol::record::{NodeCert, Record, RecordKind};
+use cairn_protocol::record::Record;
 use futures::StreamExt;
-use libp2p::swarm::dial_opts::DialOpts;
 use libp2p::swarm::{ConnectionId, SwarmEvent};
 use libp2p::{request_response, Multiaddr, PeerId, Swarm};
 use tokio::sync::{mpsc, oneshot};
@@ -65,8 +65,6 @@ const HELD_BY_INTERVAL: Duration = Duration::from_secs(30);
 const REFUSING_MAX: usize = 1024;
 /// How often bootstrap addresses and unfinished invites are retried.
 const RETRY_INTERVAL: Duration = Duration::from_secs(5);
-/// A peer whose dial failed is not dialed again for this long.
-const DIAL_BACKOFF_MS: u64 = 5_000;
 /// What the rate limiters let through at once after a pause.
 const BURST_BYTES: u64 = 4 << 20;
 /// How often the weekly schedule is looked at.
@@ -268,7 +266,9 @@ struct Node {
     /// Addresses learnt for each peer: certificates, identify, mDNS.
     addresses: HashMap<PeerId, Vec<Multiaddr>>,
     outbox: HashMap<NodeId, VecDeque<Message>>,
-    dial_failed_ms: HashMap<PeerId, u64>,
+    /// When to dial which peer: backoff after failures (cairn-protocol's sans-IO
+    /// policy; `dial.rs` carries out its dials).
+    dialer: Dialer<PeerId>,
     /// Dials made to an address whose peer is not known yet, and why.
     address_dials: HashMap<ConnectionId, AddressDial>,
     hellos: HashMap<request_response::OutboundRequestId, PeerId>,
@@ -292,8 +292,6 @@ struct Node {
     peers_refused: u64,
     /// Peers whose hello this node is answering or asking: no second hello meanwhile.
     hello_sent: HashSet<PeerId>,
-    /// Peers being dialed.
-    dialing: HashSet<PeerId>,
     started_ms: u64,
     /// The chunks of each snapshot handed to the engine, and those confirmed at R.
     snapshot_chunks: HashMap<[u8; 32], Vec<ChunkId>>,
@@ -423,7 +421,7 @@ impl Node {
             peer_of_node: HashMap::new(),
             addresses: HashMap::new(),
             outbox: HashMap::new(),
-            dial_failed_ms: HashMap::new(),
+            dialer: Dialer::new(DialerConfig::default()),
             address_dials: HashMap::new(),
             hellos: HashMap::new(),
             accepts: HashMap::new(),
@@ -436,7 +434,6 @@ impl Node {
             messages_refused: 0,
             peers_refused: 0,
             hello_sent: HashSet::new(),
-            dialing: HashSet::new(),
             started_ms: now,
             snapshot_chunks: HashMap::new(),
             acked: HashSet::new(),
@@ -483,7 +480,10 @@ impl Node {
         loop {
             let deadline = self.engine.poll_timeout();
             let sleep_ms = deadline.saturating_sub(now_ms()).min(60_000);
-            let admit_at = self.admission.poll_timeout();
+            let admit_at = [self.admission.poll_timeout(), self.dialer.poll_timeout()]
+                .into_iter()
+                .flatten()
+                .min();
             let admit_ms = admit_at.map_or(0, |at| at.saturating_sub(now_ms()));
             let bulk_at = self
                 .uploads
@@ -553,7 +553,9 @@ impl Node {
             }
             Wake::AdmissionTimeout => {
                 self.admission.handle_timeout(now_ms());
-                "admission's timer"
+                self.dialer.handle_timeout(now_ms());
+                self.apply_dials();
+                "admission's and the dialer's timer"
             }
             Wake::LagTick(due) => {
                 self.lag.tick(due);

@@ -1,7 +1,7 @@
 //! This site's records and snapshots handed to the engine, and the node's own certificate.
 
 use cairn_protocol::engine::{ChunkRef, Message};
-use cairn_protocol::identity::NodeId;
+use cairn_protocol::identity::{NodeId, SiteId};
 use cairn_protocol::ids::ChunkId;
 use cairn_protocol::record::{NodeCert, Record, RecordKind, TrustGrant};
 use cairn_protocol::SnapshotRecord;
@@ -67,10 +67,22 @@ impl Node {
                 }
             }
         }
+        // A grant to a site (an invite accepted or completed): its nodes refused before
+        // are let in and dialed now, not when a block runs out.
+        let granted: Vec<SiteId> = records
+            .iter()
+            .filter(|r| r.kind == RecordKind::TrustGrant && r.author == own)
+            .filter_map(|r| TrustGrant::decode(&r.body).ok())
+            .filter(|g| !g.revoked)
+            .map(|g| g.grantee)
+            .collect();
         for record in records {
             if let Err(e) = self.engine.handle_local_record(record, now) {
                 warn!("a record of this site was refused: {e}");
             }
+        }
+        for site in granted {
+            self.admission.trust_granted(now, site);
         }
     }
 

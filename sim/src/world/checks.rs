@@ -7,7 +7,13 @@
 //! - every record a node saves was really signed by its author, and never replaces a
 //!   newer version of itself (invariant 9: forged and replayed records are refused, and an
 //!   old disk's catalog does not bring back older grants);
-//! - every peer is attributed to the site that really certified it (invariant 10).
+//! - every peer is attributed to the site that really certified it (invariant 10);
+//! - admission holds: no connection that never said hello stays open past the hello
+//!   deadline, and no node holds more of them than its bounds (per remote address, and
+//!   pending in all) allow;
+//! - the partner's partner (a site D trusted by one scenario site only) gets nothing from
+//!   a site that does not trust it: no message, no record of such a site, no place in
+//!   its peer table (part of invariant 8).
 
 use cairn_protocol::catalog::RecordKey;
 use cairn_protocol::engine::{AuditFailure, ChunkRef, Event, Message};
@@ -227,8 +233,103 @@ impl World {
         ));
     }
 
+    /// Admission: a stranger's connection (one that never says hello) is closed by its
+    /// hello deadline. Checked when the deadline has passed.
+    pub fn check_stranger(&mut self, node: usize, conn: u64) {
+        let Some(stranger) = self.strangers.get(&(node, conn)) else {
+            return;
+        };
+        let deadline_us = self.nodes[node].admission.config().hello_deadline_ms * 1000;
+        if self.now_us > stranger.opened_us + deadline_us {
+            let open_s = (self.now_us - stranger.opened_us) as f64 / 1e6;
+            self.add_violation(format!(
+                "admission: node {node} of site {} kept a connection that never said hello open for {open_s:.1} s, past the hello deadline of {} s",
+                self.sites[self.nodes[node].site].name,
+                deadline_us / 1_000_000
+            ));
+        }
+    }
+
+    /// Admission: a node holds no more connections that never said hello than its
+    /// bounds allow, from one address or in all.
+    pub fn check_admission_bounds(&mut self, node: usize) {
+        let config = self.nodes[node].admission.config().clone();
+        let mut per_ip: std::collections::BTreeMap<std::net::IpAddr, usize> = Default::default();
+        let mut n_open = 0;
+        for ((at, _), stranger) in &self.strangers {
+            if *at == node {
+                *per_ip.entry(stranger.ip).or_default() += 1;
+                n_open += 1;
+            }
+        }
+        let name = self.sites[self.nodes[node].site].name.clone();
+        if let Some((ip, n)) = per_ip
+            .iter()
+            .find(|(_, n)| **n > config.connections_per_address_max)
+        {
+            self.add_violation(format!(
+                "admission: node {node} of site {name} holds {n} connections from {ip} that never said hello, over the bound of {}",
+                config.connections_per_address_max
+            ));
+        }
+        if n_open > config.pending_max {
+            self.add_violation(format!(
+                "admission: node {node} of site {name} holds {n_open} connections that never said hello, over the bound of {}",
+                config.pending_max
+            ));
+        }
+    }
+
+    /// Whether `site` grants the partner's partner (D) trust now.
+    fn trusts_partners_partner(&self, site: usize) -> bool {
+        let Some(pp) = self
+            .outsider
+            .as_ref()
+            .and_then(|o| o.partners_partner.as_ref())
+        else {
+            return true;
+        };
+        self.truth
+            .grant(self.sites[site].id, self.sites[pp.site].id)
+            .is_some_and(|g| !g.revoked)
+    }
+
+    /// Invariant 8 for the partner's partner: nothing goes to it from a site that does
+    /// not trust it, and no record of such a site goes to it from anyone.
+    fn check_to_partners_partner(&mut self, from: usize, message: &Message) {
+        let from_site = self.nodes[from].site;
+        let name = self.sites[from_site].name.clone();
+        if !self.trusts_partners_partner(from_site) {
+            self.add_violation(format!(
+                "invariant 8: node {from} of site {name} sent a {} message to the partner's partner, a site it never trusted",
+                message_type(message)
+            ));
+        }
+        if let Message::Records { records } = message {
+            let leaked: Vec<String> = records
+                .iter()
+                .filter_map(|r| self.site_of(&r.author))
+                .filter(|author| !self.sites[*author].outsider)
+                .filter(|author| !self.trusts_partners_partner(*author))
+                .map(|author| self.sites[author].name.clone())
+                .collect();
+            for author in leaked {
+                self.add_violation(format!(
+                    "invariant 8: node {from} of site {name} sent a record of site {author} to the partner's partner, which {author} never trusted"
+                ));
+            }
+        }
+    }
+
     /// Invariants 6 and 8 at the sending end, for what an engine asked to send.
     pub(super) fn check_outgoing(&mut self, from: usize, to: &NodeId, message: &Message) {
+        if self
+            .node_index
+            .get(to)
+            .is_some_and(|n| self.is_partners_partner(*n))
+        {
+            self.check_to_partners_partner(from, message);
+        }
         if self
             .node_index
             .get(to)
@@ -354,7 +455,9 @@ impl World {
                 // peer presents at its connection settles it.
                 let connected =
                     node.connected.get(&peer_idx) == Some(&self.nodes[peer_idx].incarnation);
-                if (real != site && connected) || self.is_outsider(peer_idx) {
+                let untrusted_pp =
+                    self.is_partners_partner(peer_idx) && !self.trusts_partners_partner(node.site);
+                if (real != site && connected) || self.is_outsider(peer_idx) || untrusted_pp {
                     wrong.push((idx, peer_idx, site));
                 }
             }
@@ -363,6 +466,12 @@ impl World {
             if self.is_outsider(peer_idx) {
                 self.add_violation(format!(
                     "invariant 8: node {idx} has the outsider in its peer table"
+                ));
+                continue;
+            }
+            if self.is_partners_partner(peer_idx) {
+                self.add_violation(format!(
+                    "invariant 8: node {idx} has the partner's partner in its peer table, a site its own never trusted"
                 ));
                 continue;
             }
@@ -402,6 +511,7 @@ mod tests {
             from_hours: 100.0,
             until_hours: None,
             every_secs: 60.0,
+            partners_partner_of: Some("south".into()),
         });
         let mut run = crate::run::Run::new(scenario, 3);
         run.advance(2 * HOUR_US, 2 * HOUR_US);
@@ -523,6 +633,108 @@ mod tests {
         let key = world.sites[world.nodes[outsider].site].key.clone();
         let record = Record::sign(&key, RecordKind::TrustGrant, [1; 32], 1, Vec::new());
         world.check_saved_record(node, &record);
+        assert_eq!(
+            violations(world, "invariant 8"),
+            3,
+            "{:?}",
+            world.violations
+        );
+    }
+
+    #[test]
+    fn admission_check_fires_on_a_stranger_kept_past_the_deadline_or_over_the_bound() {
+        use crate::world::Stranger;
+        let mut run = world();
+        let world = &mut run.world;
+        let (node, _) = holder(world);
+        let ip = std::net::IpAddr::from([192, 0, 2, 1]);
+        let now = world.now_us;
+        world.strangers.insert(
+            (node, 1 << 50),
+            Stranger {
+                peer: usize::MAX,
+                ip,
+                opened_us: now - 5_000_000,
+            },
+        );
+        world.check_stranger(node, 1 << 50);
+        assert_eq!(
+            violations(world, "admission"),
+            0,
+            "at the deadline, not past it"
+        );
+        world.now_us += 1;
+        world.check_stranger(node, 1 << 50);
+        assert_eq!(violations(world, "admission"), 1, "{:?}", world.violations);
+        // Sixteen from one address are allowed; the seventeenth is over the bound.
+        world.violations.clear();
+        for k in 1..16 {
+            world.strangers.insert(
+                (node, (1 << 50) + k),
+                Stranger {
+                    peer: usize::MAX,
+                    ip,
+                    opened_us: now,
+                },
+            );
+        }
+        world.check_admission_bounds(node);
+        assert_eq!(violations(world, "admission"), 0, "{:?}", world.violations);
+        world.strangers.insert(
+            (node, (1 << 50) + 16),
+            Stranger {
+                peer: usize::MAX,
+                ip,
+                opened_us: now,
+            },
+        );
+        world.check_admission_bounds(node);
+        assert_eq!(violations(world, "admission"), 1, "{:?}", world.violations);
+    }
+
+    #[test]
+    fn invariant_8_fires_on_anything_sent_to_the_partners_partner_by_a_site_that_never_trusted_it()
+    {
+        let mut run = world();
+        let world = &mut run.world;
+        let pp = world
+            .outsider
+            .as_ref()
+            .and_then(|o| o.partners_partner.as_ref())
+            .map(|p| (p.node, p.partner))
+            .expect("the scenario has one");
+        let (pp_node, partner) = pp;
+        let pp_id = world.nodes[pp_node].id;
+        let partner_node = world.sites[partner].nodes[0];
+        let stranger_site = (partner + 1) % 4;
+        let stranger_node = world.sites[stranger_site].nodes[0];
+        let records_of = |world: &World, site: usize| Message::Records {
+            records: world
+                .truth
+                .by_author(world.sites[site].id)
+                .take(1)
+                .cloned()
+                .collect(),
+        };
+        // D's one partner may send it its own records.
+        let message = records_of(world, partner);
+        world.check_outgoing(partner_node, &pp_id, &message);
+        assert_eq!(
+            violations(world, "invariant 8"),
+            0,
+            "{:?}",
+            world.violations
+        );
+        // A site that never trusted D: anything it sends, and its records from anyone.
+        let message = records_of(world, stranger_site);
+        world.check_outgoing(partner_node, &pp_id, &message);
+        assert_eq!(
+            violations(world, "invariant 8"),
+            1,
+            "{:?}",
+            world.violations
+        );
+        world.check_outgoing(stranger_node, &pp_id, &message);
         assert_eq!(
             violations(world, "invariant 8"),
             3,

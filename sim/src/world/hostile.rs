@@ -15,8 +15,16 @@
 //! The outsider is a machine of a site no one trusts that knows every node's address. It
 //! connects with its own certificate or one forged in a trusted site's name, gossips,
 //! pushes chunks (its own, or real ones it replays), fetches real chunks, and offers.
+//! It also opens connections that never say hello (one at a time, or a flood of
+//! `STRANGER_FLOOD` from its one address to one node), which admission must close at
+//! the hello deadline or refuse past its bounds. With `partners_partner_of` it brings a
+//! partner's partner: a site D that one scenario site C alone trusts, whose node says
+//! hello to every node; C's nodes may admit it, no other site's may, and no record of a
+//! site that does not trust D may reach it. These choices come from the outsider's own
+//! generator, so the rest of a run draws what it drew before they existed.
 
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 
 use cairn_protocol::catalog::RecordKey;
 use cairn_protocol::engine::message::Beat;
@@ -24,11 +32,13 @@ use cairn_protocol::engine::Message;
 use cairn_protocol::identity::{NodeId, SiteId};
 use cairn_protocol::ids::ChunkId;
 use cairn_protocol::record::{NodeCert, Record, RecordKind, TrustGrant};
+use cairn_protocol::rng::Rng;
 use ed25519_dalek::SigningKey;
 
+use super::admit::STRANGER_FLOOD;
 use super::checks::record_hash;
-use super::{hours_us, Ev, SimNode, SiteState, World};
-use crate::scenario::Behaviour;
+use super::{hours_us, Ev, SimNode, SiteState, World, GIB};
+use crate::scenario::{Behaviour, OutsiderSpec};
 
 /// How often a forger or a replayer gossips its records.
 const HOSTILE_GOSSIP_EVERY_US: u64 = 10 * 1_000_000;
@@ -66,6 +76,20 @@ pub struct Outsider {
     forged_cert: Record,
     until_us: u64,
     every_us: u64,
+    /// Its own choices (strangers, floods, the partner's partner's hellos).
+    rng: Rng,
+    ip: IpAddr,
+    pub partners_partner: Option<PartnersPartner>,
+}
+
+/// A site D that one scenario site alone trusts, with one machine (no engine: it only
+/// says hello).
+pub struct PartnersPartner {
+    pub node: usize,
+    pub site: usize,
+    /// The one scenario site that trusts D.
+    pub partner: usize,
+    cert: Record,
 }
 
 impl World {
@@ -97,15 +121,14 @@ impl World {
             }
         }
         if let Some(spec) = self.scenario.outsider.clone() {
-            self.add_outsider(
-                hours_us(spec.from_hours),
-                spec.until_hours.map_or(self.heal_us, hours_us),
-                (spec.every_secs * 1e6) as u64,
-            );
+            self.add_outsider(&spec);
         }
     }
 
-    fn add_outsider(&mut self, from_us: u64, until_us: u64, every_us: u64) {
+    fn add_outsider(&mut self, spec: &OutsiderSpec) {
+        let from_us = hours_us(spec.from_hours);
+        let until_us = spec.until_hours.map_or(self.heal_us, hours_us);
+        let every_us = (spec.every_secs * 1e6) as u64;
         let mut secret = [0u8; 32];
         self.rng.fill(&mut secret);
         let key = SigningKey::from_bytes(&secret);
@@ -155,6 +178,12 @@ impl World {
             cert(victim).encode(),
         );
         forged_cert.author = victim;
+        let own_seed = u64::from_le_bytes(node_id.0[..8].try_into().expect("8 bytes"));
+        let ip = self.ip_of(node);
+        let partners_partner = spec.partners_partner_of.as_ref().map(|partner| {
+            let partner = self.scenario.site_index(partner).expect("checked at parse");
+            self.add_partners_partner(partner, own_seed)
+        });
         self.outsider = Some(Outsider {
             node,
             site,
@@ -163,8 +192,70 @@ impl World {
             forged_cert,
             until_us,
             every_us: every_us.max(100_000),
+            rng: Rng::new(own_seed),
+            ip,
+            partners_partner,
         });
         self.schedule(from_us, Ev::OutsiderTick);
+    }
+
+    /// Site D, trusted by `partner` alone (its grant handed to the partner's nodes as
+    /// `cairn trust` would), with one machine.
+    fn add_partners_partner(&mut self, partner: usize, seed: u64) -> PartnersPartner {
+        let mut rng = Rng::new(seed ^ 0x5050);
+        let mut secret = [0u8; 32];
+        rng.fill(&mut secret);
+        let key = SigningKey::from_bytes(&secret);
+        let site_id = SiteId(key.verifying_key().to_bytes());
+        let mut node_id = [0u8; 32];
+        rng.fill(&mut node_id);
+        let node_id = NodeId(node_id);
+        let site = self.sites.len();
+        let node = self.nodes.len();
+        self.sites.push(SiteState {
+            name: "partners-partner".into(),
+            key: key.clone(),
+            id: site_id,
+            uplink_bytes_per_sec: 100e6 / 8.0,
+            uplink_busy_until_us: 0,
+            destroyed: false,
+            nodes: vec![node],
+            node_capacity_bytes: 1 << 40,
+            outsider: true,
+        });
+        for row in &mut self.latency_us {
+            row.push(OUTSIDER_LATENCY_US);
+        }
+        self.latency_us.push(vec![OUTSIDER_LATENCY_US; site + 1]);
+        self.nodes.push(SimNode::new(site, node_id));
+        self.node_index.insert(node_id, node);
+        let body = NodeCert {
+            node: node_id,
+            site: site_id,
+            name: "partners-partner".into(),
+            addresses: Vec::new(),
+            capacity_bytes: 1 << 40,
+        }
+        .encode();
+        let cert = Record::sign(&key, RecordKind::NodeCert, node_id.0, 1, body);
+        self.genuine.insert(record_hash(&cert));
+        let quota = (self.scenario.quota_gib * GIB) as u64;
+        let grant = self.sign_grant(partner, site, quota, false);
+        self.hand_to_site(partner, grant);
+        PartnersPartner {
+            node,
+            site,
+            partner,
+            cert,
+        }
+    }
+
+    /// Whether `node` is the partner's partner's machine.
+    pub fn is_partners_partner(&self, node: usize) -> bool {
+        self.outsider
+            .as_ref()
+            .and_then(|o| o.partners_partner.as_ref())
+            .is_some_and(|p| p.node == node)
     }
 
     pub fn is_outsider(&self, node: usize) -> bool {
@@ -195,6 +286,14 @@ impl World {
 
     /// The certificate a connecting node presents in the transport's handshake.
     pub(super) fn presented_cert(&mut self, from: usize) -> Option<Record> {
+        if let Some(pp) = self
+            .outsider
+            .as_ref()
+            .and_then(|o| o.partners_partner.as_ref())
+            .filter(|p| p.node == from)
+        {
+            return Some(pp.cert.clone());
+        }
         if let Some(outsider) = self.outsider.as_ref().filter(|o| o.node == from) {
             let forged = self.rng.chance(0.5);
             return Some(if forged {
@@ -578,6 +677,7 @@ impl World {
         let Some(to) = self.random_honest_node(node) else {
             return;
         };
+        self.outsider_connections();
         let own_site = self.outsider.as_ref().expect("checked").site;
         let own = self.sites[own_site].id;
         let victim = self.random_site_id();
@@ -650,5 +750,52 @@ impl World {
             }
         };
         self.send(node, self.nodes[to].id, message);
+    }
+
+    /// The outsider's connections that prove nothing: a silent stranger now and then, a
+    /// flood of them from its one address, and the partner's partner's hello.
+    fn outsider_connections(&mut self) {
+        let targets: Vec<usize> = (0..self.nodes.len())
+            .filter(|n| {
+                self.nodes[*n].engine.is_some()
+                    && !self.is_outsider(*n)
+                    && !self.is_partners_partner(*n)
+            })
+            .collect();
+        if targets.is_empty() {
+            return;
+        }
+        let outsider = self.outsider.as_mut().expect("ticking");
+        let kind = outsider.rng.below(8);
+        let to = targets[outsider.rng.below(targets.len() as u64) as usize];
+        let hello_to = targets[outsider.rng.below(targets.len() as u64) as usize];
+        let ip = outsider.ip;
+        let pp = outsider.partners_partner.as_ref().map(|p| p.node);
+        match kind {
+            0 | 1 => self.open_stranger(to, ip),
+            2 => {
+                for _ in 0..STRANGER_FLOOD {
+                    self.open_stranger(to, ip);
+                }
+            }
+            _ => {}
+        }
+        if let Some(pp) = pp {
+            self.partners_partner_hello(hello_to, pp);
+        }
+    }
+
+    /// The partner's partner says hello to `to` (a new connection, unless it holds one).
+    fn partners_partner_hello(&mut self, to: usize, pp: usize) {
+        if self.nodes[to].connected.contains_key(&pp)
+            || self.nodes[to].admission.is_blocked(&pp, self.now_us / 1000)
+        {
+            return;
+        }
+        if self.handshake(to, pp) {
+            self.coverage.partners_partner_admitted += 1;
+        } else {
+            self.coverage.partners_partner_refused += 1;
+        }
     }
 }
