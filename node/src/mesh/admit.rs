@@ -25,8 +25,15 @@ impl Node {
             any = true;
             match action {
                 Action::Close { conn, reason } => {
-                    let peer = self.connection_peers.get(&conn).copied();
-                    debug!("closing a connection of {peer:?}: {reason}");
+                    match self.connection_peers.get(&conn).copied() {
+                        Some(peer) => {
+                            debug!(
+                                "closing a connection of {}: {reason}",
+                                self.name_peer(&peer)
+                            )
+                        }
+                        None => debug!("closing a connection: {reason}"),
+                    }
                     self.swarm.close_connection(conn);
                 }
                 Action::Block { peer, .. } => {

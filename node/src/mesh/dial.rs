@@ -54,7 +54,7 @@ impl Node {
             }
             let opts = DialOpts::peer_id(peer).addresses(addresses).build();
             if let Err(e) = self.swarm.dial(opts) {
-                debug!("dial {peer}: {e}");
+                debug!("dial {}: {e}", self.name_peer(&peer));
                 self.dialer.dial_failed(now_ms(), peer);
             }
         }

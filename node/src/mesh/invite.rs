@@ -116,7 +116,8 @@ impl Node {
                 }
             },
             ANSWER_ELSEWHERE => {
-                debug!("{peer} cannot complete the invite of {inviter}: {why}");
+                let name = self.name_peer(&peer);
+                debug!("{name} cannot complete the invite of {inviter}: {why}");
                 AcceptAnswer::Failed
             }
             _ => AcceptAnswer::Refused(why),

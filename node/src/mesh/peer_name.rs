@@ -153,8 +153,7 @@ mod tests {
         assert_eq!(name, "a peer that is not a cairn node (not an ed25519 key)");
     }
 
-    /// The tracing lines of the mesh files this module serves (dial.rs, invite.rs and
-    /// admit.rs belong to the admission work and are checked there): none may format a
+    /// The tracing lines of every mesh file: none may format a
     /// libp2p PeerId, a swarm event (whose Debug text is full of them), or a node id in
     /// any form but `PeerName`.
     #[test]
@@ -170,6 +169,10 @@ mod tests {
             ("storage.rs", include_str!("storage.rs")),
             ("recover.rs", include_str!("recover.rs")),
             ("lag.rs", include_str!("lag.rs")),
+            ("dial.rs", include_str!("dial.rs")),
+            ("invite.rs", include_str!("invite.rs")),
+            ("admit.rs", include_str!("admit.rs")),
+            ("net.rs", include_str!("net.rs")),
         ];
         let forbidden = [
             "{peer}",
