@@ -56,6 +56,19 @@ struct OwnerGc {
     window: Option<Window>,
 }
 
+impl OwnerGc {
+    /// The ids `statement` lists, as far as this node knows its batches.
+    fn listed(&self, statement: &GcStatement) -> BTreeSet<ChunkId> {
+        statement
+            .batches
+            .iter()
+            .filter_map(|b| self.batches.get(&b.id))
+            .flatten()
+            .copied()
+            .collect()
+    }
+}
+
 #[derive(Clone, Copy, Debug)]
 struct Window {
     started_ms: u64,
@@ -223,13 +236,7 @@ impl Engine {
             .batches
             .iter()
             .all(|b| state.batches.contains_key(&b.id));
-        let listed: BTreeSet<ChunkId> = active
-            .batches
-            .iter()
-            .filter_map(|b| state.batches.get(&b.id))
-            .flatten()
-            .copied()
-            .collect();
+        let listed = state.listed(active);
         let mut changes = Vec::new();
         for (id, c) in &self.gc.condemned {
             if c.owner != owner {
@@ -528,13 +535,7 @@ impl Engine {
         if !agreed {
             return;
         }
-        let listed: BTreeSet<ChunkId> = statement
-            .batches
-            .iter()
-            .filter_map(|b| state.batches.get(&b.id))
-            .flatten()
-            .copied()
-            .collect();
+        let listed = state.listed(&statement);
         let wait_ms = statement.grace_ms.max(self.config.gc_grace_min_ms);
         let ripe: Vec<ChunkId> = self
             .gc

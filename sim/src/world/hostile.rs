@@ -125,21 +125,21 @@ impl World {
         }
     }
 
-    fn add_outsider(&mut self, spec: &OutsiderSpec) {
-        let from_us = hours_us(spec.from_hours);
-        let until_us = spec.until_hours.map_or(self.heal_us, hours_us);
-        let every_us = (spec.every_secs * 1e6) as u64;
-        let mut secret = [0u8; 32];
-        self.rng.fill(&mut secret);
+    /// A site of one machine that no one trusts (yet), from its key's secret and its
+    /// node id: the outsider's, or a partner's partner's.
+    fn add_lone_site(
+        &mut self,
+        name: &str,
+        secret: [u8; 32],
+        node_id: [u8; 32],
+    ) -> (usize, usize, SigningKey, SiteId, NodeId) {
         let key = SigningKey::from_bytes(&secret);
         let site_id = SiteId(key.verifying_key().to_bytes());
-        let mut node_id = [0u8; 32];
-        self.rng.fill(&mut node_id);
         let node_id = NodeId(node_id);
         let site = self.sites.len();
         let node = self.nodes.len();
         self.sites.push(SiteState {
-            name: "outsider".into(),
+            name: name.into(),
             key: key.clone(),
             id: site_id,
             uplink_bytes_per_sec: 100e6 / 8.0,
@@ -155,6 +155,18 @@ impl World {
         self.latency_us.push(vec![OUTSIDER_LATENCY_US; site + 1]);
         self.nodes.push(SimNode::new(site, node_id));
         self.node_index.insert(node_id, node);
+        (site, node, key, site_id, node_id)
+    }
+
+    fn add_outsider(&mut self, spec: &OutsiderSpec) {
+        let from_us = hours_us(spec.from_hours);
+        let until_us = spec.until_hours.map_or(self.heal_us, hours_us);
+        let every_us = (spec.every_secs * 1e6) as u64;
+        let mut secret = [0u8; 32];
+        self.rng.fill(&mut secret);
+        let mut node_id = [0u8; 32];
+        self.rng.fill(&mut node_id);
+        let (site, node, key, site_id, node_id) = self.add_lone_site("outsider", secret, node_id);
         let cert = |site: SiteId| NodeCert {
             node: node_id,
             site,
@@ -205,30 +217,10 @@ impl World {
         let mut rng = Rng::new(seed ^ 0x5050);
         let mut secret = [0u8; 32];
         rng.fill(&mut secret);
-        let key = SigningKey::from_bytes(&secret);
-        let site_id = SiteId(key.verifying_key().to_bytes());
         let mut node_id = [0u8; 32];
         rng.fill(&mut node_id);
-        let node_id = NodeId(node_id);
-        let site = self.sites.len();
-        let node = self.nodes.len();
-        self.sites.push(SiteState {
-            name: "partners-partner".into(),
-            key: key.clone(),
-            id: site_id,
-            uplink_bytes_per_sec: 100e6 / 8.0,
-            uplink_busy_until_us: 0,
-            destroyed: false,
-            nodes: vec![node],
-            node_capacity_bytes: 1 << 40,
-            outsider: true,
-        });
-        for row in &mut self.latency_us {
-            row.push(OUTSIDER_LATENCY_US);
-        }
-        self.latency_us.push(vec![OUTSIDER_LATENCY_US; site + 1]);
-        self.nodes.push(SimNode::new(site, node_id));
-        self.node_index.insert(node_id, node);
+        let (site, node, key, site_id, node_id) =
+            self.add_lone_site("partners-partner", secret, node_id);
         let body = NodeCert {
             node: node_id,
             site: site_id,
