@@ -334,14 +334,7 @@ mod tests {
         };
         let record =
             records::sign_next(&vault, RecordKind::TrustGrant, [9; 32], grant.encode()).unwrap();
-        vault
-            .store
-            .index()
-            .commit(IndexBatch {
-                catalog: vec![records::entry(&record)],
-                ..IndexBatch::default()
-            })
-            .unwrap();
+        records::save(vault.store.index(), &record).unwrap();
         let (report, _) = forget(&vault, &keep_last(1), false, 1).unwrap();
         assert_eq!(report.forgotten, 0);
         assert!(report

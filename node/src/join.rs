@@ -15,7 +15,7 @@ use thiserror::Error;
 
 use crate::datadir::{random_bytes, DataDirError, JoiningDir};
 use crate::records;
-use crate::store::{IndexBatch, StoreError};
+use crate::store::StoreError;
 use crate::units;
 use crate::vault::{Vault, VaultError};
 
@@ -98,10 +98,7 @@ pub fn add_node(
         random_bytes(),
         random_bytes(),
     )?;
-    vault.store.index().commit(IndexBatch {
-        catalog: vec![records::entry(&token.node_record)],
-        ..IndexBatch::default()
-    })?;
+    records::save(vault.store.index(), &token.node_record)?;
     Ok(token)
 }
 
@@ -155,10 +152,7 @@ pub fn finish(checked: CheckedJoin) -> Result<Vault, JoinError> {
         wrapped.as_deref(),
     )?;
     let vault = Vault::from_dir(dir)?;
-    vault.store.index().commit(IndexBatch {
-        catalog: vec![records::entry(&token.node_record)],
-        ..IndexBatch::default()
-    })?;
+    records::save(vault.store.index(), &token.node_record)?;
     vault.dir.finish_join()?;
     Ok(vault)
 }

@@ -8,7 +8,7 @@ use cairn_protocol::record::{
 };
 use cairn_protocol::SnapshotId;
 
-use crate::store::{MetaIndex, StoreError};
+use crate::store::{IndexBatch, MetaIndex, StoreError};
 use crate::vault::Vault;
 
 const KEY_RECORD: &[u8] = b"rec/";
@@ -28,6 +28,14 @@ pub fn entry(record: &Record) -> (Vec<u8>, Vec<u8>) {
         key_of(&record.author, record.kind, &record.key),
         record.encode(),
     )
+}
+
+/// Stores one record, replacing any older one under its key, in its own index batch.
+pub fn save(index: &dyn MetaIndex, record: &Record) -> Result<(), StoreError> {
+    index.commit(IndexBatch {
+        catalog: vec![entry(record)],
+        ..IndexBatch::default()
+    })
 }
 
 /// Every stored record, of every author and kind.

@@ -10,7 +10,7 @@ use tracing::{debug, warn};
 use super::{hex8, now_ms, storage, Node, NodeOptions};
 use crate::forget::KEY_ACKED;
 use crate::records;
-use crate::store::{IndexBatch, StoreError};
+use crate::store::StoreError;
 use crate::vault::{ChunkError, Vault, VaultError};
 
 /// Why this site's records or snapshots cannot be read for the engine.
@@ -158,10 +158,7 @@ pub(super) fn own_node_cert(vault: &Vault, options: &NodeOptions) -> Result<Reco
         }
     }
     let record = records::sign_next(vault, RecordKind::NodeCert, node.0, cert.encode())?;
-    vault.store.index().commit(IndexBatch {
-        catalog: vec![records::entry(&record)],
-        ..IndexBatch::default()
-    })?;
+    records::save(vault.store.index(), &record)?;
     Ok(record)
 }
 
@@ -197,10 +194,7 @@ pub fn snapshots_to_publish(
             }
             None => {
                 let record = records::sign_next(vault, RecordKind::Snapshot, key, body)?;
-                index.commit(IndexBatch {
-                    catalog: vec![records::entry(&record)],
-                    ..IndexBatch::default()
-                })?;
+                records::save(index, &record)?;
                 record
             }
         };

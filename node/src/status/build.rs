@@ -400,17 +400,7 @@ mod tests {
             (200, vec![own, partner]),
             (50, vec![own, partner]),
         ];
-        let commit = |record: Record| {
-            use crate::store::IndexBatch;
-            vault
-                .store
-                .index()
-                .commit(IndexBatch {
-                    catalog: vec![records::entry(&record)],
-                    ..IndexBatch::default()
-                })
-                .unwrap()
-        };
+        let commit = |record: Record| records::save(vault.store.index(), &record).unwrap();
         commit(copies_record(&vault, key, 2, &chunks, 9_000).unwrap());
         let image = checking(&vault);
         assert_eq!(image.chunks, 3);
