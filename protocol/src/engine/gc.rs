@@ -203,6 +203,9 @@ impl Engine {
     /// An owner's statement or snapshot records changed here: condemn, revive, freeze.
     pub(super) fn gc_refresh(&mut self, owner: SiteId, now_ms: u64) {
         let statement = self.gc_statement(&owner);
+        if statement.is_none() && !self.gc.owners.contains_key(&owner) {
+            return; // never collected here: nothing to condemn or thaw
+        }
         let active = statement
             .as_ref()
             .filter(|s| s.basis == self.catalog.snapshot_digest(&owner));
@@ -427,18 +430,16 @@ impl Engine {
         } else {
             None
         };
-        let (ids, last) = match ids {
+        // Without the batch (or the right to it), the answer is "none" at index 0: a
+        // fetcher that has pieces already takes it for a late answer and asks elsewhere
+        // at its timeout, with no strike against an honest node that lost the batch.
+        let (from_index, ids, last) = match ids {
             Some(ids) => {
                 let start = (from_index as usize).min(ids.len());
                 let end = (start + IDS_PER_MESSAGE_MAX).min(ids.len());
-                (ids[start..end].to_vec(), end == ids.len())
+                (from_index, ids[start..end].to_vec(), end == ids.len())
             }
-            None => (Vec::new(), true),
-        };
-        let from_index = if ids.is_empty() && last && !may_get {
-            0
-        } else {
-            from_index
+            None => (0, Vec::new(), true),
         };
         self.send(
             from,
