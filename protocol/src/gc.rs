@@ -242,6 +242,128 @@ pub fn revive(
     out
 }
 
+/// A batch and its ids, as a signer knows them.
+pub type KnownBatch = (BatchRef, Vec<ChunkId>);
+
+/// Why a node must not restate after a commit or a forget (rule O3).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RestateSkip {
+    /// The statement was signed on another view than this node's just before: it may lack
+    /// snapshots this node knows, so restating it on the new basis could make it active
+    /// where those snapshots are known. The fallback re-sign covers it.
+    OtherBasis,
+    /// A batch may list an id the new snapshot uses, and this node cannot read the batch.
+    UnknownBatch,
+}
+
+/// Rule O3, and forget's restate: the batches of the statement a node signs after it
+/// committed a snapshot using `used` (empty for tombstones, which only take liveness
+/// away). Allowed only when `statement.basis` was this node's snapshot digest just before
+/// (`basis_before`). A batch `known` cannot read is carried unchanged (with no ids) when
+/// nothing is used, and makes the node sign nothing otherwise.
+pub fn restate(
+    statement: &GcStatement,
+    basis_before: u64,
+    known: impl Fn(&BatchId) -> Option<Vec<ChunkId>>,
+    used: &BTreeSet<ChunkId>,
+    size_of: impl Fn(&ChunkId) -> u64,
+) -> Result<Vec<KnownBatch>, RestateSkip> {
+    if statement.basis != basis_before {
+        return Err(RestateSkip::OtherBasis);
+    }
+    let mut batches = Vec::with_capacity(statement.batches.len());
+    for batch in &statement.batches {
+        match known(&batch.id) {
+            Some(ids) => batches.push((*batch, ids)),
+            None if used.is_empty() => batches.push((*batch, Vec::new())),
+            None => return Err(RestateSkip::UnknownBatch),
+        }
+    }
+    if used.is_empty() {
+        return Ok(batches);
+    }
+    Ok(revive(&batches, used, size_of))
+}
+
+/// The batches of the statement a prune signs (rule O2, docs/retention.md 2.2 phase 2).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PrunePlan {
+    /// Every batch of the next statement, in force ones first, with its ids.
+    pub batches: Vec<KnownBatch>,
+    /// How many of `batches` are new (at the end).
+    pub n_new: usize,
+    /// Dead ids not listed now, past `GC_BATCHES_MAX`: the next prune lists them.
+    pub n_deferred: usize,
+    /// Batches of the statement in force dropped because this node cannot read them.
+    pub n_dropped_unknown: usize,
+    /// Batches dropped by age (`retire_after_ms` since first listed).
+    pub n_retired: usize,
+    /// True when an in-force batch lost ids a kept snapshot uses.
+    pub revived: bool,
+}
+
+/// Rule O2: the batches in force, each restated only as far as this mark (`live`)
+/// vouches for it, then the new garbage. Carrying a batch over unchecked is unsafe: a
+/// commit whose O3 restate was lost may use a listed id, and the new basis includes that
+/// commit. So every batch loses the ids `live` holds, a batch this node cannot read is
+/// dropped, and one listed `retire_after_ms` ago or more retires. `dead` (sorted,
+/// distinct: `dead()`) minus what the statement lists already goes into new batches.
+pub fn prune_plan(
+    statement: Option<&GcStatement>,
+    known: impl Fn(&BatchId) -> Option<Vec<ChunkId>>,
+    dead: &[ChunkId],
+    live: &BTreeSet<ChunkId>,
+    now_ms: u64,
+    retire_after_ms: u64,
+    size_of: impl Fn(&ChunkId) -> u64,
+) -> PrunePlan {
+    let mut plan = PrunePlan::default();
+    let mut listed = BTreeSet::new();
+    let mut in_force = Vec::new();
+    for batch in statement.map(|s| s.batches.as_slice()).unwrap_or_default() {
+        let ids = known(&batch.id);
+        if let Some(ids) = &ids {
+            listed.extend(ids.iter().copied());
+        }
+        if now_ms.saturating_sub(batch.listed_unix_ms) >= retire_after_ms {
+            plan.n_retired += 1;
+            continue;
+        }
+        match ids {
+            Some(ids) => in_force.push((*batch, ids)),
+            None => plan.n_dropped_unknown += 1,
+        }
+    }
+    plan.batches = revive(&in_force, live, &size_of);
+    plan.revived = plan
+        .batches
+        .iter()
+        .map(|(b, _)| b.id)
+        .ne(in_force.iter().map(|(b, _)| b.id));
+    let new: Vec<ChunkId> = dead
+        .iter()
+        .filter(|id| !listed.contains(*id))
+        .copied()
+        .collect();
+    for (id, ids) in cut_batches(&new) {
+        if plan.batches.len() >= GC_BATCHES_MAX {
+            plan.n_deferred += ids.len();
+            continue;
+        }
+        plan.batches.push((
+            BatchRef {
+                id,
+                n_ids: ids.len() as u32,
+                bytes: ids.iter().map(&size_of).sum(),
+                listed_unix_ms: now_ms,
+            },
+            ids,
+        ));
+        plan.n_new += 1;
+    }
+    plan
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -359,5 +481,87 @@ mod tests {
         assert_eq!(out[0].0.bytes, 20);
         assert_eq!(out[0].0.listed_unix_ms, 100, "the rest keep their age");
         assert_eq!(out[1], b, "an untouched batch keeps its id");
+    }
+
+    #[test]
+    fn restate_refuses_another_basis_and_unknown_batches_only_when_ids_are_used() {
+        let a = batch(&[1, 2, 3], 100);
+        let statement = GcStatement {
+            basis: 7,
+            grace_ms: 0,
+            batches: vec![a.0],
+        };
+        let all = |_: &BatchId| Some(a.1.clone());
+        let none = |_: &BatchId| None;
+        let used: BTreeSet<ChunkId> = [2].map(id).into();
+        assert_eq!(
+            restate(&statement, 8, all, &used, |_| 10),
+            Err(RestateSkip::OtherBasis)
+        );
+        let out = restate(&statement, 7, all, &used, |_| 10).unwrap();
+        assert_eq!(out[0].1, [1, 3].map(id).to_vec());
+        assert_eq!(
+            restate(&statement, 7, none, &used, |_| 10),
+            Err(RestateSkip::UnknownBatch)
+        );
+        let carried = restate(&statement, 7, none, &BTreeSet::new(), |_| 10).unwrap();
+        assert_eq!(
+            carried,
+            vec![(a.0, Vec::new())],
+            "a tombstone carries it over"
+        );
+    }
+
+    #[test]
+    fn a_prune_plan_revives_drops_unknown_and_retired_batches_and_lists_only_new_garbage() {
+        let a = batch(&[1, 2, 3], 200);
+        let unknown = batch(&[4], 200);
+        let old = batch(&[5], 100);
+        let statement = GcStatement {
+            basis: 1,
+            grace_ms: 0,
+            batches: vec![a.0, unknown.0, old.0],
+        };
+        let known = |b: &BatchId| {
+            [&a, &old]
+                .into_iter()
+                .find(|k| k.0.id == *b)
+                .map(|k| k.1.clone())
+        };
+        let live: BTreeSet<ChunkId> = [2].map(id).into();
+        let dead = [1, 3, 5, 6, 7].map(id);
+        let plan = prune_plan(Some(&statement), known, &dead, &live, 1000, 900, |_| 10);
+        assert_eq!(plan.n_retired, 1);
+        assert_eq!(plan.n_dropped_unknown, 1);
+        assert!(plan.revived);
+        assert_eq!(plan.batches.len(), 2);
+        assert_eq!(plan.batches[0].1, [1, 3].map(id).to_vec());
+        assert_eq!(
+            plan.batches[1].1,
+            [6, 7].map(id).to_vec(),
+            "ids listed already (even in a retired batch) are not listed again"
+        );
+        assert_eq!(plan.batches[1].0.listed_unix_ms, 1000);
+        assert_eq!((plan.n_new, plan.n_deferred), (1, 0));
+
+        let full = GcStatement {
+            basis: 1,
+            grace_ms: 0,
+            batches: (0..GC_BATCHES_MAX as u16)
+                .map(|n| batch(&[1000 + n], 500).0)
+                .collect(),
+        };
+        let every = |b: &BatchId| {
+            (0..GC_BATCHES_MAX as u16)
+                .map(|n| batch(&[1000 + n], 500))
+                .find(|k| k.0.id == *b)
+                .map(|k| k.1)
+        };
+        let plan = prune_plan(Some(&full), every, &dead, &live, 1000, 900, |_| 10);
+        assert_eq!(
+            (plan.n_new, plan.n_deferred),
+            (0, 5),
+            "past the bound waits"
+        );
     }
 }

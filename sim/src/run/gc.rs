@@ -19,7 +19,7 @@
 
 use std::collections::BTreeSet;
 
-use cairn_protocol::gc::{self, BatchRef, GcStatement, GC_BATCHES_MAX};
+use cairn_protocol::gc::{self, BatchRef, GcStatement};
 use cairn_protocol::identity::SiteId;
 use cairn_protocol::ids::{ChunkId, SnapshotId};
 use cairn_protocol::record::{Record, RecordKind, Tombstone, TOMBSTONE_VERSION};
@@ -198,66 +198,29 @@ impl Run {
             .copied()
             .collect();
         let dead = gc::dead(local, forgotten, &live);
-        // What the batches in force list already is not listed again.
-        let statement = engine.gc_statement(&owner);
-        let listed: BTreeSet<ChunkId> = statement
-            .iter()
-            .flat_map(|s| s.batches.iter())
-            .filter_map(|b| engine.gc_batch(&owner, &b.id))
-            .flatten()
-            .copied()
-            .collect();
-        let new: Vec<ChunkId> = dead.into_iter().filter(|id| !listed.contains(id)).collect();
         let now_ms = self.world.now_us / 1000;
-        // The batches in force are restated only as far as this mark vouches for them:
-        // any id a kept snapshot uses leaves its batch (a commit whose restate was lost,
-        // rule O3, may use it), and a batch whose ids this node does not know is dropped.
-        let retire_ms = self.retire_after_ms();
-        let mut in_force = Vec::new();
-        for batch in statement.map(|s| s.batches).unwrap_or_default() {
-            // Retirement: a batch leaves once every holder has had long enough with it.
-            if now_ms.saturating_sub(batch.listed_unix_ms) >= retire_ms {
-                continue;
-            }
-            match engine.gc_batch(&owner, &batch.id) {
-                Some(ids) => in_force.push((batch, ids.to_vec())),
-                None => self.world.coverage.gc_batch_dropped_unknown += 1,
-            }
-        }
+        let statement = engine.gc_statement(&owner);
         let sizes = &self.world.chunk_sizes;
-        let revived = gc::revive(&in_force, &live, |id| sizes.get(id).copied().unwrap_or(0));
-        if revived
-            .iter()
-            .map(|(b, _)| b.id)
-            .ne(in_force.iter().map(|(b, _)| b.id))
-        {
+        let plan = gc::prune_plan(
+            statement.as_ref(),
+            |b| engine.gc_batch(&owner, b).map(<[ChunkId]>::to_vec),
+            &dead,
+            &live,
+            now_ms,
+            self.retire_after_ms(),
+            |id| sizes.get(id).copied().unwrap_or(0),
+        );
+        self.world.coverage.gc_batch_dropped_unknown += plan.n_dropped_unknown as u64;
+        if plan.revived {
             self.world.coverage.gc_revived_batches += 1;
         }
-        let mut batches = Vec::with_capacity(revived.len());
-        for (batch, ids) in revived {
+        let mut batches = Vec::with_capacity(plan.batches.len());
+        for (batch, ids) in plan.batches {
             let engine = self.world.nodes[node].engine.as_mut().expect("live");
             if engine.gc_batch(&owner, &batch.id).is_none() {
                 engine.handle_gc_batch(ids, now_ms);
             }
             batches.push(batch);
-        }
-        for (_, ids) in gc::cut_batches(&new) {
-            if batches.len() >= GC_BATCHES_MAX {
-                break; // the rest waits for the next prune, once old batches retire
-            }
-            let bytes = ids
-                .iter()
-                .map(|id| self.world.chunk_sizes.get(id).copied().unwrap_or(0))
-                .sum();
-            let n_ids = ids.len() as u32;
-            let engine = self.world.nodes[node].engine.as_mut().expect("live");
-            let id = engine.handle_gc_batch(ids, now_ms);
-            batches.push(BatchRef {
-                id,
-                n_ids,
-                bytes,
-                listed_unix_ms: now_ms,
-            });
         }
         sign_statement(&mut self.world, node, batches);
         // Sweep: this node's own copies no kept snapshot it knows uses.
@@ -344,43 +307,33 @@ pub(super) fn restate(world: &mut World, node: usize, basis_before: u64, used: &
     let Some(statement) = engine.gc_statement(&owner) else {
         return;
     };
-    if statement.basis != basis_before {
+    let sizes = &world.chunk_sizes;
+    let restated = gc::restate(
+        &statement,
+        basis_before,
+        |b| engine.gc_batch(&owner, b).map(<[ChunkId]>::to_vec),
+        used,
+        |id| sizes.get(id).copied().unwrap_or(0),
+    );
+    let Ok(restated) = restated else {
+        // Another view's statement, or a batch this node cannot read: it signs nothing,
+        // and the statement stays inactive wherever the new snapshot is known.
         world.coverage.gc_restate_skipped += 1;
         return;
-    }
-    let mut known = Vec::new();
-    for batch in &statement.batches {
-        match engine.gc_batch(&owner, &batch.id) {
-            Some(ids) => known.push((*batch, ids.to_vec())),
-            None if used.is_empty() => known.push((*batch, Vec::new())),
-            // This node cannot tell what the batch lists: it signs nothing, and the
-            // statement stays inactive wherever the new snapshot is known.
-            None => {
-                world.coverage.gc_restate_skipped += 1;
-                return;
-            }
-        }
-    }
-    let sizes = &world.chunk_sizes;
-    let revived = if used.is_empty() {
-        known
-    } else {
-        gc::revive(&known, used, |id| sizes.get(id).copied().unwrap_or(0))
     };
     let now_ms = world.now_us / 1000;
-    let mut batches = Vec::with_capacity(revived.len());
-    for (batch, ids) in revived {
+    let mut batches = Vec::with_capacity(restated.len());
+    for (batch, ids) in restated {
         let engine = world.nodes[node].engine.as_mut().expect("live");
         if !ids.is_empty() && engine.gc_batch(&owner, &batch.id).is_none() {
             engine.handle_gc_batch(ids, now_ms);
         }
         batches.push(batch);
     }
-    if batches.len() != statement.batches.len()
-        || batches
-            .iter()
-            .zip(&statement.batches)
-            .any(|(a, b)| a.id != b.id)
+    if batches
+        .iter()
+        .map(|b| b.id)
+        .ne(statement.batches.iter().map(|b| b.id))
     {
         world.coverage.gc_revived_batches += 1;
     }
