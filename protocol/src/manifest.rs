@@ -435,6 +435,41 @@ impl ManifestWalk {
     }
 }
 
+/// Adds every chunk a manifest references, its own nodes included, to `live`: the mark
+/// of a prune. A node already in `live` is not loaded again, since its whole subtree was
+/// marked with it, so snapshots that share unchanged stretches cost one read per distinct
+/// node. Any node that cannot be loaded or decoded is an error: an incomplete mark must
+/// never sweep.
+pub fn mark<E>(
+    root: ManifestRoot,
+    live: &mut std::collections::BTreeSet<ChunkId>,
+    load: &mut impl FnMut(&ChunkId) -> Result<Vec<u8>, E>,
+) -> Result<(), ManifestError<E>> {
+    // (node, depth); depth-first, so memory stays at the nodes of a few levels.
+    let mut stack = vec![(root.id, 1usize)];
+    while let Some((id, depth)) = stack.pop() {
+        if live.contains(&id) {
+            continue;
+        }
+        if depth > TREE_DEPTH_MAX {
+            return Err(ManifestError::TooDeep);
+        }
+        let bytes = load(&id).map_err(|source| ManifestError::Load { id, source })?;
+        match Node::decode(&bytes).map_err(|source| ManifestError::Decode { id, source })? {
+            Node::Leaf(extents) => live.extend(extents.iter().filter_map(|e| match e {
+                Extent::Data { id, .. } => Some(*id),
+                Extent::Zero { .. } => None,
+            })),
+            Node::Branch(children) => {
+                stack.extend(children.iter().rev().map(|c| (c.id, depth + 1)));
+            }
+        }
+        // Inserted once its children are queued: a failure further down stops the mark.
+        live.insert(id);
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -554,6 +589,58 @@ mod tests {
             .filter(|id| !nodes_a.contains_key(id))
             .count();
         assert!(n_new <= 4, "{n_new} new nodes for one changed extent");
+    }
+
+    #[test]
+    fn a_mark_holds_every_chunk_and_node_and_reads_shared_nodes_once() {
+        let extents: Vec<Extent> = (0..20_000u64)
+            .map(|n| Extent::Data {
+                id: id_of(&n.to_le_bytes()),
+                len_bytes: 4096,
+            })
+            .collect();
+        let mut changed = extents.clone();
+        changed[10_000] = Extent::Data {
+            id: id_of(b"changed"),
+            len_bytes: 4096,
+        };
+        let mut nodes = BTreeMap::new();
+        let root_a = build(&extents, &mut nodes);
+        let root_b = build(&changed, &mut nodes);
+        let mut loads = 0;
+        let mut load = |id: &ChunkId| {
+            loads += 1;
+            nodes.get(id).cloned().ok_or(())
+        };
+        let mut live = std::collections::BTreeSet::new();
+        mark(root_a, &mut live, &mut load).unwrap();
+        mark(root_b, &mut live, &mut load).unwrap();
+        let mut expected: std::collections::BTreeSet<ChunkId> = nodes.keys().copied().collect();
+        for (_, e) in walk(root_a, &nodes).into_iter().chain(walk(root_b, &nodes)) {
+            if let Extent::Data { id, .. } = e {
+                expected.insert(id);
+            }
+        }
+        assert_eq!(live, expected);
+        assert_eq!(loads, nodes.len(), "each distinct node is read once");
+
+        // A node that cannot be read fails the mark.
+        let child = match Node::decode(&nodes[&root_a.id]).unwrap() {
+            Node::Branch(children) => children[1].id,
+            Node::Leaf(_) => unreachable!("20k extents make a branch"),
+        };
+        let mut missing = |id: &ChunkId| {
+            if *id == child {
+                Err(())
+            } else {
+                nodes.get(id).cloned().ok_or(())
+            }
+        };
+        let mut partial = std::collections::BTreeSet::new();
+        assert!(matches!(
+            mark(root_a, &mut partial, &mut missing),
+            Err(ManifestError::Load { id, .. }) if id == child
+        ));
     }
 
     #[test]
