@@ -9,6 +9,7 @@ pub mod control;
 pub mod datadir;
 pub mod fetch;
 pub mod forget;
+pub mod gc;
 pub mod join;
 pub mod mesh;
 pub mod records;

@@ -328,8 +328,13 @@ fn run_for(caller: &remote::Caller, node: &remote::InNode, operation: Operation)
 
 /// Hands snapshots made inside the node to the mesh.
 pub fn publish(vault: &Vault, mesh: &MeshHandle) -> Result<()> {
-    for (record, chunks) in mesh::snapshots_to_publish(vault, false)? {
+    let published = mesh::snapshots_to_publish(vault, false)?;
+    for (record, chunks) in published.snapshots {
         mesh.send(mesh::Command::NewSnapshot { record, chunks })?;
+    }
+    // With the snapshot, as rule O3 asks: the engine then acts on the new basis at once.
+    if !published.statements.is_empty() {
+        mesh.send(mesh::Command::LocalRecords(published.statements))?;
     }
     Ok(())
 }

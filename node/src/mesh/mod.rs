@@ -145,6 +145,12 @@ pub enum Command {
     },
     /// A picture of the node for `cairn status` and the metrics endpoint.
     Status(oneshot::Sender<MeshStatus>),
+    /// A prune made these garbage batches (before the statement naming them arrives as
+    /// a local record), or swept these chunks of this site off the store.
+    Gc {
+        batches: Vec<Vec<ChunkId>>,
+        swept: Vec<ChunkId>,
+    },
 }
 
 /// Called once with a fetched chunk's sealed bytes and sender, or why none came; runs on
@@ -403,6 +409,10 @@ impl Node {
         for chunk in storage::held_chunks(&vault)? {
             engine.load_chunk(chunk);
         }
+        // The batches this node's statements name: the engine serves them to holders.
+        for ids in crate::gc::stored_batches(vault.store.index())? {
+            engine.handle_gc_batch(ids, now);
+        }
         let own_cert = own_node_cert(&vault, options)?;
         let swarm = net::swarm(&vault.dir.node_key, options.mdns)?;
         let parse = |list: &[String], flag: &'static str| -> Result<Vec<Multiaddr>, MeshError> {
@@ -614,6 +624,14 @@ impl Node {
             },
             Command::Status(reply) => {
                 let _ = reply.send(self.status());
+            }
+            Command::Gc { batches, swept } => {
+                for ids in batches {
+                    self.engine.handle_gc_batch(ids, now);
+                }
+                if !swept.is_empty() {
+                    self.engine.handle_swept(&swept, now);
+                }
             }
         }
     }
