@@ -339,6 +339,7 @@ impl Store {
         let mut writer = self.writer();
         writer.defer_commits = true;
         let mut bytes_copied = 0;
+        let mut damaged = false;
         let mut entry = Vec::new();
         for (id, location) in &still {
             entry.resize(entry_bytes(location) as usize, 0);
@@ -347,7 +348,10 @@ impl Store {
             let (head, rest) = entry.split_at(ENTRY_HEAD_BYTES as usize);
             let (sealed, checksum) = rest.split_at(location.len_bytes as usize);
             if head[4..36] != id.0 || checksum != entry_checksum(head, sealed) {
-                return Ok(Retired::Damaged);
+                // Copied so far: indexed below, so no uncommitted tail is left. The rest,
+                // and the pack, stay where verify finds them.
+                damaged = true;
+                break;
             }
             writer.append(id, sealed)?;
             bytes_copied += entry_bytes(location);
@@ -367,6 +371,10 @@ impl Store {
             }
         }
         batch.chunks = repointed;
+        if damaged {
+            self.index.commit(batch)?;
+            return Ok(Retired::Damaged);
+        }
         batch.removed_packs.push(pack);
         batch.catalog.push((retired_key(pack), Vec::new()));
         self.index.commit(batch)?;

@@ -436,3 +436,38 @@ fn a_pack_with_an_uncommitted_tail_and_the_newest_pack_are_left_alone() {
     fixture.partner_live.retain(|id| !in_newest.contains(id));
     check(&store, &fixture);
 }
+
+#[test]
+fn a_damaged_entry_keeps_its_pack_and_leaves_no_uncommitted_tail() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let fixture = fixture(tmp.path());
+    let store = open(tmp.path());
+    let first_pack = store.pack_ids_on_disk().expect("packs")[0];
+    let mut in_first = store.index().chunks_in_pack(first_pack).expect("chunks");
+    in_first.sort_by_key(|(_, location)| location.offset);
+    assert!(in_first.len() >= 2);
+    let (damaged, location) = *in_first.last().expect("a live entry");
+    let file = fs::OpenOptions::new()
+        .write(true)
+        .open(store.pack_path(first_pack))
+        .expect("open");
+    std::os::unix::fs::FileExt::write_all_at(&file, b"rot", location.offset + 5).expect("rot");
+    let repacked = repack(&store);
+    assert_eq!(repacked.packs_damaged, 1, "{repacked:?}");
+    assert!(store.pack_path(first_pack).exists());
+    assert_eq!(
+        store.index().chunk(&damaged).expect("index"),
+        Some(location),
+        "the damaged chunk stays where verify finds it"
+    );
+    for (id, len) in store.index().packs().expect("packs") {
+        let on_disk = fs::metadata(store.pack_path(id)).expect("meta").len();
+        assert_eq!(on_disk, len, "pack {id:?} has an uncommitted tail");
+    }
+    let mut reader = store.reader();
+    for id in fixture.own_live.iter().chain(&fixture.partner_live) {
+        if *id != damaged {
+            assert_eq!(reader.read(id).expect("live chunk"), sealed(n_of(id)));
+        }
+    }
+}
