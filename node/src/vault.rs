@@ -102,7 +102,7 @@ impl Vault {
         id: &ChunkId,
         location: &ChunkLocation,
     ) -> Result<Vec<u8>, ChunkError> {
-        let sealed = reader.read_at(location)?;
+        let sealed = reader.read_located(id, location)?;
         Ok(opener.open(&self.keys, id, &sealed)?)
     }
 

@@ -162,6 +162,10 @@ fn run(
             let _guard = write_lock.lock().unwrap_or_else(|e| e.into_inner());
             write_chunks(vault, writes, &mut held_delta)
         };
+        // A batch that drops chunks commits under the write lock: a repack re-points a
+        // pack's chunks under it, so a chunk dropped here is never brought back there.
+        let _dropping = (!batch.removed_chunks.is_empty())
+            .then(|| write_lock.lock().unwrap_or_else(|e| e.into_inner()));
         let committed = match vault.store.index().commit(batch) {
             Ok(()) => true,
             Err(e) => {
