@@ -248,7 +248,7 @@ impl Store {
     /// live entries with the normal writer, then retires the old pack (see the module doc).
     /// A pack with no live entry is simply retired. `write_lock`, when given (inside a
     /// running node: the mesh's write lock, the one backups hold), is taken per pack, not
-    /// for the whole run.
+    /// for the whole run, so the caller must not hold it (it is not reentrant).
     pub fn repack(
         &self,
         unused_min: f64,
@@ -265,6 +265,10 @@ impl Store {
         progress: &dyn Fn(RepackProgress),
         stop_at: StopAt<'_>,
     ) -> Result<Repacked, StoreError> {
+        assert!(
+            (0.0..=1.0).contains(&unused_min),
+            "the repack threshold is a share, checked where it is configured"
+        );
         let mut repacked = Repacked {
             bytes_before: self.packs_bytes()?,
             ..Repacked::default()
