@@ -106,6 +106,14 @@ impl Verified {
         }
     }
 
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        match self {
+            Verified::Own(own) => own.len(),
+            Verified::Shared(shared) => shared.lock().expect("not poisoned").len(),
+        }
+    }
+
     fn insert(&mut self, memo: [u8; 32]) {
         match self {
             Verified::Own(own) => own.insert(memo),
