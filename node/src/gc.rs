@@ -58,6 +58,14 @@ impl Default for GcSettings {
     }
 }
 
+/// What node.toml says about retention and garbage collection: `[gc]`, and a policy per
+/// image under `[retention.IMAGE]` (applied by `cairn forget IMAGE` given no --keep-*).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Settings {
+    pub gc: GcSettings,
+    pub retention: BTreeMap<String, cairn_protocol::retention::Policy>,
+}
+
 /// A statement signed and stored here, with the batches it names that the engine may
 /// not have yet.
 #[derive(Clone, Debug)]

@@ -12,6 +12,7 @@ pub mod forget;
 pub mod gc;
 pub mod join;
 pub mod mesh;
+pub mod prune;
 pub mod records;
 pub mod restore;
 pub mod schedule;

@@ -125,6 +125,9 @@ pub struct Store {
 /// without one are this site's own. Written by the mesh's storage thread.
 pub const KEY_HELD_CHUNK: &[u8] = b"held-chunk/";
 
+/// The highest pack id ever retired: a new pack's id is past it, so no id is reused.
+pub(crate) const KEY_PACK_ID_MAX: &[u8] = b"pack-id-max";
+
 /// Chunks a damaged or missing pack took with it, by whose they were: what is true to
 /// tell the user differs. A partner's chunk is the mesh's to repair; only this site's own
 /// data is stored again by a backup.
@@ -387,6 +390,7 @@ impl Store {
             open: None,
             batch: IndexBatch::default(),
             defer_commits: false,
+            fresh_pack: false,
         }
     }
 
@@ -531,6 +535,9 @@ pub struct PackWriter<'s> {
     /// Set by repack: a full pack is fsynced but not indexed, and `finish` hands back the
     /// whole batch, so the copies are indexed in the batch that retires their old pack.
     defer_commits: bool,
+    /// Set by repack when it retires the newest pack: copies go to a new pack, never to
+    /// the one being retired.
+    fresh_pack: bool,
 }
 
 impl PackWriter<'_> {
@@ -592,7 +599,18 @@ impl PackWriter<'_> {
     fn create_pack(&self) -> Result<OpenPack, StoreError> {
         let committed: HashMap<PackId, u64> = self.store.index.packs()?.into_iter().collect();
         let on_disk = self.store.pack_ids_on_disk()?;
-        if let Some(&last) = on_disk.last() {
+        // Past a retired pack's id too (`KEY_PACK_ID_MAX`): a reader may still hold its
+        // file open.
+        let retired_max = match self.store.index.catalog_get(KEY_PACK_ID_MAX)? {
+            Some(bytes) => decode_counter(&bytes)? as u32,
+            None => 0,
+        };
+        // Never append to a pack older than one a repack retired: repack retires the
+        // newest pack first, so its later copies never land in a pack it will retire.
+        let appendable = on_disk
+            .last()
+            .filter(|last| !self.fresh_pack && last.0 >= retired_max);
+        if let Some(&last) = appendable {
             let path = self.store.pack_path(last);
             let len = fs::metadata(&path).map_err(io(&path))?.len();
             if committed.get(&last) == Some(&len) && len < self.store.pack_bytes_target {
@@ -618,6 +636,7 @@ impl PackWriter<'_> {
             .iter()
             .chain(committed.keys())
             .map(|p| p.0)
+            .chain([retired_max])
             .max()
             .unwrap_or(0);
         let id = PackId(newest + 1);

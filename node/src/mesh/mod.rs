@@ -123,6 +123,8 @@ pub struct NodeOptions {
     /// Upload and download limits, with their weekly schedule.
     pub limits: Limits,
     pub engine: EngineConfig,
+    /// Retention and garbage collection (node.toml), for the commands run inside.
+    pub settings: crate::gc::Settings,
 }
 
 /// What other threads ask of the node's loop.
@@ -219,6 +221,7 @@ pub struct MeshHandle {
     commands: mpsc::UnboundedSender<Command>,
     /// Held while packs are written: backups and the storage thread take turns.
     pub write_lock: Arc<Mutex<()>>,
+    pub settings: Arc<crate::gc::Settings>,
 }
 
 impl MeshHandle {
@@ -386,11 +389,13 @@ pub fn start(
             warn!("cannot reserve a slot on relay {relay}: {e}");
         }
     }
+    let settings = Arc::new(options.settings.clone());
     runtime.spawn(node.run(command_rx, done_rx));
     Ok(MeshHandle {
         site: vault_site,
         commands,
         write_lock,
+        settings,
     })
 }
 

@@ -16,7 +16,9 @@
 //! gone, which would then be taken for this site's own).
 //!
 //! Pack ids are never reused (a reader may still hold a retired pack's file open): the
-//! newest pack on disk is never retired, so the next pack's id is always past it.
+//! batch that retires a pack raises `pack-id-max` to its id, and a new pack's id is past
+//! it. The newest pack may be retired too (a small store has only one): its live entries
+//! then go to a new pack, never to itself.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
@@ -242,9 +244,7 @@ impl Store {
         Ok((usage, live))
     }
 
-    /// Rewrites every committed pack, other than the newest (the one a writer would append
-    /// to next, or, when that is full, the one the next pack's id follows), whose
-    /// unreferenced share is at least `unused_min` (0.10 = borg compact's 10 %): copies its
+    /// Rewrites every committed pack whose unreferenced share is at least `unused_min` (0.10 = borg compact's 10 %): copies its
     /// live entries with the normal writer, then retires the old pack (see the module doc).
     /// A pack with no live entry is simply retired. `write_lock`, when given (inside a
     /// running node: the mesh's write lock, the one backups hold), is taken per pack, not
@@ -273,13 +273,16 @@ impl Store {
             bytes_before: self.packs_bytes()?,
             ..Repacked::default()
         };
-        let newest = self.pack_ids_on_disk()?.last().copied();
+        let newest = self.pack_ids_on_disk()?.last().map(|p| p.0);
         let (usage, mut live) = self.pack_usage_and_live()?;
-        let candidates: Vec<PackUsage> = usage
+        let mut candidates: Vec<PackUsage> = usage
             .into_iter()
-            .filter(|u| Some(PackId(u.pack)) < newest)
             .filter(|u| u.live_bytes == 0 || u.unused_share() >= unused_min)
             .collect();
+        // The newest first: its copies go to a new pack, and every later copy lands past
+        // it (a writer never appends to a pack older than a retired one), so no copy
+        // lands in a pack this run retires later from its stale scan.
+        candidates.sort_by_key(|u| (Some(u.pack) != newest, u.pack));
         let of = candidates.len() as u64;
         for (done, candidate) in candidates.iter().enumerate() {
             let pack = PackId(candidate.pack);
@@ -342,6 +345,7 @@ impl Store {
         let file = File::open(&path).map_err(io(&path))?;
         let mut writer = self.writer();
         writer.defer_commits = true;
+        writer.fresh_pack = self.pack_ids_on_disk()?.last() == Some(&pack);
         let mut bytes_copied = 0;
         let mut damaged = false;
         let mut entry = Vec::new();
@@ -381,6 +385,14 @@ impl Store {
         }
         batch.removed_packs.push(pack);
         batch.catalog.push((retired_key(pack), Vec::new()));
+        let id_max = match self.index.catalog_get(super::KEY_PACK_ID_MAX)? {
+            Some(bytes) => super::decode_counter(&bytes)?.max(u64::from(pack.0)),
+            None => u64::from(pack.0),
+        };
+        batch.catalog.push((
+            super::KEY_PACK_ID_MAX.to_vec(),
+            id_max.to_le_bytes().to_vec(),
+        ));
         self.index.commit(batch)?;
         if reached(CrashPoint::RepackCommitted, stop_at) {
             return Ok(Retired::Stopped);

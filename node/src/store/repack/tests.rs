@@ -403,13 +403,13 @@ fn a_reader_follows_a_chunk_whose_pack_was_retired_after_its_lookup() {
 }
 
 #[test]
-fn a_pack_with_an_uncommitted_tail_and_the_newest_pack_are_left_alone() {
+fn a_pack_with_an_uncommitted_tail_is_left_alone_and_a_retired_newest_pack_id_is_never_reused() {
     let tmp = tempfile::tempdir().expect("tmp");
     let fixture = fixture(tmp.path());
     let store = open(tmp.path());
     let packs = store.pack_ids_on_disk().expect("packs");
     let (first, newest) = (packs[0], *packs.last().expect("a pack"));
-    // Everything in the newest pack becomes garbage: still not retired.
+    // Everything in the newest pack becomes garbage: it is retired like any other.
     let in_newest: Vec<ChunkId> = store
         .index()
         .chunks_in_pack(newest)
@@ -430,11 +430,22 @@ fn a_pack_with_an_uncommitted_tail_and_the_newest_pack_are_left_alone() {
         fs::metadata(store.pack_path(first)).expect("first").len(),
         first_len
     );
-    assert!(store.pack_path(newest).exists());
+    assert!(!store.pack_path(newest).exists());
     let mut fixture = fixture;
     fixture.own_live.retain(|id| !in_newest.contains(id));
     fixture.partner_live.retain(|id| !in_newest.contains(id));
     check(&store, &fixture);
+    // The next pack is past the retired one's id: a reader holding that file open never
+    // reads another pack's entries under its name.
+    let mut writer = store.writer();
+    let location = writer
+        .append(&ChunkId([0xee; 32]), b"after")
+        .expect("append");
+    writer.commit().expect("commit");
+    assert!(
+        location.pack > newest,
+        "{location:?} reuses an id up to {newest:?}"
+    );
 }
 
 #[test]
