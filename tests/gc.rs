@@ -19,6 +19,7 @@ fn fast_gc(mesh: &mut Mesh) -> Result<()> {
         for node in site.iter_mut() {
             node.stop();
             std::fs::write(node.data_dir.join("node.toml"), FAST_GC)?;
+            node.extra_args = vec!["--repack-interval".into(), "2s".into()];
         }
     }
     let addresses: Vec<String> = mesh.nodes().map(Node::address).collect();
@@ -49,6 +50,17 @@ fn wait_forgettable(node: &Node, n: u64) -> Result<()> {
     )
 }
 
+/// Bytes in a node's pack files.
+fn packs_bytes(node: &Node) -> u64 {
+    std::fs::read_dir(node.data_dir.join("store").join("packs"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| m.len())
+        .sum()
+}
+
 fn prune_json(node: &Node) -> Result<serde_json::Value> {
     Ok(serde_json::from_str(&node.ok(&["prune", "--json"])?)?)
 }
@@ -73,6 +85,10 @@ fn forget_and_prune_give_space_back_at_partners_and_the_kept_snapshot_restores()
             std::thread::sleep(Duration::from_millis(5));
         }
         let held_before = [held_by_site(&mesh, 1, 0)?, held_by_site(&mesh, 2, 0)?];
+        let packs_before = [
+            packs_bytes(&mesh.sites[1][0]),
+            packs_bytes(&mesh.sites[2][0]),
+        ];
         step(&format!(
             "3 snapshots of 6 MiB at R; partners hold {held_before:?} chunks of A's"
         ));
@@ -108,6 +124,24 @@ fn forget_and_prune_give_space_back_at_partners_and_the_kept_snapshot_restores()
         )?;
         let held_after = [held_by_site(&mesh, 1, 0)?, held_by_site(&mesh, 2, 0)?];
         step(&format!("partners now hold {held_after:?} chunks of A's"));
+        // And their disks give the bytes back: each node rewrites its packs every 2 s.
+        wait_for(
+            Duration::from_secs(60),
+            "the partners' packs to shrink",
+            || {
+                Ok([1, 2].iter().all(|&s| {
+                    let now = packs_bytes(&mesh.sites[s][0]);
+                    now * 10 < packs_before[s - 1] * 7
+                }))
+            },
+        )?;
+        step(&format!(
+            "partners' packs {packs_before:?} -> {:?} bytes",
+            [
+                packs_bytes(&mesh.sites[1][0]),
+                packs_bytes(&mesh.sites[2][0])
+            ]
+        ));
         let kept_chunks = owner.status()?["images"][0]["chunks"].as_u64().unwrap_or(0);
         ensure!(
             held_after.iter().all(|h| *h >= kept_chunks),

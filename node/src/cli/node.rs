@@ -91,6 +91,9 @@ pub struct RunArgs {
     trim_grace: Option<u64>,
     #[arg(long, hide = true, value_parser = parse_duration_ms)]
     request_timeout: Option<u64>,
+    /// How often packs mostly garbage are rewritten [default: 1h]
+    #[arg(long, hide = true, value_parser = parse_duration_ms)]
+    repack_interval: Option<u64>,
 }
 
 /// The node's config file: the same settings as the flags.
@@ -351,6 +354,10 @@ pub fn run(data_dir: &Path, command: NodeCommand) -> Result<u8> {
         .with_context(|| format!("--metrics {addr}"))?;
         tracing::info!("metrics at http://{bound}/metrics");
     }
+    let repack_every = args
+        .repack_interval
+        .map_or(REPACK_EVERY, std::time::Duration::from_millis);
+    start_repacks(&vault, &mesh, repack_every)?;
     let stopper = control.stopper();
     {
         let (vault, mesh) = (vault.clone(), mesh.clone());
@@ -377,6 +384,35 @@ pub fn run(data_dir: &Path, command: NodeCommand) -> Result<u8> {
     tracing::info!("stopping");
     stopper.stop();
     Ok(0)
+}
+
+/// How often, by default, a running node looks for packs that partner deletions (rule H4) or its
+/// own prunes left mostly garbage.
+const REPACK_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// The mesh gives space back on its own: the engine deletes what an owner's statement
+/// lists from the index, and this thread rewrites the packs that leaves mostly garbage,
+/// taking the write lock a pack at a time, so backups and the storage thread wait for one
+/// pack at most.
+fn start_repacks(vault: &Arc<Vault>, mesh: &MeshHandle, every: std::time::Duration) -> Result<()> {
+    let (vault, lock) = (vault.clone(), mesh.write_lock.clone());
+    let unused_min = f64::from(mesh.settings.gc.repack_unused_percent) / 100.0;
+    std::thread::Builder::new()
+        .name("cairn-repack".into())
+        .spawn(move || loop {
+            std::thread::sleep(every);
+            match vault.store.repack(unused_min, Some(&lock), &|_| {}) {
+                Ok(r) if r.packs_rewritten + r.packs_deleted > 0 => tracing::info!(
+                    "rewrote {} packs and deleted {}: {} given back",
+                    r.packs_rewritten,
+                    r.packs_deleted,
+                    crate::units::bytes(r.bytes_before.saturating_sub(r.bytes_after))
+                ),
+                Ok(_) => {}
+                Err(e) => tracing::warn!("cannot rewrite packs: {}", crate::units::chain(&e)),
+            }
+        })?;
+    Ok(())
 }
 
 /// One request on the control socket.
