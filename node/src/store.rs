@@ -542,6 +542,24 @@ pub struct PackWriter<'s> {
 
 impl PackWriter<'_> {
     pub fn append(&mut self, id: &ChunkId, sealed: &[u8]) -> Result<ChunkLocation, StoreError> {
+        let head = entry_head(id, sealed.len() as u32);
+        self.append_checked(id, sealed, &entry_checksum(&head, sealed))
+    }
+
+    /// `append` with the entry's checksum already known: a repack copies an entry whose
+    /// head is `entry_head(id, sealed.len())` and whose checksum it has just checked, so
+    /// the copied bytes are hashed once, not twice.
+    pub(crate) fn append_checked(
+        &mut self,
+        id: &ChunkId,
+        sealed: &[u8],
+        checksum: &[u8],
+    ) -> Result<ChunkLocation, StoreError> {
+        debug_assert_eq!(
+            checksum,
+            entry_checksum(&entry_head(id, sealed.len() as u32), sealed),
+            "the caller checked this entry's checksum"
+        );
         assert!(
             sealed.len() <= ENTRY_BYTES_MAX,
             "sealer and mesh bound chunk size"
@@ -566,7 +584,7 @@ impl PackWriter<'_> {
         let write = |file: &mut BufWriter<File>| -> std::io::Result<()> {
             file.write_all(&head)?;
             file.write_all(sealed)?;
-            file.write_all(&entry_checksum(&head, sealed))
+            file.write_all(checksum)
         };
         write(&mut pack.file).map_err(io(&pack.path))?;
         let location = ChunkLocation {

@@ -30,8 +30,8 @@ use cairn_protocol::identity::SiteId;
 use cairn_protocol::ChunkId;
 
 use super::{
-    entry_checksum, io, ChunkLocation, IndexBatch, PackId, Store, StoreError, ENTRY_CHECKSUM_BYTES,
-    ENTRY_HEAD_BYTES, KEY_HELD_CHUNK, PACK_HEADER_BYTES,
+    entry_checksum, entry_head, io, ChunkLocation, IndexBatch, PackId, Store, StoreError,
+    ENTRY_CHECKSUM_BYTES, ENTRY_HEAD_BYTES, KEY_HELD_CHUNK, PACK_HEADER_BYTES,
 };
 
 /// `retired-pack/` + pack id (u32 big-endian) -> empty: a pack whose entries the index no
@@ -355,13 +355,17 @@ impl Store {
                 .map_err(io(&path))?;
             let (head, rest) = entry.split_at(ENTRY_HEAD_BYTES as usize);
             let (sealed, checksum) = rest.split_at(location.len_bytes as usize);
-            if head[4..36] != id.0 || checksum != entry_checksum(head, sealed) {
+            // The head is the one `append` writes for this id and length, so the checked
+            // checksum is the copy's too.
+            if head != entry_head(id, location.len_bytes)
+                || checksum != entry_checksum(head, sealed)
+            {
                 // Copied so far: indexed below, so no uncommitted tail is left. The rest,
                 // and the pack, stay where verify finds them.
                 damaged = true;
                 break;
             }
-            writer.append(id, sealed)?;
+            writer.append_checked(id, sealed, checksum)?;
             bytes_copied += entry_bytes(location);
         }
         let mut batch = writer.finish()?;
