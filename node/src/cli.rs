@@ -23,7 +23,7 @@ use crate::source::Source;
 use crate::trust;
 use crate::units::{self, parse_duration_ms, parse_quota, parse_size};
 use crate::vault::Vault;
-use crate::{forget, prune, restore, verify};
+use crate::{export, forget, prune, restore, verify};
 
 /// A line of output: stdout here, or the terminal of the command's user when it runs
 /// inside a node.
@@ -98,6 +98,20 @@ enum Command {
         #[arg(long)]
         fresh: bool,
         /// Print the result as JSON, for scripts
+        #[arg(long)]
+        json: bool,
+    },
+    /// Serve a snapshot as an NBD disk (read-only) until stopped, so qemu boots it or
+    /// qemu-img reads it without a restore; inside a running node, chunks not stored
+    /// here come from the mesh. A VM writes to an overlay of its own: qemu's -snapshot, or
+    /// `qemu-img create -f qcow2 -b URI -F raw overlay.qcow2`
+    Export {
+        /// IMAGE for its latest snapshot, or IMAGE@SNAPSHOT (an id or unique prefix)
+        snapshot: String,
+        /// Where to listen: unix:PATH, or 127.0.0.1:PORT (loopback only; port 0 picks one)
+        #[arg(long, value_name = "ADDR")]
+        nbd: String,
+        /// Print the URI and, when stopped, the summary as JSON lines, for scripts
         #[arg(long)]
         json: bool,
     },
@@ -378,6 +392,15 @@ fn forward_or_run(cli: Cli) -> Result<u8> {
             json,
         },
         Command::Prune { dry_run, json } => Operation::Prune { dry_run, json },
+        Command::Export {
+            snapshot,
+            nbd,
+            json,
+        } => Operation::Export {
+            snapshot,
+            nbd,
+            json,
+        },
         Command::Restore {
             snapshot,
             out,
@@ -409,7 +432,7 @@ fn forward_or_run(cli: Cli) -> Result<u8> {
     // Only the long jobs that check the flag; anything else dies on Ctrl-C as before.
     if matches!(
         operation,
-        Operation::Backup { .. } | Operation::Restore { .. }
+        Operation::Backup { .. } | Operation::Restore { .. } | Operation::Export { .. }
     ) {
         cancel_on_interrupt(&caller.cancel);
     }
@@ -455,6 +478,12 @@ pub enum Operation {
         dry_run: bool,
         json: bool,
     },
+    Export {
+        snapshot: String,
+        /// `unix:PATH` with PATH absolute, or `HOST:PORT`.
+        nbd: String,
+        json: bool,
+    },
     Trust(TrustCommand),
     Site(SiteCommand),
     RecoverySheet {
@@ -473,6 +502,7 @@ impl Operation {
             Operation::Status { .. } => "status",
             Operation::Forget { .. } => "forget",
             Operation::Prune { .. } => "prune",
+            Operation::Export { .. } => "export",
             Operation::Trust(_) => "trust",
             Operation::Site(_) => "site",
             Operation::RecoverySheet { .. } => "key recovery-sheet",
@@ -510,6 +540,18 @@ impl Operation {
                 out: cwd.join(out),
                 force,
                 fresh,
+                json,
+            },
+            Operation::Export {
+                snapshot,
+                nbd,
+                json,
+            } => Operation::Export {
+                nbd: match nbd.strip_prefix("unix:") {
+                    Some(path) if !path.is_empty() => format!("unix:{}", cwd.join(path).display()),
+                    _ => nbd,
+                },
+                snapshot,
                 json,
             },
             other => other,
@@ -577,7 +619,61 @@ pub(crate) fn execute(
             run_restore(io, node, &*open()?, &snapshot, &out, flags)
         }
         Operation::Verify { snapshot, json } => run_verify(io, &*open()?, snapshot, json),
+        Operation::Export {
+            snapshot,
+            nbd,
+            json,
+        } => run_export(io, node, &*open()?, &snapshot, &nbd, json),
     }
+}
+
+fn run_export(
+    io: &remote::Caller,
+    node: Option<&remote::InNode>,
+    vault: &Vault,
+    snapshot: &str,
+    nbd: &str,
+    json: bool,
+) -> Result<u8> {
+    let listen: export::Listen = nbd.parse()?;
+    let record = vault.resolve(snapshot)?;
+    let remote = node.map(|node| &node.mesh as &dyn crate::fetch::RemoteChunks);
+    let ready = |uri: &str| {
+        if json {
+            print_json(
+                io,
+                &serde_json::json!({ "serving": uri, "size_bytes": record.size_bytes }),
+            );
+        } else {
+            outln!(
+                io,
+                "serving {}@{} ({}, read-only) at {uri}",
+                record.image,
+                record.id.short(),
+                units::bytes(record.size_bytes)
+            );
+            outln!(
+                io,
+                "  boot it: qemu-system-x86_64 -m 2G -snapshot -drive file={uri},format=raw"
+            );
+            outln!(io, "  stop with Ctrl-C");
+        }
+    };
+    let summary = export::serve(vault, &record, remote, &listen, &io.cancel, &ready)?;
+    if json {
+        print_json(io, &summary);
+    } else {
+        outln!(
+            io,
+            "export stopped after {:.0}s: {} connections, {} requests, {} read, {} chunks opened",
+            summary.seconds,
+            summary.connections,
+            summary.requests,
+            units::bytes(summary.read_bytes),
+            summary.chunks_opened
+        );
+    }
+    Ok(0)
 }
 
 /// Sets `cancel` on Ctrl-C, so a backup or restore run here stops cleanly (no snapshot;

@@ -7,6 +7,7 @@ pub mod cancel;
 pub mod cli;
 pub mod control;
 pub mod datadir;
+pub mod export;
 pub mod fetch;
 pub mod forget;
 pub mod gc;
