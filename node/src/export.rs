@@ -679,7 +679,7 @@ fn answer<L: FnMut(&cairn_protocol::ChunkId) -> Result<Vec<u8>, ChunkError>>(
     }
 }
 
-const ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
 
 fn write_zeros(writer: &mut (impl Write + ?Sized), mut n: u64) -> io::Result<()> {
     while n > 0 {
