@@ -204,3 +204,114 @@ fn an_export_on_a_recovered_machine_with_nothing_local_serves_from_the_partners(
         Ok(())
     });
 }
+
+/// A boot sector that writes itself to the disk's second sector through the BIOS (so the
+/// guest writes), then prints `CAIRN-BOOT-OK` on COM1 and exits qemu through
+/// `isa-debug-exit` with status (0x10 << 1) | 1 = 33. A failed write skips the message.
+fn boot_sector() -> Vec<u8> {
+    let mut code = vec![
+        0xfa, // cli
+        0x31, 0xc0, // xor ax, ax
+        0x8e, 0xd8, // mov ds, ax
+        0x8e, 0xc0, // mov es, ax
+        0xbb, 0x00, 0x7c, // mov bx, 0x7c00 (this sector)
+        0xb8, 0x01, 0x03, // mov ax, 0x0301 (write one sector)
+        0xb9, 0x02, 0x00, // mov cx, 0x0002 (cylinder 0, sector 2)
+        0xba, 0x80, 0x00, // mov dx, 0x0080 (head 0, first disk)
+        0xcd, 0x13, // int 0x13
+        0x72, 0x0e, // jc done
+        0xbe, 0x2e, 0x7c, // mov si, 0x7c00 + 46 (the message)
+        0xba, 0xf8, 0x03, // mov dx, 0x3f8 (COM1)
+        0xac, // next: lodsb
+        0x84, 0xc0, // test al, al
+        0x74, 0x03, // jz done
+        0xee, // out dx, al
+        0xeb, 0xf8, // jmp next
+        0xba, 0xf4, 0x00, // done: mov dx, 0xf4 (isa-debug-exit)
+        0xb0, 0x10, // mov al, 0x10
+        0xee, // out dx, al
+        0xf4, // hlt
+        0xeb, 0xfd, // jmp hlt
+    ];
+    assert_eq!(code.len(), 46);
+    code.extend_from_slice(b"CAIRN-BOOT-OK\r\n\0");
+    code.resize(510, 0);
+    code.extend_from_slice(&[0x55, 0xaa]);
+    code
+}
+
+#[test]
+fn a_vm_boots_from_the_export_and_its_writes_never_reach_the_snapshot() {
+    if Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!(
+            "boot test skipped: qemu-system-x86_64 is missing (.ci/run installs qemu-system-x86)"
+        );
+        return;
+    }
+    let site = Site::new();
+    let image = site.path("boot.img");
+    let mut bytes = boot_sector();
+    bytes.resize(MIB, 0);
+    bytes.extend(random_bytes(MIB, 9));
+    bytes.resize(4 * MIB, 0);
+    write(&image, &bytes);
+    site.backup("boot", &image);
+    let socket = site.path("boot.sock");
+    let nbd = format!("unix:{}", socket.display());
+    let export = Export::start(site.command(&["export", "boot", "--nbd", &nbd, "--json"])).unwrap();
+
+    let serial = site.path("serial.txt");
+    let mut qemu = Command::new("qemu-system-x86_64")
+        .args([
+            "-accel", "tcg", "-m", "64", "-display", "none", "-monitor", "none",
+        ])
+        .args(["-no-reboot", "-nodefaults", "-snapshot"])
+        .arg("-serial")
+        .arg(format!("file:{}", serial.display()))
+        .arg("-drive")
+        .arg(format!("file={},format=raw,if=ide", export.uri))
+        .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=4"])
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = qemu.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > Duration::from_secs(120) {
+            let _ = qemu.kill();
+            let _ = qemu.wait();
+            panic!("the VM did not finish booting in 120 s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let console = std::fs::read_to_string(&serial).unwrap_or_default();
+    assert!(
+        console.contains("CAIRN-BOOT-OK"),
+        "serial console: {console:?}"
+    );
+    assert_eq!(status.code(), Some(33), "the guest's own exit, not a crash");
+    eprintln!(
+        "booted from the export in {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
+
+    // The guest wrote its boot sector to sector 2 (the message says the write succeeded);
+    // the export is read-only, so it went to qemu's overlay and the snapshot reads as it
+    // was backed up, zeros at sector 2.
+    let mut client = Client::connect(&export.uri, true).unwrap();
+    let (read, _) = read_all(&mut client, MIB as u32).unwrap();
+    assert!(
+        read[512..1024].iter().all(|&b| b == 0),
+        "the guest's write reached the snapshot"
+    );
+    assert!(read == bytes, "the snapshot is unchanged");
+    client.disconnect().unwrap();
+    let summary = export.stop().unwrap();
+    assert!(summary["chunks_opened"].as_u64() >= Some(1), "{summary}");
+}
