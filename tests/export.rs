@@ -315,3 +315,66 @@ fn a_vm_boots_from_the_export_and_its_writes_never_reach_the_snapshot() {
     let summary = export.stop().unwrap();
     assert!(summary["chunks_opened"].as_u64() >= Some(1), "{summary}");
 }
+
+#[test]
+fn a_restore_into_qcow2_vhdx_and_vmdk_is_the_image_and_checks_clean() {
+    if Command::new("qemu-img").arg("--version").output().is_err() {
+        eprintln!("format test skipped: qemu-img is missing (Debian: qemu-utils)");
+        return;
+    }
+    let site = Site::new();
+    let image = site.path("fs.img");
+    let bytes = image_with_holes();
+    write(&image, &bytes);
+    site.backup("fs", &image);
+    for format in ["qcow2", "vhdx", "vmdk"] {
+        let out = site.path(&format!("fs.{format}"));
+        let printed = site.ok(&[
+            "restore",
+            "fs",
+            utf8(&out).unwrap(),
+            "--format",
+            format,
+            "--json",
+        ]);
+        let summary: serde_json::Value = serde_json::from_str(&printed).unwrap();
+        assert_eq!(summary["format"], format);
+        let compare = Command::new("qemu-img")
+            .args(["compare", "-f", "raw", "-F", format])
+            .arg(&image)
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert!(
+            compare.status.success(),
+            "{format}: {}",
+            String::from_utf8_lossy(&compare.stdout)
+        );
+        let check = Command::new("qemu-img")
+            .args(["check", "-f", format])
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert!(
+            check.status.success(),
+            "qemu-img check {format}: {}{}",
+            String::from_utf8_lossy(&check.stdout),
+            String::from_utf8_lossy(&check.stderr)
+        );
+        // Sparse: the zero runs take no space (the image is 12 MiB, 5 MiB of it data).
+        let on_disk = summary["file_bytes"].as_u64().unwrap();
+        assert!(on_disk < 10 * MIB as u64, "{format} takes {on_disk} bytes");
+        assert!(!site.path(&format!("fs.{format}.cairn-partial")).exists());
+    }
+    let out = site.path("fs.qcow2");
+    let line = site.fails(&["restore", "fs", utf8(&out).unwrap(), "--format", "qcow2"]);
+    assert!(line.contains("--force"), "{line}");
+    site.ok(&[
+        "restore",
+        "fs",
+        utf8(&out).unwrap(),
+        "--format",
+        "qcow2",
+        "--force",
+    ]);
+}

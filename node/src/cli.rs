@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::backup::{self, BackupOptions, ZSTD_LEVEL_DEFAULT};
 use crate::cancel::{Cancel, CancellableReader};
+use crate::convert::{self, DiskFormat};
 use crate::datadir::DataDir;
 use crate::join::{self, NewNode};
 use crate::source::Source;
@@ -97,6 +98,9 @@ enum Command {
         /// Start over instead of resuming what an interrupted restore left in OUT.cairn-partial
         #[arg(long)]
         fresh: bool,
+        /// Write OUT as this disk format, sparse (qcow2, vhdx and vmdk need qemu-img)
+        #[arg(long, value_enum, default_value_t = DiskFormat::Raw)]
+        format: DiskFormat,
         /// Print the result as JSON, for scripts
         #[arg(long)]
         json: bool,
@@ -406,12 +410,14 @@ fn forward_or_run(cli: Cli) -> Result<u8> {
             out,
             force,
             fresh,
+            format,
             json,
         } => Operation::Restore {
             snapshot,
             out,
             force,
             fresh,
+            format,
             json,
         },
         Command::Verify { snapshot, json } => Operation::Verify { snapshot, json },
@@ -459,6 +465,8 @@ pub enum Operation {
         out: PathBuf,
         force: bool,
         fresh: bool,
+        #[serde(default)]
+        format: DiskFormat,
         json: bool,
     },
     Verify {
@@ -534,12 +542,14 @@ impl Operation {
                 out,
                 force,
                 fresh,
+                format,
                 json,
             } => Operation::Restore {
                 snapshot,
                 out: cwd.join(out),
                 force,
                 fresh,
+                format,
                 json,
             },
             Operation::Export {
@@ -613,8 +623,12 @@ pub(crate) fn execute(
             out,
             force,
             fresh,
+            format,
             json,
         } => {
+            if format != DiskFormat::Raw {
+                return run_convert(io, node, &*open()?, &snapshot, &out, format, force, json);
+            }
             let flags = RestoreFlags { force, fresh, json };
             run_restore(io, node, &*open()?, &snapshot, &out, flags)
         }
@@ -625,6 +639,38 @@ pub(crate) fn execute(
             json,
         } => run_export(io, node, &*open()?, &snapshot, &nbd, json),
     }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_convert(
+    io: &remote::Caller,
+    node: Option<&remote::InNode>,
+    vault: &Vault,
+    snapshot: &str,
+    out: &Path,
+    format: DiskFormat,
+    force: bool,
+    json: bool,
+) -> Result<u8> {
+    let record = vault.resolve(snapshot)?;
+    let remote = node.map(|node| &node.mesh as &dyn crate::fetch::RemoteChunks);
+    let summary = convert::convert(vault, &record, out, format, force, remote, &io.cancel)?;
+    if json {
+        print_json(io, &summary);
+    } else {
+        outln!(
+            io,
+            "restored {}@{} to {} as {}: {} image, {} on disk, in {:.1}s",
+            summary.image,
+            summary.snapshot,
+            summary.output,
+            summary.format,
+            units::bytes(summary.size_bytes),
+            units::bytes(summary.file_bytes),
+            summary.seconds
+        );
+    }
+    Ok(0)
 }
 
 fn run_export(

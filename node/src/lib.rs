@@ -6,6 +6,7 @@ pub mod backup;
 pub mod cancel;
 pub mod cli;
 pub mod control;
+pub mod convert;
 pub mod datadir;
 pub mod export;
 pub mod fetch;
