@@ -378,3 +378,100 @@ fn a_restore_into_qcow2_vhdx_and_vmdk_is_the_image_and_checks_clean() {
         "--force",
     ]);
 }
+
+#[test]
+fn a_snapshot_runs_as_a_vm_its_writes_kept_in_its_overlay_and_vm_stop_ends_it() {
+    if Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!(
+            "vm test skipped: qemu-system-x86_64 is missing (.ci/run installs qemu-system-x86)"
+        );
+        return;
+    }
+    let site = Site::new();
+    let image = site.path("boot.img");
+    let mut bytes = boot_sector();
+    bytes.resize(2 * MIB, 0);
+    write(&image, &bytes);
+    site.backup("boot", &image);
+    let start = || {
+        Export::start(site.command(&[
+            "vm", "start", "boot", "--accel", "tcg", "--memory", "64M", "--json",
+        ]))
+        .unwrap()
+    };
+    let vm = start();
+    assert_eq!(vm.first["overlay_reused"], false);
+    let console = vm.first["console_log"].as_str().unwrap().to_owned();
+    let overlay = vm.first["overlay"].as_str().unwrap().to_owned();
+    wait_for(
+        Duration::from_secs(60),
+        "the guest's marker on its console",
+        || Ok(std::fs::read_to_string(&console).is_ok_and(|c| c.contains("CAIRN-BOOT-OK"))),
+    )
+    .unwrap();
+
+    let list: serde_json::Value =
+        serde_json::from_str(&site.ok(&["vm", "list", "--json"])).unwrap();
+    assert_eq!(list.as_array().map(Vec::len), Some(1), "{list}");
+    assert_eq!(list[0]["image"], "boot");
+    let line = site.fails(&["vm", "start", "boot", "--accel", "tcg"]);
+    // Without a node the running `vm start` holds the data dir; inside one, the VM's record
+    // refuses it. Either way a second VM never boots on the same overlay.
+    assert!(
+        line.contains("already runs") || line.contains("in use"),
+        "{line}"
+    );
+
+    site.ok(&["vm", "stop", "boot"]);
+    let summary = vm.finish().unwrap();
+    assert!(summary["read_bytes"].as_u64() > Some(0), "{summary}");
+    let list: serde_json::Value =
+        serde_json::from_str(&site.ok(&["vm", "list", "--json"])).unwrap();
+    assert_eq!(list, serde_json::json!([]));
+    let line = site.fails(&["vm", "stop", "boot"]);
+    assert!(line.contains("no VM of boot"), "{line}");
+
+    // The guest wrote its boot sector to sector 2: that is in the overlay (read through
+    // an export on the VM's socket again), and the snapshot is as backed up.
+    let socket = Path::new(&overlay).with_file_name("nbd.sock");
+    let nbd = format!("unix:{}", socket.display());
+    let export = Export::start(site.command(&["export", "boot", "--nbd", &nbd, "--json"])).unwrap();
+    let view = site.path("view.raw");
+    let convert = Command::new("qemu-img")
+        .args(["convert", "-f", "qcow2", "-O", "raw", &overlay])
+        .arg(&view)
+        .output()
+        .unwrap();
+    assert!(
+        convert.status.success(),
+        "{}",
+        String::from_utf8_lossy(&convert.stderr)
+    );
+    let seen = std::fs::read(&view).unwrap();
+    assert!(
+        seen[512..1024] == seen[..512],
+        "the guest's write is in the overlay"
+    );
+    let mut client = Client::connect(&export.uri, true).unwrap();
+    let (read, _) = read_all(&mut client, MIB as u32).unwrap();
+    assert!(read == bytes, "the snapshot is unchanged");
+    client.disconnect().unwrap();
+    export.stop().unwrap();
+
+    let vm = start();
+    assert_eq!(vm.first["overlay_reused"], true);
+    assert_eq!(vm.first["overlay"], overlay.as_str());
+    site.ok(&["vm", "stop", "boot"]);
+    vm.finish().unwrap();
+
+    // A newer snapshot does not silently replace the overlay that holds the old one's writes.
+    bytes[2 * MIB - 1] = 1;
+    write(&image, &bytes);
+    site.backup("boot", &image);
+    let line = site.fails(&["vm", "start", "boot", "--accel", "tcg"]);
+    assert!(line.contains("move it away"), "{line}");
+}

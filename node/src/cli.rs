@@ -24,7 +24,7 @@ use crate::source::Source;
 use crate::trust;
 use crate::units::{self, parse_duration_ms, parse_quota, parse_size};
 use crate::vault::Vault;
-use crate::{export, forget, prune, restore, verify};
+use crate::{export, forget, prune, restore, verify, vm};
 
 /// A line of output: stdout here, or the terminal of the command's user when it runs
 /// inside a node.
@@ -152,6 +152,11 @@ enum Command {
         #[command(subcommand)]
         command: SiteCommand,
     },
+    /// Run a snapshot as a virtual machine on this PC, straight from the mesh (qemu)
+    Vm {
+        #[command(subcommand)]
+        command: VmCommand,
+    },
     /// Invite, accept, limit and revoke partner sites
     Trust {
         #[command(subcommand)]
@@ -250,6 +255,44 @@ pub enum SiteCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Subcommand, Serialize, Deserialize)]
+pub enum VmCommand {
+    /// Boot a snapshot as a VM and run it until it stops, `cairn vm stop` or Ctrl-C. Its
+    /// writes go to an overlay in DATA_DIR/vms/IMAGE/, kept for the next start; the
+    /// snapshot is never changed
+    Start {
+        /// IMAGE for its latest snapshot, or IMAGE@SNAPSHOT
+        snapshot: String,
+        /// Memory, as qemu reads it
+        #[arg(long, default_value = "4G")]
+        memory: String,
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=256))]
+        cpus: u32,
+        /// VNC console at 127.0.0.1:PORT (5900 and up; loopback only, reach it over SSH)
+        #[arg(long, value_name = "ADDR")]
+        vnc: Option<String>,
+        /// none, user (qemu's NAT: the VM reaches out, nothing reaches it) or bridge:BR
+        /// (on the office LAN, as the server was)
+        #[arg(long, default_value = "none", value_parser = |s: &str| s.parse::<vm::Network>())]
+        network: vm::Network,
+        #[arg(long, value_enum, default_value_t = vm::Firmware::Bios)]
+        firmware: vm::Firmware,
+        /// KVM, TCG, or KVM when a probe guest boots under it
+        #[arg(long, value_enum, default_value_t = vm::Accel::Auto)]
+        accel: vm::Accel,
+        /// Print the VM's details and, when it stops, the summary as JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// The VMs running from this data dir
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop the VM of IMAGE (qemu quits as on a host shutdown; its overlay is kept)
+    Stop { image: String },
 }
 
 #[derive(Subcommand, Serialize, Deserialize)]
@@ -423,6 +466,7 @@ fn forward_or_run(cli: Cli) -> Result<u8> {
         Command::Verify { snapshot, json } => Operation::Verify { snapshot, json },
         Command::Status { json } => Operation::Status { json },
         Command::Trust { command } => Operation::Trust(command),
+        Command::Vm { command } => Operation::Vm(command),
         Command::Site { command } => Operation::Site(command),
         Command::Key {
             command: KeyCommand::RecoverySheet { yes },
@@ -438,7 +482,10 @@ fn forward_or_run(cli: Cli) -> Result<u8> {
     // Only the long jobs that check the flag; anything else dies on Ctrl-C as before.
     if matches!(
         operation,
-        Operation::Backup { .. } | Operation::Restore { .. } | Operation::Export { .. }
+        Operation::Backup { .. }
+            | Operation::Restore { .. }
+            | Operation::Export { .. }
+            | Operation::Vm(VmCommand::Start { .. })
     ) {
         cancel_on_interrupt(&caller.cancel);
     }
@@ -493,6 +540,7 @@ pub enum Operation {
         json: bool,
     },
     Trust(TrustCommand),
+    Vm(VmCommand),
     Site(SiteCommand),
     RecoverySheet {
         yes: bool,
@@ -511,6 +559,7 @@ impl Operation {
             Operation::Forget { .. } => "forget",
             Operation::Prune { .. } => "prune",
             Operation::Export { .. } => "export",
+            Operation::Vm(_) => "vm",
             Operation::Trust(_) => "trust",
             Operation::Site(_) => "site",
             Operation::RecoverySheet { .. } => "key recovery-sheet",
@@ -638,6 +687,118 @@ pub(crate) fn execute(
             nbd,
             json,
         } => run_export(io, node, &*open()?, &snapshot, &nbd, json),
+        Operation::Vm(command) => run_vm(io, node, &open, data_dir, command),
+    }
+}
+
+fn run_vm(
+    io: &remote::Caller,
+    node: Option<&remote::InNode>,
+    open: &dyn Fn() -> Result<Arc<Vault>>,
+    data_dir: &Path,
+    command: VmCommand,
+) -> Result<u8> {
+    match command {
+        VmCommand::Start {
+            snapshot,
+            memory,
+            cpus,
+            vnc,
+            network,
+            firmware,
+            accel,
+            json,
+        } => {
+            let vault = open()?;
+            let record = vault.resolve(&snapshot)?;
+            let remote = node.map(|node| &node.mesh as &dyn crate::fetch::RemoteChunks);
+            let options = vm::VmOptions {
+                memory,
+                cpus,
+                vnc,
+                network,
+                firmware,
+                accel,
+            };
+            let ready = |info: &vm::VmInfo| {
+                if json {
+                    print_json(io, info);
+                    return;
+                }
+                outln!(
+                    io,
+                    "{}@{} runs as a VM (pid {}, {}{})",
+                    info.image,
+                    info.snapshot,
+                    info.pid,
+                    info.accel,
+                    if info.overlay_reused {
+                        ", with the writes of its last run"
+                    } else {
+                        ""
+                    }
+                );
+                outln!(io, "  serial console: {}", info.console_log);
+                if let Some(vnc) = &info.vnc {
+                    outln!(io, "  screen: VNC at {vnc}");
+                }
+                outln!(io, "  its writes: {}", info.overlay);
+                outln!(
+                    io,
+                    "  stop it with Ctrl-C or `cairn vm stop {}`",
+                    info.image
+                );
+            };
+            let summary = vm::start(
+                &vault, &record, remote, data_dir, &options, &io.cancel, &ready,
+            )?;
+            if json {
+                print_json(io, &summary);
+            } else {
+                outln!(
+                    io,
+                    "VM of {}@{} ended after {:.0}s: {}; {} read from the snapshot",
+                    summary.image,
+                    summary.snapshot,
+                    summary.seconds,
+                    summary.exit,
+                    units::bytes(summary.read_bytes)
+                );
+            }
+            Ok(0)
+        }
+        VmCommand::List { json } => {
+            let vms = vm::list(data_dir);
+            if json {
+                print_json(io, &vms);
+            } else if vms.is_empty() {
+                outln!(io, "no VM runs here");
+            } else {
+                for info in vms {
+                    outln!(
+                        io,
+                        "{}@{}  pid {}  {}  since {}  console {}",
+                        info.image,
+                        info.snapshot,
+                        info.pid,
+                        info.accel,
+                        units::utc(info.started_unix_ms),
+                        info.console_log
+                    );
+                }
+            }
+            Ok(0)
+        }
+        VmCommand::Stop { image } => {
+            let info = vm::stop(data_dir, &image)?;
+            outln!(
+                io,
+                "stopped the VM of {}@{} (its overlay is kept)",
+                info.image,
+                info.snapshot
+            );
+            Ok(0)
+        }
     }
 }
 

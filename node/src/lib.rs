@@ -25,5 +25,6 @@ pub mod trust;
 pub mod units;
 pub mod vault;
 pub mod verify;
+pub mod vm;
 
 pub use vault::Vault;

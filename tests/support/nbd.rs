@@ -234,6 +234,8 @@ pub struct Reply {
 pub struct Export {
     pub child: Child,
     pub uri: String,
+    /// The first JSON value it printed.
+    pub first: serde_json::Value,
     stdout: ChildStdout,
 }
 
@@ -262,14 +264,30 @@ impl Export {
                 bail!("export exited before serving: {}", err.trim());
             }
         };
-        let uri = value["serving"].as_str().context("no URI")?.to_owned();
-        Ok(Export { child, uri, stdout })
+        // `cairn export` says "serving", `cairn vm start` names its "export".
+        let uri = value["serving"]
+            .as_str()
+            .or(value["export"].as_str())
+            .context("no URI")?
+            .to_owned();
+        Ok(Export {
+            child,
+            uri,
+            stdout,
+            first: value,
+        })
     }
 
     /// Stops it as Ctrl-C does and returns its closing JSON summary.
-    pub fn stop(mut self) -> Result<serde_json::Value> {
+    pub fn stop(self) -> Result<serde_json::Value> {
         // SAFETY: kill(2) on our own child's pid.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        self.finish()
+    }
+
+    /// Waits for it to exit by itself (bounded by the stdout read: the process closes it)
+    /// and returns its closing JSON summary.
+    pub fn finish(mut self) -> Result<serde_json::Value> {
         let mut rest = String::new();
         self.stdout.read_to_string(&mut rest)?;
         let status = self.child.wait()?;
