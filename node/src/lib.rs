@@ -10,6 +10,7 @@ pub mod datadir;
 pub mod fetch;
 pub mod forget;
 pub mod gc;
+pub mod jobs;
 pub mod join;
 pub mod mesh;
 pub mod prune;
