@@ -5,13 +5,15 @@
 //! - a backup job whose last run failed (or was interrupted);
 //! - a job whose image's newest snapshot at R sites is older than twice the job's period
 //!   (or, with none yet, a node up for longer than that);
-//! - an image whose data has been below R for more than `below_target_ms` (1 h);
+//! - an image whose data has been below R for more than `below_target_ms` (1 h), on a
+//!   site with partners (without, there is no R to reach);
 //! - a partner site not heard from for `partner_unseen_ms` (1 d), or never heard from on
 //!   a node up that long.
 
 use std::fmt::Write as _;
 
-use super::{duration, printable, NodeStatus, Table};
+use super::{duration, printable, ImageStatus, NodeStatus, PartnerSeen, Table};
+use crate::jobs::JobStatus;
 use crate::jobs::RunResult;
 use crate::units;
 
@@ -43,12 +45,55 @@ pub fn below_target_for_ms(status: &NodeStatus, image: &super::ImageStatus) -> O
         .map(|since| status.now_unix_ms.saturating_sub(since))
 }
 
+/// The job's last run failed or was interrupted.
+pub fn job_failed(job: &JobStatus) -> bool {
+    job.last_run
+        .as_ref()
+        .is_some_and(|r| r.result != RunResult::Ok)
+}
+
+/// The job's newest snapshot at R is older than twice its period (or, with none at R,
+/// the node has been up that long).
+pub fn job_snapshot_old(status: &NodeStatus, job: &JobStatus) -> bool {
+    let age_max_ms = snapshot_age_max_ms(job.period_ms);
+    match job.newest_at_r_unix_ms {
+        Some(at) => status.now_unix_ms.saturating_sub(at) > age_max_ms,
+        None => status.uptime_ms > age_max_ms,
+    }
+}
+
+/// The images `--check` measures against R: none on a site with no partner, which has
+/// no R to reach (as `cairn forget` counts it).
+pub fn images_with_r(status: &NodeStatus) -> &[ImageStatus] {
+    if status.partners.is_empty() {
+        &[]
+    } else {
+        &status.images
+    }
+}
+
+pub fn image_below_too_long(
+    status: &NodeStatus,
+    image: &ImageStatus,
+    limits: &CheckLimits,
+) -> bool {
+    below_target_for_ms(status, image).is_some_and(|ms| ms > limits.below_target_ms)
+}
+
+/// Not heard from for the limit, or never on a node up that long.
+pub fn partner_unseen(status: &NodeStatus, partner: &PartnerSeen, limits: &CheckLimits) -> bool {
+    match partner.last_seen_unix_ms {
+        Some(seen) => status.now_unix_ms.saturating_sub(seen) > limits.partner_unseen_ms,
+        None => status.uptime_ms > limits.partner_unseen_ms,
+    }
+}
+
 /// Every problem, one line each; empty when all is well.
 pub fn problems(status: &NodeStatus, limits: &CheckLimits) -> Vec<String> {
     let now = status.now_unix_ms;
     let mut lines = Vec::new();
     for job in &status.jobs {
-        if let Some(run) = job.last_run.as_ref().filter(|r| r.result != RunResult::Ok) {
+        if let Some(run) = job.last_run.as_ref().filter(|_| job_failed(job)) {
             let how = match run.result {
                 RunResult::Interrupted => "was interrupted",
                 _ => "failed",
@@ -60,56 +105,54 @@ pub fn problems(status: &NodeStatus, limits: &CheckLimits) -> Vec<String> {
                 run.error.as_deref().unwrap_or("no reason recorded")
             ));
         }
-        let age_max_ms = snapshot_age_max_ms(job.period_ms);
-        match job.newest_at_r_unix_ms {
-            Some(at) if now.saturating_sub(at) > age_max_ms => lines.push(format!(
-                "job {}: its newest snapshot at R sites is {} old, more than twice its period ({})",
-                job.image,
-                duration(now - at),
-                duration(job.period_ms)
-            )),
-            None if status.uptime_ms > age_max_ms => lines.push(format!(
-                "job {}: no snapshot at R sites yet, {} after the node started (twice its period is {})",
-                job.image,
-                duration(status.uptime_ms),
-                duration(age_max_ms)
-            )),
-            _ => {}
+        if job_snapshot_old(status, job) {
+            lines.push(match job.newest_at_r_unix_ms {
+                Some(at) => format!(
+                    "job {}: its newest snapshot at R sites is {} old, more than twice its period ({})",
+                    job.image,
+                    duration(now.saturating_sub(at)),
+                    duration(job.period_ms)
+                ),
+                None => format!(
+                    "job {}: no snapshot at R sites yet, {} after the node started (twice its period is {})",
+                    job.image,
+                    duration(status.uptime_ms),
+                    duration(snapshot_age_max_ms(job.period_ms))
+                ),
+            });
         }
     }
-    for image in &status.images {
-        if let Some(below_ms) = below_target_for_ms(status, image) {
-            if below_ms > limits.below_target_ms {
-                lines.push(format!(
-                    "image {}: below R ({} sites) for {}: {} of copies missing",
-                    image.image,
-                    image.replication_target,
-                    duration(below_ms),
-                    units::bytes(
-                        image
-                            .copy_bytes_target
-                            .saturating_sub(image.copy_bytes_done)
-                    )
-                ));
-            }
+    for image in images_with_r(status) {
+        if image_below_too_long(status, image, limits) {
+            lines.push(format!(
+                "image {}: below R ({} sites) for {}: {} of copies missing",
+                image.image,
+                image.replication_target,
+                duration(below_target_for_ms(status, image).unwrap_or(0)),
+                units::bytes(
+                    image
+                        .copy_bytes_target
+                        .saturating_sub(image.copy_bytes_done)
+                )
+            ));
         }
     }
     for partner in &status.partners {
+        if !partner_unseen(status, partner, limits) {
+            continue;
+        }
         let name = printable(&partner.site_name);
-        match partner.last_seen_unix_ms {
-            Some(seen) if now.saturating_sub(seen) > limits.partner_unseen_ms => {
-                lines.push(format!(
-                    "partner {name:?}: not seen for {} (last {})",
-                    duration(now - seen),
-                    units::utc(seen)
-                ))
-            }
-            None if status.uptime_ms > limits.partner_unseen_ms => lines.push(format!(
+        lines.push(match partner.last_seen_unix_ms {
+            Some(seen) => format!(
+                "partner {name:?}: not seen for {} (last {})",
+                duration(now.saturating_sub(seen)),
+                units::utc(seen)
+            ),
+            None => format!(
                 "partner {name:?}: never seen, {} after the node started",
                 duration(status.uptime_ms)
-            )),
-            _ => {}
-        }
+            ),
+        });
     }
     lines
 }
@@ -172,17 +215,16 @@ pub fn render_jobs(status: &NodeStatus, out: &mut String) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
-    use crate::jobs::{JobStatus, RunRecord};
-    use crate::status::{ImageStatus, PartnerSeen};
+    use crate::jobs::RunRecord;
     use cairn_protocol::identity::{NodeId, SiteId};
     use cairn_protocol::ImageName;
 
     const NOW: u64 = 1_800_000_000_000;
     const HOUR: u64 = 3_600_000;
 
-    fn healthy() -> NodeStatus {
+    pub(crate) fn healthy() -> NodeStatus {
         let mut status: NodeStatus = serde_json::from_value(serde_json::json!({
             "version": 1,
             "node_id": NodeId([1; 32]).to_string(),
