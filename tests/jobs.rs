@@ -144,17 +144,65 @@ fn a_failing_before_hook_fails_the_run_and_leaves_no_snapshot() {
         let image = root.join("fs.img");
         write(&image, &random_bytes(1 << 20, 2));
         let after_mark = root.join("after-ran");
-        let config = format!(
+        let copy = root.join("lv-snap.img");
+        let mut config = format!(
             "[[backup]]\nimage = \"fs\"\nsource = \"{}\"\nschedule = \"daily 02:00\"\nbefore = \"echo no volume group vg0; exit 3\"\nafter = \"touch {}\"\n",
             utf8(&image)?,
             utf8(&after_mark)?
         );
+        // A dump that fails half-way, one that works, and an LVM-like snapshot made by
+        // `before`, read through `source_during` and removed by `after`.
+        config += "[[backup]]\nimage = \"db\"\nsource_command = \"printf partial; echo dump failed >&2; exit 4\"\nschedule = \"daily 02:00\"\n";
+        config += &format!(
+            "[[backup]]\nimage = \"db2\"\nsource_command = \"cat {}\"\nschedule = \"daily 02:00\"\n",
+            utf8(&image)?
+        );
+        config += &format!(
+            "[[backup]]\nimage = \"lv\"\nsource = \"{0}\"\nschedule = \"daily 02:00\"\nbefore = \"head -c 65536 {0} > {1}\"\nsource_during = \"{1}\"\nafter = \"rm {1}\"\n",
+            utf8(&image)?,
+            utf8(&copy)?
+        );
         let mesh = lone_node(root, &config, step)?;
         let node = &mesh.sites[0][0];
-        wait_for(Duration::from_secs(30), "the first run to end", || {
-            Ok(job(&node.status()?, "fs")?["runs"].as_u64() >= Some(1))
-        })?;
-        let fs = job(&node.status()?, "fs")?;
+        wait_for(
+            Duration::from_secs(30),
+            "the first run of each job to end",
+            || {
+                let status = node.status()?;
+                for image in ["fs", "db", "db2", "lv"] {
+                    if job(&status, image)?["runs"].as_u64() < Some(1) {
+                        return Ok(false);
+                    }
+                }
+                Ok(true)
+            },
+        )?;
+        let status = node.status()?;
+        let db = job(&status, "db")?;
+        ensure!(db["last_run"]["result"] == "failed", "{db}");
+        let error = db["last_run"]["error"].as_str().unwrap_or_default();
+        ensure!(
+            error.contains("source_command exit status: 4: dump failed"),
+            "{db}"
+        );
+        ensure!(
+            snapshots(node, "db")?.is_empty(),
+            "a failed dump makes no snapshot"
+        );
+        let db2 = job(&status, "db2")?;
+        ensure!(
+            db2["last_run"]["result"] == "ok" && db2["last_run"]["bytes"] == 1 << 20,
+            "{db2}"
+        );
+        let lv = job(&status, "lv")?;
+        ensure!(lv["last_run"]["result"] == "ok", "{lv}");
+        let lv_snapshots = snapshots(node, "lv")?;
+        ensure!(
+            lv_snapshots.len() == 1 && lv_snapshots[0]["size_bytes"] == 65536,
+            "source_during was read, not source: {lv_snapshots:?}"
+        );
+        ensure!(!copy.exists(), "after removed the copy");
+        let fs = job(&status, "fs")?;
         step(&format!("{fs}"));
         let last = &fs["last_run"];
         ensure!(last["result"] == "failed", "{fs}");
@@ -177,6 +225,10 @@ fn a_failing_before_hook_fails_the_run_and_leaves_no_snapshot() {
         let out = check(node, &[]);
         let problems = lines(&out);
         ensure!(out.status.code() == Some(1), "{out:?}");
+        let problems: Vec<&String> = problems
+            .iter()
+            .filter(|l| l.starts_with("job fs:"))
+            .collect();
         ensure!(
             problems.len() == 1
                 && problems[0].starts_with("job fs: its last run (")
@@ -337,4 +389,31 @@ fn check_names_an_old_snapshot_data_below_r_and_an_unseen_partner() {
         );
         Ok(())
     });
+}
+
+#[test]
+fn node_run_refuses_a_bad_job_in_one_line_naming_the_job_and_the_key() {
+    let site = cairn::Site::new();
+    for (job, expected) in [
+        (
+            "image = \"fs\"\nsourc = \"/x\"\nschedule = \"hourly\"",
+            "error: [[backup]] job \"fs\": unknown key \"sourc\"",
+        ),
+        (
+            "image = \"fs\"\nsource = \"/x\"\nschedule = \"at two\"",
+            "error: [[backup]] job \"fs\": schedule: \"at two\" is not a schedule",
+        ),
+        (
+            "image = \"fs\"\nsource = \"/x\"\nschedule = \"hourly\"\nkeep = { last = \"seven\" }",
+            "error: [[backup]] job \"fs\": keep.last: \"seven\" is not a count",
+        ),
+    ] {
+        std::fs::write(
+            site.data_dir().join("node.toml"),
+            format!("[[backup]]\n{job}\n"),
+        )
+        .unwrap();
+        let line = site.fails(&["node", "run", "--no-mdns", "--listen", "127.0.0.1:0"]);
+        assert!(line.starts_with(expected), "{line}");
+    }
 }
