@@ -417,3 +417,84 @@ fn node_run_refuses_a_bad_job_in_one_line_naming_the_job_and_the_key() {
         assert!(line.starts_with(expected), "{line}");
     }
 }
+
+/// True when `tool --version` runs; a test that needs it says why it returns early.
+fn have(tool: &str) -> bool {
+    std::process::Command::new(tool)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+#[test]
+fn a_qcow2_source_is_backed_up_as_the_guest_sees_it() {
+    if !have("qemu-img") || !have("qemu-io") {
+        eprintln!("skipped: qemu-img or qemu-io is missing (Debian: apt-get install qemu-utils)");
+        return;
+    }
+    scenario("jobs-qcow2", |root, step| {
+        let disk = root.join("vm.qcow2");
+        let run = |args: &[&str]| -> Result<()> {
+            let out = std::process::Command::new(args[0])
+                .args(&args[1..])
+                .output()?;
+            ensure!(
+                out.status.success(),
+                "{args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            Ok(())
+        };
+        run(&[
+            "qemu-img",
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            utf8(&disk)?,
+            "64M",
+        ])?;
+        run(&[
+            "qemu-io",
+            "-c",
+            "write -P 0x61 1M 256k",
+            "-c",
+            "write -P 0x62 40M 64k",
+            utf8(&disk)?,
+        ])?;
+        let guest = root.join("guest.raw");
+        run(&[
+            "qemu-img",
+            "convert",
+            "-f",
+            "qcow2",
+            "-O",
+            "raw",
+            utf8(&disk)?,
+            utf8(&guest)?,
+        ])?;
+        let config = format!(
+            "[[backup]]\nimage = \"vm\"\nsource = \"{}\"\nschedule = \"daily 02:00\"\n",
+            utf8(&disk)?
+        );
+        let mesh = lone_node(root, &config, step)?;
+        let node = &mesh.sites[0][0];
+        wait_for(Duration::from_secs(30), "the run to end", || {
+            Ok(job(&node.status()?, "vm")?["runs"].as_u64() >= Some(1))
+        })?;
+        let vm = job(&node.status()?, "vm")?;
+        ensure!(vm["last_run"]["result"] == "ok", "{vm}");
+        ensure!(
+            vm["last_run"]["bytes"] == 64 << 20,
+            "the guest's size, not the file's: {vm}"
+        );
+        let restored = root.join("restored.raw");
+        node.ok(&["restore", "vm", utf8(&restored)?])?;
+        cairn::assert_same_file(&guest, &restored);
+        ensure!(
+            !node.data_dir.join("job-scratch/vm.raw").exists(),
+            "the guest view is removed after the run"
+        );
+        Ok(())
+    });
+}

@@ -14,6 +14,9 @@
 //! hook_timeout = "10m"                    # each hook's bound [default: 10m]
 //! ```
 //!
+//! A qcow2 file as `source` (or `source_during`) is backed up as its guest's disk, through
+//! `qemu-img` (qcow2.rs).
+//!
 //! A run: `before` (if any; a failure ends the run, nothing is backed up), the backup
 //! through the same in-node path and write lock as `cairn backup`, then `after` (once
 //! `before` succeeded, whatever the backup did), then, after a snapshot, `keep` through
@@ -30,6 +33,7 @@
 //! records the run as interrupted (a failure), which the retry rule then runs again.
 
 pub mod hook;
+pub mod qcow2;
 pub mod when;
 
 use std::io::Read;
@@ -370,6 +374,8 @@ pub trait JobHost: Send + Sync + 'static {
     /// Forgets what `policy` does not keep; returns how many snapshots it forgot.
     fn forget(&self, image: &ImageName, policy: &Policy) -> Result<u64, String>;
     fn index(&self) -> &dyn MetaIndex;
+    /// Where a qcow2 source's guest view is written for the run.
+    fn scratch_dir(&self) -> PathBuf;
 }
 
 /// Starts one thread per job. A run the node was stopped in is recorded as interrupted
@@ -527,6 +533,11 @@ pub fn run_once(host: &dyn JobHost, job: &Job, mut state: JobState) -> Result<Ru
 fn back_up(host: &dyn JobHost, job: &Job) -> Result<BackupSummary, String> {
     let during = job.source_during.as_ref().filter(|p| p.exists());
     match (during, &job.source) {
+        (Some(path), _) | (None, JobSource::Path(path)) if qcow2::is_qcow2(path) => {
+            let view = qcow2::guest_view(path, &host.scratch_dir(), job.name())?;
+            let source = open_path(&view.path)?;
+            host.backup(&job.image, source)
+        }
         (Some(path), _) | (None, JobSource::Path(path)) => {
             let source = open_path(path)?;
             host.backup(&job.image, source)

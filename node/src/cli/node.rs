@@ -448,6 +448,10 @@ impl jobs::JobHost for JobsInNode {
     fn index(&self) -> &dyn crate::store::MetaIndex {
         self.0.vault.store.index()
     }
+
+    fn scratch_dir(&self) -> PathBuf {
+        self.0.vault.dir.root().join("job-scratch")
+    }
 }
 
 /// How often, by default, a running node looks for packs that partner deletions (rule H4) or its
