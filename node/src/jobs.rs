@@ -549,14 +549,13 @@ fn back_up(host: &dyn JobHost, job: &Job) -> Result<BackupSummary, String> {
                 .spawn()
                 .map_err(|e| format!("cannot start source_command: {e}"))?;
             let stderr = hook::Tail::default();
-            if let Some(err) = child.stderr.take() {
-                let _ = stderr.collect(err);
-            }
+            let stderr_done = child.stderr.take().map(|err| stderr.collect(err));
             let stdout = child.stdout.take().expect("stdout was piped");
             let reader = CommandOutput {
                 stdout,
                 child,
                 stderr,
+                stderr_done,
                 finished: false,
             };
             host.backup(
@@ -577,6 +576,8 @@ struct CommandOutput {
     stdout: std::process::ChildStdout,
     child: Child,
     stderr: hook::Tail,
+    /// Says when all of stderr was read, so the error line has its last words.
+    stderr_done: Option<crossbeam_channel::Receiver<()>>,
     finished: bool,
 }
 
@@ -590,6 +591,9 @@ impl Read for CommandOutput {
         self.finished = true;
         if status.success() {
             return Ok(0);
+        }
+        if let Some(done) = &self.stderr_done {
+            let _ = done.recv_timeout(Duration::from_millis(hook::HOOK_DRAIN_MS));
         }
         let tail = self.stderr.text();
         let last = tail

@@ -17,7 +17,7 @@ pub const HOOK_OUTPUT_TAIL_BYTES_MAX: usize = 2048;
 const HOOK_POLL_MS: u64 = 20;
 /// After a hook exits (or is killed), how long its output readers may take to finish: a
 /// grandchild it left running may hold the pipes open.
-const HOOK_DRAIN_MS: u64 = 1_000;
+pub const HOOK_DRAIN_MS: u64 = 1_000;
 
 /// What one hook did, as the job's result keeps it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
