@@ -207,11 +207,22 @@ enum Command {
         #[command(subcommand)]
         command: node::NodeCommand,
     },
-    /// What the running node knows: images and their copies, peers, limits
+    /// What the running node knows: images and their copies, backup jobs, peers, limits
     Status {
         /// Print the result as JSON, for scripts
         #[arg(long)]
         json: bool,
+        /// Print one line per problem and exit 1 (a failed backup job, a snapshot older
+        /// than twice its job's period, data below R for over an hour, a partner unseen
+        /// for a day); print nothing and exit 0 when all is well. For monitors and cron
+        #[arg(long)]
+        check: bool,
+        /// How long data may be below R before --check says so [default: 1h]
+        #[arg(long, hide = true, value_parser = parse_duration_ms)]
+        check_below_r_after: Option<u64>,
+        /// How long a partner may go unseen before --check says so [default: 1d]
+        #[arg(long, hide = true, value_parser = parse_duration_ms)]
+        check_unseen_after: Option<u64>,
     },
     /// Read and open every chunk of the given snapshots (default: all) and name any damage
     Verify {
@@ -464,7 +475,21 @@ fn forward_or_run(cli: Cli) -> Result<u8> {
             json,
         },
         Command::Verify { snapshot, json } => Operation::Verify { snapshot, json },
-        Command::Status { json } => Operation::Status { json },
+        Command::Status {
+            json,
+            check,
+            check_below_r_after,
+            check_unseen_after,
+        } => Operation::Status {
+            json,
+            check: check.then(|| {
+                let defaults = crate::status::CheckLimits::default();
+                crate::status::CheckLimits {
+                    below_target_ms: check_below_r_after.unwrap_or(defaults.below_target_ms),
+                    partner_unseen_ms: check_unseen_after.unwrap_or(defaults.partner_unseen_ms),
+                }
+            }),
+        },
         Command::Trust { command } => Operation::Trust(command),
         Command::Vm { command } => Operation::Vm(command),
         Command::Site { command } => Operation::Site(command),
@@ -522,6 +547,9 @@ pub enum Operation {
     },
     Status {
         json: bool,
+        /// `status --check`, with its thresholds.
+        #[serde(default)]
+        check: Option<crate::status::CheckLimits>,
     },
     Forget {
         target: String,
@@ -638,11 +666,22 @@ pub(crate) fn execute(
     };
     let io = caller;
     match operation {
-        Operation::Status { json } => {
+        Operation::Status { json, check } => {
             let Some(node) = node else {
                 return Err(crate::control::ControlError::NotRunning(data_dir.to_owned()).into());
             };
             let status = node::status(&node.vault, &node.mesh)?;
+            if let Some(limits) = check {
+                let problems = crate::status::problems(&status, &limits);
+                if json {
+                    print_json(io, &serde_json::json!({ "problems": problems }));
+                } else {
+                    for line in &problems {
+                        outln!(io, "{line}");
+                    }
+                }
+                return Ok(u8::from(!problems.is_empty()));
+            }
             if json {
                 print_json(io, &status);
             } else {
@@ -1046,27 +1085,19 @@ fn run_backup(
         Source::open(&source)?
     };
     let vault = open()?;
-    // Inside a node, the storage thread and this backup take turns at the packs.
-    let write_lock = node.map(|node| node.mesh.write_lock.clone());
-    let _writing = write_lock
-        .as_ref()
-        .map(|l| l.lock().unwrap_or_else(|e| e.into_inner()));
     let bar = progress_bar(io, source.size_bytes, "backing up");
     let options = BackupOptions {
         zstd_level,
         ..BackupOptions::default()
     };
-    let summary = backup::backup_until(&vault, &image, source, options, &io.cancel, &|done| {
-        bar.set_position(done)
-    });
+    let progress = |done| bar.set_position(done);
+    let summary = match node {
+        Some(node) => backup_in_node(node, &image, source, options, &io.cancel, &progress),
+        None => backup::backup_until(&vault, &image, source, options, &io.cancel, &progress)
+            .map_err(anyhow::Error::from),
+    };
     bar.finish_and_clear();
     let summary = summary?;
-    if let Some(node) = node {
-        // The new snapshot goes to the mesh now, not at the node's next start; still
-        // under the lock, so a prune never signs between the commit and its restate.
-        node::publish(&node.vault, &node.mesh)?;
-    }
-    drop(_writing);
     if json {
         print_json(io, &summary);
     } else {
@@ -1104,6 +1135,47 @@ fn run_backup(
         }
     }
     Ok(0)
+}
+
+/// A backup inside the running node, as `cairn backup` and the node's backup jobs run
+/// it: under the write lock (the storage thread, a prune and other backups take turns
+/// at the packs), and the new snapshot handed to the mesh before the lock goes.
+pub(crate) fn backup_in_node(
+    node: &remote::InNode,
+    image: &ImageName,
+    source: Source,
+    options: BackupOptions,
+    cancel: &Cancel,
+    progress: &dyn Fn(u64),
+) -> Result<backup::BackupSummary> {
+    let _writing = node
+        .mesh
+        .write_lock
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    let summary = backup::backup_until(&node.vault, image, source, options, cancel, progress)?;
+    // The new snapshot goes to the mesh now, not at the node's next start; still under
+    // the lock, so a prune never signs between the commit and its restate.
+    node::publish(&node.vault, &node.mesh)?;
+    Ok(summary)
+}
+
+/// A forget inside the running node, as `cairn forget` and a backup job's `keep` run
+/// it: one writer at a time, as for a backup; the tombstones reach the engine with the
+/// site's other records when the command (or the job's run) ends.
+pub(crate) fn forget_in_node(
+    node: &remote::InNode,
+    selection: &forget::Selection,
+    dry_run: bool,
+) -> Result<forget::ForgetReport> {
+    let _writing = node
+        .mesh
+        .write_lock
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    let (report, _tombstones) =
+        forget::forget(&node.vault, selection, dry_run, units::now_unix_ms())?;
+    Ok(report)
 }
 
 /// What `cairn verify` checked, in words: the site's own chunks, those on the site's other
@@ -1901,13 +1973,10 @@ fn run_forget(
             }
         }
     };
-    // Inside a node, one writer at a time, as for a backup; the tombstones reach the
-    // engine with the site's other records when the command ends.
-    let write_lock = node.map(|node| node.mesh.write_lock.clone());
-    let _writing = write_lock
-        .as_ref()
-        .map(|l| l.lock().unwrap_or_else(|e| e.into_inner()));
-    let (report, _tombstones) = forget::forget(vault, &selection, dry_run, units::now_unix_ms())?;
+    let report = match node {
+        Some(node) => forget_in_node(node, &selection, dry_run)?,
+        None => forget::forget(vault, &selection, dry_run, units::now_unix_ms())?.0,
+    };
     if json {
         print_json(io, &report);
     } else {

@@ -12,6 +12,7 @@ pub mod export;
 pub mod fetch;
 pub mod forget;
 pub mod gc;
+pub mod jobs;
 pub mod join;
 pub mod mesh;
 pub mod prune;
