@@ -23,7 +23,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use cairn_protocol::manifest::ManifestError;
@@ -42,6 +42,12 @@ pub const CACHE_BYTES: usize = 256 << 20;
 /// multi-conn).
 pub const CONNECTIONS_MAX: usize = 16;
 const ACCEPT_POLL: Duration = Duration::from_millis(50);
+/// Data extents opened ahead of a connection that reads in order: a VM booting or a
+/// `qemu-img convert` then waits on the mesh for one chunk at a time at most once.
+pub const READ_AHEAD: usize = 8;
+/// Threads opening chunks ahead; each fetch from the mesh waits on one holder, so a few
+/// in parallel hide a WAN's round trips.
+pub const AHEAD_WORKERS: usize = 4;
 /// The longest descriptor in a `BLOCK_STATUS` reply: a u32, kept 4 KiB aligned.
 const DESCRIPTOR_MAX: u64 = 0xffff_f000;
 
@@ -162,12 +168,15 @@ impl Layout {
     }
 }
 
-/// Opened chunks by extent index, the least recently used evicted first.
+/// Opened chunks by extent index, the least recently used evicted first, and the
+/// chunks being opened right now (by a reader or ahead of one), so none is opened twice
+/// at once.
 #[derive(Default)]
 struct Cache {
     chunks: BTreeMap<usize, (Arc<Vec<u8>>, u64)>,
     bytes: usize,
     tick: u64,
+    opening: std::collections::BTreeSet<usize>,
 }
 
 impl Cache {
@@ -231,7 +240,51 @@ struct Shared<'a> {
     layout: Layout,
     info: ExportInfo,
     cache: Mutex<Cache>,
+    /// Told whenever a chunk being opened is done with (opened or failed).
+    opened: Condvar,
+    /// Extent indices to open ahead of a sequential reader.
+    ahead: crossbeam_channel::Sender<usize>,
     counters: Counters,
+}
+
+type Load<'a> = dyn FnMut(&cairn_protocol::ChunkId) -> Result<Vec<u8>, ChunkError> + 'a;
+
+impl Shared<'_> {
+    /// The plaintext of data extent `index`: from the cache, from whoever is opening it
+    /// already (waited for), or opened here with `load`.
+    fn chunk(&self, index: usize, load: &mut Load<'_>) -> Result<Arc<Vec<u8>>, ChunkError> {
+        let mut cache = self.cache.lock().expect("cache lock");
+        loop {
+            if let Some(plain) = cache.get(index) {
+                return Ok(plain);
+            }
+            if !cache.opening.contains(&index) {
+                break;
+            }
+            cache = self.opened.wait(cache).expect("cache lock");
+        }
+        cache.opening.insert(index);
+        drop(cache);
+        let Extent::Data { id, .. } = self.layout.extents[index] else {
+            unreachable!("only data extents are loaded");
+        };
+        let loaded = load(&id).map(Arc::new);
+        let mut cache = self.cache.lock().expect("cache lock");
+        cache.opening.remove(&index);
+        if let Ok(plain) = &loaded {
+            self.counters.chunks_opened.fetch_add(1, Ordering::Relaxed);
+            cache.put(index, plain.clone());
+        }
+        drop(cache);
+        self.opened.notify_all();
+        loaded
+    }
+
+    /// Whether extent `index` is cached or being opened.
+    fn has(&self, index: usize) -> bool {
+        let cache = self.cache.lock().expect("cache lock");
+        cache.chunks.contains_key(&index) || cache.opening.contains(&index)
+    }
 }
 
 /// A piece of a read's answer.
@@ -254,27 +307,36 @@ impl Piece {
 struct Disk<'s, 'a, L> {
     shared: &'s Shared<'a>,
     load: L,
+    /// Where the next read starts if the client reads in order.
+    next_offset: u64,
+    /// Extents below this index were already queued to be opened ahead.
+    queued_to: usize,
 }
 
 impl<L: FnMut(&cairn_protocol::ChunkId) -> Result<Vec<u8>, ChunkError>> Disk<'_, '_, L> {
     fn chunk(&mut self, index: usize) -> Result<Arc<Vec<u8>>, ChunkError> {
-        if let Some(plain) = self.shared.cache.lock().expect("cache lock").get(index) {
-            return Ok(plain);
+        self.shared.chunk(index, &mut self.load)
+    }
+
+    /// Queues the `READ_AHEAD` data extents after `last` to be opened ahead.
+    fn read_ahead(&mut self, last: usize) {
+        let extents = &self.shared.layout.extents;
+        let mut i = self.queued_to.max(last + 1);
+        let mut n_data = extents[last + 1..i.min(extents.len())]
+            .iter()
+            .filter(|e| matches!(e, Extent::Data { .. }))
+            .count();
+        while i < extents.len() && n_data < READ_AHEAD {
+            if matches!(extents[i], Extent::Data { .. }) {
+                n_data += 1;
+                // A full queue means the workers are behind: skip rather than wait.
+                if !self.shared.has(i) && self.shared.ahead.try_send(i).is_err() {
+                    break;
+                }
+            }
+            i += 1;
         }
-        let Extent::Data { id, .. } = self.shared.layout.extents[index] else {
-            unreachable!("only data extents are loaded");
-        };
-        let plain = Arc::new((self.load)(&id)?);
-        self.shared
-            .counters
-            .chunks_opened
-            .fetch_add(1, Ordering::Relaxed);
-        self.shared
-            .cache
-            .lock()
-            .expect("cache lock")
-            .put(index, plain.clone());
-        Ok(plain)
+        self.queued_to = i;
     }
 
     /// The pieces of `offset..offset + len` (in bounds, checked by the session).
@@ -287,6 +349,11 @@ impl<L: FnMut(&cairn_protocol::ChunkId) -> Result<Vec<u8>, ChunkError>> Disk<'_,
                 true
             });
         let end = offset + len;
+        let sequential = offset == self.next_offset;
+        self.next_offset = end;
+        if let (true, Some(&(last, _, _))) = (sequential, wanted.last()) {
+            self.read_ahead(last);
+        }
         let mut pieces: Vec<Piece> = Vec::with_capacity(wanted.len());
         for (i, start, extent) in wanted {
             let from = offset.max(start);
@@ -492,6 +559,7 @@ pub fn serve(
     let started = Instant::now();
     let layout = Layout::load(vault, record, remote)?;
     let name = record.image.to_string();
+    let (ahead_tx, ahead_rx) = crossbeam_channel::bounded(READ_AHEAD * AHEAD_WORKERS);
     let shared = Shared {
         vault,
         remote,
@@ -503,6 +571,8 @@ pub fn serve(
             writable: false,
         },
         cache: Mutex::new(Cache::default()),
+        opened: Condvar::new(),
+        ahead: ahead_tx,
         counters: Counters::default(),
     };
     let listener = Listener::bind(listen)?;
@@ -510,6 +580,19 @@ pub fn serve(
     ready(&uri);
     let open: Mutex<Vec<Stream>> = Mutex::new(Vec::new());
     std::thread::scope(|scope| {
+        let shared = &shared;
+        for _ in 0..AHEAD_WORKERS {
+            let ahead = ahead_rx.clone();
+            scope.spawn(move || {
+                let mut load = shared.vault.loader(shared.remote);
+                while !cancel.is_cancelled() {
+                    if let Ok(index) = ahead.recv_timeout(ACCEPT_POLL) {
+                        // A chunk that fails here fails its reader's own open too.
+                        let _ = shared.chunk(index, &mut load);
+                    }
+                }
+            });
+        }
         let mut threads = Vec::new();
         while !cancel.is_cancelled() {
             threads.retain(|t: &std::thread::ScopedJoinHandle<'_, ()>| !t.is_finished());
@@ -537,7 +620,6 @@ pub fn serve(
             };
             open.lock().expect("open lock").push(clone);
             shared.counters.connections.fetch_add(1, Ordering::Relaxed);
-            let shared = &shared;
             threads.push(scope.spawn(move || {
                 if let Err(e) = connection(stream, shared) {
                     tracing::debug!(error = %e, "export: connection ended");
@@ -594,6 +676,8 @@ fn connection(mut stream: Stream, shared: &Shared<'_>) -> io::Result<()> {
     let mut disk = Disk {
         shared,
         load: shared.vault.loader(shared.remote),
+        next_offset: 0,
+        queued_to: 0,
     };
     let mut writer = BufWriter::with_capacity(1 << 20, stream.try_clone()?);
     loop {
