@@ -181,6 +181,8 @@ pub enum Ev {
     Prune(usize),
     /// A backup of an image that took `backup_minutes` commits (the image's index).
     Commit(usize),
+    /// Garbage collection's clock at the owners' nodes (the fallback re-sign).
+    GcTick,
 }
 
 enum Completion {
@@ -411,6 +413,7 @@ impl World {
             for site in 0..world.sites.len() {
                 world.schedule(hours_us(gc.prune_every_hours), Ev::Prune(site));
             }
+            world.schedule(crate::run::GC_TICK_US, Ev::GcTick);
         }
         world
     }

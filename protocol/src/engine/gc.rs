@@ -74,6 +74,8 @@ struct Window {
     started_ms: u64,
     budget_bytes: u64,
     spent_bytes: u64,
+    /// A ripe deletion waited for the next window: the budget is spent.
+    deferred: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -157,6 +159,18 @@ impl Engine {
             .filter(|(_, c)| c.owner == *owner && !c.deleted)
             .fold((0, 0), |(n, bytes), (id, _)| {
                 (n + 1, bytes + self.held.get(id).map_or(0, |h| h.size_bytes))
+            })
+    }
+
+    /// True while the deletion budget of `owner`'s current window is spent here and a
+    /// ripe deletion waits for the next window (H4; docs/retention.md 3.5).
+    pub fn gc_window_deferred(&self, owner: &SiteId, now_ms: u64) -> bool {
+        self.gc
+            .owners
+            .get(owner)
+            .and_then(|o| o.window)
+            .is_some_and(|w| {
+                w.deferred && now_ms.saturating_sub(w.started_ms) < self.config.gc_window_ms
             })
     }
 
@@ -565,6 +579,7 @@ impl Engine {
                     .max(u128::from(config.gc_window_min_bytes))
                     as u64,
                 spent_bytes: 0,
+                deferred: false,
             },
         };
         let mut window = window;
@@ -572,6 +587,7 @@ impl Engine {
             let size_bytes = self.held.get(&id).map_or(0, |h| h.size_bytes);
             if window.spent_bytes + size_bytes > window.budget_bytes {
                 self.counters.gc_window_deferred += 1;
+                window.deferred = true;
                 break;
             }
             window.spent_bytes += size_bytes;
