@@ -37,9 +37,13 @@ fn forget_keeps_what_the_policy_keeps_and_names_what_it_forgot() {
     let before = snapshot_ids(&site);
     assert_eq!(before.len(), 3);
 
-    // Refused: no rule (it would forget everything), and a rule with a named snapshot.
+    // Refused: no rule and no policy in node.toml (it would forget everything), and a rule
+    // with a named snapshot.
     let none = site.fails(&["forget", "fs"]);
-    assert!(none.contains("the policy keeps nothing"), "{none}");
+    assert!(
+        none.contains("give --keep-* rules, or a policy as [retention.fs]"),
+        "{none}"
+    );
     let both = site.fails(&["forget", &format!("fs@{}", before[0]), "--keep-last", "1"]);
     assert_eq!(
         both,

@@ -9,69 +9,16 @@
 //! sets the nodes' log filter).
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use cairn::mesh::{at_r, copies_at, held_for, image_status, peer_state, wait_for, Mesh, Node};
-use cairn::{assert_same_file, random_bytes, text_bytes, write};
-
-/// Runs a test's body in a fresh temporary dir; a failure panics with the error and the
-/// tail of every node's log (the nodes are stopped by then: the mesh is dropped).
-fn scenario(name: &str, body: impl FnOnce(&Path, &mut dyn FnMut(&str)) -> Result<()>) {
-    let tmp = tempfile::Builder::new()
-        .prefix(&format!("cairn-{name}-"))
-        .tempdir()
-        .expect("temp dir");
-    let started = Instant::now();
-    let mut step = |what: &str| {
-        eprintln!("[{:6.1}s] {name}: {what}", started.elapsed().as_secs_f64());
-    };
-    if let Err(e) = body(tmp.path(), &mut step) {
-        let logs = log_tails(tmp.path());
-        let root = tmp.path().display().to_string();
-        if std::env::var_os("CAIRN_TEST_KEEP").is_some() {
-            let _ = tmp.keep();
-        }
-        panic!("{name} failed: {e:#}\n(in {root})\n{logs}");
-    }
-}
-
-/// The last lines of every `*.log` under `root`.
-fn log_tails(root: &Path) -> String {
-    let mut logs: Vec<PathBuf> = std::fs::read_dir(root)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|e| e == "log"))
-        .collect();
-    logs.sort();
-    let mut out = String::new();
-    for log in logs {
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        out += &format!("--- {}\n", log.display());
-        out += &lines[lines.len().saturating_sub(25)..].join("\n");
-        out.push('\n');
-    }
-    out
-}
-
-/// A server image of `size_mib`: half log-like text (compresses), half random (does not).
-fn make_image(root: &Path, name: &str, size_mib: usize, seed: u64) -> PathBuf {
-    let half = size_mib << 19;
-    let mut bytes = text_bytes(half, seed);
-    bytes.extend(random_bytes(half, seed + 1));
-    let path = root.join(name);
-    write(&path, &bytes);
-    path
-}
-
-fn utf8(path: &Path) -> Result<&str> {
-    path.to_str().context("a utf-8 temp path")
-}
+use cairn::assert_same_file;
+use cairn::mesh::{
+    at_r, copies_at, held_by_site, held_for, image_status, make_image, peer_state, scenario, utf8,
+    wait_at_r, wait_for, Mesh, Node,
+};
 
 fn backup(node: &Node, image: &str, source: &Path) -> Result<()> {
     node.ok(&["backup", image, utf8(source)?])?;
@@ -83,24 +30,6 @@ fn image_chunks(node: &Node, image: &str) -> Result<u64> {
     let status = node.status()?;
     let row = image_status(&status, image).context("the image is in status")?;
     row["chunks"].as_u64().context("status has chunks")
-}
-
-/// Waits until the owner's node says every chunk of the image is at R sites.
-fn wait_at_r(node: &Node, image: &str, limit_secs: u64) -> Result<()> {
-    wait_for(
-        Duration::from_secs(limit_secs),
-        &format!("every chunk of {image} at R sites (by {})", node.name),
-        || Ok(at_r(&node.status()?, image)),
-    )
-}
-
-/// Chunks of `site` that the nodes of another site hold between them.
-fn held_by_site(mesh: &Mesh, holder: usize, site: usize) -> Result<u64> {
-    let mut n = 0;
-    for node in &mesh.sites[holder] {
-        n += held_for(&node.status()?, &mesh.site_ids[site]);
-    }
-    Ok(n)
 }
 
 /// Adds the storage thread's debug lines to a node's log (on top of CAIRN_TEST_LOG or the

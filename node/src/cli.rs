@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use cairn_protocol::identity::{NodeId, RecoveryKey, SiteId};
-use cairn_protocol::{retention, ImageName};
+use cairn_protocol::{retention, ChunkId, ImageName};
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
@@ -23,7 +23,7 @@ use crate::source::Source;
 use crate::trust;
 use crate::units::{self, parse_duration_ms, parse_quota, parse_size};
 use crate::vault::Vault;
-use crate::{forget, restore, verify};
+use crate::{forget, prune, restore, verify};
 
 /// A line of output: stdout here, or the terminal of the command's user when it runs
 /// inside a node.
@@ -102,14 +102,27 @@ enum Command {
         json: bool,
     },
     /// Forget snapshots: those a retention policy does not keep (restic's --keep-* rules,
-    /// buckets in local time), or one named as IMAGE@SNAPSHOT. Deletes no data: `prune`
-    /// is not built yet, so no chunk is deleted. A snapshot not yet at R sites is always kept
+    /// buckets in local time; without any, the image's [retention.IMAGE] in node.toml),
+    /// or one named as IMAGE@SNAPSHOT. Deletes no data: `prune` gives the space back. A
+    /// snapshot not yet at R sites is always kept
     Forget {
-        /// IMAGE (with --keep-* rules) or IMAGE@SNAPSHOT (just that snapshot)
+        /// IMAGE (with --keep-* rules or a policy in node.toml) or IMAGE@SNAPSHOT (just
+        /// that snapshot)
         target: String,
         #[command(flatten)]
         keep: KeepRules,
         /// List what would be forgotten and why, and change nothing
+        #[arg(long)]
+        dry_run: bool,
+        /// Print the result as JSON, for scripts
+        #[arg(long)]
+        json: bool,
+    },
+    /// Give disk back after `forget`: drop this site's chunks no kept snapshot uses,
+    /// list them for the partners to give back after their grace, and rewrite packs that
+    /// are mostly garbage. Safe to interrupt: a rerun finishes
+    Prune {
+        /// Say what would be dropped and listed, and change nothing
         #[arg(long)]
         dry_run: bool,
         /// Print the result as JSON, for scripts
@@ -364,6 +377,7 @@ fn forward_or_run(cli: Cli) -> Result<u8> {
             dry_run,
             json,
         },
+        Command::Prune { dry_run, json } => Operation::Prune { dry_run, json },
         Command::Restore {
             snapshot,
             out,
@@ -437,6 +451,10 @@ pub enum Operation {
         dry_run: bool,
         json: bool,
     },
+    Prune {
+        dry_run: bool,
+        json: bool,
+    },
     Trust(TrustCommand),
     Site(SiteCommand),
     RecoverySheet {
@@ -454,6 +472,7 @@ impl Operation {
             Operation::Verify { .. } => "verify",
             Operation::Status { .. } => "status",
             Operation::Forget { .. } => "forget",
+            Operation::Prune { .. } => "prune",
             Operation::Trust(_) => "trust",
             Operation::Site(_) => "site",
             Operation::RecoverySheet { .. } => "key recovery-sheet",
@@ -546,6 +565,7 @@ pub(crate) fn execute(
             dry_run,
             json,
         } => run_forget(io, node, &*open()?, &target, &keep, dry_run, json),
+        Operation::Prune { dry_run, json } => run_prune(io, node, &*open()?, dry_run, json),
         Operation::Restore {
             snapshot,
             out,
@@ -738,11 +758,12 @@ fn run_backup(
     });
     bar.finish_and_clear();
     let summary = summary?;
-    drop(_writing);
     if let Some(node) = node {
-        // The new snapshot goes to the mesh now, not at the node's next start.
+        // The new snapshot goes to the mesh now, not at the node's next start; still
+        // under the lock, so a prune never signs between the commit and its restate.
         node::publish(&node.vault, &node.mesh)?;
     }
+    drop(_writing);
     if json {
         print_json(io, &summary);
     } else {
@@ -1553,11 +1574,27 @@ fn run_forget(
         (true, false) => forget::Selection::One {
             spec: target.to_owned(),
         },
-        (false, _) => {
+        (false, true) => {
             ImageName::new(target)?;
             forget::Selection::Policy {
                 image: target.to_owned(),
                 policy: keep.policy(),
+            }
+        }
+        (false, false) => {
+            ImageName::new(target)?;
+            let settings = match node {
+                Some(node) => node.mesh.settings.as_ref().clone(),
+                None => node::settings(vault.dir.root())?,
+            };
+            let policy = settings.retention.get(target).cloned().ok_or_else(|| {
+                anyhow::anyhow!(
+                    "give --keep-* rules, or a policy as [retention.{target}] in node.toml, or name one snapshot as {target}@SNAPSHOT"
+                )
+            })?;
+            forget::Selection::Policy {
+                image: target.to_owned(),
+                policy,
             }
         }
     };
@@ -1572,6 +1609,78 @@ fn run_forget(
         print_json(io, &report);
     } else {
         outln!(io, "{}", forget::render(&report).trim_end());
+    }
+    Ok(0)
+}
+
+fn run_prune(
+    io: &remote::Caller,
+    node: Option<&remote::InNode>,
+    vault: &Vault,
+    dry_run: bool,
+    json: bool,
+) -> Result<u8> {
+    let settings = match node {
+        Some(node) => node.mesh.settings.gc,
+        None => node::settings(vault.dir.root())?.gc,
+    };
+    let mesh = node.map(|n| &n.mesh);
+    // Inside a node, the engine takes the statement before the sweep, so the swept
+    // chunks are frozen there (rule H3) before they leave the index.
+    let on_signed = |signed: &crate::gc::Signed| {
+        if let Some(mesh) = mesh {
+            let _ = mesh.send(crate::mesh::Command::Gc {
+                batches: signed.batches.clone(),
+                swept: Vec::new(),
+            });
+            let _ = mesh.send(crate::mesh::Command::LocalRecords(vec![signed
+                .record
+                .clone()]));
+        }
+    };
+    let on_swept = |ids: &[ChunkId]| {
+        if let Some(mesh) = mesh {
+            let _ = mesh.send(crate::mesh::Command::Gc {
+                batches: Vec::new(),
+                swept: ids.to_vec(),
+            });
+        }
+    };
+    let options = prune::PruneOptions {
+        dry_run,
+        settings,
+        remote: mesh.map(|m| m as &dyn crate::fetch::RemoteChunks),
+        write_lock: node.map(|n| &*n.mesh.write_lock),
+        on_signed: &on_signed,
+        on_swept: &on_swept,
+        now_unix_ms: units::now_unix_ms(),
+    };
+    let bar = progress_bar(io, None, "marking");
+    let report = prune::prune(vault, &options, &|p| match p {
+        prune::PruneProgress::Mark { done, of } => {
+            bar.set_message(format!("marking snapshot {}/{of}", done + 1))
+        }
+        prune::PruneProgress::Waiting => {
+            bar.set_message("waiting for a backup to finish".to_string())
+        }
+        prune::PruneProgress::Sweep { n_chunks } => {
+            bar.set_message(format!("dropping {n_chunks} chunks"))
+        }
+        prune::PruneProgress::Repack(crate::store::RepackProgress::Pack {
+            done,
+            of,
+            bytes_copied,
+        }) => bar.set_message(format!(
+            "rewriting packs {done}/{of}, {} copied",
+            units::bytes(bytes_copied)
+        )),
+    });
+    bar.finish_and_clear();
+    let report = report?;
+    if json {
+        print_json(io, &report);
+    } else {
+        outln!(io, "{}", prune::render(&report).trim_end());
     }
     Ok(0)
 }

@@ -1,8 +1,8 @@
 //! The data dir: one site's keys, its local store and the lock that keeps a second process
-//! out. Layout, format 1:
+//! out. Layout, format 2:
 //!
 //! ```text
-//! FORMAT          "cairn data dir format 1": written last by init, read first by open
+//! FORMAT          "cairn data dir format 2": written last by init, read first by open
 //! JOINING         present while the dir waits for `cairn join TOKEN`: until then it holds
 //!                 only FORMAT, this marker and keys/node.key; removed last by join
 //! site.json       site name and public site key
@@ -15,6 +15,11 @@
 //! store/          pack files and the sled index (see store.rs)
 //! lock            held with flock by whichever process has the store open
 //! ```
+//!
+//! Format 2 adds the store's `retired-pack/` catalog keys (store/repack.rs), which a
+//! format 1 reader would not finish before scanning packs. From 1: nothing to convert, so
+//! a writable format 1 dir is marked 2 when it is opened, before its store is; a
+//! read-only one is read as it is (it has no such key, as no format 2 cairn wrote to it).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
@@ -32,7 +37,7 @@ use thiserror::Error;
 
 use crate::units;
 
-pub const DATA_DIR_FORMAT: u32 = 1;
+pub const DATA_DIR_FORMAT: u32 = 2;
 const FORMAT_PREFIX: &str = "cairn data dir format ";
 const WRAPPED_KEYS_FILE: &str = "wrapped-keys.rec";
 const JOINING_FILE: &str = "JOINING";
@@ -228,7 +233,9 @@ impl DataDir {
         write_keys(root, &site_key, &vault_key, Some(recovery_key))?;
         write_durable(&root.join(WRAPPED_KEYS_FILE), wrapped_record)?;
         let node_key = node_key(root)?;
-        if !existing {
+        if existing {
+            upgrade_format(root)?;
+        } else {
             write_format(root)?;
         }
         Ok(DataDir {
@@ -245,13 +252,16 @@ impl DataDir {
 
     /// Opens an existing data dir and takes its lock.
     pub fn open(root: &Path) -> Result<DataDir, DataDirError> {
-        if !check_format(root)? {
+        let Some(format) = read_format(root)? else {
             return Err(DataDirError::Missing(root.to_owned()));
-        }
+        };
         if root.join(JOINING_FILE).exists() {
             return Err(DataDirError::Joining(root.to_owned()));
         }
         let (lock, read_only) = lock_or_share(root)?;
+        if format < DATA_DIR_FORMAT && !read_only {
+            upgrade_format(root)?;
+        }
         let site = read_site_file(root)?;
         let site_key = SigningKey::from_bytes(&read_secret(root, &root.join("keys/site.key"))?);
         if hex(site_key.verifying_key().as_bytes()) != site.site_public_key {
@@ -364,6 +374,7 @@ impl JoiningDir {
         if !root.join(JOINING_FILE).exists() {
             return Err(DataDirError::AlreadyMember(root.to_owned()));
         }
+        upgrade_format(root)?;
         Ok(JoiningDir {
             root: root.to_owned(),
             node_key: node_key(root)?,
@@ -415,10 +426,16 @@ impl JoiningDir {
 
 /// Reads FORMAT: false when there is none, an error when it is unreadable or newer.
 fn check_format(root: &Path) -> Result<bool, DataDirError> {
+    Ok(read_format(root)?.is_some())
+}
+
+/// The format FORMAT names: None when there is none, an error when it is unreadable or
+/// newer than this cairn.
+fn read_format(root: &Path) -> Result<Option<u32>, DataDirError> {
     let format_path = root.join("FORMAT");
     let format = match fs::read_to_string(&format_path) {
         Ok(text) => text,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(io(&format_path)(e)),
     };
     let found: u32 = format
@@ -432,7 +449,7 @@ fn check_format(root: &Path) -> Result<bool, DataDirError> {
             found,
         });
     }
-    Ok(true)
+    Ok(Some(found))
 }
 
 fn refuse_non_empty(root: &Path) -> Result<(), DataDirError> {
@@ -527,6 +544,16 @@ fn write_wrapped_keys(
         wrapped.encode(),
     );
     write_durable(&root.join(WRAPPED_KEYS_FILE), &record.encode())
+}
+
+/// Marks a data dir of an older format with this one, before anything of the newer format
+/// is written to it. Every migration so far is a no-op (see the module doc), so only FORMAT
+/// changes. The caller holds the lock.
+fn upgrade_format(root: &Path) -> Result<(), DataDirError> {
+    match read_format(root)? {
+        Some(found) if found < DATA_DIR_FORMAT => write_format(root),
+        _ => Ok(()),
+    }
 }
 
 /// FORMAT goes last: a data dir without it is an interrupted init.
@@ -754,6 +781,26 @@ mod tests {
             .contains(&format!("pid {}", std::process::id())));
         drop(first);
         DataDir::open(tmp.path()).unwrap();
+    }
+
+    #[test]
+    fn a_format_1_dir_opens_and_is_marked_format_2() {
+        let tmp = tempfile::tempdir().unwrap();
+        let made = DataDir::init(tmp.path(), "a").unwrap();
+        let site = made.site_id();
+        drop(made);
+        let format = tmp.path().join("FORMAT");
+        assert_eq!(
+            fs::read_to_string(&format).unwrap(),
+            "cairn data dir format 2\n"
+        );
+        fs::write(&format, "cairn data dir format 1\n").unwrap();
+        let opened = DataDir::open(tmp.path()).unwrap();
+        assert_eq!(opened.site_id(), site);
+        assert_eq!(
+            fs::read_to_string(&format).unwrap(),
+            "cairn data dir format 2\n"
+        );
     }
 
     #[test]

@@ -11,6 +11,7 @@ use cairn_protocol::{SnapshotId, SnapshotRecord};
 use serde::Serialize;
 use thiserror::Error;
 
+use crate::gc;
 use crate::records;
 use crate::store::{IndexBatch, StoreError};
 use crate::units;
@@ -108,15 +109,30 @@ pub fn forget(
     if dry_run || doomed.is_empty() {
         return Ok((report, Vec::new()));
     }
+    let basis_before = gc::snapshot_digest(vault)?;
     let tombstones: Vec<Record> = doomed
         .iter()
         .map(|id| records::sign_tombstone(vault, id, now_unix_ms))
         .collect();
+    // Each forgotten snapshot waits under `gc-pending/` for the prune that lists its
+    // garbage: after the tombstone, the stored body is the only way to its manifest.
+    let mut pending = Vec::with_capacity(doomed.len());
+    for id in &doomed {
+        if let Some(body) = vault.stored_snapshot(id)? {
+            let key = records::snapshot_key(id);
+            pending.push(([gc::KEY_GC_PENDING, &key].concat(), body));
+        }
+    }
+    let mut catalog: Vec<_> = tombstones.iter().map(records::entry).collect();
+    catalog.extend(pending);
     vault.store.index().commit(IndexBatch {
-        catalog: tombstones.iter().map(records::entry).collect(),
+        catalog,
         removed_snapshots: doomed,
         ..IndexBatch::default()
     })?;
+    // Tombstones only take liveness away: the statement in force holds on the new basis
+    // with no walk, when it was signed on this node's view (rule O3).
+    gc::restate(vault, basis_before, &Default::default())?;
     Ok((report, tombstones))
 }
 

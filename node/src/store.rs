@@ -20,14 +20,20 @@
 //! So an indexed chunk is always on disk, and a snapshot only names indexed chunks. On open,
 //! a pack longer than its committed length is scanned from there: whole entries are indexed
 //! (so a re-run backup reuses them) and the torn remainder is cut off.
+//!
+//! Packs are only appended to, except by `repack` (store/repack.rs), which copies a pack's
+//! live entries elsewhere and then retires it through a `retired-pack/` catalog key that
+//! `recover` finishes first.
 
 pub mod index;
+pub mod repack;
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use cairn_protocol::identity::SiteId;
 use cairn_protocol::ChunkId;
@@ -35,6 +41,9 @@ use thiserror::Error;
 
 use index::decode_counter;
 pub use index::{ChunkLocation, IndexBatch, MetaIndex, SledIndex};
+pub use repack::{
+    CrashPoint, PackUsage, RepackProgress, Repacked, Swept, KEY_RETIRED_PACK, SWEEP_BATCH_IDS_MAX,
+};
 
 const PACK_MAGIC: &[u8; 8] = b"CAIRNPAK";
 pub const PACK_VERSION: u8 = 1;
@@ -105,11 +114,19 @@ pub struct Store {
     /// Problems found on open that leave the store usable (a truncated pack): shown to the
     /// user, and found in detail by `cairn verify`.
     pub warnings: Vec<String>,
+    /// Packs unlinked by this process so far: a reader that sees it change lets go of the
+    /// files it holds open, so a retired pack's space is given back.
+    retired: AtomicU64,
+    /// `PACK_BYTES_TARGET`, smaller in tests that need many packs.
+    pack_bytes_target: u64,
 }
 
 /// The owner of each partner chunk this store holds: `held-chunk/` id -> site id. Chunks
 /// without one are this site's own. Written by the mesh's storage thread.
 pub const KEY_HELD_CHUNK: &[u8] = b"held-chunk/";
+
+/// The highest pack id ever retired: a new pack's id is past it, so no id is reused.
+pub(crate) const KEY_PACK_ID_MAX: &[u8] = b"pack-id-max";
 
 /// Chunks a damaged or missing pack took with it, by whose they were: what is true to
 /// tell the user differs. A partner's chunk is the mesh's to repair; only this site's own
@@ -149,6 +166,8 @@ impl Store {
             packs_dir,
             index,
             warnings: Vec::new(),
+            retired: AtomicU64::new(0),
+            pack_bytes_target: PACK_BYTES_TARGET,
         };
         store.recover()?;
         Ok(store)
@@ -166,6 +185,8 @@ impl Store {
             packs_dir,
             index,
             warnings: Vec::new(),
+            retired: AtomicU64::new(0),
+            pack_bytes_target: PACK_BYTES_TARGET,
         })
     }
 
@@ -196,6 +217,9 @@ impl Store {
     }
 
     fn recover(&mut self) -> Result<(), StoreError> {
+        // First: a retired pack has no committed length, so the tail scan below would
+        // index its entries again.
+        self.finish_retired()?;
         let committed: HashMap<PackId, u64> = self.index.packs()?.into_iter().collect();
         let on_disk = self.pack_ids_on_disk()?;
         for (&pack, _) in committed.iter().filter(|(pack, _)| !on_disk.contains(pack)) {
@@ -365,6 +389,8 @@ impl Store {
             store: self,
             open: None,
             batch: IndexBatch::default(),
+            defer_commits: false,
+            fresh_pack: false,
         }
     }
 
@@ -372,6 +398,7 @@ impl Store {
         PackReader {
             store: self,
             files: HashMap::new(),
+            retired_seen: self.retired.load(Ordering::Acquire),
         }
     }
 
@@ -505,10 +532,34 @@ pub struct PackWriter<'s> {
     store: &'s Store,
     open: Option<OpenPack>,
     batch: IndexBatch,
+    /// Set by repack: a full pack is fsynced but not indexed, and `finish` hands back the
+    /// whole batch, so the copies are indexed in the batch that retires their old pack.
+    defer_commits: bool,
+    /// Set by repack when it retires the newest pack: copies go to a new pack, never to
+    /// the one being retired.
+    fresh_pack: bool,
 }
 
 impl PackWriter<'_> {
     pub fn append(&mut self, id: &ChunkId, sealed: &[u8]) -> Result<ChunkLocation, StoreError> {
+        let head = entry_head(id, sealed.len() as u32);
+        self.append_checked(id, sealed, &entry_checksum(&head, sealed))
+    }
+
+    /// `append` with the entry's checksum already known: a repack copies an entry whose
+    /// head is `entry_head(id, sealed.len())` and whose checksum it has just checked, so
+    /// the copied bytes are hashed once, not twice.
+    pub(crate) fn append_checked(
+        &mut self,
+        id: &ChunkId,
+        sealed: &[u8],
+        checksum: &[u8],
+    ) -> Result<ChunkLocation, StoreError> {
+        debug_assert_eq!(
+            checksum,
+            entry_checksum(&entry_head(id, sealed.len() as u32), sealed),
+            "the caller checked this entry's checksum"
+        );
         assert!(
             sealed.len() <= ENTRY_BYTES_MAX,
             "sealer and mesh bound chunk size"
@@ -516,9 +567,13 @@ impl PackWriter<'_> {
         if self
             .open
             .as_ref()
-            .is_some_and(|pack| pack.len >= PACK_BYTES_TARGET)
+            .is_some_and(|pack| pack.len >= self.store.pack_bytes_target)
         {
-            self.commit()?;
+            if self.defer_commits {
+                self.sync_open()?;
+            } else {
+                self.commit()?;
+            }
             self.open = None;
         }
         if self.open.is_none() {
@@ -529,7 +584,7 @@ impl PackWriter<'_> {
         let write = |file: &mut BufWriter<File>| -> std::io::Result<()> {
             file.write_all(&head)?;
             file.write_all(sealed)?;
-            file.write_all(&entry_checksum(&head, sealed))
+            file.write_all(checksum)
         };
         write(&mut pack.file).map_err(io(&pack.path))?;
         let location = ChunkLocation {
@@ -562,10 +617,21 @@ impl PackWriter<'_> {
     fn create_pack(&self) -> Result<OpenPack, StoreError> {
         let committed: HashMap<PackId, u64> = self.store.index.packs()?.into_iter().collect();
         let on_disk = self.store.pack_ids_on_disk()?;
-        if let Some(&last) = on_disk.last() {
+        // Past a retired pack's id too (`KEY_PACK_ID_MAX`): a reader may still hold its
+        // file open.
+        let retired_max = match self.store.index.catalog_get(KEY_PACK_ID_MAX)? {
+            Some(bytes) => decode_counter(&bytes)? as u32,
+            None => 0,
+        };
+        // Never append to a pack older than one a repack retired: repack retires the
+        // newest pack first, so its later copies never land in a pack it will retire.
+        let appendable = on_disk
+            .last()
+            .filter(|last| !self.fresh_pack && last.0 >= retired_max);
+        if let Some(&last) = appendable {
             let path = self.store.pack_path(last);
             let len = fs::metadata(&path).map_err(io(&path))?.len();
-            if committed.get(&last) == Some(&len) && len < PACK_BYTES_TARGET {
+            if committed.get(&last) == Some(&len) && len < self.store.pack_bytes_target {
                 let mut file = OpenOptions::new()
                     .write(true)
                     .open(&path)
@@ -588,6 +654,7 @@ impl PackWriter<'_> {
             .iter()
             .chain(committed.keys())
             .map(|p| p.0)
+            .chain([retired_max])
             .max()
             .unwrap_or(0);
         let id = PackId(newest + 1);
@@ -611,6 +678,16 @@ impl PackWriter<'_> {
 
     /// Step 2 and 3 of the write order: fsync the pack, then index what it holds.
     pub fn commit(&mut self) -> Result<(), StoreError> {
+        self.sync_open()?;
+        if self.batch.chunks.is_empty() && self.batch.packs.is_empty() {
+            return Ok(());
+        }
+        self.store.index.commit(std::mem::take(&mut self.batch))
+    }
+
+    /// Step 2 alone: fsyncs the open pack (and the packs directory, when it is new) and
+    /// notes its length in the batch.
+    fn sync_open(&mut self) -> Result<(), StoreError> {
         if let Some(pack) = self.open.as_mut() {
             pack.file.flush().map_err(io(&pack.path))?;
             pack.file.get_ref().sync_data().map_err(io(&pack.path))?;
@@ -622,38 +699,74 @@ impl PackWriter<'_> {
             }
             self.batch.packs.push((pack.id, pack.len));
         }
-        if self.batch.chunks.is_empty() && self.batch.packs.is_empty() {
-            return Ok(());
-        }
-        self.store.index.commit(std::mem::take(&mut self.batch))
+        Ok(())
+    }
+
+    /// Step 2, and the batch for step 3, for the caller to commit with more in it.
+    fn finish(mut self) -> Result<IndexBatch, StoreError> {
+        self.sync_open()?;
+        Ok(std::mem::take(&mut self.batch))
     }
 }
 
 /// Reads sealed chunks; keeps its pack files open. One per thread.
+///
+/// A repack may retire a pack between a lookup and the read (a restore prefetches its
+/// locations well ahead): a read that finds the pack gone looks the chunk up once more,
+/// and reads it where the repack copied it (the index pointed there before the old file
+/// went).
 pub struct PackReader<'s> {
     store: &'s Store,
     files: HashMap<PackId, File>,
+    /// `Store::retired` when `files` was last emptied.
+    retired_seen: u64,
+}
+
+/// The pack a location names is no longer there (retired since the lookup).
+fn is_gone(error: &StoreError) -> bool {
+    matches!(error, StoreError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound)
 }
 
 impl PackReader<'_> {
     pub fn read(&mut self, id: &ChunkId) -> Result<Vec<u8>, StoreError> {
-        let location = self
-            .store
+        let location = self.locate(id)?;
+        self.read_located(id, &location)
+    }
+
+    /// Reads a chunk at a location looked up before (`prefetch`); if its pack has been
+    /// retired since, at the location the index gives now.
+    pub fn read_located(
+        &mut self,
+        id: &ChunkId,
+        location: &ChunkLocation,
+    ) -> Result<Vec<u8>, StoreError> {
+        match self.read_at(location) {
+            Err(e) if is_gone(&e) => match self.store.index.chunk(id)? {
+                Some(moved) if moved != *location => self.read_at(&moved),
+                _ => Err(e),
+            },
+            other => other,
+        }
+    }
+
+    fn locate(&self, id: &ChunkId) -> Result<ChunkLocation, StoreError> {
+        self.store
             .index
             .chunk(id)?
-            .ok_or(StoreError::MissingChunk { id: *id })?;
-        self.read_at(&location)
+            .ok_or(StoreError::MissingChunk { id: *id })
     }
 
     /// Looks a chunk up and asks the kernel to start reading it in the background, so that
     /// many reads are in flight at once (one sequential reader gets a fraction of what an
     /// SSD or virtual disk delivers at depth).
     pub fn prefetch(&mut self, id: &ChunkId) -> Result<ChunkLocation, StoreError> {
-        let location = self
-            .store
-            .index
-            .chunk(id)?
-            .ok_or(StoreError::MissingChunk { id: *id })?;
+        let mut location = self.locate(id)?;
+        if let Err(e) = self.file(location.pack) {
+            if !is_gone(&e) {
+                return Err(e);
+            }
+            location = self.locate(id)?;
+        }
         let file = self.file(location.pack)?;
         // SAFETY: posix_fadvise on an fd we own; only a hint, so its result is ignored.
         unsafe {
@@ -668,6 +781,12 @@ impl PackReader<'_> {
     }
 
     fn file(&mut self, pack: PackId) -> Result<&File, StoreError> {
+        let retired = self.store.retired.load(Ordering::Acquire);
+        if retired != self.retired_seen {
+            // An open file of a retired pack would keep its disk space taken.
+            self.files.clear();
+            self.retired_seen = retired;
+        }
         if !self.files.contains_key(&pack) {
             if self.files.len() >= READER_OPEN_PACKS_MAX {
                 // Stay far below the process's open-file limit however many packs exist.
@@ -681,6 +800,7 @@ impl PackReader<'_> {
         Ok(&self.files[&pack])
     }
 
+    /// Reads at a location as it is; `read_located` also follows a repack.
     pub fn read_at(&mut self, location: &ChunkLocation) -> Result<Vec<u8>, StoreError> {
         let path = self.store.pack_path(location.pack);
         let file = self.file(location.pack)?;

@@ -102,7 +102,7 @@ impl Vault {
         id: &ChunkId,
         location: &ChunkLocation,
     ) -> Result<Vec<u8>, ChunkError> {
-        let sealed = reader.read_at(location)?;
+        let sealed = reader.read_located(id, location)?;
         Ok(opener.open(&self.keys, id, &sealed)?)
     }
 
@@ -256,6 +256,54 @@ impl Vault {
         })
     }
 
+    /// Loads chunks as plaintext: from the local store, else (with `remote`) fetched
+    /// from the mesh and waited for.
+    pub fn loader<'a>(
+        &'a self,
+        remote: Option<&'a dyn RemoteChunks>,
+    ) -> impl FnMut(&ChunkId) -> Result<Vec<u8>, ChunkError> + 'a {
+        let mut reader = self.store.reader();
+        let mut opener = Opener::new();
+        move |id: &ChunkId| match self.load_chunk(&mut reader, &mut opener, id) {
+            Ok(plain) => Ok(plain),
+            Err(local) => match remote {
+                Some(remote) => {
+                    fetch_blocking(remote, &self.keys, &mut opener, id).map_err(|remote| {
+                        ChunkError::Unavailable {
+                            local: Box::new(local),
+                            remote: Box::new(remote),
+                        }
+                    })
+                }
+                None => Err(local),
+            },
+        }
+    }
+
+    /// The bytes the index or the catalog keeps for snapshot `id` (its seal id, then the
+    /// sealed record), if this site has a live record of it.
+    pub fn stored_snapshot(&self, id: &SnapshotId) -> Result<Option<Vec<u8>>, VaultError> {
+        let index = self.store.index();
+        if let Some((_, body)) = index.snapshots()?.into_iter().find(|(s, _)| s == id) {
+            return Ok(Some(body));
+        }
+        let key = records::snapshot_key(id);
+        Ok(
+            records::get(index, &self.dir.site_id(), RecordKind::Snapshot, &key)?
+                .filter(|r| !r.is_tombstone())
+                .map(|r| r.body),
+        )
+    }
+
+    /// Opens bytes `stored_snapshot` returned.
+    pub fn open_stored_snapshot(
+        &self,
+        id: SnapshotId,
+        stored: &[u8],
+    ) -> Result<SnapshotRecord, VaultError> {
+        self.decode_record(&mut Opener::new(), id, stored)
+    }
+
     /// Walks a snapshot's manifest, calling `each(offset, extent)` in image order until it
     /// returns false. An error comes with the image offset where the walk stopped.
     pub fn walk_manifest(
@@ -274,22 +322,7 @@ impl Vault {
         remote: Option<&dyn RemoteChunks>,
         mut each: impl FnMut(u64, Extent) -> bool,
     ) -> Result<(), (u64, ManifestError<ChunkError>)> {
-        let mut reader = self.store.reader();
-        let mut opener = Opener::new();
-        let mut load = |id: &ChunkId| match self.load_chunk(&mut reader, &mut opener, id) {
-            Ok(plain) => Ok(plain),
-            Err(local) => match remote {
-                Some(remote) => {
-                    fetch_blocking(remote, &self.keys, &mut opener, id).map_err(|remote| {
-                        ChunkError::Unavailable {
-                            local: Box::new(local),
-                            remote: Box::new(remote),
-                        }
-                    })
-                }
-                None => Err(local),
-            },
-        };
+        let mut load = self.loader(remote);
         let mut walk = ManifestWalk::new(record.manifest_root());
         loop {
             match walk.next(&mut load) {

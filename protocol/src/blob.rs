@@ -17,6 +17,7 @@
 //! the sealed bytes, which only a node holding those bytes can compute.
 
 use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 
 use ed25519_dalek::{Signature, SigningKey, Verifier, VerifyingKey};
 
@@ -81,7 +82,47 @@ pub const OWNER_KEYS_MAX: usize = 1024;
 /// every time, so rot is still found.
 pub struct BlobVerifier {
     keys: BTreeMap<SiteId, Option<VerifyingKey>>,
-    verified: VerifiedMemo,
+    verified: Verified,
+}
+
+/// A memo of verified blobs that many verifiers share: every engine of one simulated
+/// mesh checks the same blobs (each copy of a chunk is the same bytes), and a check is a
+/// pure function of them, so one check serves them all.
+pub type SharedBlobMemo = Arc<Mutex<VerifiedMemo>>;
+
+enum Verified {
+    Own(VerifiedMemo),
+    Shared(SharedBlobMemo),
+}
+
+impl Verified {
+    fn contains(&self, memo: &[u8; 32]) -> bool {
+        match self {
+            Verified::Own(own) => own.contains(memo),
+            Verified::Shared(shared) => shared
+                .lock()
+                .expect("no verifier panics holding the memo")
+                .contains(memo),
+        }
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        match self {
+            Verified::Own(own) => own.len(),
+            Verified::Shared(shared) => shared.lock().expect("not poisoned").len(),
+        }
+    }
+
+    fn insert(&mut self, memo: [u8; 32]) {
+        match self {
+            Verified::Own(own) => own.insert(memo),
+            Verified::Shared(shared) => shared
+                .lock()
+                .expect("no verifier panics holding the memo")
+                .insert(memo),
+        }
+    }
 }
 
 impl Default for BlobVerifier {
@@ -94,7 +135,15 @@ impl BlobVerifier {
     fn remembering(verified_max: usize) -> BlobVerifier {
         BlobVerifier {
             keys: BTreeMap::new(),
-            verified: VerifiedMemo::remembering(verified_max),
+            verified: Verified::Own(VerifiedMemo::remembering(verified_max)),
+        }
+    }
+
+    /// A verifier that remembers in `memo`, with every other verifier given it.
+    pub fn sharing(memo: SharedBlobMemo) -> BlobVerifier {
+        BlobVerifier {
+            keys: BTreeMap::new(),
+            verified: Verified::Shared(memo),
         }
     }
 
@@ -205,6 +254,34 @@ mod tests {
         let mut rotted = sealed.clone();
         rotted[99] ^= 1;
         assert_ne!(audit_proof(&[0; 32], &id, &rotted), proof);
+    }
+
+    #[test]
+    fn verifiers_sharing_a_memo_check_a_blob_once_and_still_refuse_altered_ones() {
+        let (id, owner) = (ChunkId([3; 32]), site(&key(2)));
+        let blob = sign_blob(&key(2), &id, b"0123456789abcdef");
+        let memo: SharedBlobMemo = Arc::new(Mutex::new(VerifiedMemo::remembering(16)));
+        let mut first = BlobVerifier::sharing(memo.clone());
+        let mut second = BlobVerifier::sharing(memo.clone());
+        assert_eq!(
+            first.verify(&owner, &id, &blob),
+            Some(&b"0123456789abcdef"[..])
+        );
+        assert_eq!(memo.lock().expect("not poisoned").len(), 1);
+        assert_eq!(
+            second.verify(&owner, &id, &blob),
+            Some(&b"0123456789abcdef"[..])
+        );
+        assert_eq!(memo.lock().expect("not poisoned").len(), 1, "checked once");
+        let mut bad = blob.clone();
+        bad[0] ^= 1;
+        assert_eq!(second.verify(&owner, &id, &bad), None);
+        assert_eq!(first.verify(&site(&key(5)), &id, &blob), None);
+        assert_eq!(
+            memo.lock().expect("not poisoned").len(),
+            1,
+            "failures are not kept"
+        );
     }
 
     #[test]

@@ -105,6 +105,10 @@ pub struct Catalog {
     /// what a partner holding all it may have of an author compares, kept up to date so a
     /// converged round with a partner stays one u64 per author.
     shared_digests: BTreeMap<SiteId, u64>,
+    /// Every TrustGrant record decoded, by (author, record key): trust is read from the
+    /// grants on every gossip round and placement, far more often than they change.
+    /// `None` for a body that does not decode. Mirrors `records` exactly.
+    grants: BTreeMap<(SiteId, [u8; 32]), Option<TrustGrant>>,
 }
 
 /// Records no site but their author's may see: where its snapshots are.
@@ -137,6 +141,12 @@ impl Catalog {
         }
         if !site_private(record.kind) {
             *self.shared_digests.entry(record.author).or_insert(0) ^= change;
+        }
+        if record.kind == RecordKind::TrustGrant {
+            self.grants.insert(
+                (record.author, record.key),
+                TrustGrant::decode(&record.body).ok(),
+            );
         }
         self.records.insert(key, record);
         if old_hash.is_some() {
@@ -207,22 +217,38 @@ impl Catalog {
         self.digests.remove(&author);
         self.snapshot_digests.remove(&author);
         self.shared_digests.remove(&author);
+        let grant_keys: Vec<(SiteId, [u8; 32])> = self
+            .grants
+            .range((author, [0; 32])..=(author, [0xff; 32]))
+            .map(|(key, _)| *key)
+            .collect();
+        for key in grant_keys {
+            self.grants.remove(&key);
+        }
         keys.len()
     }
 
     pub fn grant(&self, author: SiteId, grantee: SiteId) -> Option<TrustGrant> {
-        let record = self.records.get(&RecordKey {
-            author,
-            kind: RecordKind::TrustGrant,
-            key: grantee.0,
-        })?;
-        TrustGrant::decode(&record.body).ok()
+        let grant = self.grants.get(&(author, grantee.0))?.clone();
+        debug_assert_eq!(
+            grant,
+            self.records
+                .get(&RecordKey {
+                    author,
+                    kind: RecordKind::TrustGrant,
+                    key: grantee.0,
+                })
+                .and_then(|r| TrustGrant::decode(&r.body).ok()),
+            "the decoded grants mirror the records"
+        );
+        grant
     }
 
+    /// `author`'s grants in record key order.
     pub fn grants_by(&self, author: SiteId) -> impl Iterator<Item = TrustGrant> + '_ {
-        self.by_author(author)
-            .filter(|r| r.kind == RecordKind::TrustGrant)
-            .filter_map(|r| TrustGrant::decode(&r.body).ok())
+        self.grants
+            .range((author, [0; 32])..=(author, [0xff; 32]))
+            .filter_map(|(_, grant)| grant.clone())
     }
 
     pub fn node_certs(&self) -> impl Iterator<Item = NodeCert> + '_ {

@@ -50,6 +50,13 @@ enum Command {
         /// Cut every image to at most this size (quick runs).
         #[arg(long)]
         image_gib_max: Option<f64>,
+        /// Append one JSON line per finished seed to FILE; a rerun with the same FILE
+        /// skips the seeds it holds, so a stopped run continues where it was.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+        /// Run nothing: print the summary over these files of `--out` lines (shards).
+        #[arg(long, value_name = "FILE", num_args = 1.., conflicts_with = "out")]
+        merge: Vec<PathBuf>,
     },
     /// Print the scenario swarm testing draws from a seed.
     Show {
@@ -116,52 +123,48 @@ fn real_main() -> anyhow::Result<ExitCode> {
             first_seed,
             jobs,
             image_gib_max,
+            out,
+            merge,
         } => {
+            if !merge.is_empty() {
+                let mut lines = Vec::new();
+                for path in &merge {
+                    lines.extend(swarm::read_ledger(path)?);
+                }
+                let summary = swarm::Summary::of(&lines);
+                print_swarm_summary(&summary, &merged_caps(&lines));
+                return Ok(exit_for(&summary));
+            }
             let jobs =
                 jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
             let started = Instant::now();
-            let results = swarm::run_seeds(first_seed, seeds, jobs, image_gib_max, true);
-            let cap = image_gib_max.map_or(String::new(), |g| format!(" --image-gib-max {g}"));
-            let failed: Vec<&swarm::SeedResult> = results
-                .iter()
-                .filter(|r| !r.report.violations.is_empty())
-                .collect();
-            for result in &failed {
-                println!("seed {} FAILED:", result.seed);
-                for v in &result.report.violations {
-                    println!("  {v}");
+            let lines = match &out {
+                Some(path) => {
+                    let mut ledger = swarm::Ledger::open(path, image_gib_max)?;
+                    let held = (first_seed..first_seed + seeds)
+                        .filter(|s| ledger.holds(*s))
+                        .count();
+                    if held > 0 {
+                        eprintln!(
+                            "{held} of the {seeds} seeds are in {} already: running the rest",
+                            path.display()
+                        );
+                    }
+                    swarm::run_into(&mut ledger, first_seed, seeds, jobs, image_gib_max, true)?
                 }
-                println!(
-                    "  replay: cairn-sim run --swarm --seed {}{cap}",
-                    result.seed
-                );
-            }
-            let slowest = results
-                .iter()
-                .max_by(|a, b| a.wall_secs.total_cmp(&b.wall_secs));
-            let beyond = results
-                .iter()
-                .filter(|r| !r.report.losses_beyond_budget.is_empty())
-                .count();
+                None => swarm::run_seeds(first_seed, seeds, jobs, image_gib_max, true)
+                    .iter()
+                    .map(|r| swarm::SeedLine::of(r, image_gib_max))
+                    .collect(),
+            };
+            let summary = swarm::Summary::of(&lines);
+            let cap = image_gib_max.map_or(String::new(), |g| format!(" --image-gib-max {g}"));
+            print_swarm_summary(&summary, &cap);
             println!(
-                "{} seeds, {} failed, {} with losses beyond the fault budget, {:.1} s on {jobs} threads",
-                results.len(),
-                failed.len(),
-                beyond,
+                "this run: {:.1} s on {jobs} threads",
                 started.elapsed().as_secs_f64()
             );
-            if let Some(slowest) = slowest {
-                println!(
-                    "slowest: seed {} in {:.1} s",
-                    slowest.seed, slowest.wall_secs
-                );
-            }
-            print_swarm_coverage(&results);
-            Ok(if failed.is_empty() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(1)
-            })
+            Ok(exit_for(&summary))
         }
         Command::Show {
             seed,
@@ -263,19 +266,67 @@ fn load(
     }
 }
 
-/// Every coverage counter summed over the seeds, with how many seeds reached it; the
-/// rare paths no seed reached are called out.
-fn print_swarm_coverage(results: &[swarm::SeedResult]) {
-    let mut total = cairn_sim::coverage::Coverage::default();
-    for result in results {
-        total.add(&result.report.coverage);
+/// The `--image-gib-max` of a replay command for seeds of merged ledgers (the first
+/// line's; `swarm` keeps one value per ledger).
+fn merged_caps(lines: &[swarm::SeedLine]) -> String {
+    lines
+        .first()
+        .and_then(|l| l.image_gib_max)
+        .map_or(String::new(), |g| format!(" --image-gib-max {g}"))
+}
+
+fn exit_for(summary: &swarm::Summary) -> ExitCode {
+    if summary.failures.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
     }
+}
+
+/// Failures with their replay commands, the counts, the slowest and mean seed, and every
+/// coverage counter summed over the seeds with how many seeds reached it; the rare paths
+/// no seed reached are called out.
+fn print_swarm_summary(summary: &swarm::Summary, cap: &str) {
+    for (seed, violations) in &summary.failures {
+        println!("seed {seed} FAILED:");
+        for v in violations {
+            println!("  {v}");
+        }
+        println!("  replay: cairn-sim run --swarm --seed {seed}{cap}");
+    }
+    let failed: Vec<String> = summary
+        .failures
+        .iter()
+        .map(|(s, _)| s.to_string())
+        .collect();
+    println!(
+        "{} seeds, {} failed{}, {} with losses beyond the fault budget",
+        summary.seeds.len(),
+        failed.len(),
+        if failed.is_empty() {
+            String::new()
+        } else {
+            format!(" (seeds {})", failed.join(", "))
+        },
+        summary.with_losses_beyond_budget,
+    );
+    if let Some((seed, secs)) = summary.slowest {
+        println!(
+            "slowest: seed {seed} in {secs:.1} s; mean {:.1} s a seed, {:.1} s of seed time for {:.0} simulated hours",
+            summary.mean_wall_secs, summary.total_wall_secs, summary.sim_hours
+        );
+    }
+    // In the counters' own order; a counter only an older ledger names comes last.
+    let rows = cairn_sim::coverage::Coverage::default().rows();
+    let known: Vec<(&str, bool)> = rows.iter().map(|(name, _, rare)| (*name, *rare)).collect();
+    let extra = summary
+        .coverage
+        .keys()
+        .filter(|name| !known.iter().any(|(k, _)| k == name))
+        .map(|name| (name.as_str(), false));
     println!("coverage (total over seeds; seeds that reached it):");
-    for (idx, (name, n, rare)) in total.rows().into_iter().enumerate() {
-        let seeds = results
-            .iter()
-            .filter(|r| r.report.coverage.rows()[idx].1 > 0)
-            .count();
+    for (name, rare) in known.iter().copied().chain(extra) {
+        let (n, seeds) = summary.coverage.get(name).copied().unwrap_or((0, 0));
         let flag = if rare && n == 0 {
             "  <- NEVER REACHED"
         } else {
@@ -283,15 +334,11 @@ fn print_swarm_coverage(results: &[swarm::SeedResult]) {
         };
         println!("  {name:28} {n:>12} {seeds:>6}{flag}");
     }
-    let converged: Vec<f64> = results
-        .iter()
-        .filter_map(|r| r.report.converged_after_hours)
-        .collect();
-    let worst = converged.iter().copied().fold(0.0, f64::max);
     println!(
-        "liveness: {} of {} seeds converged within the bound, the slowest {worst:.0} h after the heal",
-        converged.len(),
-        results.len()
+        "liveness: {} of {} seeds converged within the bound, the slowest {:.0} h after the heal",
+        summary.converged,
+        summary.seeds.len(),
+        summary.converged_worst_hours
     );
 }
 

@@ -14,10 +14,13 @@ use std::time::Instant;
 use cairn_protocol::rng::Rng;
 
 use crate::run::{Report, Run};
+
+mod ledger;
 use crate::scenario::{
     Behaviour, EngineSpec, FaultKind, FaultSpec, HostileSpec, ImageSpec, NetworkSpec, OutsiderSpec,
     Scenario, SiteSpec,
 };
+pub use ledger::{read as read_ledger, Ledger, LedgerError, SeedLine, Summary};
 
 const DAYS: f64 = 2.0;
 const SETTLE_HOURS: f64 = 12.0;
@@ -330,14 +333,93 @@ pub fn run_seeds(
     image_gib_max: Option<f64>,
     progress: bool,
 ) -> Vec<SeedResult> {
-    let next = AtomicU64::new(first);
     let results = Mutex::new(Vec::new());
+    run_each(
+        first,
+        count,
+        jobs,
+        image_gib_max,
+        progress,
+        |_| false,
+        |result| {
+            results
+                .lock()
+                .expect("no thread panics while holding the lock")
+                .push(result);
+        },
+    );
+    let mut results = results.into_inner().expect("threads joined");
+    results.sort_by_key(|r| r.seed);
+    results
+}
+
+/// Runs the seeds of `first..first + count` that `ledger` does not hold yet on `jobs`
+/// threads, appending each one's line as it finishes; returns the ledger's lines for the
+/// whole range, this run's and earlier ones', in seed order.
+pub fn run_into(
+    ledger: &mut Ledger,
+    first: u64,
+    count: u64,
+    jobs: usize,
+    image_gib_max: Option<f64>,
+    progress: bool,
+) -> Result<Vec<SeedLine>, LedgerError> {
+    let held: std::collections::BTreeSet<u64> = ledger.lines.iter().map(|l| l.seed).collect();
+    let shared = Mutex::new((&mut *ledger, None::<LedgerError>));
+    run_each(
+        first,
+        count,
+        jobs,
+        image_gib_max,
+        progress,
+        |seed| held.contains(&seed),
+        |result| {
+            let mut guard = shared
+                .lock()
+                .expect("no thread panics while holding the lock");
+            let (ledger, error) = &mut *guard;
+            if error.is_none() {
+                if let Err(e) = ledger.append(SeedLine::of(&result, image_gib_max)) {
+                    *error = Some(e);
+                }
+            }
+        },
+    );
+    let (_, error) = shared.into_inner().expect("threads joined");
+    if let Some(error) = error {
+        return Err(error);
+    }
+    let mut lines: Vec<SeedLine> = ledger
+        .lines
+        .iter()
+        .filter(|l| (first..first + count).contains(&l.seed))
+        .cloned()
+        .collect();
+    lines.sort_by_key(|l| l.seed);
+    Ok(lines)
+}
+
+/// Runs every seed of the range that `skip` does not name, handing each result to
+/// `done` as it finishes.
+fn run_each(
+    first: u64,
+    count: u64,
+    jobs: usize,
+    image_gib_max: Option<f64>,
+    progress: bool,
+    skip: impl Fn(u64) -> bool + Sync,
+    done: impl Fn(SeedResult) + Sync,
+) {
+    let next = AtomicU64::new(first);
     std::thread::scope(|scope| {
         for _ in 0..jobs.max(1) {
             scope.spawn(|| loop {
                 let seed = next.fetch_add(1, Ordering::Relaxed);
                 if seed >= first + count {
                     break;
+                }
+                if skip(seed) {
+                    continue;
                 }
                 let started = Instant::now();
                 let scenario = scenario_for_seed_capped(seed, image_gib_max);
@@ -361,18 +443,12 @@ pub fn run_seeds(
                         rare.join(" ")
                     );
                 }
-                results
-                    .lock()
-                    .expect("no thread panics while holding the lock")
-                    .push(SeedResult {
-                        seed,
-                        report,
-                        wall_secs,
-                    });
+                done(SeedResult {
+                    seed,
+                    report,
+                    wall_secs,
+                });
             });
         }
     });
-    let mut results = results.into_inner().expect("threads joined");
-    results.sort_by_key(|r| r.seed);
-    results
 }

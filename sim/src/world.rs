@@ -198,6 +198,10 @@ pub struct Reported {
     pub partitioned: bool,
 }
 
+/// Verified blobs the mesh's shared memo keeps: more than the chunks of any scenario's
+/// run hold (a day of the default mesh has about 12,000), so each is checked once.
+const BLOB_MEMO_MAX: usize = 1 << 17;
+
 pub struct World {
     pub scenario: Scenario,
     pub now_us: u64,
@@ -209,6 +213,9 @@ pub struct World {
     /// are when it seeds a new or recovered node.
     pub truth: Catalog,
     pub config: EngineConfig,
+    /// Blobs any engine of this mesh verified: every copy of a chunk is the same bytes,
+    /// so one signature check serves every engine (`Engine::share_blob_memo`).
+    blob_memo: cairn_protocol::blob::SharedBlobMemo,
     queue: BinaryHeap<Reverse<(u64, u64)>>,
     events: BTreeMap<u64, Ev>,
     seq: u64,
@@ -344,6 +351,9 @@ impl World {
         }
         let node_index = nodes.iter().enumerate().map(|(i, n)| (n.id, i)).collect();
         let mut world = World {
+            blob_memo: std::sync::Arc::new(std::sync::Mutex::new(
+                cairn_protocol::memo::VerifiedMemo::remembering(BLOB_MEMO_MAX),
+            )),
             scenario,
             now_us: 0,
             rng,
@@ -560,6 +570,7 @@ impl World {
             seed,
             now_ms,
         );
+        engine.share_blob_memo(self.blob_memo.clone());
         let disk = &mut self.nodes[node].disk;
         if fresh || disk.records.is_empty() {
             for record in self.truth.records() {

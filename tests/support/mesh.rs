@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::cairn_bin;
+use crate::{cairn_bin, random_bytes, text_bytes, write};
 
 /// Engine timings for a mesh on one machine: seconds where offices use minutes.
 pub const FAST: &[&str] = &[
@@ -545,4 +545,78 @@ pub fn at_r(status: &serde_json::Value, image: &str) -> bool {
     image_status(status, image).is_some_and(|i| {
         i["chunks"].as_u64().unwrap_or(0) > 0 && i["chunks_at_target"] == i["chunks"]
     })
+}
+
+/// Runs a test's body in a fresh temporary dir; a failure panics with the error and the
+/// tail of every node's log (the nodes are stopped by then: the mesh is dropped).
+pub fn scenario(name: &str, body: impl FnOnce(&Path, &mut dyn FnMut(&str)) -> Result<()>) {
+    let tmp = tempfile::Builder::new()
+        .prefix(&format!("cairn-{name}-"))
+        .tempdir()
+        .expect("temp dir");
+    let started = Instant::now();
+    let mut step = |what: &str| {
+        eprintln!("[{:6.1}s] {name}: {what}", started.elapsed().as_secs_f64());
+    };
+    if let Err(e) = body(tmp.path(), &mut step) {
+        let logs = log_tails(tmp.path());
+        let root = tmp.path().display().to_string();
+        if std::env::var_os("CAIRN_TEST_KEEP").is_some() {
+            let _ = tmp.keep();
+        }
+        panic!("{name} failed: {e:#}\n(in {root})\n{logs}");
+    }
+}
+
+/// The last lines of every `*.log` under `root`.
+pub fn log_tails(root: &Path) -> String {
+    let mut logs: Vec<PathBuf> = std::fs::read_dir(root)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "log"))
+        .collect();
+    logs.sort();
+    let mut out = String::new();
+    for log in logs {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        out += &format!("--- {}\n", log.display());
+        out += &lines[lines.len().saturating_sub(25)..].join("\n");
+        out.push('\n');
+    }
+    out
+}
+
+/// A server image of `size_mib`: half log-like text (compresses), half random (does not).
+pub fn make_image(root: &Path, name: &str, size_mib: usize, seed: u64) -> PathBuf {
+    let half = size_mib << 19;
+    let mut bytes = text_bytes(half, seed);
+    bytes.extend(random_bytes(half, seed + 1));
+    let path = root.join(name);
+    write(&path, &bytes);
+    path
+}
+
+pub fn utf8(path: &Path) -> Result<&str> {
+    path.to_str().context("a utf-8 temp path")
+}
+
+/// Waits until the owner's node says every chunk of the image is at R sites.
+pub fn wait_at_r(node: &Node, image: &str, limit_secs: u64) -> Result<()> {
+    wait_for(
+        Duration::from_secs(limit_secs),
+        &format!("every chunk of {image} at R sites (by {})", node.name),
+        || Ok(at_r(&node.status()?, image)),
+    )
+}
+
+/// Chunks of `site` that the nodes of another site hold between them.
+pub fn held_by_site(mesh: &Mesh, holder: usize, site: usize) -> Result<u64> {
+    let mut n = 0;
+    for node in &mesh.sites[holder] {
+        n += held_for(&node.status()?, &mesh.site_ids[site]);
+    }
+    Ok(n)
 }

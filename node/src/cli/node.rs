@@ -3,6 +3,7 @@
 //! endpoint. Settings come from flags and from the node's config file (`node.toml` in
 //! the data dir); flags win, and list settings add up.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -14,7 +15,10 @@ use serde::{Deserialize, Serialize};
 
 use super::remote::{self, Request, Response};
 use super::Operation;
+use cairn_protocol::retention;
+
 use crate::control::ControlServer;
+use crate::gc;
 use crate::mesh::{self, MeshHandle, NodeOptions};
 use crate::schedule::Limits;
 use crate::status::{self, NodeStatus};
@@ -87,6 +91,9 @@ pub struct RunArgs {
     trim_grace: Option<u64>,
     #[arg(long, hide = true, value_parser = parse_duration_ms)]
     request_timeout: Option<u64>,
+    /// How often packs mostly garbage are rewritten [default: 1h]
+    #[arg(long, hide = true, value_parser = parse_duration_ms)]
+    repack_interval: Option<u64>,
 }
 
 /// The node's config file: the same settings as the flags.
@@ -107,6 +114,124 @@ struct ConfigFile {
     download_limit: Option<String>,
     #[serde(default)]
     schedule: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    gc: Option<GcConfig>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    retention: BTreeMap<String, RetentionConfig>,
+}
+
+/// `[gc]` in node.toml.
+#[derive(Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GcConfig {
+    /// What this site asks holders to wait before deleting what it lists, e.g. "1445m".
+    grace: Option<String>,
+    /// What this node waits at least before deleting what another site lists.
+    grace_min: Option<String>,
+    /// A pack is rewritten once this share of it is garbage, e.g. "10%".
+    repack_unused: Option<String>,
+}
+
+/// `[retention.IMAGE]` in node.toml: `cairn forget`'s --keep-* rules, as keys.
+#[derive(Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RetentionConfig {
+    keep_last: Option<KeepValue>,
+    keep_hourly: Option<KeepValue>,
+    keep_daily: Option<KeepValue>,
+    keep_weekly: Option<KeepValue>,
+    keep_monthly: Option<KeepValue>,
+    keep_yearly: Option<KeepValue>,
+    keep_within: Option<String>,
+}
+
+/// A count, or "unlimited".
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(untagged)]
+enum KeepValue {
+    Count(i64),
+    Word(String),
+}
+
+impl KeepValue {
+    fn count(&self) -> Result<retention::Count, String> {
+        match self {
+            KeepValue::Count(-1) => Ok(retention::Count::Unlimited),
+            KeepValue::Count(n) => u32::try_from(*n)
+                .map(retention::Count::Of)
+                .map_err(|_| format!("{n} is not a count")),
+            KeepValue::Word(w) if w == "unlimited" => Ok(retention::Count::Unlimited),
+            KeepValue::Word(w) => Err(format!(
+                "{w:?} is not a count: give a number or \"unlimited\""
+            )),
+        }
+    }
+}
+
+impl ConfigFile {
+    /// The retention and garbage-collection settings, checked.
+    fn settings(&self) -> Result<gc::Settings> {
+        let mut settings = gc::Settings::default();
+        if let Some(config) = &self.gc {
+            let ms = |key: &str, text: &Option<String>, default: u64| -> Result<u64> {
+                text.as_deref().map_or(Ok(default), |t| {
+                    parse_duration_ms(t).map_err(|e| anyhow::anyhow!("[gc] {key}: {e}"))
+                })
+            };
+            settings.gc.grace_ms = ms("grace", &config.grace, settings.gc.grace_ms)?;
+            settings.gc.grace_min_ms =
+                ms("grace_min", &config.grace_min, settings.gc.grace_min_ms)?;
+            if let Some(text) = &config.repack_unused {
+                settings.gc.repack_unused_percent = text
+                    .trim()
+                    .trim_end_matches('%')
+                    .trim()
+                    .parse()
+                    .ok()
+                    .filter(|p| (1..=100).contains(p))
+                    .ok_or_else(|| {
+                        anyhow::anyhow!("[gc] repack_unused: {text:?} is not a share like \"10%\"")
+                    })?;
+            }
+        }
+        for (image, config) in &self.retention {
+            cairn_protocol::ImageName::new(image)
+                .map_err(|e| anyhow::anyhow!("[retention.{image}]: {e}"))?;
+            let count = |v: &Option<KeepValue>| -> Result<Option<retention::Count>> {
+                v.as_ref()
+                    .map(|v| {
+                        v.count()
+                            .map_err(|e| anyhow::anyhow!("[retention.{image}]: {e}"))
+                    })
+                    .transpose()
+            };
+            let policy = retention::Policy {
+                last: count(&config.keep_last)?,
+                hourly: count(&config.keep_hourly)?,
+                daily: count(&config.keep_daily)?,
+                weekly: count(&config.keep_weekly)?,
+                monthly: count(&config.keep_monthly)?,
+                yearly: count(&config.keep_yearly)?,
+                within_ms: config
+                    .keep_within
+                    .as_deref()
+                    .map(parse_duration_ms)
+                    .transpose()
+                    .map_err(|e| anyhow::anyhow!("[retention.{image}] keep_within: {e}"))?,
+            };
+            if policy.is_empty() {
+                anyhow::bail!("[retention.{image}] keeps nothing: give at least one keep_* rule");
+            }
+            settings.retention.insert(image.clone(), policy);
+        }
+        Ok(settings)
+    }
+}
+
+/// The retention and garbage-collection settings of a data dir's node.toml, for commands
+/// run without a node (a running node uses those it started with).
+pub fn settings(data_dir: &Path) -> Result<gc::Settings> {
+    read_config(&data_dir.join(CONFIG_FILE), false)?.settings()
 }
 
 fn read_config(path: &Path, required: bool) -> Result<ConfigFile> {
@@ -173,8 +298,10 @@ pub fn run(data_dir: &Path, command: NodeCommand) -> Result<u8> {
         (None, Some(text)) => parse_size(text).map_err(anyhow::Error::msg)?,
         (None, None) => 0,
     };
+    let settings = config.settings()?;
     let defaults = EngineConfig::default();
     let engine = EngineConfig {
+        gc_grace_min_ms: settings.gc.grace_min_ms,
         replication_factor: args.replication.unwrap_or(defaults.replication_factor),
         gossip_interval_ms: args.gossip_interval.unwrap_or(defaults.gossip_interval_ms),
         sync_interval_ms: args.sync_interval.unwrap_or(defaults.sync_interval_ms),
@@ -197,6 +324,7 @@ pub fn run(data_dir: &Path, command: NodeCommand) -> Result<u8> {
         capacity_bytes,
         limits,
         engine,
+        settings,
     };
     let metrics = args.metrics.or(config.metrics);
 
@@ -226,6 +354,10 @@ pub fn run(data_dir: &Path, command: NodeCommand) -> Result<u8> {
         .with_context(|| format!("--metrics {addr}"))?;
         tracing::info!("metrics at http://{bound}/metrics");
     }
+    let repack_every = args
+        .repack_interval
+        .map_or(REPACK_EVERY, std::time::Duration::from_millis);
+    start_repacks(&vault, &mesh, repack_every)?;
     let stopper = control.stopper();
     {
         let (vault, mesh) = (vault.clone(), mesh.clone());
@@ -252,6 +384,35 @@ pub fn run(data_dir: &Path, command: NodeCommand) -> Result<u8> {
     tracing::info!("stopping");
     stopper.stop();
     Ok(0)
+}
+
+/// How often, by default, a running node looks for packs that partner deletions (rule H4) or its
+/// own prunes left mostly garbage.
+const REPACK_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// The mesh gives space back on its own: the engine deletes what an owner's statement
+/// lists from the index, and this thread rewrites the packs that leaves mostly garbage,
+/// taking the write lock a pack at a time, so backups and the storage thread wait for one
+/// pack at most.
+fn start_repacks(vault: &Arc<Vault>, mesh: &MeshHandle, every: std::time::Duration) -> Result<()> {
+    let (vault, lock) = (vault.clone(), mesh.write_lock.clone());
+    let unused_min = f64::from(mesh.settings.gc.repack_unused_percent) / 100.0;
+    std::thread::Builder::new()
+        .name("cairn-repack".into())
+        .spawn(move || loop {
+            std::thread::sleep(every);
+            match vault.store.repack(unused_min, Some(&lock), &|_| {}) {
+                Ok(r) if r.packs_rewritten + r.packs_deleted > 0 => tracing::info!(
+                    "rewrote {} packs and deleted {}: {} given back",
+                    r.packs_rewritten,
+                    r.packs_deleted,
+                    crate::units::bytes(r.bytes_before.saturating_sub(r.bytes_after))
+                ),
+                Ok(_) => {}
+                Err(e) => tracing::warn!("cannot rewrite packs: {}", crate::units::chain(&e)),
+            }
+        })?;
+    Ok(())
 }
 
 /// One request on the control socket.
@@ -328,8 +489,13 @@ fn run_for(caller: &remote::Caller, node: &remote::InNode, operation: Operation)
 
 /// Hands snapshots made inside the node to the mesh.
 pub fn publish(vault: &Vault, mesh: &MeshHandle) -> Result<()> {
-    for (record, chunks) in mesh::snapshots_to_publish(vault, false)? {
+    let published = mesh::snapshots_to_publish(vault, false)?;
+    for (record, chunks) in published.snapshots {
         mesh.send(mesh::Command::NewSnapshot { record, chunks })?;
+    }
+    // With the snapshot, as rule O3 asks: the engine then acts on the new basis at once.
+    if !published.statements.is_empty() {
+        mesh.send(mesh::Command::LocalRecords(published.statements))?;
     }
     Ok(())
 }

@@ -123,6 +123,8 @@ pub struct NodeOptions {
     /// Upload and download limits, with their weekly schedule.
     pub limits: Limits,
     pub engine: EngineConfig,
+    /// Retention and garbage collection (node.toml), for the commands run inside.
+    pub settings: crate::gc::Settings,
 }
 
 /// What other threads ask of the node's loop.
@@ -145,6 +147,12 @@ pub enum Command {
     },
     /// A picture of the node for `cairn status` and the metrics endpoint.
     Status(oneshot::Sender<MeshStatus>),
+    /// A prune made these garbage batches (before the statement naming them arrives as
+    /// a local record), or swept these chunks of this site off the store.
+    Gc {
+        batches: Vec<Vec<ChunkId>>,
+        swept: Vec<ChunkId>,
+    },
 }
 
 /// Called once with a fetched chunk's sealed bytes and sender, or why none came; runs on
@@ -213,6 +221,7 @@ pub struct MeshHandle {
     commands: mpsc::UnboundedSender<Command>,
     /// Held while packs are written: backups and the storage thread take turns.
     pub write_lock: Arc<Mutex<()>>,
+    pub settings: Arc<crate::gc::Settings>,
 }
 
 impl MeshHandle {
@@ -380,11 +389,13 @@ pub fn start(
             warn!("cannot reserve a slot on relay {relay}: {e}");
         }
     }
+    let settings = Arc::new(options.settings.clone());
     runtime.spawn(node.run(command_rx, done_rx));
     Ok(MeshHandle {
         site: vault_site,
         commands,
         write_lock,
+        settings,
     })
 }
 
@@ -402,6 +413,10 @@ impl Node {
         engine.load_records(records::all(vault.store.index())?);
         for chunk in storage::held_chunks(&vault)? {
             engine.load_chunk(chunk);
+        }
+        // The batches this node's statements name: the engine serves them to holders.
+        for ids in crate::gc::stored_batches(vault.store.index())? {
+            engine.handle_gc_batch(ids, now);
         }
         let own_cert = own_node_cert(&vault, options)?;
         let swarm = net::swarm(&vault.dir.node_key, options.mdns)?;
@@ -614,6 +629,14 @@ impl Node {
             },
             Command::Status(reply) => {
                 let _ = reply.send(self.status());
+            }
+            Command::Gc { batches, swept } => {
+                for ids in batches {
+                    self.engine.handle_gc_batch(ids, now);
+                }
+                if !swept.is_empty() {
+                    self.engine.handle_swept(&swept, now);
+                }
             }
         }
     }

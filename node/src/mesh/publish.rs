@@ -9,9 +9,9 @@ use tracing::{debug, warn};
 
 use super::{hex8, now_ms, storage, Node, NodeOptions};
 use crate::forget::KEY_ACKED;
-use crate::records;
 use crate::store::StoreError;
 use crate::vault::{ChunkError, Vault, VaultError};
+use crate::{gc, records};
 
 /// Why this site's records or snapshots cannot be read for the engine.
 #[derive(Debug, thiserror::Error)]
@@ -90,12 +90,17 @@ impl Node {
     /// after a restart: the engine tracks them in memory only).
     pub(super) fn publish_snapshots(&mut self) -> Result<(), PublishError> {
         let now = now_ms();
-        for (record, chunks) in snapshots_to_publish(&self.vault, true)? {
+        let published = snapshots_to_publish(&self.vault, true)?;
+        for (record, chunks) in published.snapshots {
             self.snapshot_chunks
                 .insert(record.key, chunks.iter().map(|c| c.id).collect());
             if let Err(e) = self.engine.handle_new_snapshot(record, &chunks, now) {
                 warn!("a snapshot of this site was refused: {e}");
             }
+        }
+        // After the snapshots, so the engine takes the statement on their basis.
+        if !published.statements.is_empty() {
+            self.local_records(published.statements);
         }
         Ok(())
     }
@@ -171,38 +176,52 @@ pub fn own_records(vault: &Vault) -> Result<Vec<Record>, StoreError> {
         .collect())
 }
 
-/// Snapshots of this site for the engine, with their chunks: those without a catalog
-/// record yet (made by a backup: the record is signed and stored now), and with
-/// `unacked` also those not yet confirmed at R sites.
-pub fn snapshots_to_publish(
-    vault: &Vault,
-    unacked: bool,
-) -> Result<Vec<(Record, Vec<ChunkRef>)>, PublishError> {
+/// Snapshots of this site for the engine, with their chunks, and the statements their
+/// commits restated (rule O3), which the engine needs too.
+#[derive(Default)]
+pub struct ToPublish {
+    pub snapshots: Vec<(Record, Vec<ChunkRef>)>,
+    pub statements: Vec<Record>,
+}
+
+/// Snapshots of this site for the engine: those without a catalog record yet (made by a
+/// backup: the record is signed and stored now, and the garbage statement restated on
+/// the new basis), and with `unacked` also those not yet confirmed at R sites.
+pub fn snapshots_to_publish(vault: &Vault, unacked: bool) -> Result<ToPublish, PublishError> {
     let site = vault.dir.site_id();
     let index = vault.store.index();
     let snapshots = vault.snapshots()?;
-    let mut out = Vec::new();
+    let mut out = ToPublish::default();
     for (id, body) in index.snapshots()? {
         let key = records::snapshot_key(&id);
-        let record = match records::get(index, &site, RecordKind::Snapshot, &key)? {
+        let (record, basis_before) = match records::get(index, &site, RecordKind::Snapshot, &key)? {
             Some(_) if !unacked => continue,
             Some(record) => {
                 if index.catalog_get(&[KEY_ACKED, &key].concat())?.is_some() {
                     continue;
                 }
-                record
+                (record, None)
             }
             None => {
+                let basis_before = gc::snapshot_digest(vault)?;
                 let record = records::sign_next(vault, RecordKind::Snapshot, key, body)?;
                 records::save(index, &record)?;
-                record
+                (record, Some(basis_before))
             }
         };
         let Some(snapshot) = snapshots.iter().find(|s| s.id == id) else {
             continue;
         };
         match snapshot_chunks(vault, snapshot) {
-            Ok(chunks) => out.push((record, chunks)),
+            Ok(chunks) => {
+                if let Some(basis_before) = basis_before {
+                    let used = chunks.iter().map(|c| c.id).collect();
+                    if let Some(signed) = gc::restate(vault, basis_before, &used)? {
+                        out.statements.push(signed.record);
+                    }
+                }
+                out.snapshots.push((record, chunks));
+            }
             // A recovered node knows the snapshot but holds none of its chunks yet.
             Err(e) => debug!(
                 "snapshot {} is not published from here: {}",

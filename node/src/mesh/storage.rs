@@ -162,6 +162,10 @@ fn run(
             let _guard = write_lock.lock().unwrap_or_else(|e| e.into_inner());
             write_chunks(vault, writes, &mut held_delta)
         };
+        // A batch that drops chunks commits under the write lock: a repack re-points a
+        // pack's chunks under it, so a chunk dropped here is never brought back there.
+        let _dropping = (!batch.removed_chunks.is_empty())
+            .then(|| write_lock.lock().unwrap_or_else(|e| e.into_inner()));
         let committed = match vault.store.index().commit(batch) {
             Ok(()) => true,
             Err(e) => {
@@ -462,6 +466,44 @@ pub(crate) mod tests {
             );
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
+    }
+
+    #[test]
+    fn a_partner_chunk_is_deleted_only_under_the_write_lock() {
+        // A repack re-points a pack's chunks under the write lock: a deletion committed
+        // while it holds the lock would be undone by its index batch.
+        let (_tmp, vault, _, _, _) = vault_with_chunk();
+        let partner = SiteId([5; 32]);
+        let held = ChunkId([9; 32]);
+        mark_owner(&vault, &held, &partner);
+        let mut writer = vault.store.writer();
+        writer.append(&held, &[3; 500]).expect("append");
+        writer.commit().expect("commit");
+        let vault = std::sync::Arc::new(vault);
+        let lock = std::sync::Arc::new(std::sync::Mutex::new(()));
+        let (done_tx, _done_rx) = tokio::sync::mpsc::unbounded_channel();
+        let storage = Storage::start(vault.clone(), lock.clone(), done_tx);
+        let indexed = || vault.store.contains(&held).expect("index");
+        let guard = lock.lock().expect("lock");
+        storage.submit(cairn_protocol::engine::StorageOp::Delete {
+            owner: partner,
+            id: held,
+        });
+        // Bounded: long enough for the thread to have committed, were it not waiting.
+        for _ in 0..50 {
+            assert!(indexed(), "deleted while the write lock was held");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        drop(guard);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while indexed() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "never deleted after the lock was let go"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert_eq!(owner_of(&vault, &held), None, "its mark goes with it");
     }
 
     #[test]

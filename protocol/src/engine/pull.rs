@@ -3,7 +3,7 @@
 //! arrive, so a fast office ends up sending more than a slow one and no chunk is sent
 //! twice. A request not answered in time goes back to the pool for any holder.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use crate::identity::{NodeId, SiteId};
 use crate::ids::ChunkId;
@@ -31,6 +31,9 @@ pub(super) struct Pulls {
     /// Per holder, chunks it offered, oldest first; stale entries are skipped lazily.
     by_source: BTreeMap<NodeId, VecDeque<ChunkId>>,
     outstanding: BTreeMap<NodeId, usize>,
+    /// Every asked chunk by the time its request expires, so an expiry looks only at
+    /// the requests that are due, not at every wanted chunk (at most `WANTED_MAX`).
+    deadlines: BTreeSet<(u64, ChunkId)>,
 }
 
 impl Pulls {
@@ -80,6 +83,7 @@ impl Pulls {
                 continue;
             }
             want.asked = Some((source, until_ms));
+            self.deadlines.insert((until_ms, id));
             out.push((want.owner, id));
         }
         if queue.is_empty() {
@@ -92,7 +96,8 @@ impl Pulls {
     /// A wanted chunk arrived (or will not): returns the holder it was asked of.
     pub fn arrived(&mut self, id: &ChunkId) -> Option<NodeId> {
         let want = self.wanted.remove(id)?;
-        let (source, _) = want.asked?;
+        let (source, until_ms) = want.asked?;
+        self.deadlines.remove(&(until_ms, *id));
         self.release(source);
         Some(source)
     }
@@ -111,20 +116,32 @@ impl Pulls {
     pub fn expire(&mut self, now_ms: u64) -> Vec<NodeId> {
         let mut released = Vec::new();
         let mut touched = Vec::new();
-        for (id, want) in &mut self.wanted {
-            if let Some((source, until_ms)) = want.asked {
-                if until_ms <= now_ms {
-                    want.asked = None;
-                    want.timed_out = Some(source);
-                    released.push(source);
-                    // The slow holder goes last, so another is tried first.
-                    want.sources.retain(|s| *s != source);
-                    want.sources.push(source);
-                    for s in &want.sources {
-                        self.by_source.entry(*s).or_default().push_back(*id);
-                        touched.push(*s);
-                    }
-                }
+        // In chunk id order, as a walk over every wanted chunk would meet them: the
+        // holders' queues get the chunks in that order.
+        let due: BTreeSet<ChunkId> = self
+            .deadlines
+            .range(..=(now_ms, ChunkId([0xff; 32])))
+            .map(|(_, id)| *id)
+            .collect();
+        self.deadlines = self
+            .deadlines
+            .split_off(&(now_ms.saturating_add(1), ChunkId([0; 32])));
+        for id in due {
+            let want = self
+                .wanted
+                .get_mut(&id)
+                .expect("a deadline is kept only for a wanted chunk");
+            let (source, until_ms) = want.asked.expect("a deadline is kept only while asked");
+            debug_assert!(until_ms <= now_ms);
+            want.asked = None;
+            want.timed_out = Some(source);
+            released.push(source);
+            // The slow holder goes last, so another is tried first.
+            want.sources.retain(|s| *s != source);
+            want.sources.push(source);
+            for s in &want.sources {
+                self.by_source.entry(*s).or_default().push_back(id);
+                touched.push(*s);
             }
         }
         for source in released {
