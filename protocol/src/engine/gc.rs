@@ -627,3 +627,49 @@ impl Engine {
         }
     }
 }
+impl Engine {
+    /// A one-line account of why `id` of `owner` is (not) collected here, for the
+    /// simulator's traces (CAIRN_SIM_TRACE_GC).
+    pub fn gc_explain(&self, owner: &SiteId, id: &ChunkId, now_ms: u64) -> String {
+        let statement = self.gc_statement(owner);
+        let digest = self.catalog.snapshot_digest(owner);
+        let state = self.gc.owners.get(owner);
+        let listed_known = match (&statement, state) {
+            (Some(s), Some(o)) => o.listed(s).contains(id),
+            _ => false,
+        };
+        let in_unfetched: Vec<String> = match (&statement, state) {
+            (Some(s), Some(o)) => s
+                .batches
+                .iter()
+                .filter(|b| !o.batches.contains_key(&b.id))
+                .map(|b| crate::ids::hex(&b.id.0[..4]))
+                .collect(),
+            (Some(s), None) => s
+                .batches
+                .iter()
+                .map(|b| crate::ids::hex(&b.id.0[..4]))
+                .collect(),
+            _ => Vec::new(),
+        };
+        let fetching: Vec<String> = self
+            .gc
+            .fetches
+            .keys()
+            .filter(|(o, _)| o == owner)
+            .map(|(_, b)| crate::ids::hex(&b.0[..4]))
+            .collect();
+        format!(
+            "held {} condemned {:?} statement v? basis==digest {} batches {:?} unfetched {:?} fetching {:?} listed(known) {} agreed_ago_ms {:?} window {:?}",
+            self.held.contains_key(id),
+            self.gc.condemned.get(id).map(|c| (now_ms.saturating_sub(c.since_ms), c.frozen, c.deleted)),
+            statement.as_ref().is_some_and(|s| s.basis == digest),
+            statement.as_ref().map(|s| s.batches.iter().map(|b| (crate::ids::hex(&b.id.0[..4]), b.n_ids)).collect::<Vec<_>>()),
+            in_unfetched,
+            fetching,
+            listed_known,
+            state.and_then(|o| o.agreed_at_ms).map(|a| now_ms.saturating_sub(a)),
+            state.and_then(|o| o.window),
+        )
+    }
+}

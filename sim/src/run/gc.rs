@@ -549,6 +549,17 @@ fn sign_statement(world: &mut World, node: usize, batches: Vec<BatchRef>) {
         .gc
         .as_ref()
         .map_or(0, |g| hours_us(g.grace_hours) / 1000);
+    if std::env::var_os("CAIRN_SIM_TRACE_GC").is_some() {
+        eprintln!(
+            "gc sign: site {site} node {node} at {:.4} h v{version} basis {:x} batches {:?}",
+            world.now_us as f64 / HOUR_US as f64,
+            engine.catalog().snapshot_digest(&owner),
+            batches
+                .iter()
+                .map(|b| (cairn_protocol::ids::hex(&b.id.0[..4]), b.n_ids))
+                .collect::<Vec<_>>()
+        );
+    }
     let statement = GcStatement {
         basis: engine.catalog().snapshot_digest(&owner),
         grace_ms,
@@ -641,6 +652,8 @@ const EXCUSE_OWNER_GONE: &str = "garbage: its owner site is gone (destroyed, not
 const EXCUSE_WINDOW: &str = "garbage: deletion deferred by the holder's window budget";
 const EXCUSE_BATCHES_MAX: &str =
     "garbage: not listed yet, past GC_BATCHES_MAX batches in the statement";
+const EXCUSE_TAKEN_BACK: &str =
+    "garbage: taken here in an inactive gap after it became garbage, condemned afresh on its return";
 const EXCUSE_RETIRED: &str = "garbage: its batch retired, left to reconciliation (not built)";
 
 impl Run {
@@ -739,6 +752,29 @@ impl Run {
                     // node has heard of (here a prune and a forget can share an instant).
                     from_us + HOUR_US + prune_us + HOUR_US + wait_us + HOUR_US
                 };
+                if crate::world::trace_chunk(id) {
+                    for image in &self.images {
+                        for snap in &image.snapshots {
+                            if snap.chunks.iter().any(|c| c.id == *id) {
+                                eprintln!(
+                                    "  in snapshot taken {:.2} h forgotten {:?}",
+                                    snap.taken_us as f64 / HOUR_US as f64,
+                                    snap.forgotten_us.map(|f| f as f64 / HOUR_US as f64)
+                                );
+                            }
+                        }
+                        eprintln!(
+                            "  used_at {:?}",
+                            image.used_at_us.get(id).map(|f| *f as f64 / HOUR_US as f64)
+                        );
+                    }
+                    eprintln!(
+                        "gc chunk {id:?} at node {node} {:.2} h bound {:.2} h: {}",
+                        now_us as f64 / HOUR_US as f64,
+                        bound_us as f64 / HOUR_US as f64,
+                        engine.gc_explain(&owner.id, id, now_us / 1000)
+                    );
+                }
                 if now_us <= bound_us {
                     not_due += 1;
                     continue;
@@ -757,6 +793,26 @@ impl Run {
                     Some(EXCUSE_BATCHES_MAX)
                 } else if self.gc_track.retired.contains(id) {
                     Some(EXCUSE_RETIRED)
+                } else if self
+                    .world
+                    .copy_added_us
+                    .get(&(node, *id))
+                    .is_some_and(|added_us| {
+                        // The bound again, from when this copy was taken.
+                        let again_us = if site == owner_site {
+                            (owner.nodes.len() as u64 + 1) * prune_us + HOUR_US
+                        } else {
+                            HOUR_US + wait_us + HOUR_US
+                        };
+                        *added_us > since_us && now_us <= added_us + again_us
+                    })
+                {
+                    // Taken after it became garbage: only while the statement was
+                    // inactive here (H3 freezes it otherwise). At a partner its grace
+                    // starts when a statement is active again (unless it deleted it
+                    // before: then it keeps its condemned time and goes at once); at a
+                    // node of the owner's site it goes at that node's next prune.
+                    Some(EXCUSE_TAKEN_BACK)
                 } else {
                     None
                 };
@@ -772,6 +828,10 @@ impl Run {
                                 from_us as f64 / HOUR_US as f64,
                                 bound_us as f64 / HOUR_US as f64,
                                 now_us as f64 / HOUR_US as f64
+                            );
+                            eprintln!(
+                                "  explain: {}",
+                                engine.gc_explain(&owner.id, id, now_us / 1000)
                             );
                         }
                         self.gc_track
