@@ -14,7 +14,6 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use cairn_protocol::SnapshotRecord;
@@ -27,8 +26,6 @@ use crate::fetch::RemoteChunks;
 use crate::restore;
 use crate::vault::Vault;
 
-/// How long qemu-img may take to start reading before the export is thought stuck.
-const READY_TIMEOUT: Duration = Duration::from_secs(30);
 const POLL: Duration = Duration::from_millis(100);
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -80,8 +77,6 @@ pub enum ConvertError {
     QemuImg { status: String, stderr: String },
     #[error("cannot run qemu-img")]
     Spawn(#[source] std::io::Error),
-    #[error("the export for qemu-img did not start")]
-    NotReady,
     #[error(transparent)]
     Export(#[from] ExportError),
     #[error("{path}")]
@@ -141,27 +136,8 @@ pub fn convert(
         .tempdir()
         .map_err(output_err)?;
     let listen = Listen::Unix(dir.path().join("nbd.sock"));
-    let stop = Cancel::new();
-    let (ready_tx, ready_rx) = mpsc::channel();
-    std::thread::scope(|scope| {
-        let server = scope.spawn(|| {
-            export::serve(vault, record, remote, &listen, &stop, &|uri: &str| {
-                let _ = ready_tx.send(uri.to_owned());
-            })
-        });
-        let result = (|| {
-            let uri = match ready_rx.recv_timeout(READY_TIMEOUT) {
-                Ok(uri) => uri,
-                Err(_) => return Err(ConvertError::NotReady),
-            };
-            qemu_img(&uri, &partial, format, cancel)
-        })();
-        stop.cancel();
-        match server.join().expect("export thread") {
-            // The export's own error (an unreadable manifest) says more than qemu-img's.
-            Err(e) => Err(ConvertError::Export(e)),
-            Ok(_) => result,
-        }
+    export::serve_during(vault, record, remote, &listen, |uri| {
+        qemu_img(uri, &partial, format, cancel)
     })
     .inspect_err(|_| {
         let _ = std::fs::remove_file(&partial);

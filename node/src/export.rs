@@ -99,6 +99,8 @@ pub enum ExportError {
     NotASocket(PathBuf),
     #[error("cannot listen on {what}")]
     Listen { what: String, source: io::Error },
+    #[error("the export did not start listening in {0:?}")]
+    NotReady(Duration),
     #[error("manifest of {image}@{snapshot} is unreadable at byte {offset}: {why}")]
     Manifest {
         image: String,
@@ -642,6 +644,38 @@ pub fn serve(
         read_bytes: c.read_bytes.load(Ordering::Relaxed),
         chunks_opened: c.chunks_opened.load(Ordering::Relaxed),
         seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// How long `serve_during` waits for the export to listen (the manifest walk comes first,
+/// and may fetch from the mesh).
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Serves `record` at `listen` while `job(uri)` runs, then stops the export: for a
+/// command of ours that reads the snapshot through qemu (a conversion, a VM). An error of
+/// the export's own (an unreadable manifest) wins over the job's, since it says more.
+pub fn serve_during<T, E: From<ExportError>>(
+    vault: &Vault,
+    record: &SnapshotRecord,
+    remote: Option<&dyn RemoteChunks>,
+    listen: &Listen,
+    job: impl FnOnce(&str) -> Result<T, E>,
+) -> Result<(T, ExportSummary), E> {
+    let stop = Cancel::new();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    std::thread::scope(|scope| {
+        let server = scope.spawn(|| {
+            serve(vault, record, remote, listen, &stop, &|uri: &str| {
+                let _ = ready_tx.send(uri.to_owned());
+            })
+        });
+        let result = match ready_rx.recv_timeout(READY_TIMEOUT) {
+            Ok(uri) => job(&uri),
+            Err(_) => Err(ExportError::NotReady(READY_TIMEOUT).into()),
+        };
+        stop.cancel();
+        let served = server.join().expect("export thread")?;
+        Ok((result?, served))
     })
 }
 

@@ -20,7 +20,6 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use cairn_protocol::SnapshotRecord;
@@ -124,8 +123,6 @@ pub enum VmError {
     Overlay(String),
     #[error("qemu did not start: {0}")]
     QemuFailed(String),
-    #[error("the export for the VM did not start")]
-    NotReady,
     #[error(transparent)]
     Export(#[from] ExportError),
     #[error("{path}")]
@@ -337,48 +334,36 @@ pub fn start(
     };
 
     let listen = Listen::Unix(dir.join("nbd.sock"));
-    let stop = Cancel::new();
-    let (ready_tx, ready_rx) = mpsc::channel();
-    std::thread::scope(|scope| {
-        let server = scope.spawn(|| {
-            export::serve(vault, record, remote, &listen, &stop, &|uri: &str| {
-                let _ = ready_tx.send(uri.to_owned());
-            })
-        });
-        let result = (|| {
-            let uri = ready_rx
-                .recv_timeout(Duration::from_secs(60))
-                .map_err(|_| VmError::NotReady)?;
-            if !overlay_reused {
-                create_overlay(&overlay, &uri)?;
-                fs::write(&snapshot_file, &snapshot).map_err(io_err(&snapshot_file))?;
-            }
-            run_qemu(QemuRun {
-                image: &image,
-                snapshot: &snapshot,
-                dir: &dir,
-                overlay: &overlay,
-                uri: &uri,
-                accel,
-                firmware: firmware.map(|f| Path::new(*f)),
-                options,
-                overlay_reused,
-                cancel,
-                ready,
-            })
-        })();
-        stop.cancel();
-        let served = server.join().expect("export thread")?;
-        let _ = fs::remove_file(dir.join("vm.json"));
-        let exit = result?;
-        Ok(VmSummary {
-            image: image.clone(),
-            snapshot: snapshot.clone(),
-            seconds: served.seconds,
-            exit,
-            read_bytes: served.read_bytes,
-            chunks_opened: served.chunks_opened,
+    let (exit, served) = export::serve_during(vault, record, remote, &listen, |uri| {
+        if !overlay_reused {
+            create_overlay(&overlay, uri)?;
+            fs::write(&snapshot_file, &snapshot).map_err(io_err(&snapshot_file))?;
+        }
+        run_qemu(QemuRun {
+            image: &image,
+            snapshot: &snapshot,
+            dir: &dir,
+            overlay: &overlay,
+            uri,
+            accel,
+            firmware: firmware.map(|f| Path::new(*f)),
+            options,
+            overlay_reused,
+            cancel,
+            ready,
         })
+    })
+    .inspect_err(|_| {
+        let _ = fs::remove_file(dir.join("vm.json"));
+    })?;
+    let _ = fs::remove_file(dir.join("vm.json"));
+    Ok(VmSummary {
+        image,
+        snapshot,
+        seconds: served.seconds,
+        exit,
+        read_bytes: served.read_bytes,
+        chunks_opened: served.chunks_opened,
     })
 }
 
