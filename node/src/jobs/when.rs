@@ -290,20 +290,12 @@ pub(crate) mod tests {
     pub(crate) fn utc(unix_secs: i64) -> Option<Civil> {
         let days = unix_secs.div_euclid(86_400);
         let secs = unix_secs.rem_euclid(86_400);
-        // Howard Hinnant's civil_from_days.
-        let z = days + 719_468;
-        let era = z.div_euclid(146_097);
-        let doe = z - era * 146_097;
-        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-        let mp = (5 * doy + 2) / 153;
-        let day = doy - (153 * mp + 2) / 5 + 1;
-        let month = if mp < 10 { mp + 3 } else { mp - 9 };
+        let (_, month, day) = crate::units::civil_from_days(days);
         Some(Civil {
             minute: (secs / 60 % 60) as u32,
             hour: (secs / 3600) as u32,
-            day_of_month: day as u32,
-            month: month as u32,
+            day_of_month: day,
+            month,
             // 1970-01-01 was a Thursday.
             day_of_week: (days + 4).rem_euclid(7) as u32,
         })
