@@ -1,5 +1,6 @@
 //! A `cairn backup` or `cairn restore` that runs inside the node stops when its command
-//! goes away (Ctrl-C, SIGKILL): the dropped control connection cancels the job. A
+//! goes away (SIGKILL) or is interrupted (Ctrl-C, which half-closes the control
+//! connection and waits for the node's last word): either cancels the job. A
 //! cancelled backup leaves no snapshot; a cancelled restore keeps `OUT.cairn-partial`,
 //! which the next run resumes; the node logs both.
 
@@ -21,7 +22,9 @@ fn a_killed_command_cancels_its_backup_or_restore_inside_the_node() {
     let mut step = |what: &str| eprintln!("cancel: {what}");
     let outcome = Mesh::build(tmp.path(), 1, 1, &mut step).and_then(|mesh| {
         let node = &mesh.sites[0][0];
-        let outcome = backup_of_a_pipe(node).and_then(|()| restore(node, tmp.path()));
+        let outcome = backup_of_a_pipe(node)
+            .and_then(|()| restore(node, tmp.path()))
+            .and_then(|()| ctrl_c_in_the_node(node));
         outcome.with_context(|| format!("node log:\n{}", node.log_tail()))
     });
     if let Err(e) = outcome {
@@ -133,6 +136,46 @@ fn restore(node: &Node, root: &Path) -> Result<()> {
     ensure!(
         !partial.exists(),
         "the finished restore left its partial file"
+    );
+    Ok(())
+}
+
+/// Ctrl-C on a command the node runs stops it as it stops one run here: the command
+/// lives on to print the node's one line and exits 1, and no snapshot is made.
+fn ctrl_c_in_the_node(node: &Node) -> Result<()> {
+    let mut client = node
+        .command(&["backup", "interrupted", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let mut pipe = client.stdin.take().expect("piped stdin");
+    pipe.write_all(&random_bytes(8 << 20, 4))?;
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(client.id() as libc::pid_t, libc::SIGINT) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while client.try_wait()?.is_none() {
+        ensure!(
+            Instant::now() < deadline,
+            "Ctrl-C did not stop the backup in the node"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(pipe);
+    let out = client.wait_with_output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        out.status.code() == Some(1),
+        "Ctrl-C in the node: {:?}, stderr {stderr:?}",
+        out.status
+    );
+    ensure!(
+        stderr.trim_end() == "error: cancelled before the snapshot was made; nothing was recorded",
+        "Ctrl-C in the node printed {stderr:?}"
+    );
+    ensure!(
+        !snapshots(node)?.iter().any(|s| s["image"] == "interrupted"),
+        "a backup stopped by Ctrl-C made a snapshot"
     );
     Ok(())
 }

@@ -42,7 +42,7 @@ use std::os::unix::io::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::panic::{self, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -279,6 +279,7 @@ pub fn call_with_fd<Req: Serialize, Resp: DeserializeOwned>(
         source,
     };
     let mut stream = connect(data_dir)?;
+    let _interruptible = Interruptible::on(&stream);
     let envelope = RequestEnvelope {
         version: CONTROL_VERSION,
         request,
@@ -317,6 +318,54 @@ pub fn call_with_fd<Req: Serialize, Resp: DeserializeOwned>(
             Reply::Error(why) => return Err(ControlError::Refused(why)),
         }
     }
+}
+
+/// The control connection a call of this process is waiting on, or -1: what Ctrl-C
+/// hangs up once `hang_up_on_interrupt` is set.
+static CALLING: AtomicI32 = AtomicI32::new(-1);
+
+/// Marks a connection as the one Ctrl-C hangs up, until dropped.
+struct Interruptible;
+
+impl Interruptible {
+    fn on(stream: &UnixStream) -> Interruptible {
+        CALLING.store(stream.as_raw_fd(), Ordering::SeqCst);
+        Interruptible
+    }
+}
+
+impl Drop for Interruptible {
+    fn drop(&mut self) {
+        CALLING.store(-1, Ordering::SeqCst);
+    }
+}
+
+/// Makes Ctrl-C stop a command running in the node the way it stops one run here: the
+/// first SIGINT closes this side's half of the control connection, the node sees the
+/// hangup and cancels the operation, and the command goes on reading what the node says
+/// as it stops (an export's summary, a backup's "cancelled") and exits with its code.
+/// A second Ctrl-C kills the process as usual; one before the connection is open too.
+pub fn hang_up_on_interrupt() {
+    extern "C" fn on_interrupt(_signal: libc::c_int) {
+        let fd = CALLING.load(Ordering::SeqCst);
+        // SAFETY: shutdown(2), signal(2) and _exit(2) are async-signal-safe; `fd` is the
+        // open connection `Interruptible` named (a stale one only fails with EBADF or
+        // ENOTSOCK, or half-closes a socket whose call is over).
+        unsafe {
+            if fd < 0 {
+                libc::_exit(130);
+            }
+            libc::shutdown(fd, libc::SHUT_WR);
+            libc::signal(libc::SIGINT, libc::SIG_DFL);
+        }
+    }
+    // SAFETY: installs a handler that does only async-signal-safe work (above).
+    unsafe {
+        libc::signal(
+            libc::SIGINT,
+            on_interrupt as extern "C" fn(libc::c_int) as libc::sighandler_t,
+        )
+    };
 }
 
 /// `call` for requests answered with exactly one frame, such as a status.

@@ -7,8 +7,10 @@
 //! a node runs (`cli::execute`), for a `Caller` whose output comes back over the control
 //! socket: stdout and stderr lines, the progress bar's drawing, and questions that need a
 //! yes. The client replays it all on its own terminal, so a command looks the same
-//! whether a node runs or not. When the command goes away (Ctrl-C, SIGKILL), the control
-//! connection drops and the caller's `cancel` is set: its backup or restore stops.
+//! whether a node runs or not. When the command goes away (SIGKILL, a closed terminal), the
+//! control connection drops and the caller's `cancel` is set: its backup or restore stops.
+//! Ctrl-C half-closes it instead (`control::hang_up_on_interrupt`), so the node cancels
+//! the same way and the command still prints how it stopped.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -327,6 +329,7 @@ pub fn forward(data_dir: &Path, operation: Operation) -> Result<u8> {
     let mut stderr = std::io::stderr();
     let stdin = std::io::stdin();
     let fd = send_stdin.then(|| stdin.as_fd());
+    control::hang_up_on_interrupt();
     control::call_with_fd(data_dir, &request, fd, |response: Response| {
         match response {
             Response::Out(text) => print_or_exit(&mut std::io::stdout().lock(), &text),
