@@ -475,3 +475,66 @@ fn a_snapshot_runs_as_a_vm_its_writes_kept_in_its_overlay_and_vm_stop_ends_it() 
     let line = site.fails(&["vm", "start", "boot", "--accel", "tcg"]);
     assert!(line.contains("move it away"), "{line}");
 }
+
+/// A snapshot exported by a running node, then forgotten and pruned there while a client
+/// reads it: the prune keeps its chunks (the export pins it) and says so, the export
+/// still reads the image whole, and the prune after the export stops gives them back.
+#[test]
+fn a_prune_keeps_a_forgotten_snapshot_whole_while_an_export_reads_it() {
+    scenario("export-pin", |root, step| {
+        let mesh = Mesh::build(root, 3, 1, step)?;
+        let owner = &mesh.sites[0][0];
+        let old = make_image(root, "old.img", 6, 21);
+        let new = make_image(root, "new.img", 6, 31);
+        for image in [&old, &new] {
+            owner.ok(&["backup", "fs", utf8(image)?])?;
+            wait_at_r(owner, "fs", 120)?;
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let listed: serde_json::Value =
+            serde_json::from_str(&owner.ok(&["snapshots", "fs", "--json"])?)?;
+        let oldest = listed
+            .as_array()
+            .and_then(|s| s.first())
+            .and_then(|s| s["snapshot"].as_str())
+            .ok_or_else(|| anyhow::anyhow!("no snapshot id in {listed}"))?
+            .to_owned();
+        let socket = root.join("old.sock");
+        let nbd = format!("unix:{}", utf8(&socket)?);
+        let spec = format!("fs@{oldest}");
+        let export = Export::start(owner.command(&["export", &spec, "--nbd", &nbd, "--json"]))?;
+        let mut client = Client::connect(&export.uri, true)?;
+        step("the node exports the older snapshot");
+
+        wait_for(
+            Duration::from_secs(30),
+            "the older snapshot acknowledged",
+            || {
+                let dry = owner.ok(&["forget", "fs", "--keep-last", "1", "--dry-run", "--json"])?;
+                Ok(serde_json::from_str::<serde_json::Value>(&dry)?["forgotten"] == 1)
+            },
+        )?;
+        owner.ok(&["forget", "fs", "--keep-last", "1"])?;
+        let report: serde_json::Value = serde_json::from_str(&owner.ok(&["prune", "--json"])?)?;
+        ensure!(
+            report["snapshots_pinned"] == 1,
+            "prune under the export: {report}"
+        );
+        let (read, _) = read_all(&mut client, MIB as u32)?;
+        ensure!(
+            read == std::fs::read(&old)?,
+            "the export of a forgotten, pruned snapshot no longer reads the image"
+        );
+        client.disconnect()?;
+        export.stop()?;
+        step("forgotten and pruned under the export, which still read it whole");
+
+        let after: serde_json::Value = serde_json::from_str(&owner.ok(&["prune", "--json"])?)?;
+        ensure!(
+            after["snapshots_pinned"] == 0 && after["swept"]["n_chunks"].as_u64() > Some(0),
+            "the prune after the export stopped: {after}"
+        );
+        step("the next prune gave the old snapshot's chunks back");
+        Ok(())
+    });
+}

@@ -13,6 +13,9 @@
 //! or a qcow2 file whose backing file is the export's URI), so the snapshot can never be
 //! changed through it. It listens on a unix socket or on loopback only: NBD has no
 //! authentication and the data goes out in plaintext.
+//!
+//! While it serves, the snapshot is pinned (`Vault::pin`): a `forget` and `prune` meanwhile
+//! keep its chunks, here and at the partners, until the export stops.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -101,6 +104,12 @@ pub enum ExportError {
     Listen { what: String, source: io::Error },
     #[error("the export did not start listening in {0:?}")]
     NotReady(Duration),
+    #[error(
+        "{image}@{snapshot} was forgotten while the export started: its chunks may already be gone"
+    )]
+    Forgotten { image: String, snapshot: String },
+    #[error("cannot list the snapshots")]
+    Snapshots(#[source] crate::vault::VaultError),
     #[error("manifest of {image}@{snapshot} is unreadable at byte {offset}: {why}")]
     Manifest {
         image: String,
@@ -559,6 +568,16 @@ pub fn serve(
     ready: &dyn Fn(&str),
 ) -> Result<ExportSummary, ExportError> {
     let started = Instant::now();
+    // Pinned, then checked: a prune reads the kept snapshots before the pinned ones, so
+    // either it keeps this snapshot's chunks or the check finds it already forgotten.
+    let _pinned = vault.pin(record);
+    let kept = vault.snapshots().map_err(ExportError::Snapshots)?;
+    if !kept.iter().any(|k| k.id == record.id) {
+        return Err(ExportError::Forgotten {
+            image: record.image.to_string(),
+            snapshot: record.id.short(),
+        });
+    }
     let layout = Layout::load(vault, record, remote)?;
     let name = record.image.to_string();
     let (ahead_tx, ahead_rx) = crossbeam_channel::bounded(READ_AHEAD * AHEAD_WORKERS);

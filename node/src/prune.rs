@@ -58,6 +58,8 @@ pub struct PruneReport {
     pub dry_run: bool,
     /// Kept snapshots marked, and the distinct chunks they use.
     pub snapshots_kept: usize,
+    /// Forgotten snapshots an export still reads, kept whole until it stops.
+    pub snapshots_pinned: usize,
     pub chunks_live: usize,
     /// Forgotten snapshots whose garbage this prune lists, and those it could not read
     /// (kept for the next prune).
@@ -137,7 +139,20 @@ pub fn prune(
     for snapshot in kept.iter().filter(|s| !marked.contains(&s.id)) {
         mark(vault, options.remote, snapshot, &mut live)?;
     }
+    // Snapshots an export reads (a VM's disk), forgotten or not, stay whole until it
+    // stops. Read after `kept`: an export pins, then checks its snapshot is still kept,
+    // so one that pins after this line finds a snapshot forgotten before `kept` was read
+    // and refuses to start, and every other is kept or marked here.
+    let pinned: Vec<SnapshotRecord> = vault
+        .pinned()
+        .into_iter()
+        .filter(|p| !kept.iter().any(|k| k.id == p.id))
+        .collect();
+    for snapshot in &pinned {
+        mark(vault, options.remote, snapshot, &mut live)?;
+    }
     report.snapshots_kept = kept.len();
+    report.snapshots_pinned = pinned.len();
     report.chunks_live = live.len();
 
     let index = vault.store.index();
@@ -152,7 +167,8 @@ pub fn prune(
         .map(|(id, _)| id)
         .filter(|id| !live.contains(id) && !held.contains(&[KEY_HELD_CHUNK, &id.0].concat()))
         .collect();
-    let (forgotten, settled) = forgotten_chunks(vault, &live, &mut report)?;
+    let pinned_ids: BTreeSet<SnapshotId> = pinned.iter().map(|p| p.id).collect();
+    let (forgotten, settled) = forgotten_chunks(vault, &live, &pinned_ids, &mut report)?;
     let dead = gc::dead(local.iter().copied(), forgotten, &live);
     let statement = crate::gc::statement(vault)?;
     let plan = match &statement {
@@ -237,10 +253,12 @@ fn mark(
 /// The chunks of the snapshots forgotten here whose garbage is not listed yet
 /// (`gc-pending/`), outside `live`, and the pending keys this prune settles. A forgotten
 /// snapshot whose manifest cannot be read here is left pending: its chunks in this store
-/// are listed anyway (they are outside the mark), and the next prune tries again.
+/// are listed anyway (they are outside the mark), and the next prune tries again. So is
+/// one still `pinned`: its chunks are in `live` now, and must be listed once it is not.
 fn forgotten_chunks(
     vault: &Vault,
     live: &BTreeSet<ChunkId>,
+    pinned: &BTreeSet<SnapshotId>,
     report: &mut PruneReport,
 ) -> Result<(Vec<ChunkId>, Vec<Vec<u8>>), PruneError> {
     let mut chunks = BTreeSet::new();
@@ -251,6 +269,9 @@ fn forgotten_chunks(
             continue;
         };
         let id: SnapshotId = records::snapshot_id_of_key(&snapshot_key);
+        if pinned.contains(&id) {
+            continue;
+        }
         let readable = vault
             .open_stored_snapshot(id, &body)
             .map_err(PruneError::from)
@@ -344,6 +365,12 @@ pub fn render(report: &PruneReport) -> String {
         ));
     }
     out.push('\n');
+    if report.snapshots_pinned > 0 {
+        out.push_str(&format!(
+            "{} forgotten snapshot(s) kept whole while an export or VM reads them; the next prune after it stops gives them back\n",
+            report.snapshots_pinned
+        ));
+    }
     if report.snapshots_forgotten_unreadable > 0 {
         out.push_str(&format!(
             "{} forgotten snapshot(s) could not be read here and stay pending\n",
@@ -533,5 +560,52 @@ mod tests {
             known.values().flatten().all(|id| !used.contains(id)),
             "a listed id the new snapshot uses"
         );
+    }
+
+    #[test]
+    fn a_forgotten_snapshot_an_export_reads_stays_whole_until_it_stops() {
+        let (dir, vault, images) = vault_with_images();
+        let oldest = vault.snapshots().unwrap().remove(0);
+        let pin = vault.pin(&oldest);
+        forget(&vault, &keep_last_1(), false, 1).unwrap();
+
+        let report = prune(&vault, &options(false), &|_| {}).unwrap();
+        assert_eq!(report.snapshots_pinned, 1);
+        assert_eq!(report.snapshots_forgotten, 1, "the unpinned one goes");
+        assert!(render(&report).contains("kept whole while an export or VM reads"));
+        // Every chunk of the pinned snapshot still reads.
+        let out = dir.path().join("pinned");
+        restore(&vault, &oldest, &out, &RestoreOptions::local(2), &|_| {}).unwrap();
+        assert_eq!(std::fs::read(&out).unwrap(), images[0]);
+        // None of them is listed for the partners either.
+        let mut used = BTreeSet::new();
+        mark(&vault, None, &oldest, &mut used).unwrap();
+        let statement = crate::gc::statement(&vault).unwrap().expect("signed");
+        let known = crate::gc::known_batches(vault.store.index(), &statement).unwrap();
+        assert!(known.values().flatten().all(|id| !used.contains(id)));
+        assert_eq!(
+            vault
+                .store
+                .index()
+                .catalog_scan(KEY_GC_PENDING)
+                .unwrap()
+                .len(),
+            1,
+            "the pinned snapshot stays pending"
+        );
+
+        // Once the export stops, the next prune gives its own chunks back and lists them.
+        drop(pin);
+        let after = prune(&vault, &options(false), &|_| {}).unwrap();
+        assert_eq!(after.snapshots_pinned, 0);
+        assert_eq!(after.snapshots_forgotten, 1);
+        assert!(after.swept.n_chunks > 0);
+        assert!(after.listed_new > 0);
+        assert!(vault
+            .store
+            .index()
+            .catalog_scan(KEY_GC_PENDING)
+            .unwrap()
+            .is_empty());
     }
 }

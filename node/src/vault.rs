@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Mutex;
 
 use cairn_protocol::keys::VaultKeys;
 use cairn_protocol::manifest::{ManifestError, ManifestWalk};
@@ -62,6 +63,27 @@ pub struct Vault {
     pub dir: DataDir,
     pub store: Store,
     pub keys: VaultKeys,
+    /// Snapshots something reads for a while (an export, so a VM), each with the number
+    /// of its readers: a prune keeps their chunks even once they are forgotten.
+    pins: Mutex<BTreeMap<SnapshotId, (SnapshotRecord, usize)>>,
+}
+
+/// A snapshot kept from prune while this lives (`Vault::pin`).
+pub struct Pinned<'a> {
+    vault: &'a Vault,
+    id: SnapshotId,
+}
+
+impl Drop for Pinned<'_> {
+    fn drop(&mut self) {
+        let mut pins = self.vault.pins.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, readers)) = pins.get_mut(&self.id) {
+            *readers -= 1;
+            if *readers == 0 {
+                pins.remove(&self.id);
+            }
+        }
+    }
 }
 
 impl Vault {
@@ -80,7 +102,33 @@ impl Vault {
             false => Store::open(&dir.store_dir())?,
         };
         let keys = dir.vault_key.derive();
-        Ok(Vault { dir, store, keys })
+        Ok(Vault {
+            dir,
+            store,
+            keys,
+            pins: Mutex::default(),
+        })
+    }
+
+    /// Keeps `record`'s chunks from any prune in this process until the guard drops, even
+    /// if the snapshot is forgotten meanwhile: a VM running on an export must not find its
+    /// disk's blocks gone. A prune in another process cannot run while this one holds the
+    /// data dir.
+    pub fn pin(&self, record: &SnapshotRecord) -> Pinned<'_> {
+        let mut pins = self.pins.lock().unwrap_or_else(|e| e.into_inner());
+        pins.entry(record.id)
+            .or_insert_with(|| (record.clone(), 0))
+            .1 += 1;
+        Pinned {
+            vault: self,
+            id: record.id,
+        }
+    }
+
+    /// The snapshots pinned now.
+    pub fn pinned(&self) -> Vec<SnapshotRecord> {
+        let pins = self.pins.lock().unwrap_or_else(|e| e.into_inner());
+        pins.values().map(|(record, _)| record.clone()).collect()
     }
 
     /// Reads and opens one chunk: its plaintext, checked against its id.
