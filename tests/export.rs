@@ -49,8 +49,9 @@ fn qemu_compare(image: &Path, uri: &str) -> Result<()> {
     {
         Ok(out) => out,
         Err(e) => {
-            eprintln!(
-                "qemu-img compare skipped: qemu-img not runnable here ({e}); install qemu-utils"
+            cairn::linux::tools_or_skip(
+                "qemu-img compare",
+                &[format!("qemu-utils (qemu-img: {e})")],
             );
             return Ok(());
         }
@@ -246,10 +247,8 @@ fn a_vm_boots_from_the_export_and_its_writes_never_reach_the_snapshot() {
         .arg("--version")
         .output()
         .is_err()
+        && !cairn::linux::tools_or_skip("the boot test", &["qemu-system-x86".into()])
     {
-        eprintln!(
-            "boot test skipped: qemu-system-x86_64 is missing (.ci/run installs qemu-system-x86)"
-        );
         return;
     }
     let site = Site::new();
@@ -318,8 +317,9 @@ fn a_vm_boots_from_the_export_and_its_writes_never_reach_the_snapshot() {
 
 #[test]
 fn a_restore_into_qcow2_vhdx_and_vmdk_is_the_image_and_checks_clean() {
-    if Command::new("qemu-img").arg("--version").output().is_err() {
-        eprintln!("format test skipped: qemu-img is missing (Debian: qemu-utils)");
+    if Command::new("qemu-img").arg("--version").output().is_err()
+        && !cairn::linux::tools_or_skip("the format test", &["qemu-utils".into()])
+    {
         return;
     }
     let site = Site::new();
@@ -385,10 +385,8 @@ fn a_snapshot_runs_as_a_vm_its_writes_kept_in_its_overlay_and_vm_stop_ends_it() 
         .arg("--version")
         .output()
         .is_err()
+        && !cairn::linux::tools_or_skip("the vm test", &["qemu-system-x86".into()])
     {
-        eprintln!(
-            "vm test skipped: qemu-system-x86_64 is missing (.ci/run installs qemu-system-x86)"
-        );
         return;
     }
     let site = Site::new();

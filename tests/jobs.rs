@@ -428,8 +428,9 @@ fn have(tool: &str) -> bool {
 
 #[test]
 fn a_qcow2_source_is_backed_up_as_the_guest_sees_it() {
-    if !have("qemu-img") || !have("qemu-io") {
-        eprintln!("skipped: qemu-img or qemu-io is missing (Debian: apt-get install qemu-utils)");
+    if (!have("qemu-img") || !have("qemu-io"))
+        && !cairn::linux::tools_or_skip("the qcow2 source test", &["qemu-utils".into()])
+    {
         return;
     }
     scenario("jobs-qcow2", |root, step| {

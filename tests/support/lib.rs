@@ -1,6 +1,7 @@
 //! Shared helpers for the workspace end-to-end tests: find the real `cairn` binary, run it
 //! against a temporary data dir, and make test images.
 
+pub mod linux;
 pub mod mesh;
 pub mod nbd;
 
