@@ -155,6 +155,64 @@ pub fn make_disk(path: &Path, size_mib: u64) -> Result<()> {
     Ok(())
 }
 
+/// Where the guest's root filesystem is and what runs on it.
+pub struct Guest {
+    /// `root=` on the kernel's command line: `/dev/sda1` for `make_disk`'s disk,
+    /// `/dev/sda` for a whole-disk filesystem such as `make-images.sh` builds.
+    pub root: &'static str,
+    /// `init=`, when not /sbin/init.
+    pub init: Option<&'static str>,
+}
+
+impl Guest {
+    /// The disk `make_disk` writes.
+    pub const TEST_DISK: Guest = Guest {
+        root: "/dev/sda1",
+        init: None,
+    };
+    /// A whole-disk ext4 image given `add_marker_init`.
+    pub const WHOLE_DISK_EXT4: Guest = Guest {
+        root: "/dev/sda",
+        init: Some("/cairn-init"),
+    };
+
+    fn append(&self) -> String {
+        let mut append = format!("root={} ro console=ttyS0 panic=-1 quiet", self.root);
+        if let Some(init) = self.init {
+            append.push_str(&format!(" init={init}"));
+        }
+        append
+    }
+}
+
+/// Puts `/cairn-init` into the whole-disk ext4 image at `path` (with debugfs, so no
+/// mount): a shell script that prints `MARKER` and powers off through sysrq, for an image
+/// with no init of its own, booted as `Guest::WHOLE_DISK_EXT4`.
+pub fn add_marker_init(path: &Path) -> Result<()> {
+    let script = path.with_extension("cairn-init");
+    std::fs::write(
+        &script,
+        format!("#!/bin/sh\necho {MARKER}\necho o > /proc/sysrq-trigger\n"),
+    )?;
+    for request in [
+        format!("write {} cairn-init", script.display()),
+        "set_inode_field cairn-init mode 0100755".to_owned(),
+    ] {
+        let out = Command::new("debugfs")
+            .args(["-w", "-R", &request])
+            .arg(path)
+            .output()
+            .context("debugfs (e2fsprogs)")?;
+        ensure!(
+            out.status.success(),
+            "debugfs {request}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    std::fs::remove_file(&script)?;
+    Ok(())
+}
+
 /// A finished boot: how qemu ended, what the console said, how long it took.
 pub struct Booted {
     pub status: ExitStatus,
@@ -163,18 +221,19 @@ pub struct Booted {
 }
 
 /// Boots `kernel` with the disk at `drive` (a path or an NBD URI) as its first IDE disk,
-/// root on its first partition, under TCG with no network; writes go to qemu's throwaway
+/// root and init as `guest` says, under TCG with no network; writes go to qemu's throwaway
 /// overlay (`-snapshot`). `after_start` runs once qemu is up (a test stops a holder
 /// there). Gives up after `timeout`.
 pub fn boot(
     kernel: &Kernel,
+    guest: &Guest,
     drive: &str,
     serial: &Path,
     timeout: Duration,
     after_start: impl FnOnce() -> Result<()>,
 ) -> Result<Booted> {
     let mut qemu = Command::new("qemu-system-x86_64")
-        .args(["-accel", "tcg", "-m", "512", "-nodefaults"])
+        .args(["-accel", "tcg", "-m", "1024", "-nodefaults"])
         .args(["-display", "none", "-monitor", "none", "-no-reboot"])
         .args(["-snapshot", "-nic", "none"])
         .arg("-serial")
@@ -183,7 +242,8 @@ pub fn boot(
         .arg(&kernel.vmlinuz)
         .arg("-initrd")
         .arg(&kernel.initrd)
-        .args(["-append", "root=/dev/sda1 console=ttyS0 panic=-1 quiet"])
+        .arg("-append")
+        .arg(guest.append())
         .arg("-drive")
         .arg(format!("file={drive},format=raw,if=ide"))
         .stdin(Stdio::null())
