@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{ensure, Result};
 use cairn::linux::{self, Guest, Kernel};
-use cairn::mesh::{scenario, utf8, wait_at_r, wait_for, Mesh};
+use cairn::mesh::{scenario, utf8, wait_at_r, Mesh};
 use cairn::nbd::{Client, Export};
 use cairn::Site;
 
@@ -95,17 +95,7 @@ fn a_recovered_machine_boots_linux_from_the_partners_while_one_of_them_dies() {
         mesh.sites[0][0].stop();
         step("office A backed up a bootable Linux disk to 3 sites and its node went away");
 
-        let mut recovered = mesh.recover(0, &root.join("a-new-machine"))?;
-        recovered.start(&mesh.addresses_outside(0))?;
-        wait_for(
-            Duration::from_secs(60),
-            "the recovered node to learn A's snapshot",
-            || {
-                Ok(recovered
-                    .ok(&["snapshots", "linux"])
-                    .is_ok_and(|s| s.contains("linux")))
-            },
-        )?;
+        let recovered = mesh.recover_running(0, &root.join("a-new-machine"), "linux")?;
         let nbd = format!("unix:{}", utf8(&root.join("linux.sock"))?);
         let export =
             Export::start(recovered.command(&["export", "linux", "--nbd", &nbd, "--json"]))?;
@@ -337,17 +327,7 @@ fn bench_boot_from_a_file_the_export_and_the_mesh() {
         );
 
         // (c) a fresh machine of office A, nothing local, three partner sites holding.
-        let mut recovered = mesh.recover(0, &root.join("a-new-machine"))?;
-        recovered.start(&mesh.addresses_outside(0))?;
-        wait_for(
-            Duration::from_secs(60),
-            "the recovered node to learn the snapshot",
-            || {
-                Ok(recovered
-                    .ok(&["snapshots", "server"])
-                    .is_ok_and(|s| s.contains("server")))
-            },
-        )?;
+        let recovered = mesh.recover_running(0, &root.join("a-new-machine"), "server")?;
         let nbd = format!("unix:{}", utf8(&root.join("mesh.sock"))?);
         let mesh_export =
             || Export::start(recovered.command(&["export", "server", "--nbd", &nbd, "--json"]));

@@ -177,17 +177,7 @@ fn an_export_on_a_recovered_machine_with_nothing_local_serves_from_the_partners(
         mesh.sites[0][0].stop();
         step("A backed up 6 MiB at R and its only node went away");
 
-        let mut recovered = mesh.recover(0, &root.join("a-new-machine"))?;
-        recovered.start(&mesh.addresses_outside(0))?;
-        wait_for(
-            Duration::from_secs(60),
-            "the recovered node to learn A's snapshot",
-            || {
-                Ok(recovered
-                    .ok(&["snapshots", "fs"])
-                    .is_ok_and(|s| s.contains("fs")))
-            },
-        )?;
+        let recovered = mesh.recover_running(0, &root.join("a-new-machine"), "fs")?;
         let socket = root.join("fs.sock");
         let nbd = format!("unix:{}", utf8(&socket)?);
         let export = Export::start(recovered.command(&["export", "fs", "--nbd", &nbd, "--json"]))?;

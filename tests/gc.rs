@@ -148,17 +148,7 @@ fn forget_and_prune_give_space_back_at_partners_and_the_kept_snapshot_restores()
             "a partner gave back a chunk of the kept snapshot: holds {held_after:?}, the kept snapshot has {kept_chunks}"
         );
 
-        let mut recovered = mesh.recover(0, &root.join("a-new-machine"))?;
-        recovered.start(&mesh.addresses_outside(0))?;
-        wait_for(
-            Duration::from_secs(60),
-            "the recovered node to learn A's snapshots",
-            || {
-                Ok(recovered
-                    .ok(&["snapshots", "fs"])
-                    .is_ok_and(|s| s.contains("fs")))
-            },
-        )?;
+        let recovered = mesh.recover_running(0, &root.join("a-new-machine"), "fs")?;
         let listed = recovered.ok(&["snapshots", "fs", "--json"])?;
         let listed: serde_json::Value = serde_json::from_str(&listed)?;
         ensure!(

@@ -105,17 +105,7 @@ fn burnt_office_is_restored_from_the_mesh() {
         }
         step("office A burnt: its nodes killed, their data dirs deleted");
 
-        let mut recovered = mesh.recover(0, &root.join("a-new-machine"))?;
-        recovered.start(&mesh.addresses_outside(0))?;
-        wait_for(
-            Duration::from_secs(60),
-            "the recovered node to learn A's snapshots from the mesh",
-            || {
-                Ok(recovered
-                    .ok(&["snapshots", "fileserver"])
-                    .is_ok_and(|s| s.contains("fileserver")))
-            },
-        )?;
+        let recovered = mesh.recover_running(0, &root.join("a-new-machine"), "fileserver")?;
         step("a fresh machine recovered office A and learnt its snapshots");
 
         let restored = root.join("restored.img");
@@ -485,17 +475,7 @@ fn a_corrupted_copy_is_routed_around_and_repaired() {
             node.kill();
             std::fs::remove_dir_all(&node.data_dir)?;
         }
-        let mut recovered = mesh.recover(0, &root.join("a-new-machine"))?;
-        recovered.start(&mesh.addresses_outside(0))?;
-        wait_for(
-            Duration::from_secs(60),
-            "the recovered node to learn A's snapshots",
-            || {
-                Ok(recovered
-                    .ok(&["snapshots", "files"])
-                    .is_ok_and(|s| s.contains("files")))
-            },
-        )?;
+        let recovered = mesh.recover_running(0, &root.join("a-new-machine"), "files")?;
         step("office A burnt and recovered on a fresh machine");
 
         let restored = root.join("restored.img");

@@ -450,6 +450,23 @@ impl Mesh {
             .collect()
     }
 
+    /// `recover`, then the node started against the other sites and waited for until it
+    /// lists a snapshot of `image`, learnt from the mesh.
+    pub fn recover_running(&self, site: usize, dir: &Path, image: &str) -> Result<Node> {
+        let mut recovered = self.recover(site, dir)?;
+        recovered.start(&self.addresses_outside(site))?;
+        wait_for(
+            Duration::from_secs(60),
+            &format!("the recovered node to learn the snapshots of {image} from the mesh"),
+            || {
+                Ok(recovered
+                    .ok(&["snapshots", image])
+                    .is_ok_and(|s| s.contains(image)))
+            },
+        )?;
+        Ok(recovered)
+    }
+
     /// A fresh machine for `site`, recovered from its recovery key through the mesh.
     pub fn recover(&self, site: usize, dir: &Path) -> Result<Node> {
         let mut node = self.new_node(site, 9);
