@@ -1,6 +1,7 @@
 //! The `cairn` command line. Errors from the library become one line on stderr and a
 //! non-zero exit; `--json` gives scripts the same facts on stdout.
 
+mod assets;
 mod node;
 pub mod remote;
 
@@ -190,6 +191,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Write the man pages and shell completions into DIR (for packaging)
+    #[command(hide = true)]
+    Assets { dir: PathBuf },
     /// Read and open every chunk of the given snapshots (default: all) and name any damage
     Verify {
         /// IMAGE (all its snapshots) or IMAGE@SNAPSHOT
@@ -332,6 +336,7 @@ fn forward_or_run(cli: Cli) -> Result<u8> {
     let caller = remote::Caller::here();
     let operation = match cli.command {
         Command::Node { command } => return node::run(&data_dir, command),
+        Command::Assets { dir } => return assets::write(&dir),
         Command::Init { site_name, json } => return run_init(&caller, &data_dir, site_name, json),
         Command::Join { token, yes, json } => {
             return run_join(&caller, &data_dir, token, yes, json)
