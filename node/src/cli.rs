@@ -2,6 +2,7 @@
 //! non-zero exit; `--json` gives scripts the same facts on stdout.
 
 mod assets;
+mod logs;
 mod node;
 pub mod remote;
 
@@ -48,6 +49,16 @@ struct Cli {
     /// The node's data dir [default: $XDG_DATA_HOME/cairn or ~/.local/share/cairn]
     #[arg(long, env = "CAIRN_DATA_DIR", global = true, value_name = "DIR")]
     data_dir: Option<PathBuf>,
+    /// How log lines look on stderr: text, or json (one object a line, for log shippers)
+    #[arg(
+        long,
+        env = "CAIRN_LOG_FORMAT",
+        global = true,
+        value_enum,
+        default_value_t,
+        value_name = "FORMAT"
+    )]
+    log_format: logs::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -302,11 +313,12 @@ enum KeyCommand {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    logs::set_format(cli.log_format);
     match forward_or_run(cli) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             // Each cause once, on one line (error messages never repeat their source).
-            eprintln!("error: {}", crate::units::chain_of(e.chain()));
+            logs::print_error(&crate::units::chain_of(e.chain()));
             ExitCode::FAILURE
         }
     }
@@ -333,6 +345,9 @@ fn forward_or_run(cli: Cli) -> Result<u8> {
         Some(dir) => dir.clone(),
         None => default_data_dir()?,
     };
+    if !matches!(cli.command, Command::Node { .. }) {
+        logs::init(&logs::command_filter())?;
+    }
     let caller = remote::Caller::here();
     let operation = match cli.command {
         Command::Node { command } => return node::run(&data_dir, command),
@@ -562,7 +577,12 @@ pub(crate) fn execute(
             source,
             zstd_level,
             json,
-        } => run_backup(io, node, &open, &image, source, zstd_level, json),
+        } => {
+            let started = std::time::Instant::now();
+            let done = run_backup(io, node, &open, &image, source, zstd_level, json);
+            log_failed("backup", &image, started, &done);
+            done
+        }
         Operation::Snapshots { image, json } => run_snapshots(io, &*open()?, image, json),
         Operation::Forget {
             target,
@@ -579,9 +599,31 @@ pub(crate) fn execute(
             json,
         } => {
             let flags = RestoreFlags { force, fresh, json };
-            run_restore(io, node, &*open()?, &snapshot, &out, flags)
+            let started = std::time::Instant::now();
+            let done =
+                open().and_then(|vault| run_restore(io, node, &vault, &snapshot, &out, flags));
+            log_failed("restore", &snapshot, started, &done);
+            done
         }
         Operation::Verify { snapshot, json } => run_verify(io, &*open()?, snapshot, json),
+    }
+}
+
+/// The structured line of a backup or restore that failed (the one that finished has
+/// its own, with the snapshot and bytes): TARGET is IMAGE or IMAGE@SNAPSHOT as typed.
+fn log_failed(operation: &str, target: &str, started: std::time::Instant, done: &Result<u8>) {
+    if let Err(e) = done {
+        let (image, snapshot) = target.split_once('@').unwrap_or((target, ""));
+        tracing::warn!(
+            operation,
+            image,
+            snapshot,
+            bytes = 0u64,
+            duration_ms = started.elapsed().as_millis() as u64,
+            result = "failed",
+            reason = %units::chain_of(e.chain()),
+            "{operation} of {target} failed"
+        );
     }
 }
 
@@ -769,6 +811,17 @@ fn run_backup(
         node::publish(&node.vault, &node.mesh)?;
     }
     drop(_writing);
+    tracing::info!(
+        operation = "backup",
+        image = %summary.image,
+        snapshot = %summary.snapshot,
+        bytes = summary.size_bytes,
+        duration_ms = (summary.seconds * 1000.0) as u64,
+        result = "ok",
+        "backed up {}@{}",
+        summary.image,
+        summary.snapshot
+    );
     if json {
         print_json(io, &summary);
     } else {
@@ -1002,6 +1055,18 @@ fn run_restore(
     });
     bar.finish_and_clear();
     let summary = summary?;
+    tracing::info!(
+        operation = "restore",
+        image = %summary.image,
+        snapshot = %summary.snapshot,
+        bytes = summary.size_bytes,
+        duration_ms = (summary.seconds * 1000.0) as u64,
+        result = "ok",
+        "restored {}@{} to {}",
+        summary.image,
+        summary.snapshot,
+        summary.output
+    );
     if json {
         print_json(io, &summary);
     } else {
