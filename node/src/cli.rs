@@ -19,13 +19,14 @@ use serde::{Deserialize, Serialize};
 
 use crate::backup::{self, BackupOptions, ZSTD_LEVEL_DEFAULT};
 use crate::cancel::{Cancel, CancellableReader};
+use crate::convert::{self, DiskFormat};
 use crate::datadir::DataDir;
 use crate::join::{self, NewNode};
 use crate::source::Source;
 use crate::trust;
 use crate::units::{self, parse_duration_ms, parse_quota, parse_size};
 use crate::vault::Vault;
-use crate::{forget, prune, restore, verify};
+use crate::{export, forget, prune, restore, verify, vm};
 
 /// A line of output: stdout here, or the terminal of the command's user when it runs
 /// inside a node.
@@ -109,7 +110,24 @@ enum Command {
         /// Start over instead of resuming what an interrupted restore left in OUT.cairn-partial
         #[arg(long)]
         fresh: bool,
+        /// Write OUT as this disk format, sparse (qcow2, vhdx and vmdk need qemu-img)
+        #[arg(long, value_enum, default_value_t = DiskFormat::Raw)]
+        format: DiskFormat,
         /// Print the result as JSON, for scripts
+        #[arg(long)]
+        json: bool,
+    },
+    /// Serve a snapshot as an NBD disk (read-only) until stopped, so qemu boots it or
+    /// qemu-img reads it without a restore; inside a running node, chunks not stored
+    /// here come from the mesh. A VM writes to an overlay of its own: qemu's -snapshot, or
+    /// `qemu-img create -f qcow2 -b URI -F raw overlay.qcow2`
+    Export {
+        /// IMAGE for its latest snapshot, or IMAGE@SNAPSHOT (an id or unique prefix)
+        snapshot: String,
+        /// Where to listen: unix:PATH, or 127.0.0.1:PORT (loopback only; port 0 picks one)
+        #[arg(long, value_name = "ADDR")]
+        nbd: String,
+        /// Print the URI and, when stopped, the summary as JSON lines, for scripts
         #[arg(long)]
         json: bool,
     },
@@ -145,6 +163,11 @@ enum Command {
     Site {
         #[command(subcommand)]
         command: SiteCommand,
+    },
+    /// Run a snapshot as a virtual machine on this PC, straight from the mesh (qemu)
+    Vm {
+        #[command(subcommand)]
+        command: VmCommand,
     },
     /// Invite, accept, limit and revoke partner sites
     Trust {
@@ -196,11 +219,22 @@ enum Command {
         #[command(subcommand)]
         command: node::NodeCommand,
     },
-    /// What the running node knows: images and their copies, peers, limits
+    /// What the running node knows: images and their copies, backup jobs, peers, limits
     Status {
         /// Print the result as JSON, for scripts
         #[arg(long)]
         json: bool,
+        /// Print one line per problem and exit 1 (a failed backup job, a snapshot older
+        /// than twice its job's period, data below R for over an hour, a partner unseen
+        /// for a day); print nothing and exit 0 when all is well. For monitors and cron
+        #[arg(long)]
+        check: bool,
+        /// How long data may be below R before --check says so [default: 1h]
+        #[arg(long, hide = true, value_parser = parse_duration_ms)]
+        check_below_r_after: Option<u64>,
+        /// How long a partner may go unseen before --check says so [default: 1d]
+        #[arg(long, hide = true, value_parser = parse_duration_ms)]
+        check_unseen_after: Option<u64>,
     },
     /// Write the man pages and shell completions into DIR (for packaging)
     #[command(hide = true)]
@@ -247,6 +281,44 @@ pub enum SiteCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Subcommand, Serialize, Deserialize)]
+pub enum VmCommand {
+    /// Boot a snapshot as a VM and run it until it stops, `cairn vm stop` or Ctrl-C. Its
+    /// writes go to an overlay in DATA_DIR/vms/IMAGE/, kept for the next start; the
+    /// snapshot is never changed
+    Start {
+        /// IMAGE for its latest snapshot, or IMAGE@SNAPSHOT
+        snapshot: String,
+        /// Memory, as qemu reads it
+        #[arg(long, default_value = "4G")]
+        memory: String,
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=256))]
+        cpus: u32,
+        /// VNC console at 127.0.0.1:PORT (5900 and up; loopback only, reach it over SSH)
+        #[arg(long, value_name = "ADDR")]
+        vnc: Option<String>,
+        /// none, user (qemu's NAT: the VM reaches out, nothing reaches it) or bridge:BR
+        /// (on the office LAN, as the server was)
+        #[arg(long, default_value = "none", value_parser = |s: &str| s.parse::<vm::Network>())]
+        network: vm::Network,
+        #[arg(long, value_enum, default_value_t = vm::Firmware::Bios)]
+        firmware: vm::Firmware,
+        /// KVM, TCG, or KVM when a probe guest boots under it
+        #[arg(long, value_enum, default_value_t = vm::Accel::Auto)]
+        accel: vm::Accel,
+        /// Print the VM's details and, when it stops, the summary as JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// The VMs running from this data dir
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop the VM of IMAGE (qemu quits as on a host shutdown; its overlay is kept)
+    Stop { image: String },
 }
 
 #[derive(Subcommand, Serialize, Deserialize)]
@@ -398,22 +470,48 @@ fn forward_or_run(cli: Cli) -> Result<u8> {
             json,
         },
         Command::Prune { dry_run, json } => Operation::Prune { dry_run, json },
+        Command::Export {
+            snapshot,
+            nbd,
+            json,
+        } => Operation::Export {
+            snapshot,
+            nbd,
+            json,
+        },
         Command::Restore {
             snapshot,
             out,
             force,
             fresh,
+            format,
             json,
         } => Operation::Restore {
             snapshot,
             out,
             force,
             fresh,
+            format,
             json,
         },
         Command::Verify { snapshot, json } => Operation::Verify { snapshot, json },
-        Command::Status { json } => Operation::Status { json },
+        Command::Status {
+            json,
+            check,
+            check_below_r_after,
+            check_unseen_after,
+        } => Operation::Status {
+            json,
+            check: check.then(|| {
+                let defaults = crate::status::CheckLimits::default();
+                crate::status::CheckLimits {
+                    below_target_ms: check_below_r_after.unwrap_or(defaults.below_target_ms),
+                    partner_unseen_ms: check_unseen_after.unwrap_or(defaults.partner_unseen_ms),
+                }
+            }),
+        },
         Command::Trust { command } => Operation::Trust(command),
+        Command::Vm { command } => Operation::Vm(command),
         Command::Site { command } => Operation::Site(command),
         Command::Key {
             command: KeyCommand::RecoverySheet { yes },
@@ -429,7 +527,10 @@ fn forward_or_run(cli: Cli) -> Result<u8> {
     // Only the long jobs that check the flag; anything else dies on Ctrl-C as before.
     if matches!(
         operation,
-        Operation::Backup { .. } | Operation::Restore { .. }
+        Operation::Backup { .. }
+            | Operation::Restore { .. }
+            | Operation::Export { .. }
+            | Operation::Vm(VmCommand::Start { .. })
     ) {
         cancel_on_interrupt(&caller.cancel);
     }
@@ -456,6 +557,8 @@ pub enum Operation {
         out: PathBuf,
         force: bool,
         fresh: bool,
+        #[serde(default)]
+        format: DiskFormat,
         json: bool,
     },
     Verify {
@@ -464,6 +567,9 @@ pub enum Operation {
     },
     Status {
         json: bool,
+        /// `status --check`, with its thresholds.
+        #[serde(default)]
+        check: Option<crate::status::CheckLimits>,
     },
     Forget {
         target: String,
@@ -475,7 +581,14 @@ pub enum Operation {
         dry_run: bool,
         json: bool,
     },
+    Export {
+        snapshot: String,
+        /// `unix:PATH` with PATH absolute, or `HOST:PORT`.
+        nbd: String,
+        json: bool,
+    },
     Trust(TrustCommand),
+    Vm(VmCommand),
     Site(SiteCommand),
     RecoverySheet {
         yes: bool,
@@ -493,6 +606,8 @@ impl Operation {
             Operation::Status { .. } => "status",
             Operation::Forget { .. } => "forget",
             Operation::Prune { .. } => "prune",
+            Operation::Export { .. } => "export",
+            Operation::Vm(_) => "vm",
             Operation::Trust(_) => "trust",
             Operation::Site(_) => "site",
             Operation::RecoverySheet { .. } => "key recovery-sheet",
@@ -524,12 +639,26 @@ impl Operation {
                 out,
                 force,
                 fresh,
+                format,
                 json,
             } => Operation::Restore {
                 snapshot,
                 out: cwd.join(out),
                 force,
                 fresh,
+                format,
+                json,
+            },
+            Operation::Export {
+                snapshot,
+                nbd,
+                json,
+            } => Operation::Export {
+                nbd: match nbd.strip_prefix("unix:") {
+                    Some(path) if !path.is_empty() => format!("unix:{}", cwd.join(path).display()),
+                    _ => nbd,
+                },
+                snapshot,
                 json,
             },
             other => other,
@@ -557,11 +686,22 @@ pub(crate) fn execute(
     };
     let io = caller;
     match operation {
-        Operation::Status { json } => {
+        Operation::Status { json, check } => {
             let Some(node) = node else {
                 return Err(crate::control::ControlError::NotRunning(data_dir.to_owned()).into());
             };
             let status = node::status(&node.vault, &node.mesh)?;
+            if let Some(limits) = check {
+                let problems = crate::status::problems(&status, &limits);
+                if json {
+                    print_json(io, &serde_json::json!({ "problems": problems }));
+                } else {
+                    for line in &problems {
+                        outln!(io, "{line}");
+                    }
+                }
+                return Ok(u8::from(!problems.is_empty()));
+            }
             if json {
                 print_json(io, &status);
             } else {
@@ -596,16 +736,25 @@ pub(crate) fn execute(
             out,
             force,
             fresh,
+            format,
             json,
         } => {
             let flags = RestoreFlags { force, fresh, json };
             let started = std::time::Instant::now();
-            let done =
-                open().and_then(|vault| run_restore(io, node, &vault, &snapshot, &out, flags));
+            let done = open().and_then(|vault| match format {
+                DiskFormat::Raw => run_restore(io, node, &vault, &snapshot, &out, flags),
+                _ => run_convert(io, node, &vault, &snapshot, &out, format, force, json),
+            });
             log_failed("restore", &snapshot, started, &done);
             done
         }
         Operation::Verify { snapshot, json } => run_verify(io, &*open()?, snapshot, json),
+        Operation::Export {
+            snapshot,
+            nbd,
+            json,
+        } => run_export(io, node, &*open()?, &snapshot, &nbd, json),
+        Operation::Vm(command) => run_vm(io, node, &open, data_dir, command),
     }
 }
 
@@ -625,6 +774,212 @@ fn log_failed(operation: &str, target: &str, started: std::time::Instant, done: 
             "{operation} of {target} failed"
         );
     }
+}
+
+
+fn run_vm(
+    io: &remote::Caller,
+    node: Option<&remote::InNode>,
+    open: &dyn Fn() -> Result<Arc<Vault>>,
+    data_dir: &Path,
+    command: VmCommand,
+) -> Result<u8> {
+    match command {
+        VmCommand::Start {
+            snapshot,
+            memory,
+            cpus,
+            vnc,
+            network,
+            firmware,
+            accel,
+            json,
+        } => {
+            let vault = open()?;
+            let record = vault.resolve(&snapshot)?;
+            let remote = node.map(|node| &node.mesh as &dyn crate::fetch::RemoteChunks);
+            let options = vm::VmOptions {
+                memory,
+                cpus,
+                vnc,
+                network,
+                firmware,
+                accel,
+            };
+            let ready = |info: &vm::VmInfo| {
+                if json {
+                    print_json(io, info);
+                    return;
+                }
+                outln!(
+                    io,
+                    "{}@{} runs as a VM (pid {}, {}{})",
+                    info.image,
+                    info.snapshot,
+                    info.pid,
+                    info.accel,
+                    if info.overlay_reused {
+                        ", with the writes of its last run"
+                    } else {
+                        ""
+                    }
+                );
+                outln!(io, "  serial console: {}", info.console_log);
+                if let Some(vnc) = &info.vnc {
+                    outln!(io, "  screen: VNC at {vnc}");
+                }
+                outln!(io, "  its writes: {}", info.overlay);
+                outln!(
+                    io,
+                    "  stop it with Ctrl-C or `cairn vm stop {}`",
+                    info.image
+                );
+            };
+            let summary = vm::start(
+                &vault, &record, remote, data_dir, &options, &io.cancel, &ready,
+            )?;
+            if json {
+                print_json(io, &summary);
+            } else {
+                outln!(
+                    io,
+                    "VM of {}@{} ended after {:.0}s: {}; {} read from the snapshot",
+                    summary.image,
+                    summary.snapshot,
+                    summary.seconds,
+                    summary.exit,
+                    units::bytes(summary.read_bytes)
+                );
+            }
+            Ok(0)
+        }
+        VmCommand::List { json } => {
+            let vms = vm::list(data_dir);
+            if json {
+                print_json(io, &vms);
+            } else if vms.is_empty() {
+                outln!(io, "no VM runs here");
+            } else {
+                for info in vms {
+                    outln!(
+                        io,
+                        "{}@{}  pid {}  {}  since {}  console {}",
+                        info.image,
+                        info.snapshot,
+                        info.pid,
+                        info.accel,
+                        units::utc(info.started_unix_ms),
+                        info.console_log
+                    );
+                }
+            }
+            Ok(0)
+        }
+        VmCommand::Stop { image } => {
+            let info = vm::stop(data_dir, &image)?;
+            outln!(
+                io,
+                "stopped the VM of {}@{} (its overlay is kept)",
+                info.image,
+                info.snapshot
+            );
+            Ok(0)
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_convert(
+    io: &remote::Caller,
+    node: Option<&remote::InNode>,
+    vault: &Vault,
+    snapshot: &str,
+    out: &Path,
+    format: DiskFormat,
+    force: bool,
+    json: bool,
+) -> Result<u8> {
+    let record = vault.resolve(snapshot)?;
+    let remote = node.map(|node| &node.mesh as &dyn crate::fetch::RemoteChunks);
+    let summary = convert::convert(vault, &record, out, format, force, remote, &io.cancel)?;
+    tracing::info!(
+        operation = "restore",
+        image = %summary.image,
+        snapshot = %summary.snapshot,
+        bytes = summary.size_bytes,
+        duration_ms = (summary.seconds * 1000.0) as u64,
+        result = "ok",
+        "restored {}@{} to {} as {}",
+        summary.image,
+        summary.snapshot,
+        summary.output,
+        summary.format
+    );
+    if json {
+        print_json(io, &summary);
+    } else {
+        outln!(
+            io,
+            "restored {}@{} to {} as {}: {} image, {} on disk, in {:.1}s",
+            summary.image,
+            summary.snapshot,
+            summary.output,
+            summary.format,
+            units::bytes(summary.size_bytes),
+            units::bytes(summary.file_bytes),
+            summary.seconds
+        );
+    }
+    Ok(0)
+}
+
+fn run_export(
+    io: &remote::Caller,
+    node: Option<&remote::InNode>,
+    vault: &Vault,
+    snapshot: &str,
+    nbd: &str,
+    json: bool,
+) -> Result<u8> {
+    let listen: export::Listen = nbd.parse()?;
+    let record = vault.resolve(snapshot)?;
+    let remote = node.map(|node| &node.mesh as &dyn crate::fetch::RemoteChunks);
+    let ready = |uri: &str| {
+        if json {
+            print_json(
+                io,
+                &serde_json::json!({ "serving": uri, "size_bytes": record.size_bytes }),
+            );
+        } else {
+            outln!(
+                io,
+                "serving {}@{} ({}, read-only) at {uri}",
+                record.image,
+                record.id.short(),
+                units::bytes(record.size_bytes)
+            );
+            outln!(
+                io,
+                "  boot it: qemu-system-x86_64 -m 2G -snapshot -drive file={uri},format=raw"
+            );
+            outln!(io, "  stop with Ctrl-C");
+        }
+    };
+    let summary = export::serve(vault, &record, remote, &listen, &io.cancel, &ready)?;
+    if json {
+        print_json(io, &summary);
+    } else {
+        outln!(
+            io,
+            "export stopped after {:.0}s: {} connections, {} requests, {} read, {} chunks opened",
+            summary.seconds,
+            summary.connections,
+            summary.requests,
+            units::bytes(summary.read_bytes),
+            summary.chunks_opened
+        );
+    }
+    Ok(0)
 }
 
 /// Sets `cancel` on Ctrl-C, so a backup or restore run here stops cleanly (no snapshot;
@@ -790,27 +1145,19 @@ fn run_backup(
         Source::open(&source)?
     };
     let vault = open()?;
-    // Inside a node, the storage thread and this backup take turns at the packs.
-    let write_lock = node.map(|node| node.mesh.write_lock.clone());
-    let _writing = write_lock
-        .as_ref()
-        .map(|l| l.lock().unwrap_or_else(|e| e.into_inner()));
     let bar = progress_bar(io, source.size_bytes, "backing up");
     let options = BackupOptions {
         zstd_level,
         ..BackupOptions::default()
     };
-    let summary = backup::backup_until(&vault, &image, source, options, &io.cancel, &|done| {
-        bar.set_position(done)
-    });
+    let progress = |done| bar.set_position(done);
+    let summary = match node {
+        Some(node) => backup_in_node(node, &image, source, options, &io.cancel, &progress),
+        None => backup::backup_until(&vault, &image, source, options, &io.cancel, &progress)
+            .map_err(anyhow::Error::from),
+    };
     bar.finish_and_clear();
     let summary = summary?;
-    if let Some(node) = node {
-        // The new snapshot goes to the mesh now, not at the node's next start; still
-        // under the lock, so a prune never signs between the commit and its restate.
-        node::publish(&node.vault, &node.mesh)?;
-    }
-    drop(_writing);
     tracing::info!(
         operation = "backup",
         image = %summary.image,
@@ -859,6 +1206,47 @@ fn run_backup(
         }
     }
     Ok(0)
+}
+
+/// A backup inside the running node, as `cairn backup` and the node's backup jobs run
+/// it: under the write lock (the storage thread, a prune and other backups take turns
+/// at the packs), and the new snapshot handed to the mesh before the lock goes.
+pub(crate) fn backup_in_node(
+    node: &remote::InNode,
+    image: &ImageName,
+    source: Source,
+    options: BackupOptions,
+    cancel: &Cancel,
+    progress: &dyn Fn(u64),
+) -> Result<backup::BackupSummary> {
+    let _writing = node
+        .mesh
+        .write_lock
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    let summary = backup::backup_until(&node.vault, image, source, options, cancel, progress)?;
+    // The new snapshot goes to the mesh now, not at the node's next start; still under
+    // the lock, so a prune never signs between the commit and its restate.
+    node::publish(&node.vault, &node.mesh)?;
+    Ok(summary)
+}
+
+/// A forget inside the running node, as `cairn forget` and a backup job's `keep` run
+/// it: one writer at a time, as for a backup; the tombstones reach the engine with the
+/// site's other records when the command (or the job's run) ends.
+pub(crate) fn forget_in_node(
+    node: &remote::InNode,
+    selection: &forget::Selection,
+    dry_run: bool,
+) -> Result<forget::ForgetReport> {
+    let _writing = node
+        .mesh
+        .write_lock
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    let (report, _tombstones) =
+        forget::forget(&node.vault, selection, dry_run, units::now_unix_ms())?;
+    Ok(report)
 }
 
 /// What `cairn verify` checked, in words: the site's own chunks, those on the site's other
@@ -1668,13 +2056,10 @@ fn run_forget(
             }
         }
     };
-    // Inside a node, one writer at a time, as for a backup; the tombstones reach the
-    // engine with the site's other records when the command ends.
-    let write_lock = node.map(|node| node.mesh.write_lock.clone());
-    let _writing = write_lock
-        .as_ref()
-        .map(|l| l.lock().unwrap_or_else(|e| e.into_inner()));
-    let (report, _tombstones) = forget::forget(vault, &selection, dry_run, units::now_unix_ms())?;
+    let report = match node {
+        Some(node) => forget_in_node(node, &selection, dry_run)?,
+        None => forget::forget(vault, &selection, dry_run, units::now_unix_ms())?.0,
+    };
     if json {
         print_json(io, &report);
     } else {

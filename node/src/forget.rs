@@ -176,7 +176,7 @@ fn apply(
 
 /// True when this site grants storage to any partner, so its snapshots have R sites to
 /// reach.
-fn has_partners(vault: &Vault) -> Result<bool, StoreError> {
+pub(crate) fn has_partners(vault: &Vault) -> Result<bool, StoreError> {
     let grants = records::scan(
         vault.store.index(),
         &vault.dir.site_id(),

@@ -26,6 +26,12 @@ pub enum SourceError {
     },
     #[error("{path} shrank while it was read (ended at byte {offset}); back it up while it is not being resized")]
     Shrank { path: PathBuf, offset: u64 },
+    #[error("{path} changed size while it was read ({before} bytes before, {after} after); back it up while it is not being resized")]
+    Resized {
+        path: PathBuf,
+        before: u64,
+        after: u64,
+    },
 }
 
 enum Input {
@@ -167,6 +173,20 @@ impl Source {
                     }
                     offset = data_end;
                 }
+                // Bytes appended while it was read are not in the image, and what was
+                // read may mix old and new writes: no snapshot of it.
+                let after = seek(&file, 0, libc::SEEK_END).map_err(|source| SourceError::Read {
+                    path: path.clone(),
+                    offset: size,
+                    source,
+                })?;
+                if after != size {
+                    return Err(SourceError::Resized {
+                        path,
+                        before: size,
+                        after,
+                    });
+                }
                 Ok(())
             }
             Input::Stream(mut stream) => {
@@ -281,6 +301,31 @@ mod tests {
             )
             .unwrap();
         out
+    }
+
+    #[test]
+    fn a_file_that_grows_while_it_is_read_is_refused() {
+        let tmp = tempfile::NamedTempFile::new().unwrap();
+        let mut file = tmp.reopen().unwrap();
+        file.write_all(&vec![7u8; 2 * SEGMENT_BYTES]).unwrap();
+        let source = Source::open(tmp.path().to_str().unwrap()).unwrap();
+        let mut grown = false;
+        let read = source.pieces(
+            || Some(vec![0u8; SEGMENT_BYTES]),
+            |_, _| {
+                if !grown {
+                    file.write_all(b"appended mid-read").unwrap();
+                    grown = true;
+                }
+                true
+            },
+        );
+        let e = read.unwrap_err().to_string();
+        assert!(
+            e.contains("changed size while it was read")
+                && e.contains(&format!("{} bytes before", 2 * SEGMENT_BYTES)),
+            "{e}"
+        );
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //! characters in them rather than let them move a terminal's cursor.
 
 mod build;
+mod check;
 mod metrics;
 mod prometheus;
 
@@ -21,7 +22,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::units;
 
-pub use build::{build, copies_record, sample_sent};
+pub use build::{build, copies_record, newest_at_r, sample_sent};
+pub use check::{problems, CheckLimits};
 pub use metrics::{
     serve_metrics, METRICS_CONNECTIONS_MAX, METRICS_REQUEST_BYTES_MAX, METRICS_REQUEST_TIMEOUT_MS,
     METRICS_WRITE_TIMEOUT_MS,
@@ -66,6 +68,23 @@ pub struct NodeStatus {
     /// thread did all of it).
     #[serde(default)]
     pub loop_disk_waits: u64,
+    /// The `[[backup]]` jobs of node.toml, as this node runs them.
+    #[serde(default)]
+    pub jobs: Vec<crate::jobs::JobStatus>,
+    /// The partner sites this site grants storage to, and when each was last heard from
+    /// (by this node, over all its runs).
+    #[serde(default)]
+    pub partners: Vec<PartnerSeen>,
+}
+
+/// A partner site and when this node last heard from any node of it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartnerSeen {
+    #[serde(with = "as_text")]
+    pub site_id: SiteId,
+    pub site_name: String,
+    /// `null`: never heard from.
+    pub last_seen_unix_ms: Option<u64>,
 }
 
 /// What this node stores for one partner site.
@@ -122,6 +141,11 @@ pub struct ImageStatus {
     /// time. `null`: this node's own view.
     #[serde(default)]
     pub copies_acknowledged_unix_ms: Option<u64>,
+    /// Since when the image's data is below R, as far as this node can tell: the
+    /// snapshot's time while it was never at R, else when this node first saw chunks
+    /// of it below R (since its start). `null`: at R, or not known to be below.
+    #[serde(default)]
+    pub below_target_since_unix_ms: Option<u64>,
 }
 
 fn yes() -> bool {
@@ -161,6 +185,8 @@ impl NodeStatus {
             loop_busy_max_in: None,
             loop_late_max_ms: 0,
             loop_disk_waits: 0,
+            jobs: Vec::new(),
+            partners: Vec::new(),
         }
     }
 }
@@ -426,6 +452,11 @@ pub fn render_text(status: &NodeStatus) -> String {
         render_images(status, &mut out);
     }
 
+    if !status.jobs.is_empty() {
+        out.push('\n');
+        check::render_jobs(status, &mut out);
+    }
+
     out.push('\n');
     if status.peers.is_empty() {
         out.push_str("no peers yet\n");
@@ -620,6 +651,7 @@ mod tests {
                     eta_ms: Some(3_600_000),
                     waiting_for: None,
                     copies_acknowledged_unix_ms: None,
+                    below_target_since_unix_ms: None,
                 },
                 ImageStatus {
                     image: ImageName::new("accounting").unwrap(),
@@ -637,6 +669,7 @@ mod tests {
                     eta_ms: None,
                     waiting_for: None,
                     copies_acknowledged_unix_ms: None,
+                    below_target_since_unix_ms: None,
                 },
             ],
             peers: vec![
@@ -675,6 +708,8 @@ mod tests {
             loop_busy_max_in: Some("a swarm event".into()),
             loop_late_max_ms: 4,
             loop_disk_waits: 0,
+            jobs: Vec::new(),
+            partners: Vec::new(),
         }
     }
 

@@ -31,6 +31,12 @@ pub const GC_BATCHES_MAX: usize = 128;
 /// lists: 24 h 5 min (Proxmox Backup Server's figure).
 pub const GC_GRACE_DEFAULT_MS: u64 = (24 * 60 + 5) * 60_000;
 
+/// How long a node of the owner's site lets its snapshot digest differ from the basis of
+/// the statement in force before it re-signs that statement on its own basis (the
+/// fallback re-sign, docs/retention.md 3.3). Covers commits whose O3 restate was lost and
+/// tombstones from a node that went away.
+pub const GC_RESTATE_AFTER_MS: u64 = 10 * 60_000;
+
 const STATEMENT_FORMAT: u8 = 1;
 const BATCH_CONTEXT: &[u8] = b"cairn gc batch v1";
 
@@ -285,6 +291,31 @@ pub fn restate(
     Ok(revive(&batches, used, size_of))
 }
 
+/// The fallback re-sign's clock at one node of the owner's site: since when its snapshot
+/// digest has differed from the basis of the statement in force. In memory only: a node
+/// that restarts waits `GC_RESTATE_AFTER_MS` again.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RestateWatch {
+    differs_since_ms: Option<u64>,
+}
+
+impl RestateWatch {
+    /// Fed the basis of the statement in force (`None`: the site has none) and this
+    /// node's snapshot digest for its own site, now: true when the two have differed for
+    /// `GC_RESTATE_AFTER_MS` and the node must re-sign (the batches in force restated
+    /// against the live set of every kept snapshot it knows, `prune_plan` with no new
+    /// garbage, on its own basis). Once it has, the basis is its digest and the clock
+    /// stops; a statement signed elsewhere on another view starts it again.
+    pub fn due(&mut self, basis: Option<u64>, digest: u64, now_ms: u64) -> bool {
+        if basis.is_none_or(|basis| basis == digest) {
+            self.differs_since_ms = None;
+            return false;
+        }
+        let since_ms = *self.differs_since_ms.get_or_insert(now_ms);
+        now_ms.saturating_sub(since_ms) >= GC_RESTATE_AFTER_MS
+    }
+}
+
 /// The batches of the statement a prune signs (rule O2, docs/retention.md 2.2 phase 2).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PrunePlan {
@@ -510,6 +541,25 @@ mod tests {
             vec![(a.0, Vec::new())],
             "a tombstone carries it over"
         );
+    }
+
+    #[test]
+    fn a_restate_is_due_only_after_the_digest_differed_for_the_whole_wait() {
+        let mut watch = RestateWatch::default();
+        // No statement, or one on this node's basis: never due.
+        assert!(!watch.due(None, 7, 0));
+        assert!(!watch.due(Some(7), 7, GC_RESTATE_AFTER_MS * 5));
+        // Differs from t = 1000: due only once the wait has passed.
+        let t = 1_000;
+        assert!(!watch.due(Some(5), 7, t));
+        assert!(!watch.due(Some(5), 7, t + GC_RESTATE_AFTER_MS - 1));
+        assert!(watch.due(Some(5), 7, t + GC_RESTATE_AFTER_MS));
+        // The digests met again (gossip, an O3 restate): the clock starts over.
+        assert!(!watch.due(Some(7), 7, t + GC_RESTATE_AFTER_MS + 1));
+        let t2 = t + 2 * GC_RESTATE_AFTER_MS;
+        assert!(!watch.due(Some(9), 7, t2));
+        assert!(!watch.due(Some(9), 8, t2 + GC_RESTATE_AFTER_MS - 1));
+        assert!(watch.due(Some(9), 8, t2 + GC_RESTATE_AFTER_MS));
     }
 
     #[test]

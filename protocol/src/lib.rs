@@ -21,6 +21,8 @@
 //! `memo` what it remembers having verified. `retention` decides which snapshots a keep
 //! policy keeps (restic's `forget` rules), and `gc` holds the formats and pure steps of
 //! garbage collection: batches of dead chunk ids and the statement that names them.
+//! `nbd` is the Network Block Device protocol a snapshot is exported with, so a VM boots
+//! from it.
 
 pub mod admission;
 pub mod blob;
@@ -37,6 +39,7 @@ pub mod join;
 pub mod keys;
 pub mod manifest;
 pub mod memo;
+pub mod nbd;
 pub mod placement;
 pub mod record;
 pub mod retention;

@@ -117,6 +117,15 @@ counters! {
     false gc_restate_skipped,
     /// Batches a prune left out of its statement because its node did not know their ids.
     false gc_batch_dropped_unknown,
+    /// Dead ids a prune left for the next one (past `GC_BATCHES_MAX`), and batches
+    /// retired from the statement by age.
+    false gc_batches_max_deferred,
+    false gc_batches_retired,
+    /// Statements re-signed by the fallback (a node's digest differed from the basis for
+    /// `GC_RESTATE_AFTER_MS`).
+    false gc_fallback_resigned,
+    /// Prunes and re-signs that stopped because a kept snapshot's chunks were unknown.
+    false gc_mark_incomplete,
     false gc_swept,
     false gc_collected,
     false gc_garbage_left_at_partners,

@@ -40,6 +40,9 @@ use crate::coverage::Coverage;
 use crate::scenario::Scenario;
 use crate::world::{hours_us, DiskChunk, Ev, World, GIB, HOUR_US};
 
+/// How often the owners' nodes look at whether a fallback re-sign is due.
+pub const GC_TICK_US: u64 = 60_000_000;
+
 const CHUNK_BYTES_MIN: u64 = 256 << 10;
 const CHUNK_BYTES_MAX: u64 = 768 << 10;
 /// One manifest chunk per this many data chunks, as the real manifest tree has.
@@ -76,6 +79,9 @@ pub struct Image {
     /// The count of acknowledged snapshots at which the newest was last forgotten by
     /// hand (`forget_newest_every`).
     pub forgot_newest_at: usize,
+    /// When a backup last used each chunk (it dedups or writes it at its start): a chunk
+    /// no kept snapshot uses is garbage from the later of this and its last forget.
+    pub used_at_us: BTreeMap<ChunkId, u64>,
     rng: Rng,
     generation: u64,
 }
@@ -100,6 +106,7 @@ impl Image {
             index: idx,
             in_progress: None,
             forgot_newest_at: 0,
+            used_at_us: BTreeMap::new(),
             rng: rng.fork(),
             generation: 0,
         };
@@ -187,6 +194,7 @@ pub struct Run {
     /// The restore drill in progress while faults run.
     drill: Option<restore::Drill>,
     next_drill_image: usize,
+    gc_track: gc::Track,
     pub report: Report,
 }
 
@@ -204,6 +212,7 @@ impl Run {
             fetch_events: Vec::new(),
             drill: None,
             next_drill_image: 0,
+            gc_track: gc::Track::default(),
             report: Report::default(),
         }
     }
@@ -221,6 +230,9 @@ impl Run {
         }
         self.drill = None;
         self.world.check_lies();
+        for (a, b) in self.world.blocked.clone() {
+            self.gc_track.partition_ended(a, b, heal_us);
+        }
         self.world.heal();
         // Penalties engines imposed during the faults (cut-offs, placement exclusions)
         // hold their views apart until they end: the bound counts from then.
@@ -239,6 +251,7 @@ impl Run {
         self.check_losses();
         self.world.check_peer_sites();
         self.check_at_rest();
+        self.check_garbage_gone(true);
         self.gc_figures();
         self.restore_all();
         self.report.violations.append(&mut self.world.violations);
@@ -251,10 +264,12 @@ impl Run {
 
     pub fn advance(&mut self, until_us: u64, snapshots_until_us: u64) {
         let images = &mut self.images;
+        let (snapshot_index, gc_track) = (&self.snapshot_index, &mut self.gc_track);
         let mut pending_checks = false;
         let mut drills_due = 0;
         let mut snapshot_events = Vec::new();
         let mut prunes = Vec::new();
+        let mut partitions_ended = Vec::new();
         self.world.run_until(until_us, |world, ev| match ev {
             Ev::Fault(idx) => world.apply_fault(idx),
             Ev::Restart(node) => world.restart_node(node),
@@ -269,6 +284,7 @@ impl Run {
             }
             Ev::Heal { from, to } => {
                 world.blocked.remove(&(from, to));
+                partitions_ended.push((from, to));
             }
             Ev::Snapshot(idx) => {
                 let image = &mut images[idx];
@@ -283,11 +299,14 @@ impl Run {
             Ev::Prune(site) => {
                 prunes.push(site);
                 if let Some(gc) = &world.scenario.gc {
+                    // Through the liveness phase too: the owner's scheduler prunes daily.
                     let next = world.now_us + hours_us(gc.prune_every_hours);
-                    if next < world.heal_us {
-                        world.schedule(next, Ev::Prune(site));
-                    }
+                    world.schedule(next, Ev::Prune(site));
                 }
+            }
+            Ev::GcTick => {
+                gc::fallback_tick(world, images, snapshot_index, gc_track);
+                world.schedule(world.now_us + GC_TICK_US, Ev::GcTick);
             }
             Ev::Commit(idx) => {
                 if let Some(taken) = finish_backup(world, &mut images[idx]) {
@@ -315,10 +334,15 @@ impl Run {
             self.apply_policy(image);
         }
         self.collect_events();
+        for (from, to) in partitions_ended {
+            self.gc_track.partition_ended(from, to, self.world.now_us);
+        }
+        prunes.extend(std::mem::take(&mut self.gc_track.prune_waiting));
+        prunes.sort_unstable();
+        prunes.dedup();
         for site in prunes {
-            if !self.world.healed {
-                let turn = self.world.coverage.gc_prunes as usize;
-                self.prune(site, turn);
+            if self.gc_track.prunes_allowed(self.world.now_us) {
+                self.prune(site);
             }
         }
         self.tend_drill();
@@ -329,6 +353,7 @@ impl Run {
             self.check_losses();
             self.world.check_peer_sites();
             self.world.check_lies();
+            self.check_garbage_gone(false);
         }
     }
 
@@ -418,6 +443,11 @@ fn take_snapshot(world: &mut World, image: &mut Image) -> Option<usize> {
     let owner = world.sites[image.site].id;
     let chunks = image.next_version(owner);
     write_backup(world, node, owner, image.site, &chunks);
+    if world.scenario.gc.is_some() {
+        for chunk in &chunks {
+            image.used_at_us.insert(chunk.id, world.now_us);
+        }
+    }
     let minutes = world.scenario.images[image.index].backup_minutes;
     if minutes > 0.0 {
         // Deduplicated against the disk now; the record and the engine at the end.

@@ -67,9 +67,19 @@ pub struct GcSpec {
     pub grace_hours: f64,
     /// The chance that the node that commits a snapshot does not restate the statement
     /// at once (rule O3: it crashed between the commit and the restate), so holders that
-    /// know the snapshot see a statement without it until the next prune (rule H2).
+    /// know the snapshot see a statement without it until the next prune (rule H2), or
+    /// until the fallback re-sign.
     #[serde(default)]
     pub skip_restate_chance: f64,
+    /// Whether a node of the site whose snapshot digest has differed from the
+    /// statement's basis for `GC_RESTATE_AFTER_MS` re-signs it (docs/retention.md 3.3).
+    /// Off only to measure what the fallback changes.
+    #[serde(default = "default_true")]
+    pub fallback_resign: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_gc_grace_hours() -> f64 {

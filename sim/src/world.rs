@@ -181,6 +181,8 @@ pub enum Ev {
     Prune(usize),
     /// A backup of an image that took `backup_minutes` commits (the image's index).
     Commit(usize),
+    /// Garbage collection's clock at the owners' nodes (the fallback re-sign).
+    GcTick,
 }
 
 enum Completion {
@@ -196,10 +198,6 @@ pub struct Reported {
     pub partitioned: bool,
 }
 
-/// Verified blobs the mesh's shared memo keeps: more than the chunks of any scenario's
-/// run hold (a day of the default mesh has about 12,000), so each is checked once.
-const BLOB_MEMO_MAX: usize = 1 << 17;
-
 pub struct World {
     pub scenario: Scenario,
     pub now_us: u64,
@@ -211,9 +209,6 @@ pub struct World {
     /// are when it seeds a new or recovered node.
     pub truth: Catalog,
     pub config: EngineConfig,
-    /// Blobs any engine of this mesh verified: every copy of a chunk is the same bytes,
-    /// so one signature check serves every engine (`Engine::share_blob_memo`).
-    blob_memo: cairn_protocol::blob::SharedBlobMemo,
     queue: BinaryHeap<Reverse<(u64, u64)>>,
     events: BTreeMap<u64, Ev>,
     seq: u64,
@@ -229,6 +224,9 @@ pub struct World {
     pub bodies: BTreeMap<ChunkId, Vec<u8>>,
     /// Good copies of each chunk on disks that exist (crashed nodes' disks included).
     pub copies: BTreeMap<ChunkId, u32>,
+    /// When each (node, chunk) copy on a disk was put there, for invariant 12's excuse
+    /// of garbage taken back in an inactive gap.
+    pub copy_added_us: BTreeMap<(usize, ChunkId), u64>,
     /// Chunks whose good copies went from some to none, with the time.
     pub zeroed: Vec<(ChunkId, u64)>,
     /// Chunks whose last good copy went in a disk fault (lost, rotted, writes undone),
@@ -349,9 +347,6 @@ impl World {
         }
         let node_index = nodes.iter().enumerate().map(|(i, n)| (n.id, i)).collect();
         let mut world = World {
-            blob_memo: std::sync::Arc::new(std::sync::Mutex::new(
-                cairn_protocol::memo::VerifiedMemo::remembering(BLOB_MEMO_MAX),
-            )),
             scenario,
             now_us: 0,
             rng,
@@ -371,6 +366,7 @@ impl World {
             chunk_sizes: BTreeMap::new(),
             bodies: BTreeMap::new(),
             copies: BTreeMap::new(),
+            copy_added_us: BTreeMap::new(),
             zeroed: Vec::new(),
             last_copy_lost_to_fault: BTreeSet::new(),
             records_lost_to_fault: BTreeSet::new(),
@@ -421,6 +417,7 @@ impl World {
             for site in 0..world.sites.len() {
                 world.schedule(hours_us(gc.prune_every_hours), Ev::Prune(site));
             }
+            world.schedule(crate::run::GC_TICK_US, Ev::GcTick);
         }
         world
     }
@@ -567,7 +564,6 @@ impl World {
             seed,
             now_ms,
         );
-        engine.share_blob_memo(self.blob_memo.clone());
         let disk = &mut self.nodes[node].disk;
         if fresh || disk.records.is_empty() {
             for record in self.truth.records() {
@@ -665,7 +661,14 @@ impl World {
     pub fn add_copy(&mut self, node: usize, id: ChunkId, chunk: DiskChunk) {
         let key = (self.nodes[node].site, chunk.owner);
         let (size_bytes, good) = (chunk.size_bytes, chunk.good);
+        if trace_chunk(&id) {
+            eprintln!(
+                "chunk add {id:?} node {node} at {:.4} h",
+                self.now_us as f64 / HOUR_US as f64
+            );
+        }
         if self.nodes[node].disk.chunks.insert(id, chunk).is_none() {
+            self.copy_added_us.insert((node, id), self.now_us);
             if good {
                 *self.copies.entry(id).or_insert(0) += 1;
             }
@@ -677,6 +680,13 @@ impl World {
     /// Removes a chunk from a node's disk (a deletion, or a write undone).
     pub fn remove_copy(&mut self, node: usize, id: &ChunkId) -> Option<DiskChunk> {
         let chunk = self.nodes[node].disk.chunks.remove(id)?;
+        self.copy_added_us.remove(&(node, *id));
+        if trace_chunk(id) {
+            eprintln!(
+                "chunk remove {id:?} node {node} at {:.4} h",
+                self.now_us as f64 / HOUR_US as f64
+            );
+        }
         if let Some(lies) = self.liars.get_mut(&node) {
             lies.outstanding.remove(id);
         }
@@ -1229,4 +1239,14 @@ pub fn message_type(message: &Message) -> &'static str {
         Message::GcWant { .. } => "gc-want",
         Message::GcIds { .. } => "gc-ids",
     }
+}
+
+/// True when `CAIRN_SIM_TRACE_CHUNK` names a prefix of `id` (as `ChunkId(..)` prints it):
+/// that chunk's copies and invariant 12's view of it are traced to stderr. Read once.
+pub fn trace_chunk(id: &ChunkId) -> bool {
+    static PREFIX: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    PREFIX
+        .get_or_init(|| std::env::var("CAIRN_SIM_TRACE_CHUNK").ok())
+        .as_ref()
+        .is_some_and(|p| format!("{id:?}").contains(p.as_str()))
 }

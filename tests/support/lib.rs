@@ -2,6 +2,7 @@
 //! against a temporary data dir, and make test images.
 
 pub mod mesh;
+pub mod nbd;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};

@@ -19,6 +19,7 @@ use cairn_protocol::retention;
 
 use crate::control::ControlServer;
 use crate::gc;
+use crate::jobs;
 use crate::mesh::{self, MeshHandle, NodeOptions};
 use crate::schedule::Limits;
 use crate::status::{self, NodeStatus};
@@ -118,6 +119,10 @@ struct ConfigFile {
     gc: Option<GcConfig>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     retention: BTreeMap<String, RetentionConfig>,
+    /// `[[backup]]` jobs, checked by `jobs::Job::parse_all` so a mistake is one line
+    /// naming the job and the key.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    backup: Vec<toml::Table>,
 }
 
 /// `[gc]` in node.toml.
@@ -295,6 +300,14 @@ pub fn run(data_dir: &Path, command: NodeCommand) -> Result<u8> {
         (None, None) => 0,
     };
     let settings = config.settings()?;
+    let mut backup_jobs = jobs::Job::parse_all(&config.backup)?;
+    for job in &mut backup_jobs {
+        // A job without `keep` follows its image's [retention.IMAGE], as `cairn forget
+        // IMAGE` does.
+        if job.keep.is_none() {
+            job.keep = settings.retention.get(job.image.as_str()).copied();
+        }
+    }
     let defaults = EngineConfig::default();
     let engine = EngineConfig {
         gc_grace_min_ms: settings.gc.grace_min_ms,
@@ -354,6 +367,16 @@ pub fn run(data_dir: &Path, command: NodeCommand) -> Result<u8> {
         .repack_interval
         .map_or(REPACK_EVERY, std::time::Duration::from_millis);
     start_repacks(&vault, &mesh, repack_every)?;
+    let backup_jobs = Arc::new(backup_jobs);
+    let _ = JOBS.set(backup_jobs.clone());
+    let host = Arc::new(JobsInNode(remote::InNode {
+        vault: vault.clone(),
+        mesh: mesh.clone(),
+    }));
+    jobs::start(host, &backup_jobs)?;
+    if !backup_jobs.is_empty() {
+        tracing::info!("{} backup jobs scheduled", backup_jobs.len());
+    }
     let stopper = control.stopper();
     {
         let (vault, mesh) = (vault.clone(), mesh.clone());
@@ -380,6 +403,51 @@ pub fn run(data_dir: &Path, command: NodeCommand) -> Result<u8> {
     tracing::info!("stopping");
     stopper.stop();
     Ok(0)
+}
+
+/// The backup jobs this process's node runs (one node per process), for its status.
+static JOBS: std::sync::OnceLock<Arc<Vec<jobs::Job>>> = std::sync::OnceLock::new();
+
+/// A backup job runs the node's own `cairn backup` and `cairn forget` paths.
+struct JobsInNode(remote::InNode);
+
+impl jobs::JobHost for JobsInNode {
+    fn backup(
+        &self,
+        image: &cairn_protocol::ImageName,
+        source: crate::source::Source,
+    ) -> Result<crate::backup::BackupSummary, String> {
+        let options = crate::backup::BackupOptions::default();
+        let cancel = crate::cancel::Cancel::new();
+        super::backup_in_node(&self.0, image, source, options, &cancel, &|_| {})
+            .map_err(|e| crate::units::chain_of(e.chain()))
+    }
+
+    fn forget(
+        &self,
+        image: &cairn_protocol::ImageName,
+        policy: &retention::Policy,
+    ) -> Result<u64, String> {
+        let selection = crate::forget::Selection::Policy {
+            image: image.to_string(),
+            policy: *policy,
+        };
+        let report = super::forget_in_node(&self.0, &selection, false)
+            .map_err(|e| crate::units::chain_of(e.chain()))?;
+        // The tombstones go to the mesh as they do when a `cairn forget` command ends.
+        if let Ok(records) = mesh::own_records(&self.0.vault) {
+            let _ = self.0.mesh.send(mesh::Command::LocalRecords(records));
+        }
+        Ok(report.forgotten as u64)
+    }
+
+    fn index(&self) -> &dyn crate::store::MetaIndex {
+        self.0.vault.store.index()
+    }
+
+    fn scratch_dir(&self) -> PathBuf {
+        self.0.vault.dir.root().join("job-scratch")
+    }
 }
 
 /// How often, by default, a running node looks for packs that partner deletions (rule H4) or its
@@ -498,5 +566,12 @@ pub fn publish(vault: &Vault, mesh: &MeshHandle) -> Result<()> {
 
 /// The node's status: the mesh loop's picture plus the vault's images.
 pub fn status(vault: &Vault, mesh: &MeshHandle) -> Result<NodeStatus> {
-    Ok(status::build(vault, &mesh.status()?)?)
+    let mut status = status::build(vault, &mesh.status()?)?;
+    if let Some(jobs) = JOBS.get().filter(|j| !j.is_empty()) {
+        let newest = status::newest_at_r(vault)?;
+        status.jobs = jobs::status_of(jobs, vault.store.index(), status.now_unix_ms, &|image| {
+            newest.get(image.as_str()).copied()
+        });
+    }
+    Ok(status)
 }

@@ -153,6 +153,7 @@ fn image_status(
         eta_ms: None,
         waiting_for: None,
         copies_acknowledged_unix_ms: None,
+        below_target_since_unix_ms: None,
     };
     let mut per_site: BTreeMap<SiteId, (u64, u64)> = BTreeMap::new();
     for (id, size_bytes) in &chunks {
@@ -271,6 +272,108 @@ fn from_copies_record(
     image.copies_acknowledged_unix_ms = Some(copies.acknowledged_unix_ms);
 }
 
+/// Per image, when this process first saw it below R (an acknowledged snapshot that
+/// lost copies): the least state `status --check` needs, kept in memory, so after a
+/// start the hour counts from the first look.
+static BELOW_TARGET_SEEN: Mutex<BTreeMap<String, u64>> = Mutex::new(BTreeMap::new());
+
+/// Since when the image's latest snapshot is below R: its own time while it never was
+/// at R (`acked/`), else since this process first saw it fall below.
+fn below_target_since(
+    vault: &Vault,
+    image: &ImageStatus,
+    snapshot: &SnapshotRecord,
+    now: u64,
+) -> Option<u64> {
+    let mut seen = BELOW_TARGET_SEEN.lock().unwrap_or_else(|e| e.into_inner());
+    let name = image.image.as_str();
+    // Chunks not known yet ("checking") are not known to be below.
+    let known_below = image.chunks_at_target + image.chunks_checking < image.chunks;
+    let below = image.chunks_at_target < image.chunks;
+    if !below {
+        seen.remove(name);
+        return None;
+    }
+    let key = records::snapshot_key(&snapshot.id);
+    let acked = vault
+        .store
+        .index()
+        .catalog_get(&[crate::forget::KEY_ACKED, &key].concat())
+        .ok()
+        .flatten()
+        .is_some();
+    if !acked {
+        return Some(snapshot.time_unix_ms);
+    }
+    if !known_below {
+        return None;
+    }
+    Some(*seen.entry(name.to_owned()).or_insert(now))
+}
+
+/// Per image, the time of its newest snapshot confirmed at R sites. A site without
+/// partners has no R to reach: every snapshot counts, as `cairn forget` counts them.
+pub fn newest_at_r(vault: &Vault) -> Result<BTreeMap<String, u64>, VaultError> {
+    let mesh = crate::forget::has_partners(vault)?;
+    let index = vault.store.index();
+    let mut newest: BTreeMap<String, u64> = BTreeMap::new();
+    for snapshot in vault.snapshots()? {
+        let key = records::snapshot_key(&snapshot.id);
+        let at_r = !mesh
+            || index
+                .catalog_get(&[crate::forget::KEY_ACKED, &key].concat())?
+                .is_some();
+        if at_r {
+            let t = newest
+                .entry(snapshot.image.as_str().to_owned())
+                .or_default();
+            *t = (*t).max(snapshot.time_unix_ms);
+        }
+    }
+    Ok(newest)
+}
+
+/// Each partner site this site grants storage to, last seen as the store counts it
+/// (kept over restarts) or as the mesh saw one of its nodes, whichever is later.
+fn partners_seen(
+    vault: &Vault,
+    m: &MeshStatus,
+    name_of: &dyn Fn(&SiteId) -> String,
+) -> Vec<super::PartnerSeen> {
+    let own = vault.dir.site_id();
+    let grants =
+        records::scan(vault.store.index(), &own, RecordKind::TrustGrant).unwrap_or_default();
+    let mut partners: BTreeMap<SiteId, Option<u64>> = BTreeMap::new();
+    for record in grants {
+        let Ok(grant) = cairn_protocol::record::TrustGrant::decode(&record.body) else {
+            continue;
+        };
+        if grant.revoked || grant.grantee == own {
+            continue;
+        }
+        let stored = vault
+            .store
+            .usage(&grant.grantee)
+            .ok()
+            .and_then(|u| u.last_seen_unix_ms);
+        let live = m
+            .peers
+            .iter()
+            .filter(|p| p.site == grant.grantee)
+            .filter_map(|p| p.last_seen_unix_ms)
+            .max();
+        partners.insert(grant.grantee, stored.max(live));
+    }
+    partners
+        .into_iter()
+        .map(|(site, last_seen_unix_ms)| super::PartnerSeen {
+            site_id: site,
+            site_name: name_of(&site),
+            last_seen_unix_ms,
+        })
+        .collect()
+}
+
 /// The node's status: the mesh loop's picture plus the vault's images.
 pub fn build(vault: &Vault, m: &MeshStatus) -> Result<NodeStatus, VaultError> {
     let own = vault.dir.site_id();
@@ -339,8 +442,10 @@ pub fn build(vault: &Vault, m: &MeshStatus) -> Result<NodeStatus, VaultError> {
                 image.waiting_for = waiting.clone();
             }
         }
+        image.below_target_since_unix_ms = below_target_since(vault, &image, &snapshot, now);
         status.images.push(image);
     }
+    status.partners = partners_seen(vault, m, &name_of);
     status.peers = m
         .peers
         .iter()

@@ -18,12 +18,22 @@
 //! cairn_peer_state{node,site,state="live"|"suspect"|"dead"}   1 for the current state
 //! cairn_peer_last_seen_timestamp_seconds{node,site}, cairn_peer_rtt_seconds{node,site}
 //! cairn_peer_sent_bytes_total{node,site}, cairn_peer_received_bytes_total{node,site}
+//! cairn_job_last_run_success{image}                    1 ok, 0 failed or interrupted
+//! cairn_job_last_run_{timestamp,duration}_seconds{image}, cairn_job_last_run_bytes{image}
+//! cairn_job_next_run_timestamp_seconds{image}, cairn_job_period_seconds{image}
+//! cairn_job_newest_at_r_timestamp_seconds{image}
+//! cairn_job_runs_total{image}, cairn_job_failures_total{image}
+//! cairn_job_snapshot_too_old{image}                    1 past twice the period
+//! cairn_image_below_target_seconds{image}              0 at R
+//! cairn_partner_last_seen_timestamp_seconds{site,site_id}
+//! cairn_check_problems                                 lines `status --check` prints
 //! ```
 
 use std::collections::BTreeSet;
 use std::fmt::{self, Write as _};
 
 use super::{short_node_id, ImageStatus, NodeStatus, PeerState, PeerStatus};
+use crate::jobs::{JobStatus, RunResult};
 
 /// A label value escaped for the exposition format: backslash, double quote, newline.
 fn escape_label(value: &str) -> String {
@@ -163,7 +173,76 @@ pub fn render_prometheus(status: &NodeStatus) -> String {
     }
     prometheus_images(status, &mut ex);
     prometheus_peers(status, &mut ex);
+    prometheus_jobs(status, &mut ex);
     ex.out
+}
+
+/// Backup jobs, partners' last contact, and `status --check`'s conditions (with its
+/// default thresholds), so an alert rule and `--check` always agree.
+fn prometheus_jobs(status: &NodeStatus, ex: &mut Exposition) {
+    use super::check::{self, CheckLimits};
+    let limits = CheckLimits::default();
+    type Field = fn(&NodeStatus, &JobStatus) -> Option<String>;
+    let ms = |t: Option<u64>| t.map(seconds_from_ms);
+    let per_job: [(&'static str, &str, &str, Field); 10] = [
+        ("cairn_job_last_run_success", "gauge", "1 when the job's last run succeeded, 0 when it failed or was interrupted.",
+            |_, j| j.last_run.as_ref().map(|r| u8::from(r.result == RunResult::Ok).to_string())),
+        ("cairn_job_last_run_timestamp_seconds", "gauge", "When the job's last run started.",
+            |_, j| j.last_run.as_ref().map(|r| seconds_from_ms(r.start_unix_ms))),
+        ("cairn_job_last_run_duration_seconds", "gauge", "How long the job's last run took.",
+            |_, j| j.last_run.as_ref().map(|r| seconds_from_ms(r.duration_ms))),
+        ("cairn_job_last_run_bytes", "gauge", "Size of the image the job's last run backed up (0 without a snapshot).",
+            |_, j| j.last_run.as_ref().map(|r| r.bytes.to_string())),
+        ("cairn_job_next_run_timestamp_seconds", "gauge", "When the job runs next (absent while it runs).",
+            |_, j| j.next_run_unix_ms.map(seconds_from_ms)),
+        ("cairn_job_period_seconds", "gauge", "The longest wait between two scheduled runs of the job.",
+            |_, j| Some(seconds_from_ms(j.period_ms))),
+        ("cairn_job_newest_at_r_timestamp_seconds", "gauge", "Time of the job's image's newest snapshot at R sites.",
+            |_, j| j.newest_at_r_unix_ms.map(seconds_from_ms)),
+        ("cairn_job_runs_total", "counter", "Runs of the job, kept over restarts.",
+            |_, j| Some(j.runs.to_string())),
+        ("cairn_job_failures_total", "counter", "Failed or interrupted runs of the job, kept over restarts.",
+            |_, j| Some(j.failures.to_string())),
+        ("cairn_job_snapshot_too_old", "gauge", "1 when the newest snapshot at R is older than twice the job's period (status --check).",
+            |s, j| Some(u8::from(check::job_snapshot_old(s, j)).to_string())),
+    ];
+    for (name, kind, help, field) in per_job {
+        ex.family(name, kind, help);
+        for job in &status.jobs {
+            if let Some(value) = field(status, job) {
+                ex.sample(&[("image", &job.image)], value);
+            }
+        }
+    }
+    ex.family(
+        "cairn_image_below_target_seconds",
+        "gauge",
+        "How long the image's data has been below R (0 at R); only on a site with partners.",
+    );
+    for image in check::images_with_r(status) {
+        let below = check::below_target_for_ms(status, image).unwrap_or(0);
+        ex.sample(&[("image", image.image.as_str())], seconds_from_ms(below));
+    }
+    ex.family(
+        "cairn_partner_last_seen_timestamp_seconds",
+        "gauge",
+        "When this node last heard from any node of a partner site (absent: never).",
+    );
+    for partner in &status.partners {
+        if let Some(value) = ms(partner.last_seen_unix_ms) {
+            let site_id = partner.site_id.to_string();
+            ex.sample(
+                &[("site", &partner.site_name), ("site_id", &site_id)],
+                value,
+            );
+        }
+    }
+    ex.family(
+        "cairn_check_problems",
+        "gauge",
+        "Lines `cairn status --check` prints with its default thresholds (0: healthy).",
+    );
+    ex.sample(&[], check::problems(status, &limits).len());
 }
 
 fn prometheus_images(status: &NodeStatus, ex: &mut Exposition) {
@@ -432,6 +511,35 @@ mod tests {
             .collect();
         assert_eq!(matching.len(), 1, "{name} {labels:?}: {matching:?}");
         matching[0].value
+    }
+
+    #[test]
+    fn jobs_and_the_check_conditions_are_metrics() {
+        let mut status = crate::status::check::tests::healthy();
+        let text = render_prometheus(&status);
+        let samples = parse_exposition(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        let fs = [("image", "fs")];
+        assert_eq!(value(&samples, "cairn_check_problems", &[]), 0.0);
+        assert_eq!(value(&samples, "cairn_job_last_run_success", &fs), 1.0);
+        assert_eq!(value(&samples, "cairn_job_period_seconds", &fs), 86_400.0);
+        assert_eq!(value(&samples, "cairn_job_snapshot_too_old", &fs), 0.0);
+        assert_eq!(
+            value(&samples, "cairn_image_below_target_seconds", &fs),
+            0.0
+        );
+        let run = status.jobs[0].last_run.as_mut().unwrap();
+        run.result = crate::jobs::RunResult::Failed;
+        status.jobs[0].newest_at_r_unix_ms = Some(status.now_unix_ms - 3 * 86_400_000);
+        status.images[0].below_target_since_unix_ms = Some(status.now_unix_ms - 7_200_000);
+        let text = render_prometheus(&status);
+        let samples = parse_exposition(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        assert_eq!(value(&samples, "cairn_check_problems", &[]), 3.0);
+        assert_eq!(value(&samples, "cairn_job_last_run_success", &fs), 0.0);
+        assert_eq!(value(&samples, "cairn_job_snapshot_too_old", &fs), 1.0);
+        assert_eq!(
+            value(&samples, "cairn_image_below_target_seconds", &fs),
+            7_200.0
+        );
     }
 
     #[test]

@@ -3,15 +3,19 @@
 //! batches of chunk ids no kept snapshot uses; every node that holds the owner's chunks:
 //!
 //! - **H1** fetches the batches, a piece at a time, only from nodes of the owner's site,
-//!   and keeps a batch only if its ids hash to the batch's id. A partner keeps only the
-//!   listed ids it holds; a node of the owner's site keeps whole batches, to serve them.
+//!   and keeps a batch only if its ids hash to the batch's id. Every node keeps whole
+//!   batches (at most `GC_BATCH_IDS_MAX` ids each): a node of the owner's site to serve
+//!   them, a partner so that a listed chunk it takes later (back, while the statement was
+//!   inactive) is condemned too. Only the owner's site serves them.
 //! - **H2** acts on a statement only while its basis equals its own snapshot digest for
 //!   the owner (`active`): a statement signed without some snapshot this node knows does
 //!   nothing here.
 //! - **H3** condemns the held chunks an active statement lists: from then on they are out
 //!   of sync digests, never confirmed, pulled, offered or pushed, and their condemned time
 //!   is set on this node's clock. A chunk the next active statement no longer lists is
-//!   revived. While the statement is inactive, nothing is frozen.
+//!   revived. While the statement is inactive, nothing is frozen. A chunk deleted here
+//!   and taken back while the statement was inactive keeps its original condemned time
+//!   when a statement listing it is active again, so it goes at the next tidy walk.
 //! - **H4** deletes a condemned chunk of another site only when it has been condemned for
 //!   max(owner's grace, `gc_grace_min_ms`), the active statement still lists it, this
 //!   node's catalog agreed with a node of the owner's site within
@@ -43,12 +47,14 @@ pub(super) struct GcState {
     owners: BTreeMap<SiteId, OwnerGc>,
     condemned: BTreeMap<ChunkId, Condemned>,
     fetches: BTreeMap<(SiteId, BatchId), BatchFetch>,
+    /// Owners a chunk was newly held for since the last tidy walk: the walk condemns
+    /// what of it an active statement lists.
+    held_since_walk: BTreeSet<SiteId>,
 }
 
 #[derive(Clone, Debug, Default)]
 struct OwnerGc {
-    /// Batches of the current statement as known here: every id (this site's own), or
-    /// the listed ids this node held when it fetched the batch (a partner's).
+    /// Batches of the current statement as known here, every id of each.
     batches: BTreeMap<BatchId, Vec<ChunkId>>,
     /// Sources a batch fetch failed with since the batch was listed.
     tried: BTreeMap<BatchId, BTreeSet<NodeId>>,
@@ -74,6 +80,8 @@ struct Window {
     started_ms: u64,
     budget_bytes: u64,
     spent_bytes: u64,
+    /// A ripe deletion waited for the next window: the budget is spent.
+    deferred: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -90,7 +98,7 @@ pub(super) struct Condemned {
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Change {
     Revive,
-    Forget,
+    Relist,
     Freeze,
 }
 
@@ -139,8 +147,7 @@ impl Engine {
         self.after_input(now_ms);
     }
 
-    /// The ids of one of `owner`'s batches as known here: all of them on a node of the
-    /// owner's site (once made here or fetched), else the listed ids this node held.
+    /// The ids of one of `owner`'s batches, once made or fetched here.
     pub fn gc_batch(&self, owner: &SiteId, batch: &BatchId) -> Option<&[ChunkId]> {
         self.gc
             .owners
@@ -157,6 +164,18 @@ impl Engine {
             .filter(|(_, c)| c.owner == *owner && !c.deleted)
             .fold((0, 0), |(n, bytes), (id, _)| {
                 (n + 1, bytes + self.held.get(id).map_or(0, |h| h.size_bytes))
+            })
+    }
+
+    /// True while the deletion budget of `owner`'s current window is spent here and a
+    /// ripe deletion waits for the next window (H4; docs/retention.md 3.5).
+    pub fn gc_window_deferred(&self, owner: &SiteId, now_ms: u64) -> bool {
+        self.gc
+            .owners
+            .get(owner)
+            .and_then(|o| o.window)
+            .is_some_and(|w| {
+                w.deferred && now_ms.saturating_sub(w.started_ms) < self.config.gc_window_ms
             })
     }
 
@@ -253,21 +272,29 @@ impl Engine {
                     changes.push((*id, Change::Revive));
                 }
             } else if c.deleted && self.held.contains_key(id) {
-                // Held again since it was deleted here (taken while no statement was
-                // active): condemned afresh below.
-                changes.push((*id, Change::Forget));
+                // Held again since it was deleted here (taken back while the statement
+                // was inactive, e.g. a commit whose restate was lost): still listed, so
+                // it keeps its original condemned time (docs/retention.md 3.4) and goes
+                // at the next tidy walk instead of waiting out a second grace.
+                changes.push((*id, Change::Relist));
             } else if !c.frozen {
                 changes.push((*id, Change::Freeze));
             }
         }
         for (id, change) in changes {
             match change {
-                Change::Revive | Change::Forget => {
+                Change::Revive => {
                     self.gc_set_frozen(&id, false);
                     let revived = self.gc.condemned.remove(&id).is_some_and(|c| !c.deleted);
-                    if revived && change == Change::Revive {
+                    if revived {
                         self.counters.gc_revived += 1;
                     }
+                }
+                Change::Relist => {
+                    if let Some(c) = self.gc.condemned.get_mut(&id) {
+                        c.deleted = false;
+                    }
+                    self.gc_set_frozen(&id, true);
                 }
                 Change::Freeze => self.gc_set_frozen(&id, true),
             }
@@ -307,6 +334,15 @@ impl Engine {
         self.gc.fetches.retain(|(o, _), _| o != owner);
     }
 
+    /// A chunk of `owner` is held here now: if a statement lists it, the next tidy walk
+    /// condemns it (a copy taken while the statement was inactive, or before its batch
+    /// was fetched here).
+    pub(super) fn gc_note_held(&mut self, owner: SiteId) {
+        if self.gc.owners.contains_key(&owner) {
+            self.gc.held_since_walk.insert(owner);
+        }
+    }
+
     /// Takes a held chunk out of (or back into) the sync digests it is counted in.
     fn gc_set_frozen(&mut self, id: &ChunkId, frozen: bool) {
         let Some(c) = self.gc.condemned.get_mut(id) else {
@@ -327,6 +363,9 @@ impl Engine {
     /// The tidy walk's share: fetch what the statements name, then delete what H4 allows.
     pub(super) fn gc_tick(&mut self, now_ms: u64) {
         self.expire_gc_fetches(now_ms);
+        for owner in std::mem::take(&mut self.gc.held_since_walk) {
+            self.gc_refresh(owner, now_ms);
+        }
         let owners: Vec<SiteId> = self
             .catalog
             .authors()
@@ -476,17 +515,13 @@ impl Engine {
             self.gc_fetch_failed(key); // it does not have the batch
             return;
         }
-        let whole_list = owner == self.site;
         let mut bad = None;
         for id in &ids {
             if !fetch.hasher.update(id) {
                 bad = Some("batch ids out of order");
                 break;
             }
-            let held_here = self.held.get(id).is_some_and(|h| h.owner == owner);
-            if whole_list || held_here {
-                fetch.kept.push(*id);
-            }
+            fetch.kept.push(*id);
         }
         if fetch.hasher.count() > fetch.n_ids as usize {
             bad = Some("batch longer than its statement says");
@@ -565,6 +600,7 @@ impl Engine {
                     .max(u128::from(config.gc_window_min_bytes))
                     as u64,
                 spent_bytes: 0,
+                deferred: false,
             },
         };
         let mut window = window;
@@ -572,6 +608,7 @@ impl Engine {
             let size_bytes = self.held.get(&id).map_or(0, |h| h.size_bytes);
             if window.spent_bytes + size_bytes > window.budget_bytes {
                 self.counters.gc_window_deferred += 1;
+                window.deferred = true;
                 break;
             }
             window.spent_bytes += size_bytes;
@@ -588,5 +625,51 @@ impl Engine {
         if let Some(state) = self.gc.owners.get_mut(&owner) {
             state.window = Some(window);
         }
+    }
+}
+impl Engine {
+    /// A one-line account of why `id` of `owner` is (not) collected here, for the
+    /// simulator's traces (CAIRN_SIM_TRACE_GC).
+    pub fn gc_explain(&self, owner: &SiteId, id: &ChunkId, now_ms: u64) -> String {
+        let statement = self.gc_statement(owner);
+        let digest = self.catalog.snapshot_digest(owner);
+        let state = self.gc.owners.get(owner);
+        let listed_known = match (&statement, state) {
+            (Some(s), Some(o)) => o.listed(s).contains(id),
+            _ => false,
+        };
+        let in_unfetched: Vec<String> = match (&statement, state) {
+            (Some(s), Some(o)) => s
+                .batches
+                .iter()
+                .filter(|b| !o.batches.contains_key(&b.id))
+                .map(|b| crate::ids::hex(&b.id.0[..4]))
+                .collect(),
+            (Some(s), None) => s
+                .batches
+                .iter()
+                .map(|b| crate::ids::hex(&b.id.0[..4]))
+                .collect(),
+            _ => Vec::new(),
+        };
+        let fetching: Vec<String> = self
+            .gc
+            .fetches
+            .keys()
+            .filter(|(o, _)| o == owner)
+            .map(|(_, b)| crate::ids::hex(&b.0[..4]))
+            .collect();
+        format!(
+            "held {} condemned {:?} statement v? basis==digest {} batches {:?} unfetched {:?} fetching {:?} listed(known) {} agreed_ago_ms {:?} window {:?}",
+            self.held.contains_key(id),
+            self.gc.condemned.get(id).map(|c| (now_ms.saturating_sub(c.since_ms), c.frozen, c.deleted)),
+            statement.as_ref().is_some_and(|s| s.basis == digest),
+            statement.as_ref().map(|s| s.batches.iter().map(|b| (crate::ids::hex(&b.id.0[..4]), b.n_ids)).collect::<Vec<_>>()),
+            in_unfetched,
+            fetching,
+            listed_known,
+            state.and_then(|o| o.agreed_at_ms).map(|a| now_ms.saturating_sub(a)),
+            state.and_then(|o| o.window),
+        )
     }
 }

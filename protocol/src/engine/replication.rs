@@ -190,6 +190,7 @@ impl Engine {
             },
         );
         *self.used_by_owner.entry(chunk.owner).or_insert(0) += chunk.size_bytes;
+        self.gc_note_held(chunk.owner);
         if !self.placement_stale {
             self.place_owner(chunk.owner);
             self.place_chunk(chunk.id);

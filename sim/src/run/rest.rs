@@ -60,6 +60,8 @@ impl Run {
     /// Runs the liveness phase until `end_us`, noting when the mesh first converged.
     pub(super) fn liveness(&mut self, end_us: u64) {
         let started_us = self.world.now_us;
+        // The last prune an hour before the end, so its statement has spread by then.
+        self.gc_track.prunes_until_us = end_us.saturating_sub(HOUR_US);
         while self.world.now_us < end_us {
             let step_to = (self.world.now_us + HOUR_US).min(end_us);
             self.advance(step_to, 0);

@@ -306,3 +306,69 @@ fn a_window_deletes_at_most_its_share_of_what_a_holder_keeps_for_an_owner() {
     net.run_for(3_600_000);
     assert!(net.collected() > before);
 }
+
+/// Found by invariant 12 (`retention.toml` seeds 1 to 4): a holder deletes garbage, a
+/// commit whose restate is lost makes the statement inactive (the owner's copies spread
+/// back, as H2 allows), and a restate lists the same batch again. The copies taken back
+/// keep their original condemned time (docs/retention.md 3.4): they go at the next tidy
+/// walk, not after a second grace.
+#[test]
+fn garbage_taken_back_while_inactive_keeps_its_condemned_time() {
+    let (mut net, ids) = replicated(gc_config(), 1);
+    net.forget(0, 1);
+    net.list_garbage(0, &ids, 1, None);
+    net.run_for(30_000);
+    assert_eq!(net.partner_copies(0, &ids), 0, "collected after the grace");
+    net.backup(0, 8, 2); // its restate is lost
+    net.run_for(60_000);
+    assert!(!net.nodes[0].engine.snapshot_pending(&[2; 32]));
+    assert!(
+        net.partner_copies(0, &ids) > 0,
+        "no copy came back while the statement was inactive"
+    );
+    net.list_garbage(0, &ids, 2, None); // the same batch, on the new basis
+    net.run_for(5_000); // half of gc_grace_min_ms
+    assert_eq!(
+        net.partner_copies(0, &ids),
+        0,
+        "garbage taken back waited out a second grace"
+    );
+}
+
+/// Found by invariant 12: a partner fetched a renamed batch while it held none of its
+/// ids (all deleted here). A copy it takes back later, in an inactive gap, must still be
+/// condemned once a statement listing that batch is active again: the partner keeps the
+/// whole batch, not only the listed ids it held at fetch time.
+#[test]
+fn a_listed_chunk_taken_back_after_its_batch_was_fetched_is_condemned() {
+    let (mut net, ids) = replicated(gc_config(), 1);
+    net.forget(0, 1);
+    net.list_garbage(0, &ids, 1, None);
+    net.run_for(30_000);
+    assert_eq!(net.partner_copies(0, &ids), 0, "collected after the grace");
+    // A commit restated at once: ids[0] revived, the rest in a renamed batch, fetched
+    // by partners that hold none of it.
+    net.backup(0, 8, 2);
+    net.list_garbage(0, &ids[1..], 2, None);
+    net.run_for(30_000);
+    assert_eq!(net.partner_copies(0, &ids[1..]), 0);
+    // A commit whose restate is lost: the copies come back.
+    net.backup(0, 8, 3);
+    net.run_for(60_000);
+    assert!(
+        net.partner_copies(0, &ids[1..]) > 0,
+        "no copy came back while the statement was inactive"
+    );
+    // The restate lists the same renamed batch again.
+    net.list_garbage(0, &ids[1..], 3, None);
+    net.run_for(30_000);
+    assert_eq!(
+        net.partner_copies(0, &ids[1..]),
+        0,
+        "a listed copy taken back after the batch was fetched is never condemned"
+    );
+    let site = net.sites[0].id;
+    for i in 1..3 {
+        assert!(net.nodes[i].engine.gc_active(&site).is_some());
+    }
+}
