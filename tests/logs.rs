@@ -1,11 +1,12 @@
 //! `--log-format json`: every stderr line of a command is one JSON object, and a backup,
-//! a restore (done or failed) and a refused peer each give one line with their fields,
-//! for log shippers. Plain text stays as it was: a one-shot command logs nothing.
+//! a restore (done or failed), a backup job's run (done or failed) and a refused peer each
+//! give one line with their fields, for log shippers. Plain text stays as it was: a
+//! one-shot command logs nothing. Loopback only; every wait is bounded.
 
 use std::time::Duration;
 
 use anyhow::bail;
-use cairn::mesh::{scenario, wait_for, Mesh};
+use cairn::mesh::{scenario, utf8, wait_for, Mesh};
 use cairn::{random_bytes, write, Site};
 use serde_json::Value;
 
@@ -140,6 +141,61 @@ fn a_refused_stranger_gives_one_json_line_with_peer_and_reason() {
             || fields["reason"].as_str().is_none_or(str::is_empty)
         {
             bail!("the refusal line lacks its fields: {fields}");
+        }
+        Ok(())
+    });
+}
+
+#[test]
+fn a_jobs_run_gives_one_json_line_done_or_failed() {
+    scenario("logs-jobs", |root, step| {
+        let image = root.join("fs.img");
+        write(&image, &random_bytes(1 << 20, 5));
+        let config = format!(
+            "[[backup]]\nimage = \"fs\"\nsource = \"{}\"\nschedule = \"daily 02:00\"\n\
+             [[backup]]\nimage = \"db\"\nsource_command = \"echo dump failed >&2; exit 4\"\nschedule = \"daily 02:00\"\n",
+            utf8(&image)?
+        );
+        let mut mesh = Mesh::build_with(
+            root,
+            1,
+            1,
+            &mut |node| node.extra_args = vec!["--log-format".into(), "json".into()],
+            step,
+        )?;
+        let node = &mut mesh.sites[0][0];
+        node.stop();
+        std::fs::write(node.data_dir.join("node.toml"), config)?;
+        node.start(&[])?;
+        step("the node runs both jobs once at start (never run before)");
+        let job_lines = |image: &str| -> Vec<Value> {
+            json_lines(node.log_text().as_bytes())
+                .into_iter()
+                .filter(|l| l["fields"]["operation"] == "backup" && l["fields"]["image"] == image)
+                .map(|l| l["fields"].clone())
+                .collect()
+        };
+        wait_for(Duration::from_secs(60), "both jobs' lines", || {
+            Ok(!job_lines("fs").is_empty() && !job_lines("db").is_empty())
+        })?;
+        let fs = &job_lines("fs")[0];
+        if fs["result"] != "ok"
+            || fs["job"] != true
+            || fs["bytes"] != 1 << 20
+            || !fs["duration_ms"].is_u64()
+            || fs["snapshot"].as_str().is_none_or(|s| s.len() < 8)
+        {
+            bail!("the job's backup line lacks its fields: {fs}");
+        }
+        let db = &job_lines("db")[0];
+        if db["result"] != "failed"
+            || db["job"] != true
+            || !db["duration_ms"].is_u64()
+            || !db["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("exit status: 4") && r.contains("dump failed"))
+        {
+            bail!("the failed job's line lacks its fields: {db}");
         }
         Ok(())
     });
