@@ -776,7 +776,6 @@ fn log_failed(operation: &str, target: &str, started: std::time::Instant, done: 
     }
 }
 
-
 fn run_vm(
     io: &remote::Caller,
     node: Option<&remote::InNode>,
