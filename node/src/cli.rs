@@ -1,6 +1,8 @@
 //! The `cairn` command line. Errors from the library become one line on stderr and a
 //! non-zero exit; `--json` gives scripts the same facts on stdout.
 
+mod assets;
+mod logs;
 mod node;
 pub mod remote;
 
@@ -48,6 +50,16 @@ struct Cli {
     /// The node's data dir [default: $XDG_DATA_HOME/cairn or ~/.local/share/cairn]
     #[arg(long, env = "CAIRN_DATA_DIR", global = true, value_name = "DIR")]
     data_dir: Option<PathBuf>,
+    /// How log lines look on stderr: text, or json (one object a line, for log shippers)
+    #[arg(
+        long,
+        env = "CAIRN_LOG_FORMAT",
+        global = true,
+        value_enum,
+        default_value_t,
+        value_name = "FORMAT"
+    )]
+    log_format: logs::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -224,6 +236,9 @@ enum Command {
         #[arg(long, hide = true, value_parser = parse_duration_ms)]
         check_unseen_after: Option<u64>,
     },
+    /// Write the man pages and shell completions into DIR (for packaging)
+    #[command(hide = true)]
+    Assets { dir: PathBuf },
     /// Read and open every chunk of the given snapshots (default: all) and name any damage
     Verify {
         /// IMAGE (all its snapshots) or IMAGE@SNAPSHOT
@@ -370,11 +385,12 @@ enum KeyCommand {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    logs::set_format(cli.log_format);
     match forward_or_run(cli) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             // Each cause once, on one line (error messages never repeat their source).
-            eprintln!("error: {}", crate::units::chain_of(e.chain()));
+            logs::print_error(&crate::units::chain_of(e.chain()));
             ExitCode::FAILURE
         }
     }
@@ -401,9 +417,13 @@ fn forward_or_run(cli: Cli) -> Result<u8> {
         Some(dir) => dir.clone(),
         None => default_data_dir()?,
     };
+    if !matches!(cli.command, Command::Node { .. }) {
+        logs::init(&logs::command_filter())?;
+    }
     let caller = remote::Caller::here();
     let operation = match cli.command {
         Command::Node { command } => return node::run(&data_dir, command),
+        Command::Assets { dir } => return assets::write(&dir),
         Command::Init { site_name, json } => return run_init(&caller, &data_dir, site_name, json),
         Command::Join { token, yes, json } => {
             return run_join(&caller, &data_dir, token, yes, json)
@@ -697,7 +717,12 @@ pub(crate) fn execute(
             source,
             zstd_level,
             json,
-        } => run_backup(io, node, &open, &image, source, zstd_level, json),
+        } => {
+            let started = std::time::Instant::now();
+            let done = run_backup(io, node, &open, &image, source, zstd_level, json);
+            log_failed("backup", &image, started, &done);
+            done
+        }
         Operation::Snapshots { image, json } => run_snapshots(io, &*open()?, image, json),
         Operation::Forget {
             target,
@@ -714,11 +739,14 @@ pub(crate) fn execute(
             format,
             json,
         } => {
-            if format != DiskFormat::Raw {
-                return run_convert(io, node, &*open()?, &snapshot, &out, format, force, json);
-            }
             let flags = RestoreFlags { force, fresh, json };
-            run_restore(io, node, &*open()?, &snapshot, &out, flags)
+            let started = std::time::Instant::now();
+            let done = open().and_then(|vault| match format {
+                DiskFormat::Raw => run_restore(io, node, &vault, &snapshot, &out, flags),
+                _ => run_convert(io, node, &vault, &snapshot, &out, format, force, json),
+            });
+            log_failed("restore", &snapshot, started, &done);
+            done
         }
         Operation::Verify { snapshot, json } => run_verify(io, &*open()?, snapshot, json),
         Operation::Export {
@@ -727,6 +755,24 @@ pub(crate) fn execute(
             json,
         } => run_export(io, node, &*open()?, &snapshot, &nbd, json),
         Operation::Vm(command) => run_vm(io, node, &open, data_dir, command),
+    }
+}
+
+/// The structured line of a backup or restore that failed (the one that finished has
+/// its own, with the snapshot and bytes): TARGET is IMAGE or IMAGE@SNAPSHOT as typed.
+fn log_failed(operation: &str, target: &str, started: std::time::Instant, done: &Result<u8>) {
+    if let Err(e) = done {
+        let (image, snapshot) = target.split_once('@').unwrap_or((target, ""));
+        tracing::warn!(
+            operation,
+            image,
+            snapshot,
+            bytes = 0u64,
+            duration_ms = started.elapsed().as_millis() as u64,
+            result = "failed",
+            reason = %units::chain_of(e.chain()),
+            "{operation} of {target} failed"
+        );
     }
 }
 
@@ -855,6 +901,19 @@ fn run_convert(
     let record = vault.resolve(snapshot)?;
     let remote = node.map(|node| &node.mesh as &dyn crate::fetch::RemoteChunks);
     let summary = convert::convert(vault, &record, out, format, force, remote, &io.cancel)?;
+    tracing::info!(
+        operation = "restore",
+        image = %summary.image,
+        snapshot = %summary.snapshot,
+        bytes = summary.size_bytes,
+        duration_ms = (summary.seconds * 1000.0) as u64,
+        result = "ok",
+        "restored {}@{} to {} as {}",
+        summary.image,
+        summary.snapshot,
+        summary.output,
+        summary.format
+    );
     if json {
         print_json(io, &summary);
     } else {
@@ -1098,6 +1157,17 @@ fn run_backup(
     };
     bar.finish_and_clear();
     let summary = summary?;
+    tracing::info!(
+        operation = "backup",
+        image = %summary.image,
+        snapshot = %summary.snapshot,
+        bytes = summary.size_bytes,
+        duration_ms = (summary.seconds * 1000.0) as u64,
+        result = "ok",
+        "backed up {}@{}",
+        summary.image,
+        summary.snapshot
+    );
     if json {
         print_json(io, &summary);
     } else {
@@ -1372,6 +1442,18 @@ fn run_restore(
     });
     bar.finish_and_clear();
     let summary = summary?;
+    tracing::info!(
+        operation = "restore",
+        image = %summary.image,
+        snapshot = %summary.snapshot,
+        bytes = summary.size_bytes,
+        duration_ms = (summary.seconds * 1000.0) as u64,
+        result = "ok",
+        "restored {}@{} to {}",
+        summary.image,
+        summary.snapshot,
+        summary.output
+    );
     if json {
         print_json(io, &summary);
     } else {

@@ -385,6 +385,14 @@ pub fn start(host: Arc<dyn JobHost>, jobs: &[Job]) -> Result<(), JobError> {
         let mut state = JobState::load(host.index(), &job.image)?;
         if let Some(since) = state.running_since_unix_ms {
             tracing::warn!(
+                operation = "backup",
+                job = true,
+                image = job.image.as_str(),
+                snapshot = "",
+                bytes = 0u64,
+                duration_ms = now_unix_ms().saturating_sub(since),
+                result = "interrupted",
+                reason = "the node stopped during the run",
                 "backup job {}: the node stopped during its run of {}; it runs again",
                 job.name(),
                 crate::units::utc(since)
@@ -513,20 +521,46 @@ pub fn run_once(host: &dyn JobHost, job: &Job, mut state: JobState) -> Result<Ru
         }
         run.error = Some(line);
     }
-    match &run.error {
-        None => tracing::info!(
-            "backup job {}: backed up {} as {} in {} ms, forgot {}",
-            job.name(),
-            crate::units::bytes(run.bytes),
-            run.snapshot.as_deref().unwrap_or("-"),
-            run.duration_ms,
-            run.forgotten
-        ),
-        Some(e) => tracing::warn!("backup job {} failed: {e}", job.name()),
-    }
+    log_run(job, &run);
     state.record(run.clone());
     state.save(host.index(), &job.image)?;
     Ok(run)
+}
+
+/// The run's one structured line, with the fields `cairn backup` logs (`--log-format
+/// json` makes them JSON), `job = true` (a job's run, not a typed command) and, when it
+/// succeeded, how many snapshots its keep forgot.
+fn log_run(job: &Job, run: &RunRecord) {
+    let snapshot = run.snapshot.as_deref().unwrap_or("");
+    match &run.error {
+        None => tracing::info!(
+            operation = "backup",
+            job = true,
+            image = job.image.as_str(),
+            snapshot,
+            bytes = run.bytes,
+            duration_ms = run.duration_ms,
+            forgotten = run.forgotten,
+            result = "ok",
+            "backup job {}: backed up {} as {snapshot} in {} ms, forgot {}",
+            job.name(),
+            crate::units::bytes(run.bytes),
+            run.duration_ms,
+            run.forgotten
+        ),
+        Some(reason) => tracing::warn!(
+            operation = "backup",
+            job = true,
+            image = job.image.as_str(),
+            snapshot,
+            bytes = run.bytes,
+            duration_ms = run.duration_ms,
+            result = "failed",
+            reason = reason.as_str(),
+            "backup job {} failed: {reason}",
+            job.name()
+        ),
+    }
 }
 
 /// The backup part of a run, from `source_during` while it exists, else the source.

@@ -277,11 +277,7 @@ pub fn run(data_dir: &Path, command: NodeCommand) -> Result<u8> {
         .clone()
         .or_else(|| std::env::var("RUST_LOG").ok())
         .unwrap_or_else(|| "info,libp2p=warn".into());
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&filter).context("--log")?)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .try_init();
+    super::logs::init(&filter)?;
 
     let schedule: Vec<&str> = config
         .schedule

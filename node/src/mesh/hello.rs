@@ -144,7 +144,8 @@ impl Node {
     /// Refuses a peer whose hello this node is answering: it is cut off once the refusal
     /// (which says why) is sent, or after `REFUSAL_SEND_MAX` if it never is.
     pub(super) fn refuse_after_answer(&mut self, peer: PeerId, why: &str) {
-        warn!("refused {}: {why}", self.name_peer(&peer));
+        let name = self.name_peer(&peer);
+        warn!(operation = "refusal", peer = %name, reason = why, result = "refused", "refused {name}: {why}");
         self.peers_refused += 1;
         if self.refusing.len() >= REFUSING_MAX {
             self.block(peer);

@@ -645,10 +645,14 @@ impl Node {
         match event {
             Event::SnapshotReplicated { snapshot } => {
                 self.acked.insert(snapshot);
+                let sites = self.engine.config().replication_factor;
                 info!(
-                    "snapshot {} is at {} sites",
-                    hex8(&snapshot),
-                    self.engine.config().replication_factor
+                    operation = "replication",
+                    snapshot = %hex8(&snapshot),
+                    sites,
+                    result = "ok",
+                    "snapshot {} is at {sites} sites",
+                    hex8(&snapshot)
                 );
                 // For `cairn status` after a restart; lost in a crash, the snapshot is
                 // handed to the engine again and confirmed again.
