@@ -346,6 +346,9 @@ pub struct Engine {
     pulls: pull::Pulls,
     /// Held chunks this node is not a target for.
     excess: std::collections::BTreeSet<ChunkId>,
+    /// The excess chunks by `Held::excess_since_ms`: the tidy's trim looks only at those
+    /// past their grace instead of walking every extra copy every 15 s.
+    excess_by_since: std::collections::BTreeSet<(u64, ChunkId)>,
     pending_snapshots: BTreeMap<[u8; 32], PendingSnapshot>,
     /// Garbage collection's holder state (`gc`).
     gc: gc::GcState,
@@ -413,6 +416,7 @@ impl Engine {
             writes: BTreeMap::new(),
             reads: BTreeMap::new(),
             excess: std::collections::BTreeSet::new(),
+            excess_by_since: std::collections::BTreeSet::new(),
             pulls: pull::Pulls::default(),
             pending_snapshots: BTreeMap::new(),
             gc: gc::GcState::default(),

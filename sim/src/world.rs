@@ -198,6 +198,10 @@ pub struct Reported {
     pub partitioned: bool,
 }
 
+/// Verified blobs the mesh's shared memo keeps: more than the chunks of any scenario's
+/// run hold (a day of the default mesh has about 12,000), so each is checked once.
+const BLOB_MEMO_MAX: usize = 1 << 17;
+
 pub struct World {
     pub scenario: Scenario,
     pub now_us: u64,
@@ -209,6 +213,9 @@ pub struct World {
     /// are when it seeds a new or recovered node.
     pub truth: Catalog,
     pub config: EngineConfig,
+    /// Blobs any engine of this mesh verified: every copy of a chunk is the same bytes,
+    /// so one signature check serves every engine (`Engine::share_blob_memo`).
+    blob_memo: cairn_protocol::blob::SharedBlobMemo,
     queue: BinaryHeap<Reverse<(u64, u64)>>,
     events: BTreeMap<u64, Ev>,
     seq: u64,
@@ -347,6 +354,9 @@ impl World {
         }
         let node_index = nodes.iter().enumerate().map(|(i, n)| (n.id, i)).collect();
         let mut world = World {
+            blob_memo: std::sync::Arc::new(std::sync::Mutex::new(
+                cairn_protocol::memo::VerifiedMemo::remembering(BLOB_MEMO_MAX),
+            )),
             scenario,
             now_us: 0,
             rng,
@@ -564,6 +574,7 @@ impl World {
             seed,
             now_ms,
         );
+        engine.share_blob_memo(self.blob_memo.clone());
         let disk = &mut self.nodes[node].disk;
         if fresh || disk.records.is_empty() {
             for record in self.truth.records() {
@@ -1249,4 +1260,24 @@ pub fn trace_chunk(id: &ChunkId) -> bool {
         .get_or_init(|| std::env::var("CAIRN_SIM_TRACE_CHUNK").ok())
         .as_ref()
         .is_some_and(|p| format!("{id:?}").contains(p.as_str()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every engine of the mesh, restarted ones too, checks blobs through the one shared
+    /// memo: a chunk's signature is checked once per run, not once per engine (it was
+    /// 14% of a simulated day when a merge dropped the sharing).
+    #[test]
+    fn every_engine_shares_the_mesh_blob_memo() {
+        let scenario = Scenario::parse(crate::DEFAULT_SCENARIO).expect("built-in scenario parses");
+        let mut world = World::new(scenario, 1);
+        let n_nodes = world.nodes.len();
+        assert!(n_nodes > 1);
+        assert_eq!(std::sync::Arc::strong_count(&world.blob_memo), n_nodes + 1);
+        world.stop_node(0);
+        world.start_node(0, false);
+        assert_eq!(std::sync::Arc::strong_count(&world.blob_memo), n_nodes + 1);
+    }
 }

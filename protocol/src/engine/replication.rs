@@ -208,6 +208,9 @@ impl Engine {
         if held.excess_since_ms.is_none() && !self.gc_frozen(id) {
             self.xor_pair_digests(id, &held.owner, &held.targets);
         }
+        if let Some(since) = held.excess_since_ms {
+            self.excess_by_since.remove(&(since, *id));
+        }
         self.excess.remove(id);
     }
 
@@ -236,6 +239,8 @@ impl Engine {
         self.pair_digests.clear();
         self.their_roots.clear();
         self.excess.clear();
+        // `excess_since_ms` outlives a rebuild (a chunk still excess keeps its time), so
+        // its index does too: `place_chunk` updates it.
         let ids: Vec<ChunkId> = self.held.keys().copied().collect();
         for id in ids {
             self.place_chunk(id);
@@ -319,12 +324,15 @@ impl Engine {
         held.confirmed.clear();
         held.lacking.clear();
         if in_place {
-            held.excess_since_ms = None;
+            if let Some(since) = held.excess_since_ms.take() {
+                self.excess_by_since.remove(&(since, id));
+            }
             if !frozen {
                 self.xor_pair_digests(&id, &owner, &targets);
             }
         } else {
-            held.excess_since_ms.get_or_insert(now_ms);
+            let since = *held.excess_since_ms.get_or_insert(now_ms);
+            self.excess_by_since.insert((since, id));
             self.excess.insert(id);
             if !frozen {
                 for target in targets {
@@ -1031,11 +1039,32 @@ impl Engine {
     fn trim(&mut self, now_ms: u64) {
         let r = self.config.replication_factor;
         let grace_ms = self.config.trim_grace_ms;
+        // Only copies past their grace can go: the index names them without a walk over
+        // every extra copy. (A zero grace makes every extra copy ripe, timed or not.)
+        let candidates: Vec<ChunkId> = if grace_ms == 0 {
+            self.excess.iter().copied().collect()
+        } else {
+            let Some(cutoff_ms) = now_ms.checked_sub(grace_ms) else {
+                return;
+            };
+            let by_id: BTreeSet<ChunkId> = self
+                .excess_by_since
+                .range(..=(cutoff_ms, ChunkId([0xff; 32])))
+                .map(|(since, id)| {
+                    debug_assert_eq!(self.held[id].excess_since_ms, Some(*since));
+                    *id
+                })
+                .collect();
+            by_id.into_iter().collect()
+        };
+        if candidates.is_empty() {
+            return;
+        }
         // Owners whose chunks this site should no longer hold: it no longer stores for
         // them, or they no longer place on it (they revoked it or cut its quota to 0).
         // In the second case the owner's site refuses this node, so the targets never all
         // confirm to it: waiting for that would keep the copies forever.
-        let owners: BTreeSet<SiteId> = self.excess.iter().map(|id| self.held[id].owner).collect();
+        let owners: BTreeSet<SiteId> = candidates.iter().map(|id| self.held[id].owner).collect();
         let unwanted_owners: BTreeSet<SiteId> = owners
             .into_iter()
             .filter(|owner| {
@@ -1050,11 +1079,11 @@ impl Engine {
             .collect();
         // Chunks of snapshots this node still waits to see at R sites: their copies stay
         // here until then, whatever else holds them.
-        let awaited: BTreeSet<ChunkId> = self
-            .pending_snapshots
-            .values()
-            .flat_map(|p| p.chunks.keys().copied())
-            .collect();
+        let awaited = |id: &ChunkId| {
+            self.pending_snapshots
+                .values()
+                .any(|p| p.chunks.contains_key(id))
+        };
         // Sites that revoked this one refuse its nodes, so their targets never confirm to
         // it; the other targets, syncing with them, repair what they lack.
         let refusing: BTreeSet<SiteId> = self
@@ -1074,8 +1103,7 @@ impl Engine {
                     .get(t)
                     .is_some_and(|p| refusing.contains(&p.site))
         };
-        let doomed: Vec<ChunkId> = self
-            .excess
+        let doomed: Vec<ChunkId> = candidates
             .iter()
             .filter(|id| {
                 let held = &self.held[*id];
@@ -1092,7 +1120,7 @@ impl Engine {
                 // for every target instead keeps the copy forever when one never
                 // confirms: fewer than R sites standing, or a target whose site's view of
                 // placement differs for good (one site revoked another, the owner did not).
-                let site_kept = !awaited.contains(*id)
+                let site_kept = !awaited(id)
                     && held.targets.iter().any(|t| {
                         self.counts(held, t)
                             && self.peers.get(t).is_some_and(|p| p.site == self.site)
