@@ -38,6 +38,9 @@ macro_rules! errln {
     ($io:expr, $($t:tt)*) => { $io.err(format!($($t)*)) };
 }
 
+// After the macros, which it uses.
+pub(crate) mod report;
+
 #[derive(Parser)]
 #[command(
     name = "cairn",
@@ -223,6 +226,20 @@ enum Command {
         /// How long a partner may go unseen before --check says so [default: 1d]
         #[arg(long, hide = true, value_parser = parse_duration_ms)]
         check_unseen_after: Option<u64>,
+    },
+    /// The disaster-recovery report: per image the RPO against its schedule, copies per
+    /// site, the RTO of a full restore and of a stand-in boot from the partners' measured
+    /// throughput, the last drill, the retention policy, and every gap in words
+    Report {
+        /// Also write the report as one self-contained, printable HTML file with plots
+        #[arg(long, value_name = "FILE")]
+        html: Option<PathBuf>,
+        /// Print the report as JSON, for scripts
+        #[arg(long)]
+        json: bool,
+        /// How long a partner may go unseen before the report names it [default: 1d]
+        #[arg(long, hide = true, value_parser = parse_duration_ms)]
+        unseen_after: Option<u64>,
     },
     /// Read and open every chunk of the given snapshots (default: all) and name any damage
     Verify {
@@ -475,6 +492,15 @@ fn forward_or_run(cli: Cli) -> Result<u8> {
             json,
         },
         Command::Verify { snapshot, json } => Operation::Verify { snapshot, json },
+        Command::Report {
+            html,
+            json,
+            unseen_after,
+        } => Operation::Report {
+            html,
+            json,
+            unseen_after_ms: unseen_after,
+        },
         Command::Status {
             json,
             check,
@@ -557,6 +583,11 @@ pub enum Operation {
         dry_run: bool,
         json: bool,
     },
+    Report {
+        html: Option<PathBuf>,
+        json: bool,
+        unseen_after_ms: Option<u64>,
+    },
     Prune {
         dry_run: bool,
         json: bool,
@@ -585,6 +616,7 @@ impl Operation {
             Operation::Verify { .. } => "verify",
             Operation::Status { .. } => "status",
             Operation::Forget { .. } => "forget",
+            Operation::Report { .. } => "report",
             Operation::Prune { .. } => "prune",
             Operation::Export { .. } => "export",
             Operation::Vm(_) => "vm",
@@ -640,6 +672,15 @@ impl Operation {
                 },
                 snapshot,
                 json,
+            },
+            Operation::Report {
+                html,
+                json,
+                unseen_after_ms,
+            } => Operation::Report {
+                html: html.map(|path| cwd.join(path)),
+                json,
+                unseen_after_ms,
             },
             other => other,
         }
@@ -721,6 +762,11 @@ pub(crate) fn execute(
             run_restore(io, node, &*open()?, &snapshot, &out, flags)
         }
         Operation::Verify { snapshot, json } => run_verify(io, &*open()?, snapshot, json),
+        Operation::Report {
+            html,
+            json,
+            unseen_after_ms,
+        } => report::run(io, node, &*open()?, data_dir, html, json, unseen_after_ms),
         Operation::Export {
             snapshot,
             nbd,
