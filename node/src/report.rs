@@ -93,8 +93,11 @@ pub struct ImageReport {
     /// (4x), "critically exceeded", "no schedule", "no snapshot at R".
     pub rpo_compliance: String,
     pub copies: Vec<SiteCopies>,
-    /// Sites holding every chunk of the newest snapshot.
+    /// Sites holding every chunk of the newest snapshot that can be reached (not every
+    /// node of theirs declared dead).
     pub sites_with_newest: u32,
+    /// Sites that held it and cannot be reached now.
+    pub unreachable_holders: Vec<String>,
     pub rto_full: Estimate,
     pub rto_boot: Estimate,
     pub retention: String,
@@ -208,11 +211,27 @@ fn image(input: &Input, image: &status::ImageStatus) -> ImageReport {
     .to_string();
     // Each chunk's bytes once, whether or not its copies are known yet.
     let stored_bytes = image.copy_bytes_target / u64::from(image.replication_target.max(1));
-    let sites_with_newest = image
+    // A site counts while it can be reached: every node of it this node knows of
+    // declared dead leaves its copy out (gone with its office, for all anyone can tell).
+    let unreachable = |site: &cairn_protocol::identity::SiteId| {
+        let mut nodes = status
+            .peers
+            .iter()
+            .filter(|p| p.site_id == *site)
+            .peekable();
+        nodes.peek().is_some() && nodes.all(|p| p.state == status::PeerState::Dead)
+    };
+    let holding: Vec<&SiteCopies> = image
         .copies
         .iter()
         .filter(|c| image.chunks > 0 && c.chunks >= image.chunks)
-        .count() as u32;
+        .collect();
+    let sites_with_newest = holding.iter().filter(|c| !unreachable(&c.site_id)).count() as u32;
+    let unreachable_holders: Vec<String> = holding
+        .iter()
+        .filter(|c| unreachable(&c.site_id))
+        .map(|c| status::printable(&c.site_name))
+        .collect();
     let mut snapshot_times: Vec<u64> = input
         .snapshots
         .iter()
@@ -231,7 +250,7 @@ fn image(input: &Input, image: &status::ImageStatus) -> ImageReport {
     let holders: Vec<&SiteCopies> = image
         .copies
         .iter()
-        .filter(|c| c.site_id != status.site_id && c.chunks > 0)
+        .filter(|c| c.site_id != status.site_id && c.chunks > 0 && !unreachable(&c.site_id))
         .collect();
     let rto_full = full_restore(status, &holders, stored_bytes);
     let rto_boot = stand_in_boot(status, &holders, image, stored_bytes, drill.as_ref());
@@ -249,6 +268,7 @@ fn image(input: &Input, image: &status::ImageStatus) -> ImageReport {
         rpo_compliance,
         copies: image.copies.clone(),
         sites_with_newest,
+        unreachable_holders,
         rto_full,
         rto_boot,
         retention: policy.map_or_else(
@@ -400,8 +420,16 @@ fn image_gaps(
         ));
     } else if !status.partners.is_empty() && report.sites_with_newest < r {
         gaps.push(format!(
-            "{name}: only {} sites hold the newest snapshot",
-            report.sites_with_newest
+            "{name}: only {} sites hold the newest snapshot{}",
+            report.sites_with_newest,
+            if report.unreachable_holders.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    " ({} held it too and cannot be reached)",
+                    report.unreachable_holders.join(", ")
+                )
+            }
         ));
     }
     match (report.rpo_ms, report.schedule_period_ms) {

@@ -264,3 +264,44 @@ fn the_text_and_the_html_name_rpo_rto_and_gaps_and_the_html_fetches_nothing() {
     assert!(!page.contains("<b>West"), "escaped");
     assert!(page.contains("&lt;b&gt;West"));
 }
+
+#[test]
+fn a_holder_whose_nodes_are_all_dead_is_no_copy_and_no_source() {
+    let mut status = office();
+    // West holds all of it now; North's only node is declared dead.
+    status.images[0].copies[2].chunks = 512;
+    status.images[0].copies[2].bytes = 512 * MIB;
+    let peer = |n: u8, state| status::PeerStatus {
+        node_id: cairn_protocol::identity::NodeId([n; 32]),
+        site_id: site(n),
+        site_name: String::new(),
+        state,
+        last_seen_unix_ms: None,
+        rtt_us: None,
+        sent_bytes: 0,
+        received_bytes: 0,
+    };
+    status.peers = vec![
+        peer(2, status::PeerState::Live),
+        peer(3, status::PeerState::Live),
+    ];
+    let report = report_of(&status, &[("accounting", NOW - HOUR)], &[]);
+    assert_eq!(report.images[0].sites_with_newest, 3);
+    assert!(
+        !report.gaps.iter().any(|g| g.contains("sites hold")),
+        "{:?}",
+        report.gaps
+    );
+    status.peers[0].state = status::PeerState::Dead;
+    let report = report_of(&status, &[("accounting", NOW - HOUR)], &[]);
+    let image = &report.images[0];
+    assert_eq!(image.sites_with_newest, 2);
+    assert_eq!(image.unreachable_holders, ["North"]);
+    assert_eq!(
+        report.gaps[0],
+        "accounting: only 2 sites hold the newest snapshot (North held it too and cannot be reached)"
+    );
+    // North measured 8 MiB/s but cannot send now: the full restore has no figure.
+    assert_eq!(image.rto_full.sites, ["West"]);
+    assert_eq!(image.rto_full.ms, None);
+}
