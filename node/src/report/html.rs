@@ -129,13 +129,14 @@ pub fn throughput_plot(report: &Report) -> Result<String, PlotError> {
             SVGBackend::with_string(&mut svg, (PLOT_WIDTH_PX, PLOT_HEIGHT_PX)).into_drawing_area();
         root.fill(&WHITE).map_err(plot_error("throughput"))?;
         let y_max = bars.iter().map(|b| b.1).fold(0.01, f64::max) * 1.15;
-        let n = bars.len().max(1) as u32;
+        // Segments of 0..last are last + 1 slots: one per partner (two at least).
+        let last = (bars.len().max(2) - 1) as u32;
         let mut chart = ChartBuilder::on(&root)
             .caption("Restore throughput per partner (MiB/s)", ("sans-serif", 16))
             .margin(8)
             .x_label_area_size(32)
             .y_label_area_size(48)
-            .build_cartesian_2d((0u32..n).into_segmented(), 0.0..y_max)
+            .build_cartesian_2d((0u32..last).into_segmented(), 0.0..y_max)
             .map_err(plot_error("throughput"))?;
         let names: Vec<String> = bars.iter().map(|b| b.0.clone()).collect();
         chart
@@ -311,7 +312,7 @@ fn image_section(w: &mut String, image: &ImageReport, now: u64) -> Result<(), Pl
         escape(&image.retention),
         drill_cell(image),
     );
-    let _ = write!(w, "{}</section>\n", rpo_plot(image, now)?);
+    let _ = writeln!(w, "{}</section>", rpo_plot(image, now)?);
     Ok(())
 }
 
