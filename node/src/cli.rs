@@ -40,6 +40,9 @@ macro_rules! errln {
     ($io:expr, $($t:tt)*) => { $io.err(format!($($t)*)) };
 }
 
+// After the macros, which it uses.
+pub(crate) mod report;
+
 #[derive(Parser)]
 #[command(
     name = "cairn",
@@ -239,6 +242,20 @@ enum Command {
     /// Write the man pages and shell completions into DIR (for packaging)
     #[command(hide = true)]
     Assets { dir: PathBuf },
+    /// The disaster-recovery report: per image the RPO against its schedule, copies per
+    /// site, the RTO of a full restore and of a stand-in boot from the partners' measured
+    /// throughput, the last drill, the retention policy, and every gap in words
+    Report {
+        /// Also write the report as one self-contained, printable HTML file with plots
+        #[arg(long, value_name = "FILE")]
+        html: Option<PathBuf>,
+        /// Print the report as JSON, for scripts
+        #[arg(long)]
+        json: bool,
+        /// How long a partner may go unseen before the report names it [default: 1d]
+        #[arg(long, hide = true, value_parser = parse_duration_ms)]
+        unseen_after: Option<u64>,
+    },
     /// Read and open every chunk of the given snapshots (default: all) and name any damage
     Verify {
         /// IMAGE (all its snapshots) or IMAGE@SNAPSHOT
@@ -495,6 +512,15 @@ fn forward_or_run(cli: Cli) -> Result<u8> {
             json,
         },
         Command::Verify { snapshot, json } => Operation::Verify { snapshot, json },
+        Command::Report {
+            html,
+            json,
+            unseen_after,
+        } => Operation::Report {
+            html,
+            json,
+            unseen_after_ms: unseen_after,
+        },
         Command::Status {
             json,
             check,
@@ -577,6 +603,11 @@ pub enum Operation {
         dry_run: bool,
         json: bool,
     },
+    Report {
+        html: Option<PathBuf>,
+        json: bool,
+        unseen_after_ms: Option<u64>,
+    },
     Prune {
         dry_run: bool,
         json: bool,
@@ -605,6 +636,7 @@ impl Operation {
             Operation::Verify { .. } => "verify",
             Operation::Status { .. } => "status",
             Operation::Forget { .. } => "forget",
+            Operation::Report { .. } => "report",
             Operation::Prune { .. } => "prune",
             Operation::Export { .. } => "export",
             Operation::Vm(_) => "vm",
@@ -660,6 +692,15 @@ impl Operation {
                 },
                 snapshot,
                 json,
+            },
+            Operation::Report {
+                html,
+                json,
+                unseen_after_ms,
+            } => Operation::Report {
+                html: html.map(|path| cwd.join(path)),
+                json,
+                unseen_after_ms,
             },
             other => other,
         }
@@ -749,6 +790,11 @@ pub(crate) fn execute(
             done
         }
         Operation::Verify { snapshot, json } => run_verify(io, &*open()?, snapshot, json),
+        Operation::Report {
+            html,
+            json,
+            unseen_after_ms,
+        } => report::run(io, node, &*open()?, data_dir, html, json, unseen_after_ms),
         Operation::Export {
             snapshot,
             nbd,

@@ -17,15 +17,18 @@ pub mod join;
 pub mod mesh;
 pub mod prune;
 pub mod records;
+pub mod report;
 pub mod restore;
 pub mod schedule;
 pub mod source;
 pub mod status;
 pub mod store;
+pub mod throughput;
 pub mod trust;
 pub mod units;
 pub mod vault;
 pub mod verify;
 pub mod vm;
+pub mod web;
 
 pub use vault::Vault;

@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use crate::units;
 
 pub use build::{build, copies_record, newest_at_r, sample_sent};
-pub use check::{problems, CheckLimits};
+pub use check::{partner_unseen, problems, snapshot_age_max_ms, CheckLimits};
 pub use metrics::{
     serve_metrics, METRICS_CONNECTIONS_MAX, METRICS_REQUEST_BYTES_MAX, METRICS_REQUEST_TIMEOUT_MS,
     METRICS_WRITE_TIMEOUT_MS,
@@ -75,6 +75,25 @@ pub struct NodeStatus {
     /// (by this node, over all its runs).
     #[serde(default)]
     pub partners: Vec<PartnerSeen>,
+    /// What each holder site delivered to this node's recent chunk fetches (restore,
+    /// export, vm, drills), kept over restarts: what `cairn report` estimates a
+    /// restore's time from.
+    #[serde(default)]
+    pub fetch_rates: Vec<FetchRate>,
+}
+
+/// One holder site's recent deliveries to this node (`throughput.rs`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FetchRate {
+    #[serde(with = "as_text")]
+    pub site_id: SiteId,
+    pub site_name: String,
+    pub bytes: u64,
+    pub busy_ms: u64,
+    pub samples: u32,
+    /// `bytes` over `busy_ms`.
+    pub bytes_per_sec: u64,
+    pub last_unix_ms: u64,
 }
 
 /// A partner site and when this node last heard from any node of it.
@@ -187,6 +206,7 @@ impl NodeStatus {
             loop_disk_waits: 0,
             jobs: Vec::new(),
             partners: Vec::new(),
+            fetch_rates: Vec::new(),
         }
     }
 }
@@ -291,7 +311,7 @@ mod image_name {
 
 /// A name from a certificate as safe to print on a terminal: control characters (escape
 /// sequences, newlines) become '?'.
-fn printable(name: &str) -> String {
+pub(crate) fn printable(name: &str) -> String {
     name.chars()
         .map(|c| if c.is_control() { '?' } else { c })
         .collect()
@@ -303,7 +323,7 @@ pub fn short_node_id(node_id: &NodeId) -> String {
 }
 
 /// "45s", "12m 5s", "3h 4m", "2d 5h": the two largest units, for uptimes and ages.
-fn duration(ms: u64) -> String {
+pub(crate) fn duration(ms: u64) -> String {
     let secs = ms / 1000;
     let (days, hours, minutes) = (secs / 86_400, secs % 86_400 / 3600, secs % 3600 / 60);
     if days > 0 {
@@ -710,6 +730,7 @@ mod tests {
             loop_disk_waits: 0,
             jobs: Vec::new(),
             partners: Vec::new(),
+            fetch_rates: Vec::new(),
         }
     }
 

@@ -60,6 +60,10 @@ pub struct RunArgs {
     /// Serve Prometheus metrics at http://ADDR/metrics
     #[arg(long, value_name = "ADDR")]
     metrics: Option<SocketAddr>,
+    /// Serve the status page at http://ADDR/, e.g. 127.0.0.1:7421 (an address other than
+    /// loopback needs web_token in node.toml)
+    #[arg(long, value_name = "ADDR")]
+    web: Option<SocketAddr>,
     /// Upload limit, e.g. 20MiB/s (default: unlimited)
     #[arg(long, value_name = "RATE")]
     upload_limit: Option<String>,
@@ -111,6 +115,11 @@ struct ConfigFile {
     name: Option<String>,
     capacity: Option<String>,
     metrics: Option<SocketAddr>,
+    /// The status page's address, and the token it then requires.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    web: Option<SocketAddr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    web_token: Option<String>,
     upload_limit: Option<String>,
     download_limit: Option<String>,
     #[serde(default)]
@@ -336,6 +345,11 @@ pub fn run(data_dir: &Path, command: NodeCommand) -> Result<u8> {
         settings,
     };
     let metrics = args.metrics.or(config.metrics);
+    let web = args.web.or(config.web);
+    if let Some(addr) = web {
+        // Refused before anything starts, in one line.
+        crate::web::check(addr, config.web_token.as_deref())?;
+    }
 
     // The control socket first: it refuses a second node on the same data dir before the
     // store is touched.
@@ -362,6 +376,17 @@ pub fn run(data_dir: &Path, command: NodeCommand) -> Result<u8> {
         })
         .with_context(|| format!("--metrics {addr}"))?;
         tracing::info!("metrics at http://{bound}/metrics");
+    }
+    if let Some(addr) = web {
+        let in_node = remote::InNode {
+            vault: vault.clone(),
+            mesh: mesh.clone(),
+        };
+        let facts: crate::web::Facts = Arc::new(move || {
+            super::report::page_facts(&in_node).map_err(|e| crate::units::chain_of(e.chain()))
+        });
+        let bound = crate::web::serve(&runtime, addr, config.web_token.clone(), facts)?;
+        tracing::info!("status page at http://{bound}/");
     }
     let repack_every = args
         .repack_interval
@@ -574,4 +599,48 @@ pub fn status(vault: &Vault, mesh: &MeshHandle) -> Result<NodeStatus> {
         });
     }
     Ok(status)
+}
+
+/// What `cairn report` is made from besides the snapshots: the node's status (inside
+/// the running node, the same as `cairn status`; on the data dir alone, built from the
+/// index with no mesh, so copies are those confirmed at R) and each image's retention
+/// policy (its job's `keep`, else `[retention.IMAGE]`).
+pub fn report_facts(
+    data_dir: &Path,
+    vault: &Vault,
+    mesh: Option<&MeshHandle>,
+) -> Result<(NodeStatus, BTreeMap<String, retention::Policy>)> {
+    let (status, settings, backup_jobs) = match mesh {
+        Some(mesh) => (
+            status(vault, mesh)?,
+            (*mesh.settings).clone(),
+            JOBS.get().map(|j| (**j).clone()).unwrap_or_default(),
+        ),
+        None => {
+            let config = read_config(&data_dir.join(CONFIG_FILE), false)?;
+            let settings = config.settings()?;
+            let backup_jobs = jobs::Job::parse_all(&config.backup)?;
+            let offline = mesh::MeshStatus {
+                replication_factor: EngineConfig::default().replication_factor,
+                throughput: crate::throughput::load(vault.store.index())?,
+                ..Default::default()
+            };
+            let mut status = status::build(vault, &offline)?;
+            let newest = status::newest_at_r(vault)?;
+            status.jobs = jobs::status_of(
+                &backup_jobs,
+                vault.store.index(),
+                status.now_unix_ms,
+                &|image| newest.get(image.as_str()).copied(),
+            );
+            (status, settings, backup_jobs)
+        }
+    };
+    let mut policies = settings.retention.clone();
+    for job in &backup_jobs {
+        if let Some(keep) = job.keep {
+            policies.insert(job.image.to_string(), keep);
+        }
+    }
+    Ok((status, policies))
 }

@@ -186,6 +186,8 @@ pub struct MeshStatus {
     /// The worst the node's loop did since start (`lag.rs`).
     pub lag: lag::Lag,
     pub disk_waits_on_loop: u64,
+    /// What each holder site delivered to this node's fetches, as stored.
+    pub throughput: std::collections::BTreeMap<SiteId, crate::throughput::SiteThroughput>,
 }
 
 #[derive(Clone, Debug)]
@@ -315,6 +317,8 @@ struct Node {
     /// them (so their acknowledgements, and the sender's window, wait too).
     downloads: VecDeque<(tokio::time::Instant, NodeId, Message)>,
     lag: lag::Lag,
+    /// What each holder site delivered to this node's fetches (`throughput.rs`).
+    fetch_meter: crate::throughput::FetchMeter,
 }
 
 /// What woke the node's loop: taken out of `select!` so the handler can be timed.
@@ -423,6 +427,8 @@ impl Node {
         let parse = |list: &[String], flag: &'static str| -> Result<Vec<Multiaddr>, MeshError> {
             list.iter().map(|text| parse_address(flag, text)).collect()
         };
+        let fetch_meter =
+            crate::throughput::FetchMeter::new(crate::throughput::load(vault.store.index())?);
         let mut node = Node {
             bootstrap: parse(&options.bootstrap, "--bootstrap")?,
             relays: parse(&options.relays, "--relay")?,
@@ -467,6 +473,7 @@ impl Node {
             uploads: VecDeque::new(),
             downloads: VecDeque::new(),
             lag: lag::Lag::default(),
+            fetch_meter,
         };
         // This node's certificate, the wrapped keys (what `cairn recover` fetches from
         // partners) and any record signed while the node was stopped.
@@ -624,7 +631,10 @@ impl Node {
                 exclude,
                 reply,
             } => match self.engine.handle_fetch(owner, id, &exclude, now) {
-                Ok(()) => self.fetches.entry(id).or_default().push(reply),
+                Ok(()) => {
+                    self.fetch_meter.started(now);
+                    self.fetches.entry(id).or_default().push(reply);
+                }
                 Err(e) => reply(Err(e.to_string())),
             },
             Command::Status(reply) => {
@@ -671,13 +681,23 @@ impl Node {
                 // The engine checked the owner's signature and removed it; restore
                 // checks the sealed bytes against the id with the vault key.
                 let _ = owner;
+                let n_bytes = sealed.len() as u64;
                 let answer: Result<(Vec<u8>, NodeId), String> = Ok((sealed, from));
-                for reply in self.fetches.remove(&id).unwrap_or_default() {
+                let replies = self.fetches.remove(&id).unwrap_or_default();
+                if !replies.is_empty() {
+                    self.note_delivered(now, &from, n_bytes);
+                }
+                for reply in replies {
                     reply(answer.clone());
                 }
             }
             Event::FetchFailed { id, .. } => {
-                for reply in self.fetches.remove(&id).unwrap_or_default() {
+                let replies = self.fetches.remove(&id).unwrap_or_default();
+                if !replies.is_empty() {
+                    let changed = self.fetch_meter.failed(now, self.fetches.len());
+                    self.store_throughput(&changed);
+                }
+                for reply in replies {
                     reply(Err(format!(
                         "no reachable node holds chunk {}",
                         hex8(&id.0)
@@ -732,6 +752,38 @@ impl Node {
             Event::Collected { owner, id } => {
                 info!("deleted {id:?} of site {owner:?} on its owner's word (garbage collection)")
             }
+        }
+    }
+}
+
+impl Node {
+    /// Credits the site of `from` with a fetch's bytes; stores figures a closed burst
+    /// changed.
+    fn note_delivered(&mut self, now: u64, from: &NodeId, n_bytes: u64) {
+        let Some(site) = self
+            .engine
+            .peers()
+            .find(|(node, _, _)| node == from)
+            .map(|(_, site, _)| site)
+        else {
+            return;
+        };
+        let changed = self
+            .fetch_meter
+            .delivered(now, site, n_bytes, self.fetches.len());
+        self.store_throughput(&changed);
+    }
+
+    fn store_throughput(&mut self, changed: &[SiteId]) {
+        let entries: Vec<(Vec<u8>, Vec<u8>)> = changed
+            .iter()
+            .filter_map(|site| {
+                let figures = self.fetch_meter.sites.get(site)?;
+                Some(crate::throughput::entry(site, figures))
+            })
+            .collect();
+        if !entries.is_empty() {
+            self.storage.note(storage::Note::Catalog(entries));
         }
     }
 }

@@ -151,6 +151,7 @@ impl Node {
                 .collect(),
             lag: self.lag.clone(),
             disk_waits_on_loop: lag::disk_waits_on_loop(),
+            throughput: self.fetch_meter.sites.clone(),
         }
     }
 }

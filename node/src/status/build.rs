@@ -446,6 +446,21 @@ pub fn build(vault: &Vault, m: &MeshStatus) -> Result<NodeStatus, VaultError> {
         status.images.push(image);
     }
     status.partners = partners_seen(vault, m, &name_of);
+    status.fetch_rates = m
+        .throughput
+        .iter()
+        .filter_map(|(site, figures)| {
+            Some(super::FetchRate {
+                site_id: *site,
+                site_name: name_of(site),
+                bytes: figures.bytes(),
+                busy_ms: figures.busy_ms(),
+                samples: figures.samples.len() as u32,
+                bytes_per_sec: figures.bytes_per_sec()?,
+                last_unix_ms: figures.last_unix_ms()?,
+            })
+        })
+        .collect();
     status.peers = m
         .peers
         .iter()
